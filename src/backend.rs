@@ -1,0 +1,294 @@
+//! Backends, the typed reasons they reject a problem, and the trait every backend implements.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::caps::{ComputeCapability, DeviceCaps};
+use crate::error::Error;
+use crate::problem::{MemoryKind, Problem};
+
+/// The backends this crate knows, fastest first. Parse one from its documented name:
+///
+/// ```
+/// use attention::BackendKind;
+/// assert_eq!("naive".parse::<BackendKind>().unwrap(), BackendKind::Naive);
+/// assert_eq!("xformers".parse::<BackendKind>().unwrap(), BackendKind::MemEfficient);
+/// assert!("fast".parse::<BackendKind>().unwrap_err().to_string().contains("flash, mem_efficient"));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackendKind {
+    /// FlashAttention-style tiled tensor-core kernel (sm_80+). Not built yet in this version.
+    Flash,
+    /// xFormers-style memory-efficient kernel (sm_75+). Not built yet in this version.
+    MemEfficient,
+    /// CUDA kernels that materialise the score matrix in an f32 workspace.
+    Naive,
+    /// Multi-threaded CPU implementation; the reference and the no-GPU fallback.
+    Cpu,
+}
+
+impl BackendKind {
+    /// Every kind, in rank order (fastest first).
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Flash,
+        BackendKind::MemEfficient,
+        BackendKind::Naive,
+        BackendKind::Cpu,
+    ];
+
+    /// The documented name (`flash`, `mem_efficient`, `naive`, `cpu`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendKind::Flash => "flash",
+            BackendKind::MemEfficient => "mem_efficient",
+            BackendKind::Naive => "naive",
+            BackendKind::Cpu => "cpu",
+        }
+    }
+
+    /// Whether this kind runs on the GPU (and so takes device memory).
+    pub const fn is_gpu(self) -> bool {
+        !matches!(self, BackendKind::Cpu)
+    }
+
+    /// The accepted spellings, for error messages.
+    pub const VALID_NAMES: &'static str = "flash, mem_efficient (alias xformers), naive, cpu";
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "flash" | "flash_attention" => Ok(BackendKind::Flash),
+            "mem_efficient" | "xformers" | "efficient" => Ok(BackendKind::MemEfficient),
+            "naive" => Ok(BackendKind::Naive),
+            "cpu" => Ok(BackendKind::Cpu),
+            _ => Err(Error::UnknownBackend {
+                name: s.to_string(),
+                valid: BackendKind::VALID_NAMES,
+            }),
+        }
+    }
+}
+
+/// Why a backend cannot run a problem. Each reason's `Display` says what would change it.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Reason {
+    /// Taken out of the chain by a setting (`ATTN_DISABLE` or [`crate::Selector::disable`]).
+    Disabled {
+        /// The setting that disabled it.
+        by: &'static str,
+    },
+    /// Another backend was forced (`ATTN_BACKEND` or [`crate::Selector::backend`]).
+    NotForced {
+        /// The forced backend.
+        forced: BackendKind,
+        /// The setting that forced it.
+        by: &'static str,
+    },
+    /// The backend is not part of this version of the crate.
+    NotImplemented,
+    /// No usable CUDA driver or device.
+    NoDevice {
+        /// What the probe found.
+        why: String,
+    },
+    /// The device's compute capability is too old.
+    ComputeCapability {
+        /// Minimum needed.
+        needed: ComputeCapability,
+        /// The device's.
+        found: ComputeCapability,
+    },
+    /// Head dimension out of range.
+    HeadDim {
+        /// Largest supported.
+        max: usize,
+        /// The problem's.
+        found: usize,
+    },
+    /// Element type not supported here.
+    DType {
+        /// The problem's dtype.
+        found: crate::DType,
+        /// What the backend supports on this device.
+        supported: &'static str,
+    },
+    /// The crate carries no kernel image this device can run, and JIT cannot make one.
+    NoKernelImage {
+        /// The arch list the embedded kernels were built for ("" when built without nvcc).
+        built_for: String,
+        /// The device's arch, `sm_XY`.
+        device: String,
+        /// Why the JIT repair is not available.
+        jit: String,
+    },
+    /// JIT compilation was required (`ATTN_JIT=always`) or needed, and failed or is unavailable.
+    Jit {
+        /// What went wrong.
+        why: String,
+    },
+    /// The tensors are in host memory; GPU backends need device memory.
+    HostMemory,
+    /// The tensors are in device memory; the CPU backend never copies device memory silently.
+    DeviceMemory,
+    /// The tensors live on a different GPU than this handle's device.
+    OtherDevice {
+        /// The handle's device ordinal.
+        expected: usize,
+    },
+    /// The backend failed on this device at run time in a recoverable way and was taken out.
+    Unusable {
+        /// The failure.
+        why: String,
+    },
+}
+
+/// How a reason bears on fallbacks and strict mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReasonScope {
+    /// The user chose it (disabled, another backend forced): not a fallback.
+    UserChoice,
+    /// The backend was never a candidate for this device or memory kind: not a fallback.
+    NotApplicable,
+    /// The backend should have run here and did not: a fallback (warned, an error in strict mode).
+    Fallback,
+}
+
+impl Reason {
+    pub(crate) fn scope(&self) -> ReasonScope {
+        match self {
+            Reason::Disabled { .. } | Reason::NotForced { .. } => ReasonScope::UserChoice,
+            Reason::NotImplemented
+            | Reason::NoDevice { .. }
+            | Reason::ComputeCapability { .. }
+            | Reason::HostMemory
+            | Reason::DeviceMemory
+            | Reason::OtherDevice { .. } => ReasonScope::NotApplicable,
+            Reason::HeadDim { .. }
+            | Reason::DType { .. }
+            | Reason::NoKernelImage { .. }
+            | Reason::Jit { .. }
+            | Reason::Unusable { .. } => ReasonScope::Fallback,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Disabled { by } => write!(f, "disabled by {by}"),
+            Reason::NotForced { forced, by } => write!(f, "{by} selects `{forced}`"),
+            Reason::NotImplemented => write!(f, "not part of this version of the crate"),
+            Reason::NoDevice { why } => write!(f, "no usable CUDA device: {why}"),
+            Reason::ComputeCapability { needed, found } => write!(
+                f,
+                "needs compute capability {needed} or newer, the device has {found}"
+            ),
+            Reason::HeadDim { max, found } => {
+                write!(f, "head_dim {found} is above the supported maximum {max}")
+            }
+            Reason::DType { found, supported } => {
+                write!(f, "dtype {found} is not supported here (supported: {supported})")
+            }
+            Reason::NoKernelImage { built_for, device, jit } => {
+                let built = if built_for.is_empty() {
+                    "no arch (built without nvcc)".to_string()
+                } else {
+                    format!("[{built_for}]")
+                };
+                write!(
+                    f,
+                    "no kernel image for {device}: the crate was built for {built} and {jit}; \
+                     rebuild with ATTN_CUDA_ARCH_LIST including {} (or add +PTX to an older entry), \
+                     or allow JIT with ATTN_JIT=auto and libnvrtc on the library path",
+                    sm_to_list_entry(device)
+                )
+            }
+            Reason::Jit { why } => write!(f, "JIT compilation unavailable or failed: {why}"),
+            Reason::HostMemory => write!(
+                f,
+                "tensors are in host memory; pass device tensors (Tensor::cuda) to run on the GPU"
+            ),
+            Reason::DeviceMemory => write!(
+                f,
+                "tensors are in device memory; the CPU backend never copies them silently (pass host slices)"
+            ),
+            Reason::OtherDevice { expected } => write!(
+                f,
+                "tensors are not on device {expected}; select that device with ATTN_DEVICE or Selector::device"
+            ),
+            Reason::Unusable { why } => write!(
+                f,
+                "failed on this device earlier and was taken out of the chain: {why}"
+            ),
+        }
+    }
+}
+
+/// "sm_90a" -> "9.0a"; anything else is returned unchanged.
+fn sm_to_list_entry(sm: &str) -> String {
+    let digits = sm.trim_start_matches("sm_");
+    let (num, suffix): (String, String) = digits.chars().partition(|c| c.is_ascii_digit());
+    if num.len() >= 2 {
+        let (maj, min) = num.split_at(num.len() - 1);
+        format!("{maj}.{min}{suffix}")
+    } else {
+        sm.to_string()
+    }
+}
+
+/// A failure while a backend ran.
+#[derive(Debug)]
+pub(crate) enum RunError {
+    /// Nothing was written and the device is healthy: mark the backend unusable, try the next.
+    Recoverable(Reason),
+    /// Anything else (sticky CUDA errors above all): returned to the caller as is.
+    Fatal(Error),
+}
+
+impl From<Error> for RunError {
+    fn from(e: Error) -> Self {
+        RunError::Fatal(e)
+    }
+}
+
+/// One way to compute attention. Modeled on xFormers' ops: each declares what it supports
+/// through `check`, which returns every reason it cannot run a problem (empty = it can).
+pub(crate) trait Backend: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// Every reason this backend cannot run `problem` on the device described by `caps`.
+    fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason>;
+    /// Runs a problem `check` accepted.
+    fn forward(&self, call: &mut crate::tensor::Call<'_>) -> Result<(), RunError>;
+}
+
+/// Reasons every GPU backend shares: device memory on this device.
+pub(crate) fn gpu_memory_reasons(caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
+    match problem.memory {
+        MemoryKind::Host => vec![Reason::HostMemory],
+        MemoryKind::Device { ordinal } if caps.is_real() && ordinal != caps.ordinal => {
+            vec![Reason::OtherDevice { expected: caps.ordinal }]
+        }
+        MemoryKind::Device { .. } => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn list_entry_from_sm() {
+        assert_eq!(sm_to_list_entry("sm_90a"), "9.0a");
+        assert_eq!(sm_to_list_entry("sm_120"), "12.0");
+        assert_eq!(sm_to_list_entry("sm_75"), "7.5");
+    }
+}

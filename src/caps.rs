@@ -1,0 +1,307 @@
+//! What a device can do, read once per device, or described by hand for simulated devices.
+
+use std::fmt;
+
+use crate::arch::{self, ArchSpec, ImageMatch};
+use crate::backend::Reason;
+use crate::settings::JitMode;
+
+/// A CUDA compute capability, e.g. 8.0 for the A100.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ComputeCapability {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+}
+
+impl ComputeCapability {
+    /// `ComputeCapability::new(9, 0)` is sm_90.
+    pub const fn new(major: u32, minor: u32) -> Self {
+        ComputeCapability { major, minor }
+    }
+    /// `sm_90`.
+    pub fn sm(&self) -> String {
+        format!("sm_{}{}", self.major, self.minor)
+    }
+}
+
+impl fmt::Display for ComputeCapability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// How this build of the crate carries its kernels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelBuild {
+    /// nvcc compiled fatbins ahead of time (else only sources are embedded, for NVRTC).
+    pub built_with_nvcc: bool,
+    /// nvcc's version, "" without nvcc.
+    pub nvcc_version: String,
+    /// The arches the fatbins hold (also set, as requested, without nvcc).
+    pub arch_list: Vec<ArchSpec>,
+    /// Where the list came from (`ATTN_CUDA_ARCH_LIST`, `TORCH_CUDA_ARCH_LIST` or `default`).
+    pub arch_list_source: String,
+}
+
+impl KernelBuild {
+    /// What this build of the crate embeds.
+    pub fn embedded() -> Self {
+        use crate::gpu::embedded as e;
+        KernelBuild {
+            built_with_nvcc: e::BUILT_WITH_NVCC,
+            nvcc_version: e::NVCC_VERSION.to_string(),
+            arch_list: arch::parse_arch_list(e::ARCH_LIST).unwrap_or_default(),
+            arch_list_source: e::ARCH_LIST_SOURCE.to_string(),
+        }
+    }
+
+    /// A build made by nvcc for `list` (PyTorch format), for simulations.
+    pub fn nvcc(list: &str) -> Self {
+        KernelBuild {
+            built_with_nvcc: true,
+            nvcc_version: "simulated".into(),
+            arch_list: arch::parse_arch_list(list).unwrap_or_default(),
+            arch_list_source: "simulated".into(),
+        }
+    }
+
+    /// A build without nvcc (sources only), for simulations.
+    pub fn jit_only() -> Self {
+        KernelBuild {
+            built_with_nvcc: false,
+            nvcc_version: String::new(),
+            arch_list: arch::parse_arch_list(arch::DEFAULT_ARCH_LIST).unwrap_or_default(),
+            arch_list_source: "default".into(),
+        }
+    }
+
+    /// The normalised arch list, or "" without nvcc.
+    pub fn built_for(&self) -> String {
+        if self.built_with_nvcc {
+            arch::format_arch_list(&self.arch_list)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Whether NVRTC (run-time compilation) can be used, and its version.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Nvrtc {
+    /// libnvrtc loaded; its version.
+    Available {
+        /// (major, minor), e.g. (13, 0).
+        version: (u32, u32),
+    },
+    /// Not usable, and why.
+    Missing(String),
+}
+
+impl Nvrtc {
+    /// The oldest arch this NVRTC can compile for: CUDA 13 dropped everything before Turing.
+    pub fn min_arch(&self) -> Option<ComputeCapability> {
+        match self {
+            Nvrtc::Available { version } if version.0 >= 13 => Some(ComputeCapability::new(7, 5)),
+            Nvrtc::Available { version } if version.0 >= 12 => Some(ComputeCapability::new(5, 0)),
+            Nvrtc::Available { .. } => Some(ComputeCapability::new(3, 5)),
+            Nvrtc::Missing(_) => None,
+        }
+    }
+}
+
+/// What a device can do. Read once per device by `select()`; build one by hand with
+/// [`DeviceCaps::simulated`] to see what the crate would choose on a GPU you do not have.
+///
+/// ```
+/// use attention::{DeviceCaps, SimulatedGpu};
+/// let t4 = DeviceCaps::simulated(SimulatedGpu::T4);
+/// assert_eq!(t4.cc.to_string(), "7.5");
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceCaps {
+    /// CUDA device ordinal (after `CUDA_VISIBLE_DEVICES`).
+    pub ordinal: usize,
+    /// The device's name.
+    pub name: String,
+    /// Compute capability.
+    pub cc: ComputeCapability,
+    /// Streaming multiprocessors.
+    pub sm_count: u32,
+    /// Shared memory a block can opt in to, in bytes.
+    pub smem_per_block_optin: usize,
+    /// Total device memory, bytes.
+    pub total_mem: usize,
+    /// Free device memory when probed, bytes.
+    pub free_mem: usize,
+    /// The driver's CUDA version (major, minor), e.g. (13, 0).
+    pub driver_version: (u32, u32),
+    /// The kernels this build of the crate carries.
+    pub kernels: KernelBuild,
+    /// NVRTC availability.
+    pub nvrtc: Nvrtc,
+    /// True for a hand-built description (no device behind it).
+    pub simulated: bool,
+}
+
+/// GPUs whose capabilities can be simulated, for tests and `explain` on hardware you lack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SimulatedGpu {
+    /// Tesla P100 (Pascal, 6.0).
+    P100,
+    /// Tesla V100 (Volta, 7.0).
+    V100,
+    /// Tesla T4 (Turing, 7.5).
+    T4,
+    /// A100 (Ampere, 8.0).
+    A100,
+    /// A10 (Ampere, 8.6); the RTX 3090 has the same capability.
+    A10,
+    /// RTX 4090 (Ada, 8.9).
+    Rtx4090,
+    /// H100 SXM (Hopper, 9.0).
+    H100,
+    /// B200 (Blackwell, 10.0).
+    B200,
+    /// RTX 5090 (Blackwell consumer, 12.0).
+    Rtx5090,
+}
+
+impl SimulatedGpu {
+    /// Every preset.
+    pub const ALL: [SimulatedGpu; 9] = [
+        SimulatedGpu::P100,
+        SimulatedGpu::V100,
+        SimulatedGpu::T4,
+        SimulatedGpu::A100,
+        SimulatedGpu::A10,
+        SimulatedGpu::Rtx4090,
+        SimulatedGpu::H100,
+        SimulatedGpu::B200,
+        SimulatedGpu::Rtx5090,
+    ];
+}
+
+const GIB: usize = 1 << 30;
+
+impl DeviceCaps {
+    /// A simulated device with this crate's embedded kernels and NVRTC 13.0 available.
+    pub fn simulated(gpu: SimulatedGpu) -> Self {
+        let (name, cc, sms, smem_kib, mem_gib) = match gpu {
+            SimulatedGpu::P100 => ("Tesla P100-PCIE-16GB", (6, 0), 56, 48, 16),
+            SimulatedGpu::V100 => ("Tesla V100-SXM2-32GB", (7, 0), 80, 96, 32),
+            SimulatedGpu::T4 => ("Tesla T4", (7, 5), 40, 64, 16),
+            SimulatedGpu::A100 => ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 163, 80),
+            SimulatedGpu::A10 => ("NVIDIA A10", (8, 6), 72, 99, 24),
+            SimulatedGpu::Rtx4090 => ("NVIDIA GeForce RTX 4090", (8, 9), 128, 99, 24),
+            SimulatedGpu::H100 => ("NVIDIA H100 80GB HBM3", (9, 0), 132, 227, 80),
+            SimulatedGpu::B200 => ("NVIDIA B200", (10, 0), 148, 227, 180),
+            SimulatedGpu::Rtx5090 => ("NVIDIA GeForce RTX 5090", (12, 0), 170, 99, 32),
+        };
+        DeviceCaps {
+            ordinal: 0,
+            name: name.to_string(),
+            cc: ComputeCapability::new(cc.0, cc.1),
+            sm_count: sms,
+            smem_per_block_optin: smem_kib * 1024,
+            total_mem: mem_gib * GIB,
+            free_mem: mem_gib * GIB - GIB / 2,
+            driver_version: (13, 0),
+            kernels: KernelBuild::embedded(),
+            nvrtc: Nvrtc::Available { version: (13, 0) },
+            simulated: true,
+        }
+    }
+
+    /// Replace the kernel build (e.g. [`KernelBuild::nvcc`]`("8.0")`) of a simulated device.
+    pub fn with_kernels(mut self, kernels: KernelBuild) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Replace the NVRTC availability of a simulated device.
+    pub fn with_nvrtc(mut self, nvrtc: Nvrtc) -> Self {
+        self.nvrtc = nvrtc;
+        self
+    }
+
+    /// True when a real device stands behind these capabilities.
+    pub fn is_real(&self) -> bool {
+        !self.simulated
+    }
+
+    /// How a kernel module would get an image on this device under `jit`: from the embedded
+    /// fatbin, by NVRTC, or not at all (with the reason, naming the fix).
+    pub fn kernel_source(&self, jit: JitMode, min_arch: ComputeCapability) -> Result<ImageSource, Reason> {
+        let device = self.cc.sm();
+        let nvrtc_why = || -> Option<String> {
+            match (&self.nvrtc, self.nvrtc.min_arch()) {
+                (Nvrtc::Missing(why), _) => Some(format!("NVRTC is unavailable ({why})")),
+                (Nvrtc::Available { version }, Some(min)) if self.cc < min => Some(format!(
+                    "NVRTC {}.{} cannot compile for {device} (oldest: {})",
+                    version.0,
+                    version.1,
+                    min.sm()
+                )),
+                _ => None,
+            }
+        };
+        if jit == JitMode::Always {
+            return match nvrtc_why() {
+                None => Ok(ImageSource::Jit),
+                Some(why) => Err(Reason::Jit {
+                    why: format!("ATTN_JIT=always, but {why}"),
+                }),
+            };
+        }
+        if self.kernels.built_with_nvcc && self.cc >= min_arch {
+            let usable: Vec<ArchSpec> = self
+                .kernels
+                .arch_list
+                .iter()
+                .copied()
+                .filter(|a| ComputeCapability::new(a.major, a.minor) >= min_arch)
+                .collect();
+            match arch::best_image(&usable, (self.cc.major, self.cc.minor)) {
+                ImageMatch::None => {}
+                m => return Ok(ImageSource::Embedded(m)),
+            }
+        }
+        let jit_why = if jit == JitMode::Never {
+            Some("JIT is off (ATTN_JIT=never)".to_string())
+        } else {
+            nvrtc_why()
+        };
+        match jit_why {
+            None => Ok(ImageSource::Jit),
+            Some(jit) => Err(Reason::NoKernelImage {
+                built_for: self.kernels.built_for(),
+                device,
+                jit,
+            }),
+        }
+    }
+}
+
+/// Where a kernel module's image comes from on a device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ImageSource {
+    /// The fatbin nvcc embedded: native code or PTX the driver compiles.
+    Embedded(ImageMatch),
+    /// Compiled by NVRTC for the device's exact arch (cached on disk).
+    Jit,
+}
+
+impl fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSource::Embedded(ImageMatch::Sass(a)) => write!(f, "embedded {} cubin", a.sm()),
+            ImageSource::Embedded(ImageMatch::Ptx(a)) => {
+                write!(f, "embedded PTX for {}, compiled by the driver", a)
+            }
+            ImageSource::Embedded(ImageMatch::None) => write!(f, "none"),
+            ImageSource::Jit => write!(f, "NVRTC"),
+        }
+    }
+}

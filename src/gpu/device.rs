@@ -1,0 +1,290 @@
+//! One CUDA device: probed once, its kernel modules loaded once per context.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+use once_cell::sync::Lazy;
+
+use super::{embedded, nvrtc};
+use crate::backend::Reason;
+use crate::caps::{DeviceCaps, ImageSource, KernelBuild, Nvrtc};
+use crate::error::Error;
+use crate::settings::JitMode;
+
+/// A loaded kernel module and where its image came from.
+pub(crate) struct LoadedModule {
+    _module: Arc<CudaModule>,
+    functions: HashMap<&'static str, CudaFunction>,
+    /// Embedded cubin, embedded PTX, or NVRTC.
+    pub source: ImageSource,
+}
+
+impl LoadedModule {
+    pub(crate) fn function(&self, name: &str) -> Option<&CudaFunction> {
+        self.functions.get(name)
+    }
+}
+
+/// A probed device. Shared by every `Attention` handle for this ordinal.
+pub(crate) struct GpuDevice {
+    pub ctx: Arc<CudaContext>,
+    pub caps: DeviceCaps,
+    modules: Mutex<HashMap<(&'static str, JitMode), Result<Arc<LoadedModule>, Reason>>>,
+}
+
+static DEVICES: Lazy<Mutex<HashMap<usize, Result<Arc<GpuDevice>, String>>>> =
+    Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// Probes device `ordinal` once per process; later calls return the same result.
+/// The error says why no GPU is usable (no driver, no device, bad ordinal...).
+pub(crate) fn probe(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
+    let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+    devices
+        .entry(ordinal)
+        .or_insert_with(|| {
+            std::panic::catch_unwind(|| probe_uncached(ordinal))
+                .unwrap_or_else(|_| Err("the CUDA driver library lacks an expected symbol (driver too old?)".into()))
+        })
+        .clone()
+}
+
+fn probe_uncached(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
+    // cudarc panics when libcuda is missing: check first.
+    // SAFETY: only tries to dlopen the driver library by its known names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("libcuda.so (the NVIDIA driver) was not found".into());
+    }
+    result::init().map_err(|e| format!("cuInit failed: {}", driver_error_text(e.0)))?;
+    let count = CudaContext::device_count().map_err(|e| driver_error_text(e.0))?;
+    if count <= 0 {
+        return Err("the driver reports no CUDA device (check CUDA_VISIBLE_DEVICES)".into());
+    }
+    if ordinal >= count as usize {
+        return Err(format!(
+            "device {ordinal} was requested (ATTN_DEVICE) but only {count} device(s) are visible (CUDA_VISIBLE_DEVICES)"
+        ));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| format!("creating a context: {}", driver_error_text(e.0)))?;
+    let attr = |a: sys::CUdevice_attribute| ctx.attribute(a).map(|v| v.max(0) as u64).unwrap_or(0);
+    use sys::CUdevice_attribute as A;
+    let (free, total) = ctx.mem_get_info().unwrap_or((0, 0));
+    let mut driver = 0i32;
+    // SAFETY: out-parameter.
+    unsafe { sys::cuDriverGetVersion(&mut driver) };
+    let caps = DeviceCaps {
+        ordinal,
+        name: ctx.name().unwrap_or_else(|_| "unknown CUDA device".into()),
+        cc: crate::caps::ComputeCapability::new(
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) as u32,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) as u32,
+        ),
+        sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) as u32,
+        smem_per_block_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN) as usize,
+        total_mem: total,
+        free_mem: free,
+        driver_version: ((driver / 1000) as u32, ((driver % 1000) / 10) as u32),
+        kernels: KernelBuild::embedded(),
+        nvrtc: nvrtc::probe(),
+        simulated: false,
+    };
+    Ok(Arc::new(GpuDevice { ctx, caps, modules: Mutex::new(HashMap::new()) }))
+}
+
+/// `CUDA_ERROR_X (code): description`.
+pub(crate) fn driver_error_text(code: CUresult) -> String {
+    let e = result::DriverError(code);
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let msg = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{name} ({}): {msg}", code as i32)
+}
+
+/// A failed driver call as the crate's error.
+pub(crate) fn cuda_error(op: &'static str, code: CUresult) -> Error {
+    let e = result::DriverError(code);
+    Error::Cuda {
+        op,
+        code: code as i32,
+        name: e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        message: e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+    }
+}
+
+/// Errors after which the context is corrupt: they must reach the caller, never be hidden by
+/// a fallback.
+pub(crate) fn is_sticky(code: CUresult) -> bool {
+    use CUresult::*;
+    matches!(
+        code,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUDA_ERROR_CONTEXT_IS_DESTROYED
+    )
+}
+
+/// Module-load errors that mean "this image cannot run here" (repairable by JIT).
+fn is_missing_image(code: CUresult) -> bool {
+    use CUresult::*;
+    matches!(
+        code,
+        CUDA_ERROR_NO_BINARY_FOR_GPU
+            | CUDA_ERROR_INVALID_PTX
+            | CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+            | CUDA_ERROR_INVALID_IMAGE
+            | CUDA_ERROR_JIT_COMPILER_NOT_FOUND
+            | CUDA_ERROR_INVALID_SOURCE
+    )
+}
+
+/// Warnings that must appear once per process, not once per call.
+static WARNED: Lazy<Mutex<HashSet<String>>> = Lazy::new(|| Mutex::new(HashSet::new()));
+
+/// Logs `msg` at warn level the first time it is seen.
+pub(crate) fn warn_once(msg: String) {
+    let mut seen = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.insert(msg.clone()) {
+        log::warn!("{msg}");
+    }
+}
+
+impl GpuDevice {
+    /// The module `name` (a `cuda/<name>.cu` file), loaded once per (context, JIT mode), with
+    /// the listed functions resolved. A reason explains a module that cannot be had.
+    pub(crate) fn module(
+        &self,
+        name: &'static str,
+        functions: &[&'static str],
+        jit: JitMode,
+        cache_dir: Option<&PathBuf>,
+    ) -> Result<Arc<LoadedModule>, Reason> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        modules
+            .entry((name, jit))
+            .or_insert_with(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.load(name, functions, jit, cache_dir)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(Reason::Unusable { why: format!("loading module {name} panicked") })
+                })
+                .map(Arc::new)
+            })
+            .clone()
+    }
+
+    fn load(
+        &self,
+        name: &'static str,
+        functions: &[&'static str],
+        jit: JitMode,
+        cache_dir: Option<&PathBuf>,
+    ) -> Result<LoadedModule, Reason> {
+        let source = self.caps.kernel_source(jit, embedded::min_arch(name))?;
+        if let ImageSource::Embedded(m) = source {
+            let image = embedded::fatbin(name).ok_or_else(|| Reason::Unusable {
+                why: format!("module {name} has no embedded fatbin"),
+            })?;
+            match self.load_image(image.to_vec(), functions, source) {
+                Ok(m) => return Ok(m),
+                Err(code) if is_missing_image(code) => {
+                    let why = format!(
+                        "the embedded {m:?} image of module {name} does not load on {} ({})",
+                        self.caps.cc.sm(),
+                        driver_error_text(code)
+                    );
+                    if jit == JitMode::Never || !matches!(self.caps.nvrtc, Nvrtc::Available { .. }) {
+                        return Err(Reason::NoKernelImage {
+                            built_for: self.caps.kernels.built_for(),
+                            device: self.caps.cc.sm(),
+                            jit: format!("{why}, and JIT is unavailable"),
+                        });
+                    }
+                    warn_once(format!("attention: {why}; compiling it with NVRTC instead"));
+                }
+                Err(code) => {
+                    return Err(Reason::Unusable {
+                        why: format!("loading module {name}: {}", driver_error_text(code)),
+                    })
+                }
+            }
+        }
+        let cubin = self.jit_compile(name, cache_dir)?;
+        self.load_image(cubin, functions, ImageSource::Jit).map_err(|code| Reason::Jit {
+            why: format!("the NVRTC image of {name} did not load: {}", driver_error_text(code)),
+        })
+    }
+
+    fn load_image(
+        &self,
+        image: Vec<u8>,
+        functions: &[&'static str],
+        source: ImageSource,
+    ) -> Result<LoadedModule, CUresult> {
+        // cuModuleLoadData wants an aligned buffer; a Vec is allocated with malloc alignment.
+        let module = self.ctx.load_module(Ptx::from_binary(image)).map_err(|e| e.0)?;
+        let mut table = HashMap::new();
+        for &f in functions {
+            table.insert(f, module.load_function(f).map_err(|e| e.0)?);
+        }
+        Ok(LoadedModule { _module: module, functions: table, source })
+    }
+
+    /// NVRTC for this device's exact arch, through the on-disk cache.
+    fn jit_compile(&self, name: &'static str, cache_dir: Option<&PathBuf>) -> Result<Vec<u8>, Reason> {
+        let version = match self.caps.nvrtc {
+            Nvrtc::Available { version } => version,
+            Nvrtc::Missing(ref why) => return Err(Reason::Jit { why: why.clone() }),
+        };
+        nvrtc::compile_cached(name, self.caps.cc, version, cache_dir).map(|(image, _)| image)
+    }
+
+    /// Checks that `[ptr, ptr + bytes)` lies inside one allocation on this device, so no kernel
+    /// can read or write past what the caller owns.
+    pub(crate) fn check_range(&self, arg: &'static str, ptr: u64, bytes: u64) -> Result<(), Error> {
+        let mut ordinal: i32 = -1;
+        // SAFETY: out-parameters only; the driver validates the pointer.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                &mut ordinal as *mut i32 as *mut std::ffi::c_void,
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(Error::invalid(
+                arg,
+                format!("pointer {ptr:#x}"),
+                format!("memory the CUDA driver knows ({})", driver_error_text(r)),
+            ));
+        }
+        if ordinal as usize != self.caps.ordinal {
+            return Err(Error::invalid(
+                arg,
+                format!("memory of device {ordinal}"),
+                format!("memory of device {} (this handle's; see ATTN_DEVICE)", self.caps.ordinal),
+            ));
+        }
+        let (mut base, mut size) = (0u64, 0usize);
+        // SAFETY: out-parameters only.
+        let r = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) };
+        if r == CUresult::CUDA_SUCCESS && ptr + bytes > base + size as u64 {
+            return Err(Error::invalid(
+                arg,
+                format!("{bytes} bytes from {ptr:#x}"),
+                format!("a range inside its allocation ({size} bytes from {base:#x})"),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! The naive CUDA backend: S = scale·QKᵀ into an f32 workspace, a masked row softmax, O = P·V.
+//!
+//! It runs on every arch the crate builds for, any head_dim and all three dtypes. Its
+//! workspace is bounded: (batch·head) pairs and, if need be, query rows are processed in chunks
+//! that fit `ATTN_NAIVE_WORKSPACE_MB` (default 256 MiB) and half the free memory, so a large
+//! problem runs slower instead of failing with out-of-memory.
+
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::result;
+use cudarc::driver::sys::{CUresult, CUstream};
+
+use super::device::{cuda_error, driver_error_text, is_sticky, GpuDevice, LoadedModule};
+use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
+use crate::caps::DeviceCaps;
+use crate::dtype::DType;
+use crate::problem::Problem;
+use crate::settings::JitMode;
+use crate::tensor::{Addr, Call, Operand};
+
+/// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 144).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct NaiveParams {
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    o_stride: [i64; 3],
+    heads: i32,
+    kv_group: i32,
+    seqlen_q: i32,
+    seqlen_k: i32,
+    head_dim: i32,
+    bh_start: i32,
+    bh_count: i32,
+    row_start: i32,
+    row_count: i32,
+    scale: f32,
+    causal: i32,
+}
+const _: () = assert!(std::mem::size_of::<NaiveParams>() == 144);
+
+const MODULE: &str = "naive";
+const FUNCTIONS: [&str; 7] = [
+    "attn_naive_scores_f16",
+    "attn_naive_scores_bf16",
+    "attn_naive_scores_f32",
+    "attn_naive_softmax",
+    "attn_naive_pv_f16",
+    "attn_naive_pv_bf16",
+    "attn_naive_pv_f32",
+];
+/// Grid y/z limit of a launch.
+const MAX_GRID_YZ: usize = 65535;
+
+/// The naive backend on one device.
+pub(crate) struct NaiveBackend {
+    device: Option<Arc<GpuDevice>>,
+    jit: JitMode,
+    cache_dir: Option<PathBuf>,
+    workspace_bytes: usize,
+}
+
+impl NaiveBackend {
+    pub(crate) fn new(
+        device: Option<Arc<GpuDevice>>,
+        jit: JitMode,
+        cache_dir: Option<PathBuf>,
+        workspace_mb: usize,
+    ) -> Self {
+        NaiveBackend { device, jit, cache_dir, workspace_bytes: workspace_mb.saturating_mul(1 << 20) }
+    }
+
+    fn module(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
+        dev.module(MODULE, &FUNCTIONS, self.jit, self.cache_dir.as_ref())
+    }
+
+    /// How the module was (or would be) loaded on the device, for diagnostics.
+    pub(crate) fn image_description(&self) -> Option<String> {
+        let dev = self.device.as_ref()?;
+        Some(match self.module(dev) {
+            Ok(m) => m.source.to_string(),
+            Err(r) => format!("unavailable: {r}"),
+        })
+    }
+}
+
+/// Query rows and (batch·head) pairs per chunk for a workspace of `budget` bytes.
+fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize) -> (usize, usize) {
+    let row_bytes = sk.max(1) * 4;
+    let max_rows = MAX_GRID_YZ * 16;
+    let rows = (budget / row_bytes).clamp(1, sq.min(max_rows));
+    let bh_chunk = if rows == sq {
+        (budget / (row_bytes * sq)).clamp(1, bh.min(MAX_GRID_YZ))
+    } else {
+        1
+    };
+    (bh_chunk, rows)
+}
+
+fn dtype_suffix(d: DType) -> &'static str {
+    d.name()
+}
+
+fn ptr_of(o: &Operand) -> u64 {
+    match o.addr {
+        Addr::Device(p) => p,
+        Addr::Host(_) => 0,
+    }
+}
+
+fn strides(o: &Operand) -> [i64; 3] {
+    o.layout.strides().map(|s| s as i64)
+}
+
+impl Backend for NaiveBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Naive
+    }
+
+    fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
+        let mut reasons = gpu_memory_reasons(caps, problem);
+        if let Err(r) = caps.kernel_source(self.jit, super::embedded::min_arch(MODULE)) {
+            reasons.push(r);
+        } else if let Some(dev) = &self.device {
+            // A real device: the module must actually load (a missing image is found here).
+            if let Err(r) = self.module(dev) {
+                reasons.push(r);
+            }
+        }
+        reasons
+    }
+
+    fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
+        let dev = self.device.as_ref().ok_or_else(|| {
+            RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
+        })?;
+        let module = self.module(dev).map_err(RunError::Recoverable)?;
+        dev.ctx.bind_to_thread().map_err(|e| RunError::Fatal(cuda_error("cuCtxSetCurrent", e.0)))?;
+        let p = &call.problem;
+        let elem = p.dtype.size_bytes() as u64;
+        for (name, o) in [("q", &call.q), ("k", &call.k), ("v", &call.v), ("out", &call.out)] {
+            let bytes = o.layout.span().unwrap_or(0) as u64 * elem;
+            dev.check_range(name, ptr_of(o), bytes)?;
+        }
+        if let Some(l) = &call.lse {
+            dev.check_range("lse", ptr_of(l), l.len as u64 * 4)?;
+        }
+        let f = |n: &str| {
+            module.function(n).map(|f| f.cu_function()).ok_or_else(|| {
+                RunError::Recoverable(Reason::Unusable { why: format!("kernel {n} missing from module") })
+            })
+        };
+        let sfx = dtype_suffix(p.dtype);
+        let scores = f(&format!("attn_naive_scores_{sfx}"))?;
+        let softmax = f("attn_naive_softmax")?;
+        let pv = f(&format!("attn_naive_pv_{sfx}"))?;
+
+        let bh_total = p.batch * p.heads;
+        let (_, free) = dev.ctx.mem_get_info().unwrap_or((0, dev.caps.free_mem));
+        let mut budget = self.workspace_bytes.min((free / 2).max(1 << 20));
+        let stream: CUstream = call.stream;
+        // Allocate the workspace, halving the plan on out-of-memory down to a single row.
+        let (bh_chunk, rows, ws) = loop {
+            let (bh_chunk, rows) = plan_chunks(bh_total, p.seqlen_q, p.seqlen_k, budget);
+            let bytes = bh_chunk * rows * p.seqlen_k.max(1) * 4;
+            // SAFETY: stream-ordered allocation on the caller's stream; freed below on it.
+            match unsafe { result::malloc_async(stream, bytes) } {
+                Ok(ptr) => break (bh_chunk, rows, ptr),
+                Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY && bh_chunk * rows > 1 => {
+                    budget = bytes / 2;
+                }
+                Err(e) if is_sticky(e.0) => return Err(RunError::Fatal(cuda_error("cuMemAllocAsync", e.0))),
+                Err(e) => {
+                    return Err(RunError::Recoverable(Reason::Unusable {
+                        why: format!("workspace of {bytes} bytes: {}", driver_error_text(e.0)),
+                    }))
+                }
+            }
+        };
+        let lse_ptr = call.lse.as_ref().map(ptr_of).unwrap_or(0);
+        let mut params = NaiveParams {
+            q_stride: strides(&call.q),
+            k_stride: strides(&call.k),
+            v_stride: strides(&call.v),
+            o_stride: strides(&call.out),
+            heads: p.heads as i32,
+            kv_group: (p.heads / p.kv_heads) as i32,
+            seqlen_q: p.seqlen_q as i32,
+            seqlen_k: p.seqlen_k as i32,
+            head_dim: p.head_dim as i32,
+            scale: call.scale,
+            causal: p.causal as i32,
+            ..Default::default()
+        };
+        let (mut q, mut k, mut v, mut o, mut s, mut l) =
+            (ptr_of(&call.q), ptr_of(&call.k), ptr_of(&call.v), ptr_of(&call.out), ws, lse_ptr);
+        let ceil = |a: usize, b: usize| a.div_ceil(b) as u32;
+        let mut wrote_output = false;
+        let mut outcome = Ok(());
+        'chunks: for bh0 in (0..bh_total).step_by(bh_chunk) {
+            for r0 in (0..p.seqlen_q).step_by(rows) {
+                params.bh_start = bh0 as i32;
+                params.bh_count = bh_chunk.min(bh_total - bh0) as i32;
+                params.row_start = r0 as i32;
+                params.row_count = rows.min(p.seqlen_q - r0) as i32;
+                let (bhc, rc) = (params.bh_count as u32, params.row_count as usize);
+                let pp = &mut params as *mut NaiveParams as *mut c_void;
+                let launches: [(_, (u32, u32, u32), (u32, u32, u32), Vec<*mut c_void>); 3] = [
+                    (scores, (ceil(p.seqlen_k, 16), ceil(rc, 16), bhc), (16, 16, 1),
+                     vec![pp, &mut q as *mut u64 as _, &mut k as *mut u64 as _, &mut s as *mut u64 as _]),
+                    (softmax, (ceil(rc, 8), bhc, 1), (256, 1, 1),
+                     vec![pp, &mut s as *mut u64 as _, &mut l as *mut u64 as _]),
+                    (pv, (ceil(p.head_dim, 16), ceil(rc, 16), bhc), (16, 16, 1),
+                     vec![pp, &mut s as *mut u64 as _, &mut v as *mut u64 as _, &mut o as *mut u64 as _]),
+                ];
+                for (i, (func, grid, block, mut args)) in launches.into_iter().enumerate() {
+                    // SAFETY: the argument list matches the kernel's signature in naive.cu;
+                    // every pointer was range-checked against its allocation above, and the
+                    // parameters are copied by the driver at launch.
+                    let r = unsafe { result::launch_kernel(func, grid, block, 0, stream, &mut args) };
+                    if let Err(e) = r {
+                        outcome = Err((e.0, wrote_output || i == 2));
+                        break 'chunks;
+                    }
+                    wrote_output |= i == 2;
+                }
+            }
+        }
+        // SAFETY: allocated above on this stream; kernels using it are ordered before the free.
+        let freed = unsafe { result::free_async(ws, stream) };
+        match outcome {
+            Ok(()) => freed.map_err(|e| RunError::Fatal(cuda_error("cuMemFreeAsync", e.0))),
+            Err((code, _)) if is_sticky(code) => Err(RunError::Fatal(cuda_error("cuLaunchKernel", code))),
+            // Nothing reached the output yet: another backend may still run the call.
+            Err((code, false)) => Err(RunError::Recoverable(Reason::Unusable {
+                why: format!("kernel launch refused: {}", driver_error_text(code)),
+            })),
+            Err((code, true)) => Err(RunError::Fatal(cuda_error("cuLaunchKernel", code))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_chunks;
+    #[test]
+    fn chunks_fit_the_budget() {
+        // Everything fits: all pairs, all rows.
+        assert_eq!(plan_chunks(16, 128, 128, 1 << 30), (16, 128));
+        // One pair's scores exceed the budget: one pair, rows that fit.
+        let (bh, rows) = plan_chunks(4, 8192, 8192, 64 << 20);
+        assert_eq!(bh, 1);
+        assert!(rows * 8192 * 4 <= 64 << 20 && rows >= 1);
+        // A single row larger than the budget still runs one row at a time.
+        assert_eq!(plan_chunks(1, 10, 1 << 30, 1 << 20), (1, 1));
+        // Grid limits hold.
+        assert!(plan_chunks(1 << 20, 1, 1, usize::MAX).0 <= 65535);
+    }
+}

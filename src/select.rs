@@ -1,0 +1,461 @@
+//! Selection: probe once, rank the backends, apply the settings, pick per problem, log every
+//! fallback once, and explain every decision.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::backend::{Backend, BackendKind, Reason, ReasonScope, RunError};
+use crate::caps::DeviceCaps;
+use crate::cpu_backend::CpuBackend;
+use crate::dtype::Element;
+use crate::error::{Error, Rejection};
+use crate::gpu::device::{self, warn_once, GpuDevice};
+use crate::gpu::naive::NaiveBackend;
+use crate::options::Options;
+use crate::problem::{MemoryKind, Problem};
+use crate::settings::{JitMode, Settings};
+use crate::tensor::{validate, LseMut, Tensor, TensorMut};
+
+/// Configures selection in code. It starts from the environment (`ATTN_*`); every explicit
+/// call wins over the variable it mirrors.
+///
+/// ```
+/// use attention::{BackendKind, Selector};
+/// let attn = Selector::from_env().unwrap()
+///     .disable(BackendKind::Naive)
+///     .strict(false)
+///     .select()
+///     .unwrap();
+/// # let _ = attn;
+/// ```
+#[derive(Clone, Debug)]
+pub struct Selector {
+    settings: Settings,
+    backend_by: &'static str,
+    disabled_by: Vec<(BackendKind, &'static str)>,
+    simulated: Option<DeviceCaps>,
+}
+
+impl Selector {
+    /// Starts from the `ATTN_*` environment variables; an invalid value is an error.
+    pub fn from_env() -> Result<Self, Error> {
+        Ok(Self::from_settings(Settings::from_env()?))
+    }
+
+    /// Starts from explicit settings (the environment is not read).
+    pub fn from_settings(settings: Settings) -> Self {
+        let disabled_by = settings.disabled.iter().map(|&k| (k, "ATTN_DISABLE")).collect();
+        Selector { settings, backend_by: "ATTN_BACKEND", disabled_by, simulated: None }
+    }
+
+    /// Which CUDA device to use (ordinal after `CUDA_VISIBLE_DEVICES`).
+    pub fn device(mut self, ordinal: usize) -> Self {
+        self.settings.device = ordinal;
+        self
+    }
+    /// Use only this backend; a problem it cannot run is an error with its reasons.
+    pub fn backend(mut self, kind: BackendKind) -> Self {
+        self.settings.backend = Some(kind);
+        self.backend_by = "Selector::backend";
+        self
+    }
+    /// Go back to ranked selection, whatever `ATTN_BACKEND` says.
+    pub fn any_backend(mut self) -> Self {
+        self.settings.backend = None;
+        self
+    }
+    /// Take a backend out of the chain.
+    pub fn disable(mut self, kind: BackendKind) -> Self {
+        self.disabled_by.retain(|(k, _)| *k != kind);
+        self.disabled_by.push((kind, "Selector::disable"));
+        self
+    }
+    /// Falling back below the best backend for the device becomes an error.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.settings.strict = strict;
+        self
+    }
+    /// When NVRTC compiles kernels.
+    pub fn jit(mut self, mode: JitMode) -> Self {
+        self.settings.jit = mode;
+        self
+    }
+    /// Where JIT-compiled kernels are cached.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.settings.cache_dir = Some(dir.into());
+        self
+    }
+    /// Cap on the naive backend's score workspace, MiB (at least 1).
+    pub fn naive_workspace_mb(mut self, mb: usize) -> Self {
+        self.settings.naive_workspace_mb = mb.max(1);
+        self
+    }
+    /// Threads of the CPU backend.
+    pub fn cpu_threads(mut self, threads: usize) -> Self {
+        self.settings.cpu_threads = Some(threads.max(1));
+        self
+    }
+    /// Selects for a simulated device instead of probing one: `explain` then answers what
+    /// would run there. GPU backends cannot run on it (there is no device behind it).
+    pub fn simulate(mut self, caps: DeviceCaps) -> Self {
+        self.simulated = Some(caps);
+        self
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Probes the device (once per process) and builds the handle. Never panics; with no
+    /// usable GPU it returns a handle whose only runnable backend is the CPU, and logs why.
+    pub fn select(self) -> Result<Attention, Error> {
+        let s = &self.settings;
+        let (device, caps, no_device) = match self.simulated.clone() {
+            Some(caps) => (None, Some(caps), None),
+            None => match device::probe(s.device) {
+                Ok(dev) => {
+                    let caps = dev.caps.clone();
+                    (Some(dev), Some(caps), None)
+                }
+                Err(why) => {
+                    warn_once(format!(
+                        "attention: no usable CUDA device ({why}); using the CPU backend. \
+                         Install the NVIDIA driver or check CUDA_VISIBLE_DEVICES / ATTN_DEVICE"
+                    ));
+                    (None, None, Some(why))
+                }
+            },
+        };
+        let threads = s.cpu_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        });
+        // Ranked fastest first. Only backends that exist in this version are registered.
+        let chain: Vec<Box<dyn Backend>> = vec![
+            Box::new(NaiveBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)),
+            Box::new(CpuBackend::new(threads)),
+        ];
+        Ok(Attention {
+            inner: Arc::new(Inner {
+                settings: self.settings,
+                backend_by: self.backend_by,
+                disabled_by: self.disabled_by,
+                device,
+                caps,
+                no_device,
+                chain,
+                unusable: Mutex::new(HashMap::new()),
+                announced: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+}
+
+/// Probes the device once and returns a ready handle, configured by the `ATTN_*` variables.
+///
+/// ```
+/// let attn = attention::select().unwrap();
+/// println!("{}", attn.device_summary());
+/// ```
+pub fn select() -> Result<Attention, Error> {
+    Selector::from_env()?.select()
+}
+
+struct Inner {
+    settings: Settings,
+    backend_by: &'static str,
+    disabled_by: Vec<(BackendKind, &'static str)>,
+    device: Option<Arc<GpuDevice>>,
+    caps: Option<DeviceCaps>,
+    no_device: Option<String>,
+    chain: Vec<Box<dyn Backend>>,
+    /// Backends that failed at run time on this device, with the reason.
+    unusable: Mutex<HashMap<BackendKind, Reason>>,
+    /// Backends already announced at info level.
+    announced: Mutex<Vec<BackendKind>>,
+}
+
+/// The handle model code keeps: cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct Attention {
+    inner: Arc<Inner>,
+}
+
+/// Which backend runs a problem and why each higher-ranked one does not.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Explanation {
+    /// The problem explained.
+    pub problem: Problem,
+    /// The backend that runs it, if any.
+    pub chosen: Option<BackendKind>,
+    /// Every backend ranked above the chosen one (all of them if none is chosen), with reasons.
+    pub rejected: Vec<Rejection>,
+    /// Backends ranked below the chosen one (not consulted).
+    pub below: Vec<BackendKind>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "problem: {}", self.problem)?;
+        for r in &self.rejected {
+            writeln!(f, "  ✗ {r}")?;
+        }
+        match self.chosen {
+            Some(k) => writeln!(f, "  ✓ {k} runs it")?,
+            None => writeln!(f, "  no backend can run it")?,
+        }
+        for k in &self.below {
+            writeln!(f, "  · {k} (ranked lower)")?;
+        }
+        Ok(())
+    }
+}
+
+impl Attention {
+    /// The capabilities of the probed (or simulated) device; `None` without a GPU.
+    pub fn device_caps(&self) -> Option<&DeviceCaps> {
+        self.inner.caps.as_ref()
+    }
+
+    /// Why no GPU is used, when none is.
+    pub fn no_device_reason(&self) -> Option<&str> {
+        self.inner.no_device.as_deref()
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The registered backends, fastest first.
+    pub fn backends(&self) -> Vec<BackendKind> {
+        self.inner.chain.iter().map(|b| b.kind()).collect()
+    }
+
+    /// One line: device name and arch, or "cpu".
+    pub fn device_summary(&self) -> String {
+        match &self.inner.caps {
+            Some(c) => format!("{} ({}){}", c.name, c.cc.sm(), if c.simulated { ", simulated" } else { "" }),
+            None => "cpu".into(),
+        }
+    }
+
+    /// How the naive backend's kernels were loaded on this device (embedded cubin, PTX, NVRTC),
+    /// loading them if needed. `None` without a device.
+    pub fn naive_image(&self) -> Option<String> {
+        let dev = self.inner.device.as_ref()?;
+        let s = &self.inner.settings;
+        NaiveBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.naive_workspace_mb).image_description()
+    }
+
+    /// Every reason `kind` cannot run `problem` here (empty: it can), settings included.
+    pub fn reasons(&self, kind: BackendKind, problem: &Problem) -> Vec<Reason> {
+        let inner = &self.inner;
+        let Some(backend) = inner.chain.iter().find(|b| b.kind() == kind) else {
+            return vec![Reason::NotImplemented];
+        };
+        if let Some(forced) = inner.settings.backend {
+            if forced != kind {
+                return vec![Reason::NotForced { forced, by: inner.backend_by }];
+            }
+        }
+        if let Some((_, by)) = inner.disabled_by.iter().find(|(k, _)| *k == kind) {
+            return vec![Reason::Disabled { by }];
+        }
+        let mut reasons = Vec::new();
+        if let Some(r) = inner.unusable.lock().unwrap_or_else(|e| e.into_inner()).get(&kind) {
+            reasons.push(r.clone());
+        }
+        match (&inner.caps, kind.is_gpu()) {
+            (Some(caps), _) => reasons.extend(backend.check(caps, problem)),
+            (None, true) => reasons.push(Reason::NoDevice {
+                why: inner.no_device.clone().unwrap_or_default(),
+            }),
+            (None, false) => {
+                // No device: the CPU backend's checks need no caps; give it a placeholder.
+                let caps = DeviceCaps::simulated(crate::caps::SimulatedGpu::T4);
+                reasons.extend(backend.check(&caps, problem));
+            }
+        }
+        reasons
+    }
+
+    /// Which backend would run `problem`, and why every higher-ranked one would not.
+    ///
+    /// ```
+    /// use attention::{DType, Problem};
+    /// let attn = attention::select().unwrap();
+    /// let e = attn.explain(&Problem::new(DType::F32, 1, 16, 16, 4, 4, 64).on_host());
+    /// assert!(e.chosen.is_some());
+    /// print!("{e}");
+    /// ```
+    pub fn explain(&self, problem: &Problem) -> Explanation {
+        let mut rejected = Vec::new();
+        let mut chosen = None;
+        let mut below = Vec::new();
+        for kind in self.backends() {
+            if chosen.is_some() {
+                below.push(kind);
+                continue;
+            }
+            let reasons = self.reasons(kind, problem);
+            if reasons.is_empty() {
+                chosen = Some(kind);
+            } else {
+                rejected.push(Rejection { backend: kind, reasons });
+            }
+        }
+        Explanation { problem: problem.clone(), chosen, rejected, below }
+    }
+
+    /// Turns an explanation into the backend to run, applying forced and strict settings.
+    fn decide(&self, e: &Explanation) -> Result<BackendKind, Error> {
+        let s = &self.inner.settings;
+        if let Some(forced) = s.backend {
+            return match e.chosen {
+                Some(k) if k == forced => Ok(k),
+                _ => Err(Error::ForcedBackendUnavailable {
+                    backend: forced,
+                    by: self.inner.backend_by,
+                    rejection: Rejection { backend: forced, reasons: self.reasons(forced, &e.problem) },
+                }),
+            };
+        }
+        let Some(chosen) = e.chosen else {
+            return Err(Error::NoBackend { problem: e.problem.to_string(), rejections: e.rejected.clone() });
+        };
+        let fallbacks: Vec<Rejection> = e
+            .rejected
+            .iter()
+            .filter(|r| is_fallback(&r.reasons))
+            .cloned()
+            .collect();
+        if !fallbacks.is_empty() {
+            if s.strict {
+                return Err(Error::StrictFallback { chosen, passed_over: fallbacks });
+            }
+            for r in &fallbacks {
+                warn_once(format!(
+                    "attention: `{}` passed over on {} for {}, falling back to `{chosen}`: {}",
+                    r.backend,
+                    self.device_summary(),
+                    e.problem,
+                    r.reasons.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; ")
+                ));
+            }
+        }
+        Ok(chosen)
+    }
+
+    fn announce(&self, kind: BackendKind) {
+        let mut seen = self.inner.announced.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&kind) {
+            seen.push(kind);
+            let on = if kind.is_gpu() { self.device_summary() } else { "the CPU".into() };
+            log::info!("attention: using {kind} attention on {on}");
+        }
+    }
+
+    /// Computes `out = softmax(scale · q kᵀ + mask) v` and returns the backend that ran it.
+    ///
+    /// q and out are `[batch, seqlen_q, heads, head_dim]`, k and v `[batch, seqlen_k,
+    /// kv_heads, head_dim]` with `kv_heads` dividing `heads`. All in host memory (CPU backend)
+    /// or all in device memory (GPU backends; the kernels run on `out`'s stream).
+    ///
+    /// ```
+    /// use attention::{Layout, Options, Tensor, TensorMut};
+    /// let attn = attention::select().unwrap();
+    /// let (b, s, h, d) = (1, 8, 2, 16);
+    /// let x: Vec<f32> = (0..b * s * h * d).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// let mut out = vec![0.0f32; x.len()];
+    /// let l = Layout::contiguous(b, s, h, d);
+    /// let ran = attn.forward(&Tensor::host(&x, l), &Tensor::host(&x, l), &Tensor::host(&x, l),
+    ///                        &mut TensorMut::host(&mut out, l), &Options::default().causal(true)).unwrap();
+    /// assert_eq!(ran, attention::BackendKind::Cpu);
+    /// ```
+    pub fn forward<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        k: &Tensor<'_, T>,
+        v: &Tensor<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        self.run(q, k, v, out, None, opts)
+    }
+
+    /// As [`Attention::forward`], also writing the log-sum-exp of each row (natural log, f32,
+    /// `[batch, heads, seqlen_q]`, `-inf` for rows that see no key).
+    pub fn forward_with_lse<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        k: &Tensor<'_, T>,
+        v: &Tensor<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        lse: &mut LseMut<'_>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        self.run(q, k, v, out, Some(lse), opts)
+    }
+
+    fn run<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        k: &Tensor<'_, T>,
+        v: &Tensor<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        lse: Option<&mut LseMut<'_>>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        let mut call = validate(q, k, v, out, lse, opts)?;
+        // Raw device pointers carry no ordinal: they are on this handle's device or rejected
+        // by the range check.
+        if let MemoryKind::Device { ordinal: usize::MAX } = call.problem.memory {
+            call.problem.memory = MemoryKind::Device {
+                ordinal: self.inner.caps.as_ref().map(|c| c.ordinal).unwrap_or(0),
+            };
+        }
+        loop {
+            let e = self.explain(&call.problem);
+            let kind = self.decide(&e)?;
+            let backend = self
+                .inner
+                .chain
+                .iter()
+                .find(|b| b.kind() == kind)
+                .expect("decide returns a registered backend");
+            match backend.forward(&mut call) {
+                Ok(()) => {
+                    self.announce(kind);
+                    return Ok(kind);
+                }
+                Err(RunError::Fatal(err)) => return Err(err),
+                Err(RunError::Recoverable(reason)) => {
+                    warn_once(format!(
+                        "attention: `{kind}` failed on {} and is taken out of the chain: {reason}",
+                        self.device_summary()
+                    ));
+                    self.inner
+                        .unusable
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(kind, Reason::Unusable { why: reason.to_string() });
+                }
+            }
+        }
+    }
+}
+
+/// A rejection is a fallback when every reason is one the device should not have had: a
+/// backend that was disabled, or never applied to this device or memory, was not "fallen from".
+pub(crate) fn is_fallback(reasons: &[Reason]) -> bool {
+    !reasons.is_empty() && reasons.iter().all(|x| x.scope() == ReasonScope::Fallback)
+}
+
+// The handle is shared across model threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Attention>();
+};

@@ -1,0 +1,241 @@
+//! Every `ATTN_*` environment variable is read here, and only here.
+//!
+//! | variable | values | default | effect |
+//! |---|---|---|---|
+//! | `ATTN_BACKEND` | `flash`, `mem_efficient` (`xformers`), `naive`, `cpu` | ranked choice | use only this backend; if it cannot run a problem that is an error with its reasons |
+//! | `ATTN_DISABLE` | comma-separated backend names | none | take these backends out of the chain |
+//! | `ATTN_STRICT` | `0`/`1` (`true`/`false`, `yes`/`no`, `on`/`off`) | `0` | falling back below the best backend for the device is an error |
+//! | `ATTN_JIT` | `auto`, `always`, `never` | `auto` | when NVRTC compiles kernels (see [`JitMode`]) |
+//! | `ATTN_CACHE_DIR` | a directory | `$XDG_CACHE_HOME/attention` or `~/.cache/attention` | where JIT-compiled kernels are cached |
+//! | `ATTN_DEVICE` | a CUDA device ordinal | `0` | which GPU `select()` probes (after `CUDA_VISIBLE_DEVICES`) |
+//! | `ATTN_NAIVE_WORKSPACE_MB` | a positive integer | `256` | cap on the naive backend's score workspace |
+//! | `ATTN_CPU_THREADS` | a positive integer | all cores | threads of the CPU backend |
+//!
+//! An empty value counts as unset. Any other invalid value is an [`Error::InvalidSetting`]
+//! naming the variable, the value and what is accepted; nothing is silently ignored.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::backend::BackendKind;
+use crate::error::Error;
+
+/// When kernels are compiled at run time with NVRTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum JitMode {
+    /// Use the kernels nvcc embedded at build time; compile with NVRTC only when they hold no
+    /// image for the device (or were not built at all).
+    #[default]
+    Auto,
+    /// Always compile with NVRTC for the device's exact arch, ignoring embedded images.
+    Always,
+    /// Never compile at run time: a device without an embedded image gets no GPU backend.
+    Never,
+}
+
+impl JitMode {
+    /// The setting's spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            JitMode::Auto => "auto",
+            JitMode::Always => "always",
+            JitMode::Never => "never",
+        }
+    }
+}
+
+impl std::fmt::Display for JitMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The default cap on the naive backend's f32 score workspace, in MiB.
+pub const DEFAULT_NAIVE_WORKSPACE_MB: usize = 256;
+
+/// The configuration `select()` starts from: the `ATTN_*` variables, parsed and validated.
+/// [`crate::Selector`] starts from this and lets code override each field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `ATTN_DEVICE`.
+    pub device: usize,
+    /// `ATTN_BACKEND`.
+    pub backend: Option<BackendKind>,
+    /// `ATTN_DISABLE`.
+    pub disabled: Vec<BackendKind>,
+    /// `ATTN_STRICT`.
+    pub strict: bool,
+    /// `ATTN_JIT`.
+    pub jit: JitMode,
+    /// `ATTN_CACHE_DIR`, else the default under `$XDG_CACHE_HOME` or `~/.cache`; `None` when
+    /// neither a cache dir nor a home directory is known (JIT then compiles every process).
+    pub cache_dir: Option<PathBuf>,
+    /// `ATTN_NAIVE_WORKSPACE_MB`.
+    pub naive_workspace_mb: usize,
+    /// `ATTN_CPU_THREADS`; `None` means all available cores.
+    pub cpu_threads: Option<usize>,
+}
+
+impl Default for Settings {
+    /// The settings with no variable set (and no cache directory).
+    fn default() -> Self {
+        Settings {
+            device: 0,
+            backend: None,
+            disabled: Vec::new(),
+            strict: false,
+            jit: JitMode::Auto,
+            cache_dir: None,
+            naive_workspace_mb: DEFAULT_NAIVE_WORKSPACE_MB,
+            cpu_threads: None,
+        }
+    }
+}
+
+/// Names of the variables this module reads, for diagnostics.
+pub const VARIABLES: [&str; 8] = [
+    "ATTN_BACKEND",
+    "ATTN_DISABLE",
+    "ATTN_STRICT",
+    "ATTN_JIT",
+    "ATTN_CACHE_DIR",
+    "ATTN_DEVICE",
+    "ATTN_NAIVE_WORKSPACE_MB",
+    "ATTN_CPU_THREADS",
+];
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Parses settings from any variable lookup (a map in tests, the environment in
+    /// [`Settings::from_env`]). `XDG_CACHE_HOME` and `HOME` are looked up for the cache default.
+    ///
+    /// ```
+    /// use attention::{BackendKind, Settings};
+    /// let s = Settings::from_lookup(|k| match k {
+    ///     "ATTN_BACKEND" => Some("naive".into()),
+    ///     "ATTN_DISABLE" => Some("flash, xformers".into()),
+    ///     _ => None,
+    /// }).unwrap();
+    /// assert_eq!(s.backend, Some(BackendKind::Naive));
+    /// assert_eq!(s.disabled, vec![BackendKind::Flash, BackendKind::MemEfficient]);
+    /// let e = Settings::from_lookup(|k| (k == "ATTN_JIT").then(|| "sometimes".into())).unwrap_err();
+    /// assert!(e.to_string().contains("ATTN_JIT") && e.to_string().contains("auto, always, never"));
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Result<Self, Error> {
+        let get = |var: &'static str| -> Result<Option<String>, Error> {
+            match lookup(var) {
+                None => Ok(None),
+                Some(v) => match v.into_string() {
+                    Ok(s) if s.trim().is_empty() => Ok(None),
+                    Ok(s) => Ok(Some(s.trim().to_string())),
+                    Err(raw) => Err(Error::InvalidSetting {
+                        var,
+                        value: raw.to_string_lossy().into_owned(),
+                        expected: "valid UTF-8".into(),
+                    }),
+                },
+            }
+        };
+        let mut s = Settings::default();
+        if let Some(v) = get("ATTN_DEVICE")? {
+            s.device = parse_count("ATTN_DEVICE", &v, 0, "a CUDA device ordinal (0, 1, ...)")?;
+        }
+        if let Some(v) = get("ATTN_BACKEND")? {
+            s.backend = Some(parse_backend("ATTN_BACKEND", &v)?);
+        }
+        if let Some(v) = get("ATTN_DISABLE")? {
+            for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                let kind = parse_backend("ATTN_DISABLE", name)?;
+                if !s.disabled.contains(&kind) {
+                    s.disabled.push(kind);
+                }
+            }
+        }
+        if let Some(v) = get("ATTN_STRICT")? {
+            s.strict = parse_bool("ATTN_STRICT", &v)?;
+        }
+        if let Some(v) = get("ATTN_JIT")? {
+            s.jit = parse_jit(&v)?;
+        }
+        s.cache_dir = match lookup("ATTN_CACHE_DIR").filter(|v| !v.is_empty()) {
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => crate::gpu::cache::default_cache_dir(
+                lookup("XDG_CACHE_HOME").as_deref(),
+                lookup("HOME").as_deref(),
+            ),
+        };
+        if let Some(v) = get("ATTN_NAIVE_WORKSPACE_MB")? {
+            s.naive_workspace_mb = parse_count(
+                "ATTN_NAIVE_WORKSPACE_MB",
+                &v,
+                1,
+                "a positive number of MiB, e.g. 256",
+            )?;
+        }
+        if let Some(v) = get("ATTN_CPU_THREADS")? {
+            s.cpu_threads = Some(parse_count(
+                "ATTN_CPU_THREADS",
+                &v,
+                1,
+                "a positive number of threads",
+            )?);
+        }
+        Ok(s)
+    }
+
+    /// The variables that are set, with their values, for diagnostics (`doctor`).
+    pub fn environment() -> Vec<(&'static str, String)> {
+        VARIABLES
+            .iter()
+            .filter_map(|&v| std::env::var_os(v).map(|x| (v, x.to_string_lossy().into_owned())))
+            .collect()
+    }
+}
+
+fn parse_backend(var: &'static str, v: &str) -> Result<BackendKind, Error> {
+    v.parse::<BackendKind>().map_err(|_| Error::InvalidSetting {
+        var,
+        value: v.to_string(),
+        expected: format!("a backend name: {}", BackendKind::VALID_NAMES),
+    })
+}
+
+pub(crate) fn parse_bool(var: &'static str, v: &str) -> Result<bool, Error> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::InvalidSetting {
+            var,
+            value: v.to_string(),
+            expected: "1 or 0 (also true/false, yes/no, on/off)".into(),
+        }),
+    }
+}
+
+pub(crate) fn parse_jit(v: &str) -> Result<JitMode, Error> {
+    match v.to_ascii_lowercase().as_str() {
+        "auto" => Ok(JitMode::Auto),
+        "always" | "1" => Ok(JitMode::Always),
+        "never" | "0" => Ok(JitMode::Never),
+        _ => Err(Error::InvalidSetting {
+            var: "ATTN_JIT",
+            value: v.to_string(),
+            expected: "auto, always, never".into(),
+        }),
+    }
+}
+
+fn parse_count(var: &'static str, v: &str, min: usize, expected: &str) -> Result<usize, Error> {
+    match v.parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(Error::InvalidSetting {
+            var,
+            value: v.to_string(),
+            expected: expected.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,559 @@
+//! Typed views over the caller's memory, host or device, and their validation.
+//!
+//! Views never own or copy data. Host views borrow slices; device views borrow cudarc slices (or,
+//! through an `unsafe` constructor, raw device pointers from candle, PyTorch or elsewhere).
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{sys::CUstream, DevicePtr, DevicePtrMut, SyncOnDrop};
+
+use crate::dtype::Element;
+use crate::error::Error;
+use crate::layout::Layout;
+use crate::options::Options;
+use crate::problem::{MemoryKind, Problem};
+
+/// Device memory borrowed for the duration of a view.
+struct DeviceRef<'a> {
+    ptr: u64,
+    len: usize,
+    ordinal: Option<usize>,
+    stream: CUstream,
+    /// cudarc's stream-ordering guard: held until the view drops, so the read/write events it
+    /// records cover the kernels launched while the view was alive.
+    _guard: Option<SyncOnDrop<'a>>,
+}
+
+enum InMem<'a> {
+    Host(&'a [u8]),
+    Device(DeviceRef<'a>),
+}
+
+enum OutMem<'a> {
+    Host(&'a mut [u8]),
+    Device(DeviceRef<'a>),
+}
+
+/// A read-only input (q, k or v): `[batch, seqlen, heads, head_dim]` elements of `T`.
+///
+/// ```
+/// use attention::{Layout, Tensor};
+/// let q = vec![0.5f32; 1 * 4 * 2 * 8];
+/// let q = Tensor::host(&q, Layout::contiguous(1, 4, 2, 8));
+/// assert_eq!(q.layout().heads(), 2);
+/// ```
+pub struct Tensor<'a, T: Element> {
+    mem: InMem<'a>,
+    layout: Layout,
+    _t: PhantomData<&'a [T]>,
+}
+
+/// The output: `[batch, seqlen_q, heads, head_dim]` elements of `T`, fully written by a
+/// successful call and left untouched by a failed one.
+pub struct TensorMut<'a, T: Element> {
+    mem: OutMem<'a>,
+    layout: Layout,
+    _t: PhantomData<&'a mut [T]>,
+}
+
+/// The optional log-sum-exp output: f32, contiguous `[batch, heads, seqlen_q]`, natural log,
+/// `-inf` for rows that see no key.
+pub struct LseMut<'a> {
+    mem: OutMem<'a>,
+}
+
+impl<'a, T: Element> Tensor<'a, T> {
+    /// A view of host memory.
+    pub fn host(data: &'a [T], layout: Layout) -> Self {
+        Tensor {
+            mem: InMem::Host(bytemuck::cast_slice(data)),
+            layout,
+            _t: PhantomData,
+        }
+    }
+
+    /// A view of a cudarc device slice (`CudaSlice`, `CudaView`). Work is ordered on the
+    /// slice's stream through cudarc's events while the view is alive.
+    pub fn cuda<S: DevicePtr<T>>(slice: &'a S, layout: Layout) -> Self {
+        let stream = slice.stream();
+        let (ptr, guard) = slice.device_ptr(stream);
+        Tensor {
+            mem: InMem::Device(DeviceRef {
+                ptr,
+                len: slice.len(),
+                ordinal: Some(stream.context().ordinal()),
+                stream: stream.cu_stream(),
+                _guard: Some(guard),
+            }),
+            layout,
+            _t: PhantomData,
+        }
+    }
+
+    /// A view of device memory owned elsewhere (candle, PyTorch's `data_ptr()`, ...).
+    ///
+    /// # Safety
+    /// `ptr` must point to at least `len` elements of `T` in device memory of the current
+    /// CUDA context's device (the primary context, which PyTorch and cudarc share), readable
+    /// on the stream the output runs on, and stay valid until the work launched on it completes.
+    pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout) -> Self {
+        Tensor {
+            mem: InMem::Device(DeviceRef {
+                ptr,
+                len,
+                ordinal: None,
+                stream: std::ptr::null_mut(),
+                _guard: None,
+            }),
+            layout,
+            _t: PhantomData,
+        }
+    }
+
+    /// The view's layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+}
+
+impl<'a, T: Element> TensorMut<'a, T> {
+    /// A view of host memory to write.
+    pub fn host(data: &'a mut [T], layout: Layout) -> Self {
+        TensorMut {
+            mem: OutMem::Host(bytemuck::cast_slice_mut(data)),
+            layout,
+            _t: PhantomData,
+        }
+    }
+
+    /// A view of a cudarc device slice to write. The kernels run on this slice's stream.
+    pub fn cuda<S: DevicePtrMut<T>>(slice: &'a mut S, layout: Layout) -> Self {
+        let len = slice.len();
+        let stream = slice.stream().clone();
+        let (ptr, guard) = slice.device_ptr_mut(&stream);
+        // The guard borrows `stream` only for recording an event when dropped; cudarc's
+        // DevicePtrMut ties it to the slice's own stream, which outlives this view.
+        drop(guard);
+        TensorMut {
+            mem: OutMem::Device(DeviceRef {
+                ptr,
+                len,
+                ordinal: Some(stream.context().ordinal()),
+                stream: stream.cu_stream(),
+                _guard: None,
+            }),
+            layout,
+            _t: PhantomData,
+        }
+    }
+
+    /// A view of device memory owned elsewhere, written on `stream` (null: the legacy default
+    /// stream).
+    ///
+    /// # Safety
+    /// As [`Tensor::from_raw_device`], writable, and `stream` must be a live stream of the
+    /// current context (or null).
+    pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout, stream: CUstream) -> Self {
+        TensorMut {
+            mem: OutMem::Device(DeviceRef {
+                ptr,
+                len,
+                ordinal: None,
+                stream,
+                _guard: None,
+            }),
+            layout,
+            _t: PhantomData,
+        }
+    }
+
+    /// The view's layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+}
+
+impl<'a> LseMut<'a> {
+    /// Host memory for the log-sum-exp, `batch * heads * seqlen_q` floats.
+    pub fn host(data: &'a mut [f32]) -> Self {
+        LseMut {
+            mem: OutMem::Host(bytemuck::cast_slice_mut(data)),
+        }
+    }
+
+    /// A cudarc device slice for the log-sum-exp.
+    pub fn cuda<S: DevicePtrMut<f32>>(slice: &'a mut S) -> Self {
+        let len = slice.len();
+        let stream = slice.stream().clone();
+        let (ptr, guard) = slice.device_ptr_mut(&stream);
+        drop(guard);
+        LseMut {
+            mem: OutMem::Device(DeviceRef {
+                ptr,
+                len,
+                ordinal: Some(stream.context().ordinal()),
+                stream: stream.cu_stream(),
+                _guard: None,
+            }),
+        }
+    }
+
+    /// Device memory owned elsewhere.
+    ///
+    /// # Safety
+    /// As [`TensorMut::from_raw_device`], for `len` f32 values.
+    pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
+        LseMut {
+            mem: OutMem::Device(DeviceRef {
+                ptr,
+                len,
+                ordinal: None,
+                stream: std::ptr::null_mut(),
+                _guard: None,
+            }),
+        }
+    }
+}
+
+/// An address in host or device memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Addr {
+    Host(*const u8),
+    Device(u64),
+}
+
+/// One validated operand of a call: address, length in elements, layout.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand {
+    pub addr: Addr,
+    pub len: usize,
+    pub layout: Layout,
+}
+
+/// A validated call, as backends receive it. Built only by [`validate`] from live borrows, and
+/// dropped before they end, so the raw addresses inside stay valid while a backend runs.
+pub(crate) struct Call<'a> {
+    pub problem: Problem,
+    pub scale: f32,
+    pub q: Operand,
+    pub k: Operand,
+    pub v: Operand,
+    pub out: Operand,
+    /// f32 `[batch, heads, seqlen_q]`.
+    pub lse: Option<Operand>,
+    /// The stream device work is launched on (null for host calls or the legacy stream).
+    pub stream: CUstream,
+    _borrows: PhantomData<&'a mut ()>,
+}
+
+impl Call<'_> {
+    /// Host slices of the operands, for the CPU backend.
+    ///
+    /// # Safety
+    /// The call must be host memory (checked: returns None otherwise) and built by `validate`,
+    /// whose borrows are still alive (they are, for as long as `self` is).
+    pub(crate) unsafe fn host_slices<T: Element>(&mut self) -> Option<HostSlices<'_, T>> {
+        let slice = |o: &Operand| match o.addr {
+            Addr::Host(p) => Some(std::slice::from_raw_parts(p as *const T, o.len)),
+            Addr::Device(_) => None,
+        };
+        let out = match self.out.addr {
+            Addr::Host(p) => std::slice::from_raw_parts_mut(p as *mut T, self.out.len),
+            Addr::Device(_) => return None,
+        };
+        let lse = match self.lse {
+            Some(Operand { addr: Addr::Host(p), len, .. }) => {
+                Some(std::slice::from_raw_parts_mut(p as *mut f32, len))
+            }
+            Some(_) => return None,
+            None => None,
+        };
+        Some(HostSlices {
+            q: slice(&self.q)?,
+            k: slice(&self.k)?,
+            v: slice(&self.v)?,
+            out,
+            lse,
+        })
+    }
+}
+
+/// The host slices of a call.
+pub(crate) struct HostSlices<'c, T> {
+    pub q: &'c [T],
+    pub k: &'c [T],
+    pub v: &'c [T],
+    pub out: &'c mut [T],
+    pub lse: Option<&'c mut [f32]>,
+}
+
+/// The largest size the kernels index with 32-bit integers.
+const MAX_DIM: usize = i32::MAX as usize;
+
+fn shape_str(l: &Layout) -> String {
+    format!("{:?}", l.shape())
+}
+
+/// Checks one tensor on its own: sizes, bounds, overlap, alignment.
+fn check_operand(
+    name: &'static str,
+    layout: &Layout,
+    len: usize,
+    addr: Addr,
+    elem_size: usize,
+) -> Result<(), Error> {
+    let shape = layout.shape();
+    if shape.contains(&0) {
+        return Err(Error::invalid(
+            name,
+            format!("shape {}", shape_str(layout)),
+            "every dimension of [batch, seqlen, heads, head_dim] at least 1",
+        ));
+    }
+    if let Some(&big) = shape.iter().find(|&&d| d > MAX_DIM) {
+        return Err(Error::invalid(
+            name,
+            format!("dimension {big} in shape {}", shape_str(layout)),
+            format!("every dimension at most {MAX_DIM}"),
+        ));
+    }
+    let span = layout.span().ok_or_else(|| {
+        Error::invalid(
+            name,
+            format!("strides {:?} for shape {}", layout.strides(), shape_str(layout)),
+            "strides whose largest offset fits in usize",
+        )
+    })?;
+    if span > len {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "a buffer of {len} elements for shape {} with strides {:?}",
+                shape_str(layout),
+                layout.strides()
+            ),
+            format!("a buffer of at least {span} elements (the layout's largest offset + 1)"),
+        ));
+    }
+    if layout.overlaps() {
+        return Err(Error::invalid(
+            name,
+            format!("strides {:?} for shape {}", layout.strides(), shape_str(layout)),
+            "strides under which no two elements share memory (each of batch, seq, head steps over the ones inside it)",
+        ));
+    }
+    if let Addr::Device(p) = addr {
+        if p == 0 {
+            return Err(Error::invalid(name, "a null device pointer", "a device allocation"));
+        }
+        if p % elem_size as u64 != 0 {
+            return Err(Error::invalid(
+                name,
+                format!("device pointer {p:#x}"),
+                format!("a pointer aligned to the element size ({elem_size} bytes)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn in_operand<T: Element>(t: &Tensor<'_, T>) -> (Operand, MemoryKind, CUstream) {
+    match &t.mem {
+        InMem::Host(b) => (
+            Operand {
+                addr: Addr::Host(b.as_ptr()),
+                len: b.len() / std::mem::size_of::<T>(),
+                layout: t.layout,
+            },
+            MemoryKind::Host,
+            std::ptr::null_mut(),
+        ),
+        InMem::Device(d) => (
+            Operand { addr: Addr::Device(d.ptr), len: d.len, layout: t.layout },
+            MemoryKind::Device { ordinal: d.ordinal.unwrap_or(usize::MAX) },
+            d.stream,
+        ),
+    }
+}
+
+fn out_operand(mem: &mut OutMem<'_>, elem: usize, layout: Layout) -> (Operand, MemoryKind, CUstream) {
+    match mem {
+        OutMem::Host(b) => (
+            Operand { addr: Addr::Host(b.as_mut_ptr()), len: b.len() / elem, layout },
+            MemoryKind::Host,
+            std::ptr::null_mut(),
+        ),
+        OutMem::Device(d) => (
+            Operand { addr: Addr::Device(d.ptr), len: d.len, layout },
+            MemoryKind::Device { ordinal: d.ordinal.unwrap_or(usize::MAX) },
+            d.stream,
+        ),
+    }
+}
+
+fn same_memory(a: MemoryKind, b: MemoryKind) -> bool {
+    match (a, b) {
+        (MemoryKind::Host, MemoryKind::Host) => true,
+        // usize::MAX: a raw pointer whose device is not known yet (checked by the GPU backend).
+        (MemoryKind::Device { ordinal: x }, MemoryKind::Device { ordinal: y }) => {
+            x == y || x == usize::MAX || y == usize::MAX
+        }
+        _ => false,
+    }
+}
+
+fn describe(m: MemoryKind) -> String {
+    match m {
+        MemoryKind::Host => "host memory".into(),
+        MemoryKind::Device { ordinal: usize::MAX } => "device memory".into(),
+        MemoryKind::Device { ordinal } => format!("memory of device {ordinal}"),
+    }
+}
+
+/// Byte range a device operand covers.
+fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
+    match o.addr {
+        Addr::Device(p) => {
+            let span = o.layout.span()? as u64 * elem as u64;
+            Some((p, p + span))
+        }
+        Addr::Host(_) => None,
+    }
+}
+
+/// Validates a call: one check per constraint, each error naming the argument, the value and
+/// what is accepted. Nothing is written before this passes.
+pub(crate) fn validate<'c, T: Element>(
+    q: &'c Tensor<'_, T>,
+    k: &'c Tensor<'_, T>,
+    v: &'c Tensor<'_, T>,
+    out: &'c mut TensorMut<'_, T>,
+    lse: Option<&'c mut LseMut<'_>>,
+    opts: &Options,
+) -> Result<Call<'c>, Error> {
+    let elem = std::mem::size_of::<T>();
+    let (qo, qm, _) = in_operand(q);
+    let (ko, km, _) = in_operand(k);
+    let (vo, vm, _) = in_operand(v);
+    let out_layout = out.layout;
+    let (oo, om, stream) = out_operand(&mut out.mem, elem, out_layout);
+    check_operand("q", &qo.layout, qo.len, qo.addr, elem)?;
+    check_operand("k", &ko.layout, ko.len, ko.addr, elem)?;
+    check_operand("v", &vo.layout, vo.len, vo.addr, elem)?;
+    check_operand("out", &oo.layout, oo.len, oo.addr, elem)?;
+
+    let [b, sq, h, d] = qo.layout.shape();
+    let [kb, sk, hk, kd] = ko.layout.shape();
+    if kb != b {
+        return Err(Error::invalid("k", format!("batch {kb}"), format!("q's batch {b}")));
+    }
+    if kd != d {
+        return Err(Error::invalid("k", format!("head_dim {kd}"), format!("q's head_dim {d}")));
+    }
+    if vo.layout.shape() != ko.layout.shape() {
+        return Err(Error::invalid(
+            "v",
+            format!("shape {}", shape_str(&vo.layout)),
+            format!("k's shape {}", shape_str(&ko.layout)),
+        ));
+    }
+    if h % hk != 0 {
+        return Err(Error::invalid(
+            "k",
+            format!("{hk} heads"),
+            format!("a number of key/value heads that divides q's {h} heads (MHA, GQA, MQA)"),
+        ));
+    }
+    if oo.layout.shape() != qo.layout.shape() {
+        return Err(Error::invalid(
+            "out",
+            format!("shape {}", shape_str(&oo.layout)),
+            format!("q's shape {}", shape_str(&qo.layout)),
+        ));
+    }
+    for (name, m) in [("k", km), ("v", vm), ("out", om)] {
+        if !same_memory(qm, m) {
+            return Err(Error::invalid(
+                name,
+                describe(m),
+                format!("{} like q (all tensors in one kind of memory)", describe(qm)),
+            ));
+        }
+    }
+    let lse_op = match lse {
+        None => None,
+        Some(l) => {
+            let (lo, lm, _) = out_operand(&mut l.mem, 4, Layout::contiguous(b, sq, h, 1));
+            let want = b * h * sq;
+            if lo.len != want {
+                return Err(Error::invalid(
+                    "lse",
+                    format!("{} elements", lo.len),
+                    format!("exactly batch*heads*seqlen_q = {want} f32 values, [batch, heads, seqlen_q]"),
+                ));
+            }
+            if !same_memory(qm, lm) {
+                return Err(Error::invalid("lse", describe(lm), format!("{} like q", describe(qm))));
+            }
+            if let Addr::Device(p) = lo.addr {
+                if p == 0 || p % 4 != 0 {
+                    return Err(Error::invalid(
+                        "lse",
+                        format!("device pointer {p:#x}"),
+                        "a non-null pointer aligned to 4 bytes",
+                    ));
+                }
+            }
+            Some(lo)
+        }
+    };
+    // The output must not share memory with an input: kernels read q, k, v after writing out.
+    // (Host slices cannot alias: the borrow checker forbids it.)
+    if let Some((o0, o1)) = byte_range(&oo, elem) {
+        for (name, op) in [("q", &qo), ("k", &ko), ("v", &vo)] {
+            if let Some((a0, a1)) = byte_range(op, elem) {
+                if a0 < o1 && o0 < a1 {
+                    return Err(Error::invalid(
+                        "out",
+                        format!("device memory {o0:#x}..{o1:#x} overlapping {name} at {a0:#x}..{a1:#x}"),
+                        "an output buffer separate from q, k and v",
+                    ));
+                }
+            }
+        }
+        if let Some(lo) = &lse_op {
+            if let Some((l0, l1)) = byte_range(lo, 4) {
+                if l0 < o1 && o0 < l1 {
+                    return Err(Error::invalid("lse", "memory overlapping out", "a buffer separate from out"));
+                }
+            }
+        }
+    }
+    if let Some(s) = opts.softmax_scale {
+        if !s.is_finite() {
+            return Err(Error::invalid("options.softmax_scale", s, "a finite number"));
+        }
+    }
+    let memory = match qm {
+        MemoryKind::Device { ordinal: usize::MAX } => [km, vm, om]
+            .into_iter()
+            .find(|m| !matches!(m, MemoryKind::Device { ordinal: usize::MAX }))
+            .unwrap_or(qm),
+        m => m,
+    };
+    let mut problem = Problem::new(T::DTYPE, b, sq, sk, h, hk, d)
+        .causal(opts.causal)
+        .with_lse(lse_op.is_some());
+    problem.memory = memory;
+    Ok(Call {
+        problem,
+        scale: opts.scale_for(d),
+        q: qo,
+        k: ko,
+        v: vo,
+        out: oo,
+        lse: lse_op,
+        stream,
+        _borrows: PhantomData,
+    })
+}

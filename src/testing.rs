@@ -1,0 +1,47 @@
+//! Hooks for this crate's own tests and diagnostics. Not a stable API.
+#![doc(hidden)]
+
+use std::path::PathBuf;
+
+use crate::caps::{ComputeCapability, Nvrtc};
+
+/// NVRTC's availability on this machine (no GPU needed).
+pub fn nvrtc() -> Nvrtc {
+    crate::gpu::nvrtc::probe()
+}
+
+/// Every embedded kernel module.
+pub fn kernel_modules() -> Vec<&'static str> {
+    crate::gpu::nvrtc::modules()
+}
+
+/// Compiles `module` for `cc` with NVRTC through the cache in `cache_dir`; returns the cubin
+/// and whether it was a cache hit.
+pub fn jit_compile(module: &str, cc: ComputeCapability, cache_dir: Option<PathBuf>) -> Result<(Vec<u8>, bool), String> {
+    let version = match nvrtc() {
+        Nvrtc::Available { version } => version,
+        Nvrtc::Missing(why) => return Err(why),
+    };
+    crate::gpu::nvrtc::compile_cached(module, cc, version, cache_dir.as_ref()).map_err(|r| r.to_string())
+}
+
+/// The entries of a JIT cache directory: (file name, bytes, checksum valid).
+pub fn cache_entries(dir: &std::path::Path) -> std::io::Result<Vec<(String, u64, bool)>> {
+    let cache = crate::gpu::cache::DiskCache::open(dir)?;
+    Ok(cache
+        .entries()?
+        .into_iter()
+        .map(|e| {
+            (
+                e.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                e.bytes,
+                e.valid,
+            )
+        })
+        .collect())
+}
+
+/// The ptxas resource report of the nvcc build ("" without nvcc).
+pub fn ptxas_report() -> &'static str {
+    crate::gpu::embedded::PTXAS_REPORT
+}

@@ -1,0 +1,205 @@
+//! Selection on simulated devices: which backend runs, and the typed reasons for the others.
+//! Runs everywhere (no GPU needed).
+
+use attention::arch::{ArchSpec, ImageMatch, DEFAULT_ARCH_LIST};
+use attention::{
+    BackendKind, ComputeCapability, DType, DeviceCaps, Error, ImageSource, JitMode, KernelBuild, Nvrtc,
+    Problem, Reason, Selector, Settings, SimulatedGpu,
+};
+
+fn handle(caps: DeviceCaps, settings: Settings) -> attention::Attention {
+    Selector::from_settings(settings).simulate(caps).select().unwrap()
+}
+
+fn device_problem() -> Problem {
+    Problem::new(DType::BF16, 2, 512, 512, 16, 4, 128).causal(true)
+}
+
+fn sass(img: &ImageSource) -> Option<(u32, u32)> {
+    match img {
+        ImageSource::Embedded(ImageMatch::Sass(ArchSpec { major, minor, .. })) => Some((*major, *minor)),
+        _ => None,
+    }
+}
+
+/// The table for a crate built by nvcc with the default arch list (JIT on, NVRTC 13 present).
+#[test]
+fn selection_table_default_build() {
+    let expect: [(SimulatedGpu, Option<(u32, u32)>); 9] = [
+        (SimulatedGpu::P100, None),
+        (SimulatedGpu::V100, None),
+        (SimulatedGpu::T4, Some((7, 5))),
+        (SimulatedGpu::A100, Some((8, 0))),
+        (SimulatedGpu::A10, Some((8, 6))),
+        (SimulatedGpu::Rtx4090, Some((8, 9))),
+        (SimulatedGpu::H100, Some((9, 0))),
+        (SimulatedGpu::B200, Some((10, 0))),
+        (SimulatedGpu::Rtx5090, Some((12, 0))),
+    ];
+    for (gpu, image) in expect {
+        let caps = DeviceCaps::simulated(gpu).with_kernels(KernelBuild::nvcc(DEFAULT_ARCH_LIST));
+        let attn = handle(caps.clone(), Settings::default());
+        let e = attn.explain(&device_problem());
+        match image {
+            Some(cc) => {
+                assert_eq!(e.chosen, Some(BackendKind::Naive), "{gpu:?}: {e}");
+                let src = caps.kernel_source(JitMode::Auto, ComputeCapability::new(0, 0)).unwrap();
+                assert_eq!(sass(&src), Some(cc), "{gpu:?} should run the embedded {cc:?} cubin");
+            }
+            None => {
+                // Pre-Turing: no image, and NVRTC 13 cannot target it; device memory is never
+                // handed to the CPU backend.
+                assert_eq!(e.chosen, None, "{gpu:?}: {e}");
+                let naive = &e.rejected[0];
+                assert_eq!(naive.backend, BackendKind::Naive);
+                assert!(
+                    matches!(&naive.reasons[..], [Reason::NoKernelImage { device, jit, .. }]
+                        if device == &caps.cc.sm() && jit.contains("oldest: sm_75")),
+                    "{gpu:?}: {naive}"
+                );
+                assert_eq!(e.rejected[1].reasons, vec![Reason::DeviceMemory]);
+            }
+        }
+    }
+}
+
+/// A build without nvcc compiles at first use on every device NVRTC 13 can target.
+#[test]
+fn selection_table_jit_only_build() {
+    for gpu in SimulatedGpu::ALL {
+        let caps = DeviceCaps::simulated(gpu).with_kernels(KernelBuild::jit_only());
+        let jit_ok = caps.cc >= ComputeCapability::new(7, 5);
+        let src = caps.kernel_source(JitMode::Auto, ComputeCapability::new(0, 0));
+        assert_eq!(src.is_ok(), jit_ok, "{gpu:?}: {src:?}");
+        if jit_ok {
+            assert_eq!(src.unwrap(), ImageSource::Jit);
+        }
+        let e = handle(caps, Settings::default()).explain(&device_problem());
+        assert_eq!(e.chosen.is_some(), jit_ok, "{gpu:?}: {e}");
+    }
+}
+
+#[test]
+fn missing_arch_is_repaired_by_jit_or_explained() {
+    // Built for sm_80 only: no image for the H100.
+    let caps = DeviceCaps::simulated(SimulatedGpu::H100).with_kernels(KernelBuild::nvcc("8.0"));
+    assert_eq!(caps.kernel_source(JitMode::Auto, ComputeCapability::new(0, 0)), Ok(ImageSource::Jit));
+    let never = Settings { jit: JitMode::Never, ..Settings::default() };
+    let e = handle(caps.clone(), never).explain(&device_problem());
+    assert_eq!(e.chosen, None);
+    let r = &e.rejected[0].reasons[0];
+    assert!(matches!(r, Reason::NoKernelImage { built_for, device, .. } if built_for == "8.0" && device == "sm_90"), "{r:?}");
+    let text = r.to_string();
+    for needle in ["[8.0]", "sm_90", "ATTN_CUDA_ARCH_LIST", "9.0", "ATTN_JIT"] {
+        assert!(text.contains(needle), "reason should mention {needle}: {text}");
+    }
+    // +PTX on an older entry: the driver compiles it.
+    let ptx = DeviceCaps::simulated(SimulatedGpu::H100).with_kernels(KernelBuild::nvcc("8.0+PTX"));
+    assert!(matches!(
+        ptx.kernel_source(JitMode::Never, ComputeCapability::new(0, 0)),
+        Ok(ImageSource::Embedded(ImageMatch::Ptx(_)))
+    ));
+}
+
+#[test]
+fn jit_always_needs_nvrtc() {
+    let caps = DeviceCaps::simulated(SimulatedGpu::A100).with_nvrtc(Nvrtc::Missing("not installed".into()));
+    let always = Settings { jit: JitMode::Always, ..Settings::default() };
+    let e = handle(caps.clone(), always).explain(&device_problem());
+    assert_eq!(e.chosen, None);
+    assert!(matches!(&e.rejected[0].reasons[0], Reason::Jit { why } if why.contains("ATTN_JIT=always") && why.contains("not installed")));
+    // A JIT-only build without NVRTC has no image at all.
+    let e = handle(caps.with_kernels(KernelBuild::jit_only()), Settings::default()).explain(&device_problem());
+    assert!(matches!(&e.rejected[0].reasons[0], Reason::NoKernelImage { built_for, jit, .. } if built_for.is_empty() && jit.contains("NVRTC is unavailable")));
+}
+
+#[test]
+fn host_tensors_run_on_the_cpu_without_a_fallback() {
+    for gpu in SimulatedGpu::ALL {
+        let e = handle(DeviceCaps::simulated(gpu), Settings::default()).explain(&device_problem().on_host());
+        assert_eq!(e.chosen, Some(BackendKind::Cpu));
+        assert!(e.rejected[0].reasons.contains(&Reason::HostMemory), "{e}");
+    }
+}
+
+#[test]
+fn disabled_and_forced_backends_say_which_setting() {
+    let caps = DeviceCaps::simulated(SimulatedGpu::H100);
+    let disabled = Settings { disabled: vec![BackendKind::Naive], ..Settings::default() };
+    let e = handle(caps.clone(), disabled).explain(&device_problem());
+    assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
+    assert!(e.rejected[0].reasons[0].to_string().contains("ATTN_DISABLE"));
+
+    let attn = Selector::from_settings(Settings::default()).disable(BackendKind::Naive).simulate(caps.clone()).select().unwrap();
+    assert_eq!(attn.explain(&device_problem()).rejected[0].reasons, vec![Reason::Disabled { by: "Selector::disable" }]);
+
+    let forced = Settings { backend: Some(BackendKind::Cpu), ..Settings::default() };
+    let e = handle(caps.clone(), forced).explain(&device_problem().on_host());
+    assert_eq!(e.chosen, Some(BackendKind::Cpu));
+    assert_eq!(e.rejected[0].reasons, vec![Reason::NotForced { forced: BackendKind::Cpu, by: "ATTN_BACKEND" }]);
+
+    // A backend that does not exist in this version is explained, not silently ignored.
+    let flash = Settings { backend: Some(BackendKind::Flash), ..Settings::default() };
+    let attn = handle(caps, flash);
+    assert_eq!(attn.reasons(BackendKind::Flash, &device_problem()), vec![Reason::NotImplemented]);
+}
+
+#[test]
+fn forced_backend_that_cannot_run_is_an_error_with_reasons() {
+    let forced = Settings { backend: Some(BackendKind::Naive), ..Settings::default() };
+    let attn = handle(DeviceCaps::simulated(SimulatedGpu::T4), forced);
+    let x = vec![0.25f32; 2 * 3 * 4];
+    let l = attention::Layout::contiguous(1, 3, 2, 4);
+    let mut out = vec![f32::NAN; x.len()];
+    let err = attn
+        .forward(
+            &attention::Tensor::host(&x, l),
+            &attention::Tensor::host(&x, l),
+            &attention::Tensor::host(&x, l),
+            &mut attention::TensorMut::host(&mut out, l),
+            &attention::Options::default(),
+        )
+        .unwrap_err();
+    match &err {
+        Error::ForcedBackendUnavailable { backend, by, rejection } => {
+            assert_eq!(*backend, BackendKind::Naive);
+            assert_eq!(*by, "ATTN_BACKEND");
+            assert!(rejection.reasons.contains(&Reason::HostMemory));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("naive") && err.to_string().contains("host memory"));
+    assert!(out.iter().all(|x| x.is_nan()), "a failed call must leave the output untouched");
+}
+
+#[test]
+fn device_memory_never_falls_to_the_cpu() {
+    // No GPU at all (the CI machine) and a problem in device memory: an error, not a copy.
+    let e = handle(DeviceCaps::simulated(SimulatedGpu::P100), Settings::default()).explain(&device_problem());
+    assert_eq!(e.chosen, None);
+    assert!(e.rejected.iter().any(|r| r.backend == BackendKind::Cpu && r.reasons == vec![Reason::DeviceMemory]));
+}
+
+#[test]
+fn backend_names_parse() {
+    assert_eq!("flash".parse::<BackendKind>().unwrap(), BackendKind::Flash);
+    assert_eq!("mem_efficient".parse::<BackendKind>().unwrap(), BackendKind::MemEfficient);
+    assert_eq!("xformers".parse::<BackendKind>().unwrap(), BackendKind::MemEfficient);
+    assert_eq!(" Naive ".parse::<BackendKind>().unwrap(), BackendKind::Naive);
+    assert_eq!("cpu".parse::<BackendKind>().unwrap(), BackendKind::Cpu);
+    let err = "cudnn".parse::<BackendKind>().unwrap_err().to_string();
+    assert!(err.contains("cudnn") && err.contains("flash, mem_efficient (alias xformers), naive, cpu"), "{err}");
+}
+
+#[test]
+fn select_without_a_gpu_never_panics_and_uses_the_cpu() {
+    // On a machine without a driver this exercises the no-device path; with one, the real probe.
+    let attn = attention::select().unwrap();
+    let p = device_problem().on_host();
+    assert_eq!(attn.explain(&p).chosen, Some(BackendKind::Cpu));
+    if attn.device_caps().is_none() {
+        assert!(attn.no_device_reason().is_some());
+        let e = attn.explain(&device_problem());
+        assert!(matches!(e.rejected[0].reasons[0], Reason::NoDevice { .. }));
+    }
+}
