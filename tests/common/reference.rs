@@ -1,0 +1,115 @@
+//! A plain f64 attention reference, the obvious O(sq·sk·d) way.
+//!
+//! It depends on no crate types (only `T: Copy` and a `to_f64` closure, shapes and strides as
+//! plain arrays) so it can be included both by integration tests (crate `attention`) and by
+//! the crate's own unit tests via `#[path]` (crate `crate`). It deliberately spells out the
+//! bottom-right causal rule itself instead of calling the crate's helper: it is the check on it.
+
+/// One input tensor: logical shape `[batch, seqlen, heads, head_dim]`, element strides of
+/// `[batch, seqlen, heads]`, head_dim contiguous. Element `(b, s, h, d)` is
+/// `data[b*strides[0] + s*strides[1] + h*strides[2] + d]`.
+pub struct RefInput<'a, T> {
+    /// The backing elements.
+    pub data: &'a [T],
+    /// `[batch, seqlen, heads, head_dim]`.
+    pub shape: [usize; 4],
+    /// Element strides of `[batch, seqlen, heads]`.
+    pub strides: [usize; 3],
+}
+
+impl<T: Copy> RefInput<'_, T> {
+    /// Element `(b, s, h, d)`.
+    fn at(&self, b: usize, s: usize, h: usize, d: usize) -> T {
+        self.data[b * self.strides[0] + s * self.strides[1] + h * self.strides[2] + d]
+    }
+}
+
+/// Plain f64 attention, materialising the scores of one row at a time (it is a reference).
+///
+/// `q` is `[b, sq, h, d]`, `k` and `v` are `[b, sk, hk, d]` with `h % hk == 0`; query head `i`
+/// uses kv head `i / (h / hk)`. With `causal`, row `i` sees key `j` iff `j <= i + sk - sq`
+/// (bottom-right aligned).
+///
+/// Returns `(out, lse)`: `out` contiguous `[b, sq, h, d]`, `lse` contiguous `[b, h, sq]` as a
+/// natural log; rows that see no key get zeros and `lse = -inf`.
+pub fn attention_f64<T: Copy>(
+    q: RefInput<T>,
+    k: RefInput<T>,
+    v: RefInput<T>,
+    to_f64: impl Fn(T) -> f64,
+    scale: f64,
+    causal: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let [b, sq, h, d] = q.shape;
+    let [kb, sk, hk, kd] = k.shape;
+    assert_eq!(k.shape, v.shape, "k and v shapes differ");
+    assert_eq!(kb, b, "batch mismatch");
+    assert_eq!(kd, d, "head_dim mismatch");
+    let mut out = vec![0.0f64; b * sq * h * d];
+    let mut lse = vec![f64::NEG_INFINITY; b * h * sq];
+    if b * sq * h == 0 {
+        return (out, lse);
+    }
+    assert!(
+        hk > 0 && h % hk == 0,
+        "query heads {h} not a multiple of kv heads {hk}"
+    );
+    let group = h / hk;
+    let mut scores = vec![0.0f64; sk];
+    for bi in 0..b {
+        for hi in 0..h {
+            let hkv = hi / group;
+            for i in 0..sq {
+                // Bottom-right causal: j <= i + sk - sq, in signed arithmetic.
+                let last = i as i64 + sk as i64 - sq as i64;
+                let n = if causal {
+                    (last + 1).clamp(0, sk as i64) as usize
+                } else {
+                    sk
+                };
+                if n == 0 {
+                    continue; // zeros and -inf already in place
+                }
+                for (j, s) in scores[..n].iter_mut().enumerate() {
+                    let mut dot = 0.0f64;
+                    for c in 0..d {
+                        dot += to_f64(q.at(bi, i, hi, c)) * to_f64(k.at(bi, j, hkv, c));
+                    }
+                    *s = dot * scale;
+                }
+                let m = scores[..n]
+                    .iter()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0f64;
+                for s in &mut scores[..n] {
+                    *s = (*s - m).exp();
+                    sum += *s;
+                }
+                lse[(bi * h + hi) * sq + i] = m + sum.ln();
+                let o = &mut out[((bi * sq + i) * h + hi) * d..][..d];
+                for (j, &p) in scores[..n].iter().enumerate() {
+                    for (c, oc) in o.iter_mut().enumerate() {
+                        *oc += p * to_f64(v.at(bi, j, hkv, c));
+                    }
+                }
+                for oc in o.iter_mut() {
+                    *oc /= sum;
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// Relative error `‖a − b‖₂ / max(‖b‖₂, tiny)`; `f64::INFINITY` if any `a` is NaN (so an
+/// unwritten, NaN-poisoned output can never pass). Panics if the lengths differ.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel_err: length mismatch");
+    if a.iter().any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    num.sqrt() / den.sqrt().max(f64::MIN_POSITIVE)
+}

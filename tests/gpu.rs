@@ -1,0 +1,317 @@
+//! GPU tests. They need a CUDA device, so they are `#[ignore]`d on machines without one (CI)
+//! and run on the GPU machine with:
+//!
+//! ```text
+//! cargo test --release --test gpu -- --include-ignored --nocapture
+//! ```
+//!
+//! Run there without a device they fail (they never pass by skipping).
+
+mod common;
+
+use std::sync::Arc;
+
+use attention::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use attention::{
+    BackendKind, DType, Element, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector,
+    Settings, Tensor, TensorMut,
+};
+use common::reference::{attention_f64, rel_err, RefInput};
+use common::rng::Rng;
+use half::{bf16, f16};
+
+
+fn gpu() -> (attention::Attention, Arc<CudaStream>) {
+    let attn = attention::select().unwrap();
+    let caps = attn.device_caps().unwrap_or_else(|| {
+        panic!("no CUDA device: {}", attn.no_device_reason().unwrap_or("?"))
+    });
+    let ctx = CudaContext::new(caps.ordinal).unwrap();
+    (attn, ctx.default_stream())
+}
+
+/// Tolerances on ‖out − ref‖/‖ref‖ against the f64 reference, per dtype.
+fn tolerance(d: DType) -> f64 {
+    match d {
+        DType::F32 => 1e-4,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    b: usize,
+    sq: usize,
+    sk: usize,
+    h: usize,
+    hk: usize,
+    d: usize,
+}
+
+const fn s(b: usize, sq: usize, sk: usize, h: usize, hk: usize, d: usize) -> Shape {
+    Shape { b, sq, sk, h, hk, d }
+}
+
+/// Odd sizes on purpose: seqlen 1, non-multiples of 16, sq ≠ sk both ways, GQA, MQA, odd d.
+const SHAPES: [Shape; 10] = [
+    s(1, 1, 1, 1, 1, 64),
+    s(2, 7, 63, 4, 4, 40),
+    s(1, 65, 129, 8, 2, 128),
+    s(2, 128, 64, 8, 1, 72),
+    s(1, 1, 1000, 8, 8, 256),
+    s(1, 300, 300, 2, 2, 3),
+    s(3, 127, 128, 4, 2, 8),
+    s(1, 1000, 1000, 4, 4, 96),
+    s(1, 4097, 127, 2, 2, 64),
+    s(2, 64, 4097, 8, 1, 160),
+];
+
+struct Outcome {
+    rel: f64,
+    lse_err: f64,
+    nan: usize,
+    ran: BackendKind,
+}
+
+/// Runs one case on the GPU through `attn` and compares with the f64 reference.
+fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
+    attn: &attention::Attention,
+    stream: &Arc<CudaStream>,
+    rng: &mut Rng,
+    sh: Shape,
+    causal: bool,
+    heads_first: bool,
+) -> Result<Outcome, Error> {
+    let lay = |s, h| if heads_first { Layout::heads_first(sh.b, s, h, sh.d) } else { Layout::contiguous(sh.b, s, h, sh.d) };
+    let (lq, lk) = (lay(sh.sq, sh.h), lay(sh.sk, sh.hk));
+    let gen = |rng: &mut Rng, n: usize| {
+        let mut v = vec![T::from_f32(0.0); n];
+        rng.fill(&mut v, T::from_f32);
+        v
+    };
+    let (q, k, v) = (gen(rng, lq.numel()), gen(rng, lk.numel()), gen(rng, lk.numel()));
+    let (dq, dk, dv) = (stream.clone_htod(&q).unwrap(), stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap());
+    // Poison: every element must be written.
+    let mut dout: CudaSlice<T> = stream.clone_htod(&vec![T::from_f32(f32::NAN); q.len()]).unwrap();
+    let mut dlse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; sh.b * sh.h * sh.sq]).unwrap();
+    let opts = Options::default().causal(causal);
+    let ran = attn.forward_with_lse(
+        &Tensor::cuda(&dq, lq),
+        &Tensor::cuda(&dk, lk),
+        &Tensor::cuda(&dv, lk),
+        &mut TensorMut::cuda(&mut dout, lq),
+        &mut LseMut::cuda(&mut dlse),
+        &opts,
+    )?;
+    let out = stream.clone_dtoh(&dout).unwrap();
+    let lse = stream.clone_dtoh(&dlse).unwrap();
+    let to64 = |x: T| x.to_f32() as f64;
+    let (ref_out, ref_lse) = attention_f64(
+        RefInput { data: &q, shape: lq.shape(), strides: lq.strides() },
+        RefInput { data: &k, shape: lk.shape(), strides: lk.strides() },
+        RefInput { data: &v, shape: lk.shape(), strides: lk.strides() },
+        to64,
+        1.0 / (sh.d as f64).sqrt(),
+        causal,
+    );
+    // Gather our (possibly heads-first) output into the reference's contiguous order.
+    let mut got = Vec::with_capacity(ref_out.len());
+    for b in 0..sh.b {
+        for i in 0..sh.sq {
+            for h in 0..sh.h {
+                let o = lq.offset(b, i, h);
+                got.extend(out[o..o + sh.d].iter().map(|&x| to64(x)));
+            }
+        }
+    }
+    let nan = got.iter().filter(|x| !x.is_finite()).count();
+    let mut lse_err: f64 = 0.0;
+    for (g, r) in lse.iter().zip(&ref_lse) {
+        let g = *g as f64;
+        if r.is_infinite() {
+            if g != *r {
+                lse_err = f64::INFINITY;
+            }
+        } else {
+            lse_err = lse_err.max((g - r).abs());
+        }
+    }
+    Ok(Outcome { rel: rel_err(&got, &ref_out), lse_err, nan, ran })
+}
+
+fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str) {
+    let mut rng = Rng::fresh();
+    eprintln!("[{label}] seed {:#x}", rng.get_seed());
+    let mut failures = Vec::new();
+    let mut worst = [0f64; 3];
+    let mut count = 0;
+    for (si, sh) in SHAPES.iter().enumerate() {
+        for causal in [false, true] {
+            let heads_first = si % 2 == 1;
+            for dtype in [DType::F16, DType::BF16, DType::F32] {
+                let r = match dtype {
+                    DType::F16 => run_case::<f16>(attn, stream, &mut rng, *sh, causal, heads_first),
+                    DType::BF16 => run_case::<bf16>(attn, stream, &mut rng, *sh, causal, heads_first),
+                    DType::F32 => run_case::<f32>(attn, stream, &mut rng, *sh, causal, heads_first),
+                };
+                count += 1;
+                let case = format!("{dtype} {sh:?} causal={causal} heads_first={heads_first}");
+                match r {
+                    Ok(o) => {
+                        let i = dtype as usize;
+                        worst[i] = worst[i].max(o.rel);
+                        let ok = o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 && o.ran == BackendKind::Naive;
+                        if !ok {
+                            failures.push(format!("{case}: rel {:.2e} lse {:.2e} nan {} ran {}", o.rel, o.lse_err, o.nan, o.ran));
+                        }
+                    }
+                    Err(e) => failures.push(format!("{case}: {e}")),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "[{label}] {count} cases, worst rel error f16 {:.2e} bf16 {:.2e} f32 {:.2e}, {} failures",
+        worst[0], worst[1], worst[2], failures.len()
+    );
+    assert!(failures.is_empty(), "[{label}] failures:\n{}", failures.join("\n"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn naive_matches_reference_on_every_shape_and_dtype() {
+    let (attn, stream) = gpu();
+    eprintln!("device {} image {:?}", attn.device_summary(), attn.naive_image());
+    matrix(&attn, &stream, "aot");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn naive_through_jit_always_matches_reference() {
+    let (_, stream) = gpu();
+    let dir = std::env::temp_dir().join(format!("attn-jit-{}", std::process::id()));
+    let attn = Selector::from_env().unwrap().jit(JitMode::Always).cache_dir(&dir).select().unwrap();
+    let image = attn.naive_image().unwrap();
+    assert!(image.contains("NVRTC"), "ATTN_JIT=always must compile with NVRTC, got {image}");
+    matrix(&attn, &stream, "jit");
+    let entries = attention::testing::cache_entries(&dir).unwrap();
+    assert!(!entries.is_empty() && entries.iter().all(|e| e.2), "JIT cache entries: {entries:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Only meaningful in a build made without the device's arch (the device script builds one
+/// with ATTN_CUDA_ARCH_LIST=8.0 and sets ATTN_TEST_EXPECT_NO_IMAGE=1).
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn build_without_the_device_arch_repairs_itself_or_explains() {
+    let (attn, stream) = gpu();
+    if std::env::var_os("ATTN_TEST_EXPECT_NO_IMAGE").is_none() {
+        eprintln!("not applicable: this build was not made without the device's arch (set ATTN_TEST_EXPECT_NO_IMAGE=1 in such a build)");
+        return;
+    }
+    let caps = attn.device_caps().unwrap().clone();
+    let build = KernelBuild::embedded();
+    assert!(build.built_with_nvcc, "this test needs an nvcc build");
+    assert!(
+        matches!(attention::arch::best_image(&build.arch_list, (caps.cc.major, caps.cc.minor)), attention::arch::ImageMatch::None),
+        "the build {:?} has an image for {}",
+        build.arch_list,
+        caps.cc.sm()
+    );
+    // JIT allowed: repaired by NVRTC, and correct.
+    let dir = std::env::temp_dir().join(format!("attn-repair-{}", std::process::id()));
+    let auto = Selector::from_env().unwrap().jit(JitMode::Auto).cache_dir(&dir).select().unwrap();
+    assert!(auto.naive_image().unwrap().contains("NVRTC"));
+    matrix(&auto, &stream, "repaired");
+    // JIT off: an error naming the arches built and the setting that fixes it; never a copy
+    // of device memory to the CPU backend.
+    let never = Selector::from_settings(Settings { jit: JitMode::Never, ..Settings::from_env().unwrap() }).select().unwrap();
+    let mut rng = Rng::fresh();
+    let err = run_case::<bf16>(&never, &stream, &mut rng, SHAPES[1], false, false).err().expect("must fail without an image");
+    let text = err.to_string();
+    eprintln!("[never] {text}");
+    match &err {
+        Error::NoBackend { rejections, .. } => {
+            assert!(rejections.iter().any(|r| r.backend == BackendKind::Naive
+                && r.reasons.iter().any(|x| matches!(x, Reason::NoKernelImage { .. }))));
+            assert!(rejections.iter().any(|r| r.backend == BackendKind::Cpu && r.reasons == vec![Reason::DeviceMemory]));
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    for needle in [build.built_for().as_str(), &caps.cc.sm(), "ATTN_CUDA_ARCH_LIST", "ATTN_JIT"] {
+        assert!(text.contains(needle), "error should mention {needle}: {text}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn tiny_workspace_is_chunked_not_out_of_memory() {
+    let (_, stream) = gpu();
+    // 1 MiB holds 256 rows of 1024 keys: the call must chunk rows and heads.
+    let attn = Selector::from_env().unwrap().naive_workspace_mb(1).select().unwrap();
+    let mut rng = Rng::fresh();
+    for causal in [false, true] {
+        let o = run_case::<bf16>(&attn, &stream, &mut rng, s(2, 1500, 1024, 4, 2, 64), causal, true).unwrap();
+        eprintln!("[chunked] causal={causal} rel {:.2e} lse {:.2e}", o.rel, o.lse_err);
+        assert!(o.nan == 0 && o.rel < tolerance(DType::BF16) && o.lse_err < 1e-3);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn raw_pointers_outside_their_allocation_are_rejected() {
+    let (attn, stream) = gpu();
+    let l = Layout::contiguous(1, 64, 2, 64);
+    let a: CudaSlice<f16> = stream.alloc_zeros(l.numel()).unwrap();
+    let mut out: CudaSlice<f16> = stream.alloc_zeros(l.numel()).unwrap();
+    let ptr = |s: &CudaSlice<f16>| {
+        use attention::cudarc::driver::DevicePtr;
+        let (p, _g) = s.device_ptr(&stream);
+        p
+    };
+    let (pa, po) = (ptr(&a), ptr(&out));
+    // Claims twice the elements the allocation holds: the range check must refuse it.
+    let big = Layout::contiguous(2, 64, 2, 64);
+    let err = unsafe {
+        attn.forward(
+            &Tensor::<f16>::from_raw_device(pa, big.numel(), big),
+            &Tensor::from_raw_device(pa, big.numel(), big),
+            &Tensor::from_raw_device(pa, big.numel(), big),
+            &mut TensorMut::from_raw_device(po, big.numel(), big, stream.cu_stream()),
+            &Options::default(),
+        )
+    }
+    .unwrap_err();
+    eprintln!("[raw] {err}");
+    assert!(matches!(err, Error::InvalidArgument { arg: "q", .. }), "{err}");
+    // A host address is not device memory.
+    let host = vec![f16::ZERO; l.numel()];
+    let err = unsafe {
+        attn.forward(
+            &Tensor::<f16>::from_raw_device(host.as_ptr() as u64, l.numel(), l),
+            &Tensor::from_raw_device(pa, l.numel(), l),
+            &Tensor::from_raw_device(pa, l.numel(), l),
+            &mut TensorMut::from_raw_device(po, l.numel(), l, stream.cu_stream()),
+            &Options::default(),
+        )
+    }
+    .unwrap_err();
+    eprintln!("[raw] {err}");
+    assert!(matches!(err, Error::InvalidArgument { arg: "q", .. }), "{err}");
+    // And valid raw pointers run.
+    let ran = unsafe {
+        attn.forward(
+            &Tensor::<f16>::from_raw_device(pa, l.numel(), l),
+            &Tensor::from_raw_device(pa, l.numel(), l),
+            &Tensor::from_raw_device(pa, l.numel(), l),
+            &mut TensorMut::from_raw_device(po, l.numel(), l, stream.cu_stream()),
+            &Options::default(),
+        )
+    }
+    .unwrap();
+    assert_eq!(ran, BackendKind::Naive);
+    stream.synchronize().unwrap();
+    drop(out.slice_mut(..));
+}
