@@ -34,8 +34,7 @@ fn check<T: Element>(rng: &mut Rng, dims: [usize; 6], causal: bool, heads_first:
         .unwrap();
     assert_eq!(ran, BackendKind::Cpu);
     let to64 = |x: T| x.to_f32() as f64;
-    let r = |data: &[T], l: Layout| RefInput { data, shape: l.shape(), strides: l.strides() };
-    let (ref_out, ref_lse) = attention_f64(r(&q, lq), r(&k, lk), r(&v, lk), to64, 1.0 / (d as f64).sqrt(), causal);
+    let (ref_out, ref_lse) = attention_f64(input(&q, lq), input(&k, lk), input(&v, lk), to64, 1.0 / (d as f64).sqrt(), causal);
     let mut got = Vec::new();
     for bi in 0..b {
         for i in 0..sq {
@@ -54,6 +53,10 @@ fn check<T: Element>(rng: &mut Rng, dims: [usize; 6], causal: bool, heads_first:
             assert!((*g as f64 - r).abs() < 1e-4, "lse {g} vs {r}");
         }
     }
+}
+
+fn input<T>(data: &[T], l: Layout) -> RefInput<'_, T> {
+    RefInput { data, shape: l.shape(), strides: l.strides() }
 }
 
 #[test]
