@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds, here, everything the GPU machine runs (it has no Rust): test, example and bench
+# binaries, with kernels compiled by nvcc for the default list, plus a second gpu-test binary
+# built for sm_80 only (to exercise the JIT repair of a missing arch). Output: .carry/
+# Usage: NVCC=/path/to/nvcc scripts/device-bundle.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${NVCC:?set NVCC to a CUDA 13.0 nvcc}"
+out=.carry
+rm -rf "$out" && mkdir -p "$out"
+pick() { # cargo json messages -> executables of the named targets
+  python3 -c '
+import json, sys
+want = set(sys.argv[1].split(","))
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
+        print(m["target"]["name"], m["executable"])' "$1"
+}
+export NVCC ATTN_DENY_SPILLS=1 ATTN_REQUIRE_NVCC=1
+cargo test --release --no-run --message-format=json 2>/dev/null | pick attention,gpu,jit,cpu_backend |
+  while read -r name exe; do cp "$exe" "$out/test-$name"; done
+cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |
+  while read -r name exe; do cp "$exe" "$out/doctor"; done
+cargo bench --no-run --message-format=json 2>/dev/null | pick attention |
+  while read -r name exe; do cp "$exe" "$out/bench"; done
+ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
+  pick gpu | while read -r name exe; do cp "$exe" "$out/test-gpu-sm80"; done
+cp ../shared/anchors/torch_sdpa.py "$out/"
+strip "$out"/test-* "$out"/doctor "$out"/bench 2>/dev/null || true
+ls -la "$out"; du -sh "$out"

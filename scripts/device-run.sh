@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with .carry/ from device-bundle.sh:
+# every GPU check, the benches and PyTorch's anchors in one call. Logs go to $OUT.
+set -uo pipefail
+c=.carry
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+  if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; break; fi
+done
+export ATTN_CACHE_DIR=/tmp/attn-cache RUST_BACKTRACE=1
+step() { echo; echo "==== $*"; }
+status=0
+run() { local name=$1; shift; echo "---- $name"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n "${TAIL:-25}" "$OUT/$name.log"; echo "rc=$rc ($name)"; [ $rc -eq 0 ] || status=1; }
+step "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+step "doctor"; TAIL=40 run doctor $c/doctor
+step "unit tests"; run unit $c/test-attention
+step "gpu tests (AOT build)"; run gpu-aot $c/test-gpu --include-ignored --nocapture --test-threads=1
+step "gpu tests (sm_80-only build: JIT repair)"; ATTN_TEST_EXPECT_NO_IMAGE=1 run gpu-sm80 $c/test-gpu-sm80 --include-ignored --nocapture --test-threads=1 build_without
+step "jit tests"; run jit $c/test-jit --include-ignored
+step "compute-sanitizer memcheck"; TAIL=8 run memcheck compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace
+step "bench"; TAIL=60 ATTN_BENCH_SKIP_CPU=1 run bench $c/bench --bench
+step "anchors"; TAIL=40 PYTHONUNBUFFERED=1 run anchors python3 $c/torch_sdpa.py --quick
+exit $status
