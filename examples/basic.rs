@@ -21,7 +21,7 @@ fn main() -> Result<(), attention::Error> {
     if let Some(caps) = attn.device_caps() {
         // On a GPU: the same call with cudarc device slices (kernels run on out's stream).
         use attention::cudarc::driver::CudaContext;
-        let stream = CudaContext::new(caps.ordinal).and_then(|c| Ok(c.default_stream())).expect("CUDA context");
+        let stream = CudaContext::new(caps.ordinal).map(|c| c.default_stream()).expect("CUDA context");
         let (dq, dk, dv) = (stream.clone_htod(&q).unwrap(), stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap());
         let mut dout = stream.alloc_zeros::<bf16>(lq.numel()).unwrap();
         let ran = attn.forward(&Tensor::cuda(&dq, lq), &Tensor::cuda(&dk, lkv), &Tensor::cuda(&dv, lkv), &mut TensorMut::cuda(&mut dout, lq), &opts)?;

@@ -33,10 +33,15 @@ impl LoadedModule {
 pub(crate) struct GpuDevice {
     pub ctx: Arc<CudaContext>,
     pub caps: DeviceCaps,
-    modules: Mutex<HashMap<(&'static str, JitMode), Result<Arc<LoadedModule>, Reason>>>,
+    modules: Mutex<HashMap<(&'static str, JitMode), ModuleResult>>,
 }
 
-static DEVICES: Lazy<Mutex<HashMap<usize, Result<Arc<GpuDevice>, String>>>> =
+/// A module load's outcome, kept so a failure is explained, not retried, on every call.
+type ModuleResult = Result<Arc<LoadedModule>, Reason>;
+/// A probe's outcome per ordinal.
+type ProbeResult = Result<Arc<GpuDevice>, String>;
+
+static DEVICES: Lazy<Mutex<HashMap<usize, ProbeResult>>> =
     Lazy::new(|| Mutex::new(HashMap::new()));
 
 /// Probes device `ordinal` once per process; later calls return the same result.

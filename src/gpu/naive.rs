@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::result;
-use cudarc::driver::sys::{CUresult, CUstream};
+use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
 use super::device::{cuda_error, driver_error_text, is_sticky, GpuDevice, LoadedModule};
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
@@ -52,6 +52,9 @@ const FUNCTIONS: [&str; 7] = [
     "attn_naive_pv_bf16",
     "attn_naive_pv_f32",
 ];
+/// A kernel, its grid and block, and pointers to its arguments.
+type Launch = (CUfunction, (u32, u32, u32), (u32, u32, u32), Vec<*mut c_void>);
+
 /// Grid y/z limit of a launch.
 const MAX_GRID_YZ: usize = 65535;
 
@@ -208,7 +211,7 @@ impl Backend for NaiveBackend {
                 params.row_count = rows.min(p.seqlen_q - r0) as i32;
                 let (bhc, rc) = (params.bh_count as u32, params.row_count as usize);
                 let pp = &mut params as *mut NaiveParams as *mut c_void;
-                let launches: [(_, (u32, u32, u32), (u32, u32, u32), Vec<*mut c_void>); 3] = [
+                let launches: [Launch; 3] = [
                     (scores, (ceil(p.seqlen_k, 16), ceil(rc, 16), bhc), (16, 16, 1),
                      vec![pp, &mut q as *mut u64 as _, &mut k as *mut u64 as _, &mut s as *mut u64 as _]),
                     (softmax, (ceil(rc, 8), bhc, 1), (256, 1, 1),
