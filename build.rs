@@ -1,15 +1,790 @@
-// TEMPORARY: replaced by helper-kernels' build.rs.
-use std::fmt::Write;
+//! Build script: compiles `cuda/*.cu` into fatbins with nvcc when it is
+//! available, and always embeds the CUDA sources so that the runtime can
+//! compile them with NVRTC instead (no nvcc at build time, or no image for the
+//! device). Writes `$OUT_DIR/kernels.rs`, which the crate `include!`s.
+//!
+//! Environment:
+//! * `NVCC` (path of nvcc), else `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`,
+//!   then `nvcc` on `PATH`.
+//! * `ATTN_CUDA_ARCH_LIST`, else `TORCH_CUDA_ARCH_LIST`, else
+//!   `arch::DEFAULT_ARCH_LIST` (empty values count as unset).
+//! * `ATTN_REQUIRE_NVCC=1`: fail instead of deferring to NVRTC when nvcc is
+//!   missing. `ATTN_DENY_SPILLS=1`: fail when ptxas reports register spills.
+//!
+//! A `.cu` file whose first line is `// attention: min-arch X.Y` is only built
+//! for the entries of the arch list at or above compute capability X.Y.
+
+#[allow(dead_code)]
+#[path = "src/arch.rs"]
+mod arch;
+
+use arch::{ArchSpec, ArchSuffix};
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+const ENV_VARS: [&str; 8] = [
+    "NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PATH",
+    "ATTN_CUDA_ARCH_LIST",
+    "TORCH_CUDA_ARCH_LIST",
+    "ATTN_REQUIRE_NVCC",
+    "ATTN_DENY_SPILLS",
+];
+
+const NO_NVCC_WARNING: &str =
+    "nvcc not found (looked in NVCC, CUDA_HOME, CUDA_PATH, PATH); kernels will be \
+compiled at first use by NVRTC. Set NVCC or CUDA_HOME to build them ahead of time.";
+
+const MARKER: &str = "// attention:";
+
 fn main() {
-    let out = std::env::var("OUT_DIR").unwrap();
-    let mut srcs = String::new();
-    let dir = std::path::Path::new("cuda");
-    let mut files: Vec<_> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    files.sort();
-    for f in &files {
-        let abs = std::fs::canonicalize(f).unwrap();
-        write!(srcs, "(\"{}\", include_str!({:?})),", f.file_name().unwrap().to_string_lossy(), abs).unwrap();
+    if let Err(msg) = run() {
+        eprintln!("error: {msg}");
+        std::process::exit(1);
     }
-    let text = format!("pub const BUILT_WITH_NVCC: bool = false;\npub const NVCC_VERSION: &str = \"\";\npub const ARCH_LIST_SOURCE: &str = \"default\";\npub const ARCH_LIST: &str = \"7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX\";\npub static FATBINS: &[(&str, &[u8])] = &[];\npub static SOURCES: &[(&str, &str)] = &[{srcs}];\npub static MIN_ARCH: &[(&str, (u32, u32))] = &[];\npub const PTXAS_REPORT: &str = \"\";\n");
-    std::fs::write(format!("{out}/kernels.rs"), text).unwrap();
+}
+
+/// A `.cu` file to compile.
+struct Module {
+    /// File stem, the module's name at run time (`naive`).
+    stem: String,
+    path: PathBuf,
+    /// From the `// attention: min-arch X.Y` marker; (0, 0) when absent.
+    min_arch: (u32, u32),
+}
+
+/// A working nvcc.
+struct Nvcc {
+    path: PathBuf,
+    version: String,
+}
+
+/// One kernel's resources for one arch, from `ptxas -v`.
+#[derive(Default, Clone)]
+struct Resources {
+    registers: u32,
+    smem: u64,
+    stack: u64,
+    spill_stores: u64,
+    spill_loads: u64,
+}
+
+/// What compiling one module produced.
+struct Compiled {
+    stem: String,
+    /// None when the module was skipped for every arch.
+    fatbin: Option<PathBuf>,
+    archs: Vec<ArchSpec>,
+    /// (kernel, arch) -> resources, in ptxas order.
+    resources: Vec<(String, String, Resources)>,
+}
+
+fn run() -> Result<(), String> {
+    let manifest_dir =
+        PathBuf::from(env_var("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
+    let out_dir = PathBuf::from(env_var("OUT_DIR").ok_or("OUT_DIR is not set")?);
+    let cuda_dir = manifest_dir.join("cuda");
+
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/arch.rs");
+    println!("cargo:rerun-if-changed=cuda");
+    for var in ENV_VARS {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    // Every .cu/.cuh file under cuda/, sorted by name.
+    let mut sources: Vec<(String, PathBuf)> = Vec::new();
+    let entries =
+        fs::read_dir(&cuda_dir).map_err(|e| format!("cannot read {}: {e}", cuda_dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read {}: {e}", cuda_dir.display()))?;
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("non-UTF-8 file name in {}", cuda_dir.display()))?
+            .to_string();
+        println!("cargo:rerun-if-changed=cuda/{name}");
+        if name.ends_with(".cu") || name.ends_with(".cuh") {
+            sources.push((name, path));
+        }
+    }
+    sources.sort();
+
+    let mut modules = Vec::new();
+    for (name, path) in &sources {
+        if let Some(stem) = name.strip_suffix(".cu") {
+            let text = fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let min_arch = parse_marker(name, text.lines().next().unwrap_or(""))?;
+            modules.push(Module {
+                stem: stem.to_string(),
+                path: path.clone(),
+                min_arch,
+            });
+        }
+    }
+
+    // The arch list.
+    let (list_source, requested) = match (
+        env_var("ATTN_CUDA_ARCH_LIST"),
+        env_var("TORCH_CUDA_ARCH_LIST"),
+    ) {
+        (Some(list), _) => ("ATTN_CUDA_ARCH_LIST", list),
+        (None, Some(list)) => ("TORCH_CUDA_ARCH_LIST", list),
+        (None, None) => ("default", arch::DEFAULT_ARCH_LIST.to_string()),
+    };
+    let mut archs = arch::parse_arch_list(&requested).map_err(|e| {
+        if list_source == "default" {
+            format!("DEFAULT_ARCH_LIST: {e}")
+        } else {
+            format!("{list_source}: {e}")
+        }
+    })?;
+
+    let nvcc = match find_nvcc()? {
+        Some(nvcc) => nvcc,
+        None => {
+            if env_flag("ATTN_REQUIRE_NVCC") {
+                return Err(
+                    "ATTN_REQUIRE_NVCC is set but nvcc was not found (looked in NVCC, CUDA_HOME, CUDA_PATH, PATH). \
+                     Set NVCC to the path of nvcc, or CUDA_HOME to a CUDA toolkit, or unset ATTN_REQUIRE_NVCC to \
+                     let NVRTC compile the kernels at first use."
+                    .to_string());
+            }
+            println!("cargo:warning={NO_NVCC_WARNING}");
+            let compiled: Vec<Compiled> = Vec::new();
+            return write_kernels_rs(
+                &out_dir,
+                None,
+                list_source,
+                &archs,
+                &compiled,
+                &sources,
+                &modules,
+                "",
+            );
+        }
+    };
+
+    archs = check_archs(&nvcc, &out_dir, list_source, archs)?;
+
+    let compiled = compile_all(&nvcc, &out_dir, &modules, &archs)?;
+    let report = ptxas_report(&nvcc, &archs, &modules, &compiled);
+    let report_path = out_dir.join("ptxas_report.txt");
+    fs::write(&report_path, &report)
+        .map_err(|e| format!("cannot write {}: {e}", report_path.display()))?;
+
+    let spills: Vec<String> = compiled
+        .iter()
+        .flat_map(|c| c.resources.iter())
+        .filter(|(_, _, r)| r.spill_stores > 0 || r.spill_loads > 0)
+        .map(|(k, a, r)| {
+            format!(
+                "{k} on {a} ({} B stores, {} B loads)",
+                r.spill_stores, r.spill_loads
+            )
+        })
+        .collect();
+    if !spills.is_empty() {
+        let msg = format!(
+            "ptxas reports register spills in {}; see {}",
+            spills.join(", "),
+            report_path.display()
+        );
+        if env_flag("ATTN_DENY_SPILLS") {
+            return Err(format!("{msg} (ATTN_DENY_SPILLS is set)\n\n{report}"));
+        }
+        println!("cargo:warning={msg}");
+    }
+
+    write_kernels_rs(
+        &out_dir,
+        Some(&nvcc),
+        list_source,
+        &archs,
+        &compiled,
+        &sources,
+        &modules,
+        &report,
+    )
+}
+
+/// A non-empty environment variable (empty or whitespace-only counts as unset).
+fn env_var(name: &str) -> Option<String> {
+    env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A boolean environment variable: set to anything but `0`/`false`/`no`/`off`.
+fn env_flag(name: &str) -> bool {
+    env_var(name).is_some_and(|v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "no" | "off"
+        )
+    })
+}
+
+/// Parses the optional first-line marker of a `.cu` file.
+fn parse_marker(file: &str, first_line: &str) -> Result<(u32, u32), String> {
+    let line = first_line.trim();
+    let Some(rest) = line.strip_prefix(MARKER) else {
+        return Ok((0, 0));
+    };
+    let bad = || {
+        format!(
+            "cuda/{file}: malformed marker {line:?}: expected \"{MARKER} min-arch X.Y\", e.g. \
+             \"{MARKER} min-arch 8.0\""
+        )
+    };
+    let value = rest.trim().strip_prefix("min-arch").ok_or_else(bad)?.trim();
+    let spec: ArchSpec = value.parse().map_err(|_| bad())?;
+    if spec.suffix != ArchSuffix::None || spec.ptx {
+        return Err(bad());
+    }
+    Ok(spec.cc())
+}
+
+/// Runs `nvcc --version` and extracts the version ("13.0.88").
+fn nvcc_version(path: &Path) -> Result<String, String> {
+    let out = Command::new(path)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {} --version: {e}", path.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --version failed ({}): {}",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "Cuda compilation tools, release 13.0, V13.0.88"
+    let line = text.lines().find(|l| l.contains("release")).unwrap_or("");
+    if let Some(v) = line.split(", V").nth(1) {
+        return Ok(v.trim().to_string());
+    }
+    if let Some(v) = line.split("release ").nth(1) {
+        return Ok(v.split(',').next().unwrap_or("").trim().to_string());
+    }
+    Err(format!(
+        "{} --version printed no version:\n{text}",
+        path.display()
+    ))
+}
+
+/// Finds a working nvcc: `NVCC`, `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`,
+/// then `PATH`. A candidate that exists but does not run is an error, not a
+/// silent fallback to NVRTC.
+fn find_nvcc() -> Result<Option<Nvcc>, String> {
+    let exe = format!("nvcc{}", env::consts::EXE_SUFFIX);
+    if let Some(path) = env::var_os("NVCC").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        let version = nvcc_version(&path).map_err(|e| format!("NVCC={}: {e}", path.display()))?;
+        return Ok(Some(Nvcc { path, version }));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var).filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(home).join("bin").join(&exe);
+            if path.is_file() {
+                let version = nvcc_version(&path).map_err(|e| format!("{var}: {e}"))?;
+                return Ok(Some(Nvcc { path, version }));
+            }
+        }
+    }
+    if let Some(paths) = env::var_os("PATH") {
+        for dir in env::split_paths(&paths) {
+            let path = dir.join(&exe);
+            if path.is_file() {
+                let version = nvcc_version(&path).map_err(|e| format!("nvcc on PATH: {e}"))?;
+                return Ok(Some(Nvcc { path, version }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `-gencode` flags for one arch entry.
+fn gencode(spec: &ArchSpec) -> Vec<String> {
+    let mut flags = vec![
+        "-gencode".to_string(),
+        format!("arch={},code={}", spec.compute(), spec.sm()),
+    ];
+    if spec.ptx {
+        flags.push("-gencode".to_string());
+        flags.push(format!("arch={},code={}", spec.compute(), spec.compute()));
+    }
+    flags
+}
+
+/// Asks nvcc (without compiling anything) whether it accepts these entries.
+fn nvcc_accepts(nvcc: &Nvcc, out_dir: &Path, specs: &[ArchSpec]) -> Result<(), String> {
+    let probe = out_dir.join("arch_probe.cu");
+    fs::write(&probe, "__global__ void attn_arch_probe() {}\n")
+        .map_err(|e| format!("cannot write {}: {e}", probe.display()))?;
+    let mut cmd = Command::new(&nvcc.path);
+    cmd.arg("--dryrun").arg("-fatbin");
+    for spec in specs {
+        cmd.args(gencode(spec));
+    }
+    cmd.arg("-o")
+        .arg(out_dir.join("arch_probe.fatbin"))
+        .arg(&probe);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.path.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        // nvcc --dryrun prints the commands it would run; keep only its complaint.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let fatal: Vec<&str> = err.lines().filter(|l| !l.starts_with("#$")).collect();
+        Err(fatal.join("\n").trim().to_string())
+    }
+}
+
+/// The archs this nvcc lists as supported, as "7.5, 8.0, ..." (empty if it
+/// cannot list them: `--list-gpu-code` is CUDA 11+).
+fn nvcc_supported(nvcc: &Nvcc) -> String {
+    let Ok(out) = Command::new(&nvcc.path).arg("--list-gpu-code").output() else {
+        return String::new();
+    };
+    let mut ccs: Vec<(u32, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("sm_"))
+        .filter_map(|d| {
+            let (maj, min) = d.split_at(d.len().checked_sub(1)?);
+            Some((maj.parse().ok()?, min.parse().ok()?))
+        })
+        .collect();
+    ccs.sort();
+    ccs.dedup();
+    ccs.iter()
+        .map(|(a, b)| format!("{a}.{b}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks the arch list against nvcc. A user's list must be fully supported;
+/// the default list loses what this nvcc lacks (with one warning), and its
+/// +PTX moves to the newest remaining entry.
+fn check_archs(
+    nvcc: &Nvcc,
+    out_dir: &Path,
+    source: &str,
+    archs: Vec<ArchSpec>,
+) -> Result<Vec<ArchSpec>, String> {
+    if nvcc_accepts(nvcc, out_dir, &archs).is_ok() {
+        return Ok(archs);
+    }
+    let mut kept = Vec::new();
+    let mut rejected = Vec::new();
+    for spec in archs {
+        match nvcc_accepts(nvcc, out_dir, &[spec]) {
+            Ok(()) => kept.push(spec),
+            Err(why) => rejected.push((spec, why)),
+        }
+    }
+    if rejected.is_empty() {
+        // Each entry passes alone but not together: let the real compile report it.
+        return Ok(kept);
+    }
+    let supported = nvcc_supported(nvcc);
+    let supported = if supported.is_empty() {
+        String::new()
+    } else {
+        format!("; it supports {supported}")
+    };
+    let names = rejected
+        .iter()
+        .map(|(s, _)| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let whys = rejected
+        .iter()
+        .map(|(s, w)| format!("  {s}: {w}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if source != "default" {
+        return Err(format!(
+            "{source} {} {names} {} not supported by nvcc {} at {}{supported}.\n{whys}\n\
+             Remove {} from {source}, or point NVCC or CUDA_HOME at a CUDA toolkit that supports {}.",
+            if rejected.len() == 1 { "entry" } else { "entries" },
+            if rejected.len() == 1 { "is" } else { "are" },
+            nvcc.version,
+            nvcc.path.display(),
+            if rejected.len() == 1 { "it" } else { "them" },
+            if rejected.len() == 1 { "it" } else { "them" },
+        ));
+    }
+    if kept.is_empty() {
+        return Err(format!(
+            "nvcc {} at {} supports none of the default arch list {}{supported}. Set ATTN_CUDA_ARCH_LIST, \
+             or point NVCC or CUDA_HOME at a newer CUDA toolkit.\n{whys}",
+            nvcc.version,
+            nvcc.path.display(),
+            arch::DEFAULT_ARCH_LIST,
+        ));
+    }
+    if rejected.iter().any(|(s, _)| s.ptx) && !kept.iter().any(|s| s.ptx) {
+        if let Some(newest) = kept.iter_mut().max() {
+            newest.ptx = true;
+        }
+    }
+    println!(
+        "cargo:warning=nvcc {} at {} does not support {names} from the default arch list; building for {} \
+         instead. Set ATTN_CUDA_ARCH_LIST to choose the list yourself.",
+        nvcc.version,
+        nvcc.path.display(),
+        arch::format_arch_list(&kept),
+    );
+    Ok(kept)
+}
+
+/// Compiles every module, several at a time (NUM_JOBS, from cargo).
+fn compile_all(
+    nvcc: &Nvcc,
+    out_dir: &Path,
+    modules: &[Module],
+    archs: &[ArchSpec],
+) -> Result<Vec<Compiled>, String> {
+    let jobs = env_var("NUM_JOBS")
+        .and_then(|j| j.parse::<usize>().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .clamp(1, modules.len().max(1));
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<Result<Compiled, String>>>> =
+        Mutex::new(modules.iter().map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let i = {
+                    let mut n = next.lock().unwrap();
+                    let i = *n;
+                    *n += 1;
+                    i
+                };
+                let Some(module) = modules.get(i) else { break };
+                let result = compile_module(nvcc, out_dir, module, archs);
+                results.lock().unwrap()[i] = Some(result);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("every module compiled"))
+        .collect()
+}
+
+fn compile_module(
+    nvcc: &Nvcc,
+    out_dir: &Path,
+    module: &Module,
+    archs: &[ArchSpec],
+) -> Result<Compiled, String> {
+    let archs: Vec<ArchSpec> = archs
+        .iter()
+        .copied()
+        .filter(|s| s.cc() >= module.min_arch)
+        .collect();
+    if archs.is_empty() {
+        return Ok(Compiled {
+            stem: module.stem.clone(),
+            fatbin: None,
+            archs,
+            resources: Vec::new(),
+        });
+    }
+    let fatbin = out_dir.join(format!("{}.fatbin", module.stem));
+    let mut cmd = Command::new(&nvcc.path);
+    cmd.args(["-fatbin", "-O3", "--std=c++17", "-Xptxas", "-v"]);
+    for spec in &archs {
+        cmd.args(gencode(spec));
+    }
+    cmd.arg("-o").arg(&fatbin).arg(&module.path);
+    let out: Output = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.path.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "nvcc {} failed to compile {} ({}).\ncommand: {cmd:?}\n{}{}",
+            nvcc.version,
+            module.path.display(),
+            out.status,
+            stderr.trim_end(),
+            if stdout.trim().is_empty() {
+                String::new()
+            } else {
+                format!("\n{}", stdout.trim_end())
+            },
+        ));
+    }
+    let log = format!("{stdout}{stderr}");
+    let log_path = out_dir.join(format!("{}.ptxas.log", module.stem));
+    fs::write(&log_path, &log).map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
+    Ok(Compiled {
+        stem: module.stem.clone(),
+        fatbin: Some(fatbin),
+        archs,
+        resources: parse_ptxas(&log),
+    })
+}
+
+/// Parses `ptxas -v` output into (function, arch, resources), in output order.
+///
+/// ```text
+/// ptxas info    : Compiling entry function 'attn_naive_pv_f32' for 'sm_75'
+/// ptxas info    : Function properties for attn_naive_pv_f32
+///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+/// ptxas info    : Used 44 registers, used 1 barriers, 2176 bytes smem, 520 bytes cmem[0]
+/// ```
+fn parse_ptxas(log: &str) -> Vec<(String, String, Resources)> {
+    let mut out: Vec<(String, String, Resources)> = Vec::new();
+    let mut entry: Option<usize> = None; // index in `out` of the entry being compiled
+    let mut arch = String::new();
+    let mut props: Option<usize> = None; // index of the function a properties line refers to
+    let index_of = |out: &mut Vec<(String, String, Resources)>, name: &str, arch: &str| match out
+        .iter()
+        .position(|(n, a, _)| n == name && a == arch)
+    {
+        Some(i) => i,
+        None => {
+            out.push((name.to_string(), arch.to_string(), Resources::default()));
+            out.len() - 1
+        }
+    };
+    for line in log.lines() {
+        let body = line
+            .split_once("ptxas info")
+            .map(|(_, r)| r.trim_start_matches([' ', ':']).trim());
+        let body = body.unwrap_or_else(|| line.trim());
+        if let Some(rest) = body
+            .strip_prefix("Compiling entry function '")
+            .or_else(|| body.strip_prefix("Compiling function '"))
+        {
+            // "name' for 'sm_75'"
+            if let Some((name, tail)) = rest.split_once("' for '") {
+                arch = tail.trim_end_matches('\'').to_string();
+                entry = Some(index_of(&mut out, name, &arch));
+                props = None;
+            }
+        } else if let Some(name) = body.strip_prefix("Function properties for ") {
+            props = Some(index_of(&mut out, name.trim(), &arch));
+        } else if body.contains("bytes stack frame") {
+            if let Some(i) = props.or(entry) {
+                let r = &mut out[i].2;
+                for part in body.split(',') {
+                    let n = leading_number(part);
+                    if part.contains("stack frame") {
+                        r.stack = n;
+                    } else if part.contains("spill stores") {
+                        r.spill_stores = n;
+                    } else if part.contains("spill loads") {
+                        r.spill_loads = n;
+                    }
+                }
+            }
+        } else if let Some(rest) = body.strip_prefix("Used ") {
+            if let Some(i) = entry {
+                let r = &mut out[i].2;
+                for part in rest.split(',') {
+                    let part = part.trim();
+                    let n = leading_number(part);
+                    if part.ends_with("registers") && !part.starts_with("used") {
+                        r.registers = n as u32;
+                    } else if part.ends_with("bytes smem") {
+                        r.smem = n;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn leading_number(s: &str) -> u64 {
+    let s = s.trim();
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    s[..end].parse().unwrap_or(0)
+}
+
+/// Sort key for "sm_90a": (90, "a").
+fn arch_key(arch: &str) -> (u32, String) {
+    let digits: String = arch.chars().filter(|c| c.is_ascii_digit()).collect();
+    let suffix: String = arch
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .filter(|c| !c.is_ascii_digit())
+        .collect();
+    (digits.parse().unwrap_or(0), suffix)
+}
+
+fn ptxas_report(
+    nvcc: &Nvcc,
+    archs: &[ArchSpec],
+    modules: &[Module],
+    compiled: &[Compiled],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "attention ptxas resource report: nvcc {} ({}), arch list {}",
+        nvcc.version,
+        nvcc.path.display(),
+        arch::format_arch_list(archs)
+    );
+    let _ = writeln!(
+        s,
+        "regs = registers per thread; smem = static shared memory bytes; stack, spills in bytes\n"
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:<32} {:<8} {:>5} {:>7} {:>6} {:>9} {:>9}",
+        "module", "kernel", "arch", "regs", "smem", "stack", "spill-st", "spill-ld"
+    );
+    let mut total = 0;
+    let mut spilling = 0;
+    for (c, m) in compiled.iter().zip(modules) {
+        if c.fatbin.is_none() {
+            let _ = writeln!(
+                s,
+                "{:<10} (skipped: no arch in the list is at or above its min-arch {}.{})",
+                c.stem, m.min_arch.0, m.min_arch.1
+            );
+            continue;
+        }
+        let mut rows: Vec<&(String, String, Resources)> = c.resources.iter().collect();
+        rows.sort_by_key(|(k, a, _)| (k.clone(), arch_key(a)));
+        for (kernel, arch_name, r) in rows {
+            total += 1;
+            if r.spill_stores > 0 || r.spill_loads > 0 {
+                spilling += 1;
+            }
+            let _ = writeln!(
+                s,
+                "{:<10} {:<32} {:<8} {:>5} {:>7} {:>6} {:>9} {:>9}{}",
+                c.stem,
+                kernel,
+                arch_name,
+                r.registers,
+                r.smem,
+                r.stack,
+                r.spill_stores,
+                r.spill_loads,
+                if r.spill_stores > 0 || r.spill_loads > 0 {
+                    "  SPILLS"
+                } else {
+                    ""
+                }
+            );
+        }
+        if c.archs.len() != archs.len() {
+            let _ = writeln!(
+                s,
+                "{:<10} (built for {} only: min-arch {}.{})",
+                c.stem,
+                arch::format_arch_list(&c.archs),
+                m.min_arch.0,
+                m.min_arch.1
+            );
+        }
+    }
+    let _ = writeln!(s, "\n{total} kernel/arch pairs, {spilling} with spills.");
+    s
+}
+
+/// Writes `$OUT_DIR/kernels.rs`.
+#[allow(clippy::too_many_arguments)]
+fn write_kernels_rs(
+    out_dir: &Path,
+    nvcc: Option<&Nvcc>,
+    list_source: &str,
+    archs: &[ArchSpec],
+    compiled: &[Compiled],
+    sources: &[(String, PathBuf)],
+    modules: &[Module],
+    report: &str,
+) -> Result<(), String> {
+    let path_str = |p: &Path| -> Result<String, String> {
+        p.to_str()
+            .map(|s| format!("{s:?}"))
+            .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+    };
+    let mut s = String::new();
+    s.push_str("// @generated by build.rs: the CUDA kernels, as fatbins (when nvcc was found) and sources.\n\n");
+    s.push_str("/// True when nvcc compiled the kernels ahead of time.\n");
+    let _ = writeln!(s, "pub const BUILT_WITH_NVCC: bool = {};", nvcc.is_some());
+    s.push_str("/// nvcc's version (\"13.0.88\"), or \"\" when built without nvcc.\n");
+    let _ = writeln!(
+        s,
+        "pub const NVCC_VERSION: &str = {:?};",
+        nvcc.map(|n| n.version.as_str()).unwrap_or("")
+    );
+    s.push_str(
+        "/// Where the arch list came from: \"ATTN_CUDA_ARCH_LIST\", \"TORCH_CUDA_ARCH_LIST\" or \"default\".\n",
+    );
+    let _ = writeln!(s, "pub const ARCH_LIST_SOURCE: &str = {list_source:?};");
+    s.push_str(
+        "/// The arch list the fatbins were built for, normalised (\"7.5;8.0;...;12.0+PTX\"); \
+         without nvcc, the list that was requested.\n",
+    );
+    let _ = writeln!(
+        s,
+        "pub const ARCH_LIST: &str = {:?};",
+        arch::format_arch_list(archs)
+    );
+    s.push_str(
+        "/// One fatbin per module (file stem of the .cu); empty without nvcc, and a module skipped for \
+         every arch (min-arch) has none.\n",
+    );
+    s.push_str("pub static FATBINS: &[(&str, &[u8])] = &[\n");
+    for c in compiled {
+        if let Some(f) = &c.fatbin {
+            let _ = writeln!(s, "    ({:?}, include_bytes!({})),", c.stem, path_str(f)?);
+        }
+    }
+    s.push_str("];\n");
+    s.push_str("/// Every file under cuda/ (.cu and .cuh), by file name, for NVRTC.\n");
+    s.push_str("pub static SOURCES: &[(&str, &str)] = &[\n");
+    for (name, path) in sources {
+        let _ = writeln!(s, "    ({name:?}, include_str!({})),", path_str(path)?);
+    }
+    s.push_str("];\n");
+    s.push_str(
+        "/// Per-module minimum arch from the `// attention: min-arch X.Y` marker, (major, minor); \
+         (0, 0) when absent.\n",
+    );
+    s.push_str("pub static MIN_ARCH: &[(&str, (u32, u32))] = &[\n");
+    for m in modules {
+        let _ = writeln!(
+            s,
+            "    ({:?}, ({}, {})),",
+            m.stem, m.min_arch.0, m.min_arch.1
+        );
+    }
+    s.push_str("];\n");
+    s.push_str("/// The ptxas resource report (registers, spills, shared memory per kernel and arch); \"\" without nvcc.\n");
+    let _ = writeln!(s, "pub const PTXAS_REPORT: &str = {report:?};");
+
+    let path = out_dir.join("kernels.rs");
+    // Leave the file alone when unchanged, so that its mtime does not force rebuilds.
+    if fs::read_to_string(&path).ok().as_deref() != Some(s.as_str()) {
+        fs::write(&path, s).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }

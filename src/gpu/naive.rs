@@ -40,7 +40,12 @@ struct NaiveParams {
     scale: f32,
     causal: i32,
 }
-const _: () = assert!(std::mem::size_of::<NaiveParams>() == 144);
+const _: () = {
+    assert!(std::mem::size_of::<NaiveParams>() == 144);
+    assert!(std::mem::offset_of!(NaiveParams, heads) == 96);
+    assert!(std::mem::offset_of!(NaiveParams, scale) == 132);
+    assert!(std::mem::offset_of!(NaiveParams, causal) == 136);
+};
 
 const MODULE: &str = "naive";
 const FUNCTIONS: [&str; 7] = [

@@ -1,0 +1,211 @@
+// Naive (materialised-scores) attention: S = scale * Q K^T, P = softmax(S), O = P V.
+//
+// Three kernels per chunk of (batch, head) pairs and query rows, with an f32
+// workspace `s` of bh_count * row_count * seqlen_k floats, indexed
+// ((bh - bh_start) * row_count + r) * seqlen_k + j. Used as the always-works
+// reference path (any head_dim, any arch, any stride) and for debugging.
+//
+// Launch configurations (the runtime launches exactly these; grids are rounded
+// up and every index is guarded):
+//   attn_naive_scores_<t>: block (16,16,1), grid (ceil(seqlen_k/16), ceil(row_count/16), bh_count)
+//   attn_naive_softmax:    block (256,1,1), grid (ceil(row_count/8), bh_count, 1)
+//   attn_naive_pv_<t>:     block (16,16,1), grid (ceil(head_dim/16), ceil(row_count/16), bh_count)
+#include "common.cuh"
+
+#define NAIVE_TILE 16
+#define NAIVE_SOFTMAX_WARPS 8
+
+// ---------------------------------------------------------------------------
+// 1. Scores: s[r, j] = scale * dot(q[b, row, h, :], k[b, j, hk, :]), or -inf
+//    where the causal mask hides key j. threadIdx.x -> key, threadIdx.y -> row.
+// ---------------------------------------------------------------------------
+template <class D>
+__device__ __forceinline__ void naive_scores(const NaiveParams& p, const typename D::storage* __restrict__ q,
+                                             const typename D::storage* __restrict__ k, float* __restrict__ s) {
+    __shared__ float qs[NAIVE_TILE][NAIVE_TILE + 1];  // [row][d]
+    __shared__ float ks[NAIVE_TILE][NAIVE_TILE + 1];  // [key][d]
+
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int zb = blockIdx.z;
+    if (zb >= p.bh_count) return;
+    const int bh = p.bh_start + zb;
+    const int b = bh / p.heads;
+    const int h = bh % p.heads;
+    const int hk = h / p.kv_group;
+
+    const int r0 = blockIdx.y * NAIVE_TILE;  // first chunk-relative row of this tile
+    const int j0 = blockIdx.x * NAIVE_TILE;  // first key of this tile
+    if (r0 >= p.row_count || j0 >= p.seqlen_k) return;  // whole block out of range
+
+    const int r = r0 + ty;
+    const int j = j0 + tx;
+    const long long row = (long long)p.row_start + r;
+    const bool out_ok = r < p.row_count && row < p.seqlen_q && j < p.seqlen_k;
+    const long long s_idx = ((long long)zb * p.row_count + r) * (long long)p.seqlen_k + j;
+
+    const float neg_inf = attn_neg_inf();
+    if (p.causal) {
+        // Last valid row of this tile; the tile is fully masked when even that
+        // row cannot see the tile's first key. Uniform across the block.
+        int r_last = r0 + NAIVE_TILE - 1;
+        if (r_last > p.row_count - 1) r_last = p.row_count - 1;
+        const long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+        if ((long long)j0 > last_vis) {
+            if (out_ok) s[s_idx] = neg_inf;
+            return;
+        }
+    }
+
+    // Rows/keys this thread loads (the tile is loaded transposed for keys:
+    // thread (tx, ty) loads element d0+tx of row r0+ty and of key j0+ty).
+    const long long load_row = (long long)p.row_start + r0 + ty;
+    const bool q_ok = (r0 + ty) < p.row_count && load_row < p.seqlen_q;
+    const bool k_ok = (j0 + ty) < p.seqlen_k;
+    const typename D::storage* q_ptr =
+        q + (long long)b * p.q_stride[0] + load_row * p.q_stride[1] + (long long)h * p.q_stride[2];
+    const typename D::storage* k_ptr =
+        k + (long long)b * p.k_stride[0] + (long long)(j0 + ty) * p.k_stride[1] + (long long)hk * p.k_stride[2];
+
+    float acc = 0.0f;
+    for (int d0 = 0; d0 < p.head_dim; d0 += NAIVE_TILE) {
+        const int d = d0 + tx;
+        const bool d_ok = d < p.head_dim;
+        qs[ty][tx] = (q_ok && d_ok) ? D::to_f32(q_ptr[d]) : 0.0f;
+        ks[ty][tx] = (k_ok && d_ok) ? D::to_f32(k_ptr[d]) : 0.0f;
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < NAIVE_TILE; ++kk) {
+            acc = fmaf(qs[ty][kk], ks[tx][kk], acc);
+        }
+        __syncthreads();
+    }
+
+    if (out_ok) {
+        float v = acc * p.scale;
+        if (p.causal && (long long)j > attn_causal_last_key(row, p.seqlen_q, p.seqlen_k)) v = neg_inf;
+        s[s_idx] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Softmax, in place, one warp per row. Fully masked rows (max == -inf, or
+//    seqlen_k == 0) become zeros with lse = -inf; never NaN for finite scores.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(NAIVE_SOFTMAX_WARPS * ATTN_WARP_SIZE)
+attn_naive_softmax(NaiveParams p, float* __restrict__ s, float* __restrict__ lse) {
+    const int lane = threadIdx.x % ATTN_WARP_SIZE;
+    const int warp = threadIdx.x / ATTN_WARP_SIZE;
+    const int zb = blockIdx.y;
+    const int r = blockIdx.x * NAIVE_SOFTMAX_WARPS + warp;
+    if (zb >= p.bh_count || r >= p.row_count) return;  // whole warp exits together
+    const long long row = (long long)p.row_start + r;
+    if (row >= p.seqlen_q) return;
+    const long long bh = (long long)p.bh_start + zb;
+    const int n = p.seqlen_k;
+    float* srow = s + ((long long)zb * p.row_count + r) * (long long)n;
+
+    const float neg_inf = attn_neg_inf();
+    float m = neg_inf;
+    for (int j = lane; j < n; j += ATTN_WARP_SIZE) m = fmaxf(m, srow[j]);
+    m = attn_warp_max(m);
+
+    if (m == neg_inf) {
+        for (int j = lane; j < n; j += ATTN_WARP_SIZE) srow[j] = 0.0f;
+        if (lse != nullptr && lane == 0) lse[bh * p.seqlen_q + row] = neg_inf;
+        return;
+    }
+
+    float sum = 0.0f;
+    for (int j = lane; j < n; j += ATTN_WARP_SIZE) {
+        const float e = expf(srow[j] - m);  // exp(-inf - finite) = 0
+        srow[j] = e;
+        sum += e;
+    }
+    sum = attn_warp_sum(sum);  // >= 1: the max element contributes exp(0)
+    const float inv = 1.0f / sum;
+    for (int j = lane; j < n; j += ATTN_WARP_SIZE) srow[j] *= inv;
+    if (lse != nullptr && lane == 0) lse[bh * p.seqlen_q + row] = m + logf(sum);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Output: o[b, row, h, d] = sum_j s[r, j] * v[b, j, hk, d], in f32, rounded
+//    to the element type. threadIdx.x -> d, threadIdx.y -> row.
+// ---------------------------------------------------------------------------
+template <class D>
+__device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __restrict__ s,
+                                         const typename D::storage* __restrict__ v,
+                                         typename D::storage* __restrict__ o) {
+    __shared__ float ps[NAIVE_TILE][NAIVE_TILE + 1];  // [row][key]
+    __shared__ float vs[NAIVE_TILE][NAIVE_TILE + 1];  // [key][d]
+
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int zb = blockIdx.z;
+    if (zb >= p.bh_count) return;
+    const int bh = p.bh_start + zb;
+    const int b = bh / p.heads;
+    const int h = bh % p.heads;
+    const int hk = h / p.kv_group;
+
+    const int r0 = blockIdx.y * NAIVE_TILE;
+    const int d0 = blockIdx.x * NAIVE_TILE;
+    if (r0 >= p.row_count || d0 >= p.head_dim) return;  // whole block out of range
+
+    const int r = r0 + ty;
+    const int d = d0 + tx;
+    const long long row = (long long)p.row_start + r;
+    const bool row_ok = r < p.row_count && row < p.seqlen_q;
+    const bool d_ok = d < p.head_dim;
+
+    // Keys past the last one any row of this tile can see have p == 0: skip them.
+    long long j_end = p.seqlen_k;
+    if (p.causal) {
+        int r_last = r0 + NAIVE_TILE - 1;
+        if (r_last > p.row_count - 1) r_last = p.row_count - 1;
+        const long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+        if (last_vis + 1 < j_end) j_end = last_vis + 1;
+    }
+
+    const float* s_row = s + ((long long)zb * p.row_count + r) * (long long)p.seqlen_k;
+    const typename D::storage* v_base = v + (long long)b * p.v_stride[0] + (long long)hk * p.v_stride[2] + d;
+
+    float acc = 0.0f;
+    for (long long j0 = 0; j0 < j_end; j0 += NAIVE_TILE) {
+        // ps[ty][tx] = p[r0+ty, j0+tx]; vs[ty][tx] = v[j0+ty, d0+tx]; zero-filled
+        // outside the valid range so that no garbage is ever multiplied.
+        const long long jp = j0 + tx;
+        const long long jv = j0 + ty;
+        ps[ty][tx] = (row_ok && jp < j_end) ? s_row[jp] : 0.0f;
+        vs[ty][tx] = (d_ok && jv < j_end) ? D::to_f32(v_base[jv * p.v_stride[1]]) : 0.0f;
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < NAIVE_TILE; ++kk) {
+            acc = fmaf(ps[ty][kk], vs[kk][tx], acc);
+        }
+        __syncthreads();
+    }
+
+    if (row_ok && d_ok) {
+        const long long o_idx =
+            (long long)b * p.o_stride[0] + row * p.o_stride[1] + (long long)h * p.o_stride[2] + d;
+        o[o_idx] = D::from_f32(acc);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------
+#define NAIVE_ENTRY_POINTS(SUFFIX, D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(NAIVE_TILE * NAIVE_TILE)                                      \
+        attn_naive_scores_##SUFFIX(NaiveParams p, const D::storage* q, const D::storage* k, float* s) {        \
+        naive_scores<D>(p, q, k, s);                                                                           \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(NAIVE_TILE * NAIVE_TILE)                                      \
+        attn_naive_pv_##SUFFIX(NaiveParams p, const float* s, const D::storage* v, D::storage* o) {            \
+        naive_pv<D>(p, s, v, o);                                                                               \
+    }
+
+NAIVE_ENTRY_POINTS(f16, AttnF16)
+NAIVE_ENTRY_POINTS(bf16, AttnBF16)
+NAIVE_ENTRY_POINTS(f32, AttnF32)
