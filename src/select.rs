@@ -459,3 +459,145 @@ const _: () = {
     const fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Attention>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::caps::SimulatedGpu;
+    use crate::cpu_backend::CpuBackend;
+    use crate::tensor::Call;
+    use crate::Layout;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A GPU-ranked stand-in whose behaviour each test scripts.
+    struct Scripted {
+        reasons: Vec<Reason>,
+        fail: fn() -> RunError,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Backend for Scripted {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Naive
+        }
+        fn check(&self, _: &DeviceCaps, _: &Problem) -> Vec<Reason> {
+            self.reasons.clone()
+        }
+        fn forward(&self, _: &mut Call<'_>) -> Result<(), RunError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Err((self.fail)())
+        }
+    }
+
+    fn handle(first: Scripted, strict: bool) -> Attention {
+        Attention {
+            inner: Arc::new(Inner {
+                settings: Settings { strict, ..Settings::default() },
+                backend_by: "ATTN_BACKEND",
+                disabled_by: vec![],
+                device: None,
+                caps: Some(DeviceCaps::simulated(SimulatedGpu::H100)),
+                no_device: None,
+                chain: vec![Box::new(first), Box::new(CpuBackend::new(2))],
+                unusable: Mutex::new(HashMap::new()),
+                announced: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn run(attn: &Attention) -> (Result<BackendKind, Error>, Vec<f32>) {
+        let l = Layout::contiguous(1, 4, 2, 8);
+        let x: Vec<f32> = (0..l.numel()).map(|i| (i as f32 * 0.3).sin()).collect();
+        let mut out = vec![f32::NAN; l.numel()];
+        let r = attn.forward(
+            &Tensor::host(&x, l),
+            &Tensor::host(&x, l),
+            &Tensor::host(&x, l),
+            &mut TensorMut::host(&mut out, l),
+            &Options::default(),
+        );
+        (r, out)
+    }
+
+    #[test]
+    fn recoverable_failure_marks_the_backend_unusable_and_runs_the_next() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let attn = handle(
+            Scripted {
+                reasons: vec![],
+                fail: || RunError::Recoverable(Reason::Unusable { why: "launch refused: too many resources".into() }),
+                calls: calls.clone(),
+            },
+            false,
+        );
+        let (r, out) = run(&attn);
+        assert_eq!(r.unwrap(), BackendKind::Cpu);
+        assert!(out.iter().all(|x| x.is_finite()));
+        let p = Problem::new(crate::DType::F32, 1, 4, 4, 2, 2, 8).on_host();
+        assert!(matches!(&attn.reasons(BackendKind::Naive, &p)[0], Reason::Unusable { why } if why.contains("too many resources")));
+        // Marked once: the next call does not try it again.
+        run(&attn).0.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn fatal_errors_are_returned_not_hidden() {
+        let attn = handle(
+            Scripted {
+                reasons: vec![],
+                fail: || {
+                    RunError::Fatal(Error::Cuda {
+                        op: "cuLaunchKernel",
+                        code: 700,
+                        name: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+                        message: "an illegal memory access was encountered".into(),
+                    })
+                },
+                calls: Arc::new(AtomicUsize::new(0)),
+            },
+            false,
+        );
+        let err = run(&attn).0.unwrap_err();
+        assert!(matches!(err, Error::Cuda { code: 700, .. }), "{err}");
+    }
+
+    #[test]
+    fn strict_mode_turns_a_fallback_into_an_error() {
+        let scripted = |strict| {
+            handle(
+                Scripted {
+                    reasons: vec![Reason::HeadDim { max: 4, found: 8 }],
+                    fail: || unreachable!(),
+                    calls: Arc::new(AtomicUsize::new(0)),
+                },
+                strict,
+            )
+        };
+        // Not strict: the fallback runs (and is logged once).
+        assert_eq!(run(&scripted(false)).0.unwrap(), BackendKind::Cpu);
+        // Strict: an error naming the backend passed over and why; output untouched.
+        let (r, out) = run(&scripted(true));
+        let err = r.unwrap_err();
+        match &err {
+            Error::StrictFallback { chosen, passed_over } => {
+                assert_eq!(*chosen, BackendKind::Cpu);
+                assert_eq!(passed_over[0].backend, BackendKind::Naive);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("ATTN_STRICT") && err.to_string().contains("head_dim 8"));
+        assert!(out.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn only_reasons_the_device_should_not_have_are_fallbacks() {
+        assert!(is_fallback(&[Reason::HeadDim { max: 256, found: 320 }]));
+        assert!(!is_fallback(&[]));
+        assert!(!is_fallback(&[Reason::HostMemory, Reason::NoKernelImage { built_for: String::new(), device: "sm_90".into(), jit: String::new() }]));
+        assert!(!is_fallback(&[Reason::Disabled { by: "ATTN_DISABLE" }]));
+        assert!(!is_fallback(&[Reason::ComputeCapability {
+            needed: crate::ComputeCapability::new(8, 0),
+            found: crate::ComputeCapability::new(7, 5)
+        }]));
+    }
+}

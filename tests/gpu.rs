@@ -265,6 +265,9 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
     let (attn, stream) = gpu();
     let l = Layout::contiguous(1, 64, 2, 64);
     let a: CudaSlice<f16> = stream.alloc_zeros(l.numel()).unwrap();
+    // A gap between the two allocations, so over-long claims on `a` cannot reach `out` (that
+    // would be caught earlier, as an overlap).
+    let gap: CudaSlice<u8> = stream.alloc_zeros(8 << 20).unwrap();
     let out: CudaSlice<f16> = stream.alloc_zeros(l.numel()).unwrap();
     let ptr = |s: &CudaSlice<f16>| {
         use attention::cudarc::driver::DevicePtr;
@@ -272,13 +275,14 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
         p
     };
     let (pa, po) = (ptr(&a), ptr(&out));
-    // Claims twice the elements the allocation holds: the range check must refuse it.
-    let big = Layout::contiguous(2, 64, 2, 64);
+    // q claims twice the elements its allocation holds: the range check must refuse it
+    // before any kernel could read past the allocation.
+    let big = Layout::contiguous(1, 128, 2, 64);
     let err = unsafe {
         attn.forward(
             &Tensor::<f16>::from_raw_device(pa, big.numel(), big),
-            &Tensor::from_raw_device(pa, big.numel(), big),
-            &Tensor::from_raw_device(pa, big.numel(), big),
+            &Tensor::from_raw_device(pa, l.numel(), l),
+            &Tensor::from_raw_device(pa, l.numel(), l),
             &mut TensorMut::from_raw_device(po, big.numel(), big, stream.cu_stream()),
             &Options::default(),
         )
@@ -314,5 +318,5 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
     assert_eq!(ran, BackendKind::Naive);
     stream.synchronize().unwrap();
     // `out` stays alive until here: the raw pointers above borrowed its memory.
-    drop(out);
+    drop((a, gap, out));
 }
