@@ -32,7 +32,9 @@ fn device_id(name: &str) -> String {
     name.replace(' ', "_")
 }
 
-fn bench_gpu(c: &mut Criterion, attn: &attention::Attention, kind: BackendKind, stream: &Arc<CudaStream>) {
+fn bench_gpu(c: &mut Criterion, kind: BackendKind, stream: &Arc<CudaStream>) {
+    // Forced, so each backend is measured on every shape it can run, not only where it ranks first.
+    let attn = &Selector::from_env().unwrap().backend(kind).select().unwrap();
     let dev = device_id(&attn.device_summary());
     let mut group = c.benchmark_group(format!("{kind}/{dev}"));
     group.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
@@ -101,7 +103,7 @@ fn benches(c: &mut Criterion) {
     if let Some(caps) = attn.device_caps() {
         let stream = CudaContext::new(caps.ordinal).unwrap().default_stream();
         for kind in attn.backends().into_iter().filter(|k| k.is_gpu()) {
-            bench_gpu(c, &attn, kind, &stream);
+            bench_gpu(c, kind, &stream);
         }
     } else {
         eprintln!("no CUDA device ({}): benchmarking the CPU backend only", attn.no_device_reason().unwrap_or("?"));

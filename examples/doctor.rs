@@ -94,8 +94,10 @@ fn run() -> Result<()> {
                 c.total_mem as f64 / (1u64 << 30) as f64,
                 c.free_mem as f64 / (1u64 << 30) as f64
             );
-            if let Some(img) = attn.naive_image() {
-                println!("naive kernels:  {img}");
+            for kind in attn.backends().into_iter().filter(|k| k.is_gpu()) {
+                if let Some(img) = attn.kernel_image(kind) {
+                    println!("{:<15} {img}", format!("{kind} kernels:"));
+                }
             }
         }
         None => println!(

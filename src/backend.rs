@@ -114,6 +114,31 @@ pub enum Reason {
         /// The problem's.
         found: usize,
     },
+    /// Head dimension not a multiple the kernel's vector loads need.
+    HeadDimMultiple {
+        /// Required multiple.
+        multiple: usize,
+        /// The problem's.
+        found: usize,
+    },
+    /// A base pointer or stride is not aligned for 16-byte vector access.
+    Unaligned,
+    /// The kernel for this problem needs more shared memory per block than the device has.
+    SharedMemory {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes the device allows per block (opt-in maximum).
+        available: usize,
+    },
+    /// A size beyond what the kernel's launch grid can index.
+    GridLimit {
+        /// Which dimension.
+        dim: &'static str,
+        /// Its value.
+        found: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Element type not supported here.
     DType {
         /// The problem's dtype.
@@ -173,6 +198,10 @@ impl Reason {
             | Reason::DeviceMemory
             | Reason::OtherDevice { .. } => ReasonScope::NotApplicable,
             Reason::HeadDim { .. }
+            | Reason::HeadDimMultiple { .. }
+            | Reason::Unaligned
+            | Reason::SharedMemory { .. }
+            | Reason::GridLimit { .. }
             | Reason::DType { .. }
             | Reason::NoKernelImage { .. }
             | Reason::Jit { .. }
@@ -194,6 +223,20 @@ impl fmt::Display for Reason {
             ),
             Reason::HeadDim { max, found } => {
                 write!(f, "head_dim {found} is above the supported maximum {max}")
+            }
+            Reason::HeadDimMultiple { multiple, found } => {
+                write!(f, "head_dim {found} is not a multiple of {multiple}")
+            }
+            Reason::Unaligned => write!(
+                f,
+                "a base pointer or stride is not 16-byte aligned (make the tensors contiguous or pad strides to 16 bytes)"
+            ),
+            Reason::SharedMemory { needed, available } => write!(
+                f,
+                "needs {needed} bytes of shared memory per block, the device allows {available}"
+            ),
+            Reason::GridLimit { dim, found, max } => {
+                write!(f, "{dim} {found} exceeds the launch limit {max}")
             }
             Reason::DType { found, supported } => {
                 write!(f, "dtype {found} is not supported here (supported: {supported})")

@@ -235,6 +235,9 @@ impl DeviceCaps {
     /// fatbin, by NVRTC, or not at all (with the reason, naming the fix).
     pub fn kernel_source(&self, jit: JitMode, min_arch: ComputeCapability) -> Result<ImageSource, Reason> {
         let device = self.cc.sm();
+        if self.cc < min_arch {
+            return Err(Reason::ComputeCapability { needed: min_arch, found: self.cc });
+        }
         let nvrtc_why = || -> Option<String> {
             match (&self.nvrtc, self.nvrtc.min_arch()) {
                 (Nvrtc::Missing(why), _) => Some(format!("NVRTC is unavailable ({why})")),
@@ -255,7 +258,7 @@ impl DeviceCaps {
                 }),
             };
         }
-        if self.kernels.built_with_nvcc && self.cc >= min_arch {
+        if self.kernels.built_with_nvcc {
             let usable: Vec<ArchSpec> = self
                 .kernels
                 .arch_list

@@ -48,6 +48,9 @@ pub struct Problem {
     pub with_lse: bool,
     /// Where the tensors live.
     pub memory: MemoryKind,
+    /// Every base pointer is 16-byte aligned and every stride a multiple of 16 bytes, so
+    /// kernels can move 16-byte vectors (true for problems built by hand).
+    pub vector_aligned: bool,
 }
 
 impl Problem {
@@ -72,6 +75,7 @@ impl Problem {
             causal: false,
             with_lse: false,
             memory: MemoryKind::Device { ordinal: 0 },
+            vector_aligned: true,
         }
     }
     /// Set the causal mask.

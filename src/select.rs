@@ -12,6 +12,7 @@ use crate::cpu_backend::CpuBackend;
 use crate::dtype::Element;
 use crate::error::{Error, Rejection};
 use crate::gpu::device::{self, warn_once, GpuDevice};
+use crate::gpu::flash::FlashBackend;
 use crate::gpu::naive::NaiveBackend;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
@@ -134,6 +135,7 @@ impl Selector {
         });
         // Ranked fastest first. Only backends that exist in this version are registered.
         let chain: Vec<Box<dyn Backend>> = vec![
+            Box::new(FlashBackend::new(device.clone(), s.jit, s.cache_dir.clone())),
             Box::new(NaiveBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)),
             Box::new(CpuBackend::new(threads)),
         ];
@@ -245,9 +247,22 @@ impl Attention {
     /// How the naive backend's kernels were loaded on this device (embedded cubin, PTX, NVRTC),
     /// loading them if needed. `None` without a device.
     pub fn naive_image(&self) -> Option<String> {
+        self.kernel_image(BackendKind::Naive)
+    }
+
+    /// How a GPU backend's kernels were loaded on this device (embedded cubin, embedded PTX,
+    /// NVRTC), loading them if needed; `None` without a device or for the CPU backend.
+    pub fn kernel_image(&self, kind: BackendKind) -> Option<String> {
         let dev = self.inner.device.as_ref()?;
         let s = &self.inner.settings;
-        NaiveBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.naive_workspace_mb).image_description()
+        match kind {
+            BackendKind::Naive => {
+                NaiveBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)
+                    .image_description()
+            }
+            BackendKind::Flash => FlashBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone()).image_description(),
+            _ => None,
+        }
     }
 
     /// Every reason `kind` cannot run `problem` here (empty: it can), settings included.

@@ -410,6 +410,15 @@ fn describe(m: MemoryKind) -> String {
     }
 }
 
+/// Whether 16-byte vector loads and stores of an operand's rows are aligned.
+fn vector_aligned(o: &Operand, elem: usize) -> bool {
+    let base = match o.addr {
+        Addr::Device(p) => p as usize,
+        Addr::Host(p) => p as usize,
+    };
+    base % 16 == 0 && o.layout.strides().iter().all(|s| (s * elem) % 16 == 0)
+}
+
 /// Byte range a device operand covers.
 fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
     match o.addr {
@@ -545,6 +554,7 @@ pub(crate) fn validate<'c, T: Element>(
         .causal(opts.causal)
         .with_lse(lse_op.is_some());
     problem.memory = memory;
+    problem.vector_aligned = [&qo, &ko, &vo, &oo].iter().all(|o| vector_aligned(o, elem));
     Ok(Call {
         problem,
         scale: opts.scale_for(d),

@@ -15,6 +15,11 @@ pub fn kernel_modules() -> Vec<&'static str> {
     crate::gpu::nvrtc::modules()
 }
 
+/// The oldest arch a module's kernels target (its `// attention: min-arch` marker).
+pub fn min_arch(module: &str) -> ComputeCapability {
+    crate::gpu::embedded::min_arch(module)
+}
+
 /// Compiles `module` for `cc` with NVRTC through the cache in `cache_dir`; returns the cubin
 /// and whether it was a cache hit.
 pub fn jit_compile(module: &str, cc: ComputeCapability, cache_dir: Option<PathBuf>) -> Result<(Vec<u8>, bool), String> {

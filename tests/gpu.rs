@@ -140,7 +140,16 @@ fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     Ok(Outcome { rel: rel_err(&got, &ref_out), lse_err, nan, ran })
 }
 
-fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str) {
+/// The backend the default ranking must pick on an sm_80+ device.
+fn ranked(dtype: DType, d: usize) -> BackendKind {
+    if dtype != DType::F32 && d % 8 == 0 && d <= 256 {
+        BackendKind::Flash
+    } else {
+        BackendKind::Naive
+    }
+}
+
+fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, expect: impl Fn(DType, usize) -> BackendKind) {
     let mut rng = Rng::fresh();
     eprintln!("[{label}] seed {:#x}", rng.get_seed());
     let mut failures = Vec::new();
@@ -161,7 +170,7 @@ fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str) {
                     Ok(o) => {
                         let i = dtype as usize;
                         worst[i] = worst[i].max(o.rel);
-                        let ok = o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 && o.ran == BackendKind::Naive;
+                        let ok = o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 && o.ran == expect(dtype, sh.d);
                         if !ok {
                             failures.push(format!("{case}: rel {:.2e} lse {:.2e} nan {} ran {}", o.rel, o.lse_err, o.nan, o.ran));
                         }
@@ -180,10 +189,63 @@ fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str) {
 
 #[test]
 #[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
-fn naive_matches_reference_on_every_shape_and_dtype() {
+fn ranked_selection_matches_reference_on_every_shape_and_dtype() {
     let (attn, stream) = gpu();
-    eprintln!("device {} image {:?}", attn.device_summary(), attn.naive_image());
-    matrix(&attn, &stream, "aot");
+    eprintln!(
+        "device {} flash image {:?} naive image {:?}",
+        attn.device_summary(),
+        attn.kernel_image(BackendKind::Flash),
+        attn.naive_image()
+    );
+    matrix(&attn, &stream, "aot", ranked);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn naive_matches_reference_on_every_shape_and_dtype() {
+    let (_, stream) = gpu();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Naive).select().unwrap();
+    matrix(&attn, &stream, "naive", |_, _| BackendKind::Naive);
+}
+
+/// Every head_dim flash takes (specialised and rounded up) against odd sequence lengths,
+/// sq ≠ sk, MHA/GQA/MQA, causal or not, both layouts, f16 and bf16.
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn flash_matches_reference_across_head_dims_and_lengths() {
+    let (_, stream) = gpu();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
+    let mut rng = Rng::fresh();
+    eprintln!("[flash] seed {:#x}", rng.get_seed());
+    let lens = [1usize, 7, 63, 64, 65, 127, 128, 129, 1000, 4097];
+    let mut failures = Vec::new();
+    let (mut count, mut worst) = (0, [0f64; 2]);
+    for (i, d) in [8usize, 40, 64, 72, 96, 128, 160, 192, 256].into_iter().enumerate() {
+        for (j, &sq) in lens.iter().enumerate() {
+            let sk = lens[(j * 3 + i) % lens.len()];
+            let (h, hk) = [(4, 4), (8, 1), (8, 2)][(i + j) % 3];
+            // Long-by-long cases keep one sequence and few heads: the f64 reference is slow.
+            let big = sq * sk > 1 << 20;
+            let sh = if big { s(1, sq, sk, 2, 1, d) } else { s(1 + (i + j) % 2, sq, sk, h, hk, d) };
+            for causal in [false, true] {
+                let heads_first = (i + j) % 2 == 0;
+                for (k, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+                    let r = match dtype {
+                        DType::F16 => run_case::<f16>(&attn, &stream, &mut rng, sh, causal, heads_first),
+                        _ => run_case::<bf16>(&attn, &stream, &mut rng, sh, causal, heads_first),
+                    };
+                    count += 1;
+                    match r {
+                        Ok(o) if o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 => worst[k] = worst[k].max(o.rel),
+                        Ok(o) => failures.push(format!("{dtype} {sh:?} causal={causal}: rel {:.2e} lse {:.2e} nan {}", o.rel, o.lse_err, o.nan)),
+                        Err(e) => failures.push(format!("{dtype} {sh:?} causal={causal}: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("[flash] {count} cases, worst rel error f16 {:.2e} bf16 {:.2e}, {} failures", worst[0], worst[1], failures.len());
+    assert!(failures.is_empty(), "[flash] failures:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -192,9 +254,11 @@ fn naive_through_jit_always_matches_reference() {
     let (_, stream) = gpu();
     let dir = std::env::temp_dir().join(format!("attn-jit-{}", std::process::id()));
     let attn = Selector::from_env().unwrap().jit(JitMode::Always).cache_dir(&dir).select().unwrap();
-    let image = attn.naive_image().unwrap();
-    assert!(image.contains("NVRTC"), "ATTN_JIT=always must compile with NVRTC, got {image}");
-    matrix(&attn, &stream, "jit");
+    for kind in [BackendKind::Flash, BackendKind::Naive] {
+        let image = attn.kernel_image(kind).unwrap();
+        assert!(image.contains("NVRTC"), "ATTN_JIT=always must compile {kind} with NVRTC, got {image}");
+    }
+    matrix(&attn, &stream, "jit", ranked);
     let entries = attention::testing::cache_entries(&dir).unwrap();
     assert!(!entries.is_empty() && entries.iter().all(|e| e.2), "JIT cache entries: {entries:?}");
     let _ = std::fs::remove_dir_all(dir);
@@ -223,7 +287,8 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
     let dir = std::env::temp_dir().join(format!("attn-repair-{}", std::process::id()));
     let auto = Selector::from_env().unwrap().jit(JitMode::Auto).cache_dir(&dir).select().unwrap();
     assert!(auto.naive_image().unwrap().contains("NVRTC"));
-    matrix(&auto, &stream, "repaired");
+    assert!(auto.kernel_image(BackendKind::Flash).unwrap().contains("NVRTC"));
+    matrix(&auto, &stream, "repaired", ranked);
     // JIT off: an error naming the arches built and the setting that fixes it; never a copy
     // of device memory to the CPU backend.
     let never = Selector::from_settings(Settings { jit: JitMode::Never, ..Settings::from_env().unwrap() }).select().unwrap();
@@ -233,8 +298,10 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
     eprintln!("[never] {text}");
     match &err {
         Error::NoBackend { rejections, .. } => {
-            assert!(rejections.iter().any(|r| r.backend == BackendKind::Naive
-                && r.reasons.iter().any(|x| matches!(x, Reason::NoKernelImage { .. }))));
+            for kind in [BackendKind::Flash, BackendKind::Naive] {
+                assert!(rejections.iter().any(|r| r.backend == kind
+                    && r.reasons.iter().any(|x| matches!(x, Reason::NoKernelImage { .. }))), "{kind}");
+            }
             assert!(rejections.iter().any(|r| r.backend == BackendKind::Cpu && r.reasons == vec![Reason::DeviceMemory]));
         }
         other => panic!("unexpected error {other:?}"),
@@ -250,7 +317,7 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
 fn tiny_workspace_is_chunked_not_out_of_memory() {
     let (_, stream) = gpu();
     // 1 MiB holds 256 rows of 1024 keys: the call must chunk rows and heads.
-    let attn = Selector::from_env().unwrap().naive_workspace_mb(1).select().unwrap();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Naive).naive_workspace_mb(1).select().unwrap();
     let mut rng = Rng::fresh();
     for causal in [false, true] {
         let o = run_case::<bf16>(&attn, &stream, &mut rng, s(2, 1500, 1024, 4, 2, 64), causal, true).unwrap();
@@ -315,7 +382,7 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
         )
     }
     .unwrap();
-    assert_eq!(ran, BackendKind::Naive);
+    assert_eq!(ran, BackendKind::Flash);
     stream.synchronize().unwrap();
     // `out` stays alive until here: the raw pointers above borrowed its memory.
     drop((a, gap, out));

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use attention::testing::{cache_entries, jit_compile, kernel_modules, nvrtc};
+use attention::testing::{cache_entries, jit_compile, kernel_modules, min_arch, nvrtc};
 use attention::{ComputeCapability, Nvrtc};
 
 
@@ -26,9 +26,13 @@ fn temp_dir(tag: &str) -> PathBuf {
 fn every_module_compiles_for_turing_ampere_hopper() {
     require_nvrtc();
     let modules = kernel_modules();
-    assert!(!modules.is_empty());
+    assert!(modules.contains(&"naive") && modules.contains(&"flash"), "{modules:?}");
     for module in &modules {
         for (maj, min) in [(7, 5), (8, 0), (9, 0)] {
+            if ComputeCapability::new(maj, min) < min_arch(module) {
+                eprintln!("{module} sm_{maj}{min}: below the module's min-arch, not built");
+                continue;
+            }
             let (cubin, hit) = jit_compile(module, ComputeCapability::new(maj, min), None)
                 .unwrap_or_else(|e| panic!("{module} sm_{maj}{min}: {e}"));
             assert!(!hit);

@@ -22,45 +22,86 @@ fn sass(img: &ImageSource) -> Option<(u32, u32)> {
     }
 }
 
-/// The table for a crate built by nvcc with the default arch list (JIT on, NVRTC 13 present).
+/// The table for a crate built by nvcc with the default arch list (JIT on, NVRTC 13 present):
+/// which backend runs a bf16 problem in device memory, and which image it loads.
 #[test]
 fn selection_table_default_build() {
-    let expect: [(SimulatedGpu, Option<(u32, u32)>); 9] = [
-        (SimulatedGpu::P100, None),
-        (SimulatedGpu::V100, None),
-        (SimulatedGpu::T4, Some((7, 5))),
-        (SimulatedGpu::A100, Some((8, 0))),
-        (SimulatedGpu::A10, Some((8, 6))),
-        (SimulatedGpu::Rtx4090, Some((8, 9))),
-        (SimulatedGpu::H100, Some((9, 0))),
-        (SimulatedGpu::B200, Some((10, 0))),
-        (SimulatedGpu::Rtx5090, Some((12, 0))),
+    use BackendKind::{Flash, Naive};
+    let expect: [(SimulatedGpu, Option<BackendKind>, Option<(u32, u32)>); 9] = [
+        (SimulatedGpu::P100, None, None),
+        (SimulatedGpu::V100, None, None),
+        (SimulatedGpu::T4, Some(Naive), Some((7, 5))),
+        (SimulatedGpu::A100, Some(Flash), Some((8, 0))),
+        (SimulatedGpu::A10, Some(Flash), Some((8, 6))),
+        (SimulatedGpu::Rtx4090, Some(Flash), Some((8, 9))),
+        (SimulatedGpu::H100, Some(Flash), Some((9, 0))),
+        (SimulatedGpu::B200, Some(Flash), Some((10, 0))),
+        (SimulatedGpu::Rtx5090, Some(Flash), Some((12, 0))),
     ];
-    for (gpu, image) in expect {
+    for (gpu, backend, image) in expect {
         let caps = DeviceCaps::simulated(gpu).with_kernels(KernelBuild::nvcc(DEFAULT_ARCH_LIST));
         let attn = handle(caps.clone(), Settings::default());
         let e = attn.explain(&device_problem());
+        assert_eq!(e.chosen, backend, "{gpu:?}: {e}");
+        let flash = &e.rejected.iter().find(|r| r.backend == Flash);
+        if caps.cc < ComputeCapability::new(8, 0) {
+            // Flash is not for this device: its reason is the compute capability, not a fallback.
+            let needed = ComputeCapability::new(8, 0);
+            assert_eq!(flash.unwrap().reasons, vec![Reason::ComputeCapability { needed, found: caps.cc }], "{gpu:?}");
+        }
         match image {
             Some(cc) => {
-                assert_eq!(e.chosen, Some(BackendKind::Naive), "{gpu:?}: {e}");
                 let src = caps.kernel_source(JitMode::Auto, ComputeCapability::new(0, 0)).unwrap();
                 assert_eq!(sass(&src), Some(cc), "{gpu:?} should run the embedded {cc:?} cubin");
             }
             None => {
                 // Pre-Turing: no image, and NVRTC 13 cannot target it; device memory is never
                 // handed to the CPU backend.
-                assert_eq!(e.chosen, None, "{gpu:?}: {e}");
-                let naive = &e.rejected[0];
-                assert_eq!(naive.backend, BackendKind::Naive);
+                let naive = e.rejected.iter().find(|r| r.backend == Naive).unwrap();
                 assert!(
                     matches!(&naive.reasons[..], [Reason::NoKernelImage { device, jit, .. }]
                         if device == &caps.cc.sm() && jit.contains("oldest: sm_75")),
                     "{gpu:?}: {naive}"
                 );
-                assert_eq!(e.rejected[1].reasons, vec![Reason::DeviceMemory]);
+                let cpu = e.rejected.iter().find(|r| r.backend == BackendKind::Cpu).unwrap();
+                assert_eq!(cpu.reasons, vec![Reason::DeviceMemory]);
             }
         }
     }
+}
+
+/// What flash rejects on an H100, each with its own typed reason; the naive backend takes it.
+#[test]
+fn flash_rejects_what_it_cannot_run() {
+    let attn = handle(DeviceCaps::simulated(SimulatedGpu::H100), Settings::default());
+    let base = device_problem();
+    let mut f32_problem = base.clone();
+    f32_problem.dtype = DType::F32;
+    let mut wide = base.clone();
+    wide.head_dim = 320;
+    let mut odd = base.clone();
+    odd.head_dim = 36;
+    let mut unaligned = base.clone();
+    unaligned.vector_aligned = false;
+    let cases: [(Problem, Reason); 4] = [
+        (f32_problem, Reason::DType { found: DType::F32, supported: "f16, bf16" }),
+        (wide, Reason::HeadDim { max: 256, found: 320 }),
+        (odd, Reason::HeadDimMultiple { multiple: 8, found: 36 }),
+        (unaligned, Reason::Unaligned),
+    ];
+    for (p, reason) in cases {
+        let e = attn.explain(&p);
+        assert_eq!(e.chosen, Some(BackendKind::Naive), "{e}");
+        assert_eq!(e.rejected[0].backend, BackendKind::Flash);
+        assert_eq!(e.rejected[0].reasons, vec![reason]);
+    }
+    // A device without enough shared memory for the d=256 kernel.
+    let mut small = DeviceCaps::simulated(SimulatedGpu::A10);
+    small.smem_per_block_optin = 48 * 1024;
+    let mut d256 = base.clone();
+    d256.head_dim = 256;
+    let e = handle(small, Settings::default()).explain(&d256);
+    assert_eq!(e.rejected[0].reasons, vec![Reason::SharedMemory { needed: 65536, available: 49152 }]);
 }
 
 /// A build without nvcc compiles at first use on every device NVRTC 13 can target.
@@ -126,12 +167,16 @@ fn host_tensors_run_on_the_cpu_without_a_fallback() {
 fn disabled_and_forced_backends_say_which_setting() {
     let caps = DeviceCaps::simulated(SimulatedGpu::H100);
     let disabled = Settings { disabled: vec![BackendKind::Naive], ..Settings::default() };
+    let disabled = Settings { disabled: vec![BackendKind::Flash, BackendKind::Naive], ..disabled };
     let e = handle(caps.clone(), disabled).explain(&device_problem());
     assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
+    assert_eq!(e.rejected[1].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
     assert!(e.rejected[0].reasons[0].to_string().contains("ATTN_DISABLE"));
 
-    let attn = Selector::from_settings(Settings::default()).disable(BackendKind::Naive).simulate(caps.clone()).select().unwrap();
-    assert_eq!(attn.explain(&device_problem()).rejected[0].reasons, vec![Reason::Disabled { by: "Selector::disable" }]);
+    let attn = Selector::from_settings(Settings::default()).disable(BackendKind::Flash).simulate(caps.clone()).select().unwrap();
+    let e = attn.explain(&device_problem());
+    assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "Selector::disable" }]);
+    assert_eq!(e.chosen, Some(BackendKind::Naive));
 
     let forced = Settings { backend: Some(BackendKind::Cpu), ..Settings::default() };
     let e = handle(caps.clone(), forced).explain(&device_problem().on_host());
@@ -139,9 +184,9 @@ fn disabled_and_forced_backends_say_which_setting() {
     assert_eq!(e.rejected[0].reasons, vec![Reason::NotForced { forced: BackendKind::Cpu, by: "ATTN_BACKEND" }]);
 
     // A backend that does not exist in this version is explained, not silently ignored.
-    let flash = Settings { backend: Some(BackendKind::Flash), ..Settings::default() };
-    let attn = handle(caps, flash);
-    assert_eq!(attn.reasons(BackendKind::Flash, &device_problem()), vec![Reason::NotImplemented]);
+    let xformers = Settings { backend: Some(BackendKind::MemEfficient), ..Settings::default() };
+    let attn = handle(caps, xformers);
+    assert_eq!(attn.reasons(BackendKind::MemEfficient, &device_problem()), vec![Reason::NotImplemented]);
 }
 
 #[test]

@@ -10,7 +10,8 @@ use cudarc::nvrtc::Ptx;
 use once_cell::sync::Lazy;
 
 use super::{embedded, nvrtc};
-use crate::backend::Reason;
+use crate::backend::{Reason, RunError};
+use crate::tensor::{Addr, Call, Operand};
 use crate::caps::{DeviceCaps, ImageSource, KernelBuild, Nvrtc};
 use crate::error::Error;
 use crate::settings::JitMode;
@@ -138,6 +139,25 @@ pub(crate) fn is_sticky(code: CUresult) -> bool {
     )
 }
 
+/// A failed launch as a backend outcome: sticky errors and anything after the output was
+/// touched are fatal; a refusal before that lets the next backend run the call.
+pub(crate) fn launch_failure(code: CUresult, wrote_output: bool) -> RunError {
+    if is_sticky(code) || wrote_output {
+        RunError::Fatal(cuda_error("cuLaunchKernel", code))
+    } else {
+        RunError::Recoverable(Reason::Unusable { why: format!("kernel launch refused: {}", driver_error_text(code)) })
+    }
+}
+
+/// The device address of a validated device operand (0 for host memory, which GPU backends
+/// never receive: their `check` rejects it).
+pub(crate) fn device_addr(o: &Operand) -> u64 {
+    match o.addr {
+        Addr::Device(p) => p,
+        Addr::Host(_) => 0,
+    }
+}
+
 /// Module-load errors that mean "this image cannot run here" (repairable by JIT).
 fn is_missing_image(code: CUresult) -> bool {
     use CUresult::*;
@@ -252,6 +272,21 @@ impl GpuDevice {
             Nvrtc::Missing(ref why) => return Err(Reason::Jit { why: why.clone() }),
         };
         nvrtc::compile_cached(name, self.caps.cc, version, cache_dir).map(|(image, _)| image)
+    }
+
+    /// What every GPU backend does before its first launch: make the context current and check
+    /// every operand against its allocation.
+    pub(crate) fn prepare(&self, call: &Call<'_>) -> Result<(), RunError> {
+        self.ctx.bind_to_thread().map_err(|e| RunError::Fatal(cuda_error("cuCtxSetCurrent", e.0)))?;
+        let elem = call.problem.dtype.size_bytes() as u64;
+        for (name, o) in [("q", &call.q), ("k", &call.k), ("v", &call.v), ("out", &call.out)] {
+            let bytes = o.layout.span().unwrap_or(0) as u64 * elem;
+            self.check_range(name, device_addr(o), bytes)?;
+        }
+        if let Some(l) = &call.lse {
+            self.check_range("lse", device_addr(l), l.len as u64 * 4)?;
+        }
+        Ok(())
     }
 
     /// Checks that `[ptr, ptr + bytes)` lies inside one allocation on this device, so no kernel

@@ -3,5 +3,6 @@
 pub(crate) mod cache;
 pub(crate) mod device;
 pub(crate) mod embedded;
+pub(crate) mod flash;
 pub(crate) mod naive;
 pub(crate) mod nvrtc;

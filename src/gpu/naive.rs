@@ -12,13 +12,13 @@ use std::sync::Arc;
 use cudarc::driver::result;
 use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
-use super::device::{cuda_error, driver_error_text, is_sticky, GpuDevice, LoadedModule};
+use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, LoadedModule};
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::DeviceCaps;
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::{Addr, Call, Operand};
+use crate::tensor::{Call, Operand};
 
 /// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 144).
 #[repr(C)]
@@ -112,13 +112,6 @@ fn dtype_suffix(d: DType) -> &'static str {
     d.name()
 }
 
-fn ptr_of(o: &Operand) -> u64 {
-    match o.addr {
-        Addr::Device(p) => p,
-        Addr::Host(_) => 0,
-    }
-}
-
 fn strides(o: &Operand) -> [i64; 3] {
     o.layout.strides().map(|s| s as i64)
 }
@@ -146,16 +139,8 @@ impl Backend for NaiveBackend {
             RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
         })?;
         let module = self.module(dev).map_err(RunError::Recoverable)?;
-        dev.ctx.bind_to_thread().map_err(|e| RunError::Fatal(cuda_error("cuCtxSetCurrent", e.0)))?;
+        dev.prepare(call)?;
         let p = &call.problem;
-        let elem = p.dtype.size_bytes() as u64;
-        for (name, o) in [("q", &call.q), ("k", &call.k), ("v", &call.v), ("out", &call.out)] {
-            let bytes = o.layout.span().unwrap_or(0) as u64 * elem;
-            dev.check_range(name, ptr_of(o), bytes)?;
-        }
-        if let Some(l) = &call.lse {
-            dev.check_range("lse", ptr_of(l), l.len as u64 * 4)?;
-        }
         let f = |n: &str| {
             module.function(n).map(|f| f.cu_function()).ok_or_else(|| {
                 RunError::Recoverable(Reason::Unusable { why: format!("kernel {n} missing from module") })
@@ -188,7 +173,7 @@ impl Backend for NaiveBackend {
                 }
             }
         };
-        let lse_ptr = call.lse.as_ref().map(ptr_of).unwrap_or(0);
+        let lse_ptr = call.lse.as_ref().map(device_addr).unwrap_or(0);
         let mut params = NaiveParams {
             q_stride: strides(&call.q),
             k_stride: strides(&call.k),
@@ -204,7 +189,7 @@ impl Backend for NaiveBackend {
             ..Default::default()
         };
         let (mut q, mut k, mut v, mut o, mut s, mut l) =
-            (ptr_of(&call.q), ptr_of(&call.k), ptr_of(&call.v), ptr_of(&call.out), ws, lse_ptr);
+            (device_addr(&call.q), device_addr(&call.k), device_addr(&call.v), device_addr(&call.out), ws, lse_ptr);
         let ceil = |a: usize, b: usize| a.div_ceil(b) as u32;
         let mut wrote_output = false;
         let mut outcome = Ok(());
@@ -241,12 +226,7 @@ impl Backend for NaiveBackend {
         let freed = unsafe { result::free_async(ws, stream) };
         match outcome {
             Ok(()) => freed.map_err(|e| RunError::Fatal(cuda_error("cuMemFreeAsync", e.0))),
-            Err((code, _)) if is_sticky(code) => Err(RunError::Fatal(cuda_error("cuLaunchKernel", code))),
-            // Nothing reached the output yet: another backend may still run the call.
-            Err((code, false)) => Err(RunError::Recoverable(Reason::Unusable {
-                why: format!("kernel launch refused: {}", driver_error_text(code)),
-            })),
-            Err((code, true)) => Err(RunError::Fatal(cuda_error("cuLaunchKernel", code))),
+            Err((code, wrote_output)) => Err(launch_failure(code, wrote_output)),
         }
     }
 }

@@ -1,0 +1,253 @@
+// attention: min-arch 8.0
+// FlashAttention-2-style forward kernel for sm_80+ (f16, bf16): one block of 4 warps per
+// (64-query-row tile, head, batch); each warp owns 16 query rows, so softmax statistics never
+// leave the warp. K and V tiles stream through swizzled shared memory with cp.async; S = Q·Kᵀ
+// and O += P·V run on mma.sync m16n8k16 with f32 accumulation, and P goes from the S
+// accumulators straight into A fragments (it never touches shared memory).
+//
+// Masking (all optional, combined): keys past seqlen_k; causal, aligned bottom-right (row i
+// sees key j iff j <= i + seqlen_k - seqlen_q); a sliding window [i + diag - left, i + diag +
+// right]. Soft-capping replaces the scaled logit x by cap·tanh(x/cap). Rows that see no key
+// produce zeros and lse = -inf.
+#include "common.cuh"
+#include "mma.cuh"
+
+struct FlashParams {
+    long long q_stride[3];  // element strides of [batch, seq, head]; head_dim is contiguous
+    long long k_stride[3];
+    long long v_stride[3];
+    long long o_stride[3];
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    float* lse;  // [batch, heads, seqlen_q] or null
+    int heads;
+    int kv_group;  // heads / kv_heads
+    int seqlen_q;
+    int seqlen_k;
+    int head_dim;      // <= the kernel's D, a multiple of 8; columns past it are zero-filled
+    int window_left;   // < 0: unlimited
+    int window_right;  // < 0: unlimited
+    int causal;
+    float scale;    // softmax scale
+    float softcap;  // <= 0: off
+};
+static_assert(sizeof(FlashParams) == 176, "FlashParams must match the Rust #[repr(C)] struct");
+
+#define FLASH_WARPS 4
+#define FLASH_BM 64
+#define FLASH_THREADS (FLASH_WARPS * 32)
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile: the chunk
+// index is XORed with row%8 so that cp.async writes and ldmatrix reads hit distinct banks.
+template <int D>
+__device__ __forceinline__ int flash_swz(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
+// chunks >= head_dim are zero-filled.
+template <int D, int ROWS>
+__device__ __forceinline__ void flash_load_tile(unsigned short* tile, const unsigned short* base, long long row_stride,
+                                                int row0, int seqlen, int head_dim) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += FLASH_THREADS) {
+        const int r = i / CH, c = i % CH;
+        const int row = row0 + r;
+        const bool ok = row < seqlen && c * 8 < head_dim;
+        const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
+        attn_cp_async_16(attn_smem_addr(tile + flash_swz<D>(r, c)), src, ok);
+    }
+}
+
+template <int D, int BN, bool BF16>
+__device__ __forceinline__ void flash_fwd(const FlashParams& p) {
+    constexpr int BM = FLASH_BM;
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    unsigned short* sQ = reinterpret_cast<unsigned short*>(flash_smem);
+    unsigned short* sK = sQ + BM * D;
+    unsigned short* sV = sK + BN * D;
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int m0 = blockIdx.x * BM;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const int hk = h / p.kv_group;
+    const int sq = p.seqlen_q, sk = p.seqlen_k;
+    const long long diag = (long long)sk - sq;
+
+    // Key range any row of this tile can see.
+    long long n_end = sk, n_begin = 0;
+    const long long m_last = (long long)min(m0 + BM, sq) - 1;
+    if (p.causal) n_end = min(n_end, m_last + diag + 1);
+    if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
+    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+    const int nb_begin = (int)(n_begin / BN);
+    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
+
+    const unsigned short* q = static_cast<const unsigned short*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+    const unsigned short* k = static_cast<const unsigned short*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2];
+    const unsigned short* v = static_cast<const unsigned short*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
+    unsigned short* o = static_cast<unsigned short*>(p.o) + b * p.o_stride[0] + h * p.o_stride[2];
+
+    // This thread's two rows (mma C-fragment layout): lane/4 and lane/4 + 8 of the warp's 16.
+    const int row_in_tile = warp * 16 + (lane >> 2);
+    float acc[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    float row_max[2] = {attn_neg_inf(), attn_neg_inf()};
+    float row_sum[2] = {0.f, 0.f};
+    // With soft-capping the scale is applied inside the cap; the softmax then works on raw logits.
+    const bool capped = p.softcap > 0.f;
+    const float logit_scale = capped ? 1.f : p.scale;
+    const float scale_log2 = logit_scale * 1.4426950408889634f;
+
+    if (nb_begin < nb_end) {
+        flash_load_tile<D, BM>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
+        flash_load_tile<D, BN>(sK, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
+        attn_cp_async_commit();
+    }
+    for (int nb = nb_begin; nb < nb_end; ++nb) {
+        attn_cp_async_wait<0>();
+        __syncthreads();  // K(nb) (and Q) landed; every warp is done with V(nb-1)
+        flash_load_tile<D, BN>(sV, v, p.v_stride[1], nb * BN, sk, p.head_dim);
+        attn_cp_async_commit();
+
+        // S = Q·K(nb)ᵀ for this warp's 16 rows.
+        float s[BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4];
+            attn_ldmatrix_x4(a, attn_smem_addr(sQ + flash_swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+#pragma unroll
+            for (int nt = 0; nt < BN / 16; ++nt) {
+                unsigned bk[4];
+                const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
+                attn_ldmatrix_x4(bk, attn_smem_addr(sK + flash_swz<D>(key, kk * 2 + ((lane >> 3) & 1))));
+                attn_mma_16816<BF16>(s[2 * nt], a, bk[0], bk[1]);
+                attn_mma_16816<BF16>(s[2 * nt + 1], a, bk[2], bk[3]);
+            }
+        }
+        __syncthreads();  // every warp is done reading K(nb)
+        if (nb + 1 < nb_end) flash_load_tile<D, BN>(sK, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
+        attn_cp_async_commit();  // possibly empty: keeps the group count uniform
+
+        if (capped) {
+            const float pre = p.scale / p.softcap;
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[i][e] = p.softcap * attn_tanh(s[i][e] * pre);
+        }
+        // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
+        const int n0 = nb * BN;
+        const bool need_mask = n0 + BN > sk || (p.causal && n0 + BN - 1 > m0 + diag) ||
+                               (p.window_right >= 0 && n0 + BN - 1 > m0 + diag + p.window_right) ||
+                               (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
+        if (need_mask) {
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
+                    const long long row = m0 + row_in_tile + (e >> 1) * 8;
+                    const long long lim = row + diag;  // the diagonal key of this row
+                    const bool masked = col >= sk || (p.causal && col > lim) ||
+                                        (p.window_right >= 0 && col > lim + p.window_right) ||
+                                        (p.window_left >= 0 && col < lim - p.window_left);
+                    if (masked) s[i][e] = attn_neg_inf();
+                }
+        }
+
+        // Online softmax: new running max, rescale the accumulator, exponentiate.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = row_max[r];
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
+            // exp2(-inf - base) = 0 instead of NaN.
+            const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+            const float rescale = attn_exp2(row_max[r] * scale_log2 - base);
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+                s[i][2 * r] = attn_exp2(s[i][2 * r] * scale_log2 - base);
+                s[i][2 * r + 1] = attn_exp2(s[i][2 * r + 1] * scale_log2 - base);
+                sum += s[i][2 * r] + s[i][2 * r + 1];
+            }
+            row_sum[r] = row_sum[r] * rescale + sum;  // per-lane partial; reduced at the end
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                acc[i][2 * r] *= rescale;
+                acc[i][2 * r + 1] *= rescale;
+            }
+        }
+
+        attn_cp_async_wait<1>();
+        __syncthreads();  // V(nb) landed (K(nb+1) may still be in flight)
+        // O += P·V(nb): two adjacent n8 tiles of S are one k16 A fragment of P.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned a[4];
+            a[0] = attn_pack2<BF16>(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = attn_pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = attn_pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = attn_pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < D / 16; ++dt) {
+                unsigned bv[4];
+                const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                attn_ldmatrix_x4_trans(bv, attn_smem_addr(sV + flash_swz<D>(key, dt * 2 + (lane >> 4))));
+                attn_mma_16816<BF16>(acc[2 * dt], a, bv[0], bv[1]);
+                attn_mma_16816<BF16>(acc[2 * dt + 1], a, bv[2], bv[3]);
+            }
+        }
+    }
+    attn_cp_async_wait<0>();
+
+    // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = m0 + row_in_tile + r * 8;
+        if (row < sq) {
+            unsigned short* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                const int col = i * 8 + (lane & 3) * 2;
+                if (col < p.head_dim) {
+                    *reinterpret_cast<unsigned*>(orow + col) = attn_pack2<BF16>(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+                }
+            }
+            if (p.lse != nullptr && (lane & 3) == 0) {
+                const float lse = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
+                p.lse[((long long)b * p.heads + h) * sq + row] = lse;
+            }
+        }
+    }
+}
+
+// Shared memory per specialisation: Q tile + one K tile + one V tile.
+#define FLASH_ENTRY(D, BN, SUFFIX, BF16)                                                       \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                \
+        attn_flash_fwd_##SUFFIX##_d##D(const FlashParams p) {                                  \
+        flash_fwd<D, BN, BF16>(p);                                                             \
+    }
+
+FLASH_ENTRY(64, 64, f16, false)
+FLASH_ENTRY(64, 64, bf16, true)
+FLASH_ENTRY(128, 64, f16, false)
+FLASH_ENTRY(128, 64, bf16, true)
+FLASH_ENTRY(256, 32, f16, false)
+FLASH_ENTRY(256, 32, bf16, true)

@@ -1,0 +1,219 @@
+//! The FlashAttention-2-style backend: tiled online softmax on tensor cores (mma.sync
+//! m16n8k16), for f16/bf16 on sm_80 and newer. Kernels are specialised for head_dim 64, 128 and
+//! 256; other multiples of 8 run in the next specialisation up with zero-filled columns.
+//! `forward` allocates nothing and never synchronises, so it can be captured in a CUDA graph.
+
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::result;
+use cudarc::driver::sys::CUfunction_attribute;
+
+use super::device::{device_addr, launch_failure, GpuDevice, LoadedModule};
+use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
+use crate::caps::{ComputeCapability, DeviceCaps};
+use crate::dtype::DType;
+use crate::problem::Problem;
+use crate::settings::JitMode;
+use crate::tensor::{Call, Operand};
+
+/// Mirrors `struct FlashParams` in cuda/flash.cu (the kernel checks its size is 176).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FlashParams {
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    o_stride: [i64; 3],
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    heads: i32,
+    kv_group: i32,
+    seqlen_q: i32,
+    seqlen_k: i32,
+    head_dim: i32,
+    window_left: i32,
+    window_right: i32,
+    causal: i32,
+    scale: f32,
+    softcap: f32,
+}
+const _: () = {
+    assert!(std::mem::size_of::<FlashParams>() == 176);
+    assert!(std::mem::offset_of!(FlashParams, heads) == 136);
+    assert!(std::mem::offset_of!(FlashParams, scale) == 168);
+};
+
+const MODULE: &str = "flash";
+const FUNCTIONS: [&str; 6] = [
+    "attn_flash_fwd_f16_d64",
+    "attn_flash_fwd_bf16_d64",
+    "attn_flash_fwd_f16_d128",
+    "attn_flash_fwd_bf16_d128",
+    "attn_flash_fwd_f16_d256",
+    "attn_flash_fwd_bf16_d256",
+];
+/// Query rows per block (4 warps × 16 rows).
+const BLOCK_M: usize = 64;
+const THREADS: u32 = 128;
+/// The largest head_dim a kernel is specialised for.
+pub(crate) const MAX_HEAD_DIM: usize = 256;
+const MAX_GRID_YZ: usize = 65535;
+
+/// The specialisation that runs `head_dim`: (kernel head_dim, keys per tile).
+fn specialisation(head_dim: usize) -> (usize, usize) {
+    match head_dim {
+        0..=64 => (64, 64),
+        65..=128 => (128, 64),
+        _ => (256, 32),
+    }
+}
+
+/// Dynamic shared memory of a specialisation: a Q tile, a K tile and a V tile of 16-bit values.
+fn shared_bytes(head_dim: usize) -> usize {
+    let (d, bn) = specialisation(head_dim);
+    (BLOCK_M + 2 * bn) * d * 2
+}
+
+/// The flash backend on one device.
+pub(crate) struct FlashBackend {
+    device: Option<Arc<GpuDevice>>,
+    jit: JitMode,
+    cache_dir: Option<PathBuf>,
+}
+
+impl FlashBackend {
+    pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>) -> Self {
+        FlashBackend { device, jit, cache_dir }
+    }
+
+    fn module(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
+        dev.module(MODULE, &FUNCTIONS, self.jit, self.cache_dir.as_ref())
+    }
+
+    /// How the module was (or would be) loaded on the device, for diagnostics.
+    pub(crate) fn image_description(&self) -> Option<String> {
+        let dev = self.device.as_ref()?;
+        Some(match self.module(dev) {
+            Ok(m) => m.source.to_string(),
+            Err(r) => format!("unavailable: {r}"),
+        })
+    }
+}
+
+fn strides(o: &Operand) -> [i64; 3] {
+    o.layout.strides().map(|s| s as i64)
+}
+
+impl Backend for FlashBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Flash
+    }
+
+    /// One check per constraint, as PyTorch SDPA does, each reason naming what would change it.
+    fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
+        let mut reasons = gpu_memory_reasons(caps, problem);
+        let needed = ComputeCapability::new(8, 0);
+        if caps.cc < needed {
+            // Nothing else matters on a device the kernel cannot run on.
+            reasons.push(Reason::ComputeCapability { needed, found: caps.cc });
+            return reasons;
+        }
+        if problem.dtype == DType::F32 {
+            reasons.push(Reason::DType { found: problem.dtype, supported: "f16, bf16" });
+        }
+        if problem.head_dim > MAX_HEAD_DIM {
+            reasons.push(Reason::HeadDim { max: MAX_HEAD_DIM, found: problem.head_dim });
+        } else if problem.head_dim % 8 != 0 {
+            reasons.push(Reason::HeadDimMultiple { multiple: 8, found: problem.head_dim });
+        } else if shared_bytes(problem.head_dim) > caps.smem_per_block_optin {
+            reasons.push(Reason::SharedMemory {
+                needed: shared_bytes(problem.head_dim),
+                available: caps.smem_per_block_optin,
+            });
+        }
+        if !problem.vector_aligned {
+            reasons.push(Reason::Unaligned);
+        }
+        for (dim, found) in [("heads", problem.heads), ("batch", problem.batch)] {
+            if found > MAX_GRID_YZ {
+                reasons.push(Reason::GridLimit { dim, found, max: MAX_GRID_YZ });
+            }
+        }
+        match caps.kernel_source(self.jit, super::embedded::min_arch(MODULE)) {
+            Err(r) => reasons.push(r),
+            Ok(_) => {
+                if let Some(dev) = &self.device {
+                    if let Err(r) = self.module(dev) {
+                        reasons.push(r);
+                    }
+                }
+            }
+        }
+        reasons
+    }
+
+    fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
+        let dev = self.device.as_ref().ok_or_else(|| {
+            RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
+        })?;
+        let module = self.module(dev).map_err(RunError::Recoverable)?;
+        dev.prepare(call)?;
+        let p = &call.problem;
+        let (d, _) = specialisation(p.head_dim);
+        let name = format!("attn_flash_fwd_{}_d{d}", p.dtype.name());
+        let func = module.function(&name).ok_or_else(|| {
+            RunError::Recoverable(Reason::Unusable { why: format!("kernel {name} missing from module") })
+        })?;
+        let smem = shared_bytes(p.head_dim);
+        // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| launch_failure(e.0, false))?;
+        let mut params = FlashParams {
+            q_stride: strides(&call.q),
+            k_stride: strides(&call.k),
+            v_stride: strides(&call.v),
+            o_stride: strides(&call.out),
+            q: device_addr(&call.q),
+            k: device_addr(&call.k),
+            v: device_addr(&call.v),
+            o: device_addr(&call.out),
+            lse: call.lse.as_ref().map(device_addr).unwrap_or(0),
+            heads: p.heads as i32,
+            kv_group: (p.heads / p.kv_heads) as i32,
+            seqlen_q: p.seqlen_q as i32,
+            seqlen_k: p.seqlen_k as i32,
+            head_dim: p.head_dim as i32,
+            window_left: -1,
+            window_right: -1,
+            causal: p.causal as i32,
+            scale: call.scale,
+            softcap: 0.0,
+        };
+        let grid = (p.seqlen_q.div_ceil(BLOCK_M) as u32, p.heads as u32, p.batch as u32);
+        let mut args = [&mut params as *mut FlashParams as *mut c_void];
+        // SAFETY: one by-value FlashParams argument, as the kernel declares; every pointer in it
+        // was checked against its allocation by `prepare`.
+        unsafe { result::launch_kernel(func.cu_function(), grid, (THREADS, 1, 1), smem as u32, call.stream, &mut args) }
+            .map_err(|e| launch_failure(e.0, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn specialisations_cover_every_multiple_of_8() {
+        for d in (8..=256).step_by(8) {
+            let (k, bn) = specialisation(d);
+            assert!(k >= d && [64, 128, 256].contains(&k) && bn > 0);
+        }
+        // The d=256 kernel fits the A100/H100 opt-in limit but not a 64 KiB-limited part.
+        assert_eq!(shared_bytes(256), 65536);
+        assert_eq!(shared_bytes(128), 49152);
+    }
+}
