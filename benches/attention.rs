@@ -14,7 +14,7 @@ use attention::{BackendKind, DType, Layout, Options, Problem, Selector, Tensor, 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 
-const SEQS: [usize; 5] = [512, 1024, 2048, 4096, 8192];
+const SEQS: [usize; 6] = [512, 1024, 2048, 4096, 8192, 16384];
 
 fn random(n: usize, seed: u64) -> Vec<bf16> {
     let mut x = seed | 1;

@@ -12,17 +12,19 @@ pick() { # cargo json messages -> executables of the named targets
   python3 -c '
 import json, sys
 want = set(sys.argv[1].split(","))
+kind = sys.argv[2] if len(sys.argv) > 2 else None
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
-        print(m["target"]["name"], m["executable"])' "$1"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in want \
+            and (kind is None or kind in m["target"]["kind"]):
+        print(m["target"]["name"], m["executable"])' "$@"
 }
 export NVCC ATTN_DENY_SPILLS=1 ATTN_REQUIRE_NVCC=1
 cargo test --release --no-run --message-format=json 2>/dev/null | pick attention,gpu,jit,cpu_backend |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
 cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done
-cargo bench --no-run --message-format=json 2>/dev/null | pick attention |
+cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
   while read -r name exe; do cp "$exe" "$out/bench"; done
 ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
   pick gpu | while read -r name exe; do cp "$exe" "$out/test-gpu-sm80"; done

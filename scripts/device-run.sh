@@ -18,6 +18,6 @@ step "gpu tests (AOT build)"; run gpu-aot $c/test-gpu --include-ignored --nocapt
 step "gpu tests (sm_80-only build: JIT repair)"; ATTN_TEST_EXPECT_NO_IMAGE=1 run gpu-sm80 $c/test-gpu-sm80 --include-ignored --nocapture --test-threads=1 build_without
 step "jit tests"; run jit $c/test-jit --include-ignored
 step "compute-sanitizer memcheck"; TAIL=8 run memcheck compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace
-step "bench"; TAIL=60 ATTN_BENCH_SKIP_CPU=1 run bench $c/bench --bench
-step "anchors"; TAIL=40 PYTHONUNBUFFERED=1 run anchors python3 $c/torch_sdpa.py --quick
+step "bench"; TAIL=60 ATTN_BENCH_SKIP_CPU=1 run bench $c/bench --bench ${BENCH_FILTER:-}
+step "anchors"; TAIL=60 PYTHONUNBUFFERED=1 run anchors python3 $c/torch_sdpa.py ${ANCHORS_ARGS:-}
 exit $status
