@@ -387,3 +387,22 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
     // `out` stays alive until here: the raw pointers above borrowed its memory.
     drop((a, gap, out));
 }
+
+/// A few flash cases that touch every masking and tail path: small enough to run under
+/// compute-sanitizer (memcheck, racecheck) on the device.
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn flash_small_cases_for_sanitizers() {
+    let (_, stream) = gpu();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
+    let mut rng = Rng::fresh();
+    let shapes = [s(1, 65, 129, 4, 2, 40), s(2, 1, 300, 8, 1, 128), s(1, 130, 70, 2, 2, 256), s(1, 7, 7, 2, 2, 64)];
+    for sh in shapes {
+        for causal in [false, true] {
+            let o = run_case::<bf16>(&attn, &stream, &mut rng, sh, causal, true).unwrap();
+            assert!(o.nan == 0 && o.rel < tolerance(DType::BF16) && o.lse_err < 1e-3, "{sh:?} causal={causal}");
+            let o = run_case::<f16>(&attn, &stream, &mut rng, sh, causal, false).unwrap();
+            assert!(o.nan == 0 && o.rel < tolerance(DType::F16) && o.lse_err < 1e-3, "{sh:?} causal={causal}");
+        }
+    }
+}

@@ -97,11 +97,11 @@ fn flash_rejects_what_it_cannot_run() {
     }
     // A device without enough shared memory for the d=256 kernel.
     let mut small = DeviceCaps::simulated(SimulatedGpu::A10);
-    small.smem_per_block_optin = 40 * 1024;
+    small.smem_per_block_optin = 64 * 1024;
     let mut d256 = base.clone();
     d256.head_dim = 256;
     let e = handle(small, Settings::default()).explain(&d256);
-    assert_eq!(e.rejected[0].reasons, vec![Reason::SharedMemory { needed: 49152, available: 40960 }]);
+    assert_eq!(e.rejected[0].reasons, vec![Reason::SharedMemory { needed: 81920, available: 65536 }]);
 }
 
 /// A build without nvcc compiles at first use on every device NVRTC 13 can target.
