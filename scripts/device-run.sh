@@ -8,9 +8,11 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib
   if ls "$d"/libnvrtc.so* >/dev/null 2>&1; then export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"; break; fi
 done
 export ATTN_CACHE_DIR=/tmp/attn-cache RUST_BACKTRACE=1
+# STEPS limits the run to some steps (names as in run's first argument), e.g. STEPS="gpu-aot bench".
 step() { echo; echo "==== $*"; }
+want() { [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]; }
 status=0
-run() { local name=$1; shift; echo "---- $name"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n "${TAIL:-25}" "$OUT/$name.log"; echo "rc=$rc ($name)"; [ $rc -eq 0 ] || status=1; }
+run() { local name=$1; shift; want "$name" || { echo "(skipped: not in STEPS)"; return; }; echo "---- $name"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n "${TAIL:-25}" "$OUT/$name.log"; echo "rc=$rc ($name)"; [ $rc -eq 0 ] || status=1; }
 step "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 step "doctor"; TAIL=40 run doctor $c/doctor
 step "unit tests"; run unit $c/test-attention
