@@ -35,12 +35,9 @@ struct FlashParams {
 };
 static_assert(sizeof(FlashParams) == 176, "FlashParams must match the Rust #[repr(C)] struct");
 
-// 128 query rows per block: every K/V tile fetched from L2/HBM serves 128 rows (with 64 rows
-// the kernel was bound by re-reading K and V: ~3 TB/s of tile traffic at 194 TFLOP/s).
-#define FLASH_WARPS 8
-#define FLASH_BM (FLASH_WARPS * 16)
-#define FLASH_THREADS (FLASH_WARPS * 32)
-
+// Each warp owns MT m16 tiles (16·MT query rows), so every K/V fragment read from shared memory
+// feeds MT tensor-core ops: shared-memory bandwidth, not the tensor cores, bounded the one-tile
+// version (72 ldmatrix per 128 mma). Blocks have WARPS warps and BM = WARPS·16·MT rows.
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile: the chunk
 // index is XORed with row%8 so that cp.async writes and ldmatrix reads hit distinct banks.
 template <int D>
@@ -50,11 +47,11 @@ __device__ __forceinline__ int flash_swz(int row, int chunk) {
 
 // Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
 // chunks >= head_dim are zero-filled.
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void flash_load_tile(unsigned short* tile, const unsigned short* base, long long row_stride,
                                                 int row0, int seqlen, int head_dim) {
     constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += FLASH_THREADS) {
+    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
         const int r = i / CH, c = i % CH;
         const int row = row0 + r;
         const bool ok = row < seqlen && c * 8 < head_dim;
@@ -63,9 +60,10 @@ __device__ __forceinline__ void flash_load_tile(unsigned short* tile, const unsi
     }
 }
 
-template <int D, int BN, bool BF16>
+template <int D, int BN, int WARPS, int MT, bool BF16>
 __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
-    constexpr int BM = FLASH_BM;
+    constexpr int BM = WARPS * 16 * MT;
+    constexpr int THREADS = WARPS * 32;
     extern __shared__ __align__(128) unsigned char flash_smem[];
     unsigned short* sQ = reinterpret_cast<unsigned short*>(flash_smem);
     unsigned short* sK = sQ + BM * D;
@@ -96,56 +94,75 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
     const unsigned short* v = static_cast<const unsigned short*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
     unsigned short* o = static_cast<unsigned short*>(p.o) + b * p.o_stride[0] + h * p.o_stride[2];
 
-    // This thread's two rows (mma C-fragment layout): lane/4 and lane/4 + 8 of the warp's 16.
-    const int row_in_tile = warp * 16 + (lane >> 2);
-    float acc[D / 8][4];
+    // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
+    // tile's 16 rows, which start at warp_row0 + 16·t.
+    const int warp_row0 = warp * 16 * MT;
+    const int row_in_tile = warp_row0 + (lane >> 2);
+    float acc[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    float row_max[2] = {attn_neg_inf(), attn_neg_inf()};
-    float row_sum[2] = {0.f, 0.f};
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+        row_max[t][0] = row_max[t][1] = attn_neg_inf();
+        row_sum[t][0] = row_sum[t][1] = 0.f;
+    }
     // With soft-capping the scale is applied inside the cap; the softmax then works on raw logits.
     const bool capped = p.softcap > 0.f;
     const float logit_scale = capped ? 1.f : p.scale;
     const float scale_log2 = logit_scale * 1.4426950408889634f;
 
     if (nb_begin < nb_end) {
-        flash_load_tile<D, BM>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
-        flash_load_tile<D, BN>(sK, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
+        flash_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
+        flash_load_tile<D, BN, THREADS>(sK, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
         attn_cp_async_commit();
     }
     for (int nb = nb_begin; nb < nb_end; ++nb) {
         attn_cp_async_wait<0>();
         __syncthreads();  // K(nb) (and Q) landed; every warp is done with V(nb-1)
-        flash_load_tile<D, BN>(sV, v, p.v_stride[1], nb * BN, sk, p.head_dim);
+        flash_load_tile<D, BN, THREADS>(sV, v, p.v_stride[1], nb * BN, sk, p.head_dim);
         attn_cp_async_commit();
 
-        // S = Q·K(nb)ᵀ for this warp's 16 rows.
-        float s[BN / 8][4];
+        // S = Q·K(nb)ᵀ for this warp's 16·MT rows; each K fragment serves MT m-tiles.
+        float s[MT][BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int t = 0; t < MT; ++t)
 #pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
+        // Partly unrolled: a full unroll lets the compiler hoist every Q fragment at once, which
+        // costs 64 registers at d=128 and pushes sm_100/sm_120 into spills.
+#pragma unroll 2
         for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[4];
-            attn_ldmatrix_x4(a, attn_smem_addr(sQ + flash_swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+            unsigned a[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+                attn_ldmatrix_x4(a[t], attn_smem_addr(sQ + flash_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4))));
 #pragma unroll
             for (int nt = 0; nt < BN / 16; ++nt) {
                 unsigned bk[4];
                 const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
                 attn_ldmatrix_x4(bk, attn_smem_addr(sK + flash_swz<D>(key, kk * 2 + ((lane >> 3) & 1))));
-                attn_mma_16816<BF16>(s[2 * nt], a, bk[0], bk[1]);
-                attn_mma_16816<BF16>(s[2 * nt + 1], a, bk[2], bk[3]);
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
+                    attn_mma_16816<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done reading K(nb)
-        if (nb + 1 < nb_end) flash_load_tile<D, BN>(sK, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
+        if (nb + 1 < nb_end) flash_load_tile<D, BN, THREADS>(sK, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
         attn_cp_async_commit();  // possibly empty: keeps the group count uniform
 
         if (capped) {
             const float pre = p.scale / p.softcap;
 #pragma unroll
-            for (int i = 0; i < BN / 8; ++i)
+            for (int t = 0; t < MT; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[i][e] = p.softcap * attn_tanh(s[i][e] * pre);
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[t][i][e] = p.softcap * attn_tanh(s[t][i][e] * pre);
         }
         // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
         const int n0 = nb * BN;
@@ -154,64 +171,75 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
                                (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
         if (need_mask) {
 #pragma unroll
-            for (int i = 0; i < BN / 8; ++i)
+            for (int t = 0; t < MT; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
-                    const long long row = m0 + row_in_tile + (e >> 1) * 8;
-                    const long long lim = row + diag;  // the diagonal key of this row
-                    const bool masked = col >= sk || (p.causal && col > lim) ||
-                                        (p.window_right >= 0 && col > lim + p.window_right) ||
-                                        (p.window_left >= 0 && col < lim - p.window_left);
-                    if (masked) s[i][e] = attn_neg_inf();
-                }
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
+                        const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
+                        const long long lim = row + diag;  // the diagonal key of this row
+                        const bool masked = col >= sk || (p.causal && col > lim) ||
+                                            (p.window_right >= 0 && col > lim + p.window_right) ||
+                                            (p.window_left >= 0 && col < lim - p.window_left);
+                        if (masked) s[t][i][e] = attn_neg_inf();
+                    }
         }
 
         // Online softmax: new running max, rescale the accumulator, exponentiate.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = row_max[r];
+        for (int t = 0; t < MT; ++t)
 #pragma unroll
-            for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
-            // exp2(-inf - base) = 0 instead of NaN.
-            const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
-            const float rescale = attn_exp2(row_max[r] * scale_log2 - base);
-            row_max[r] = mx;
-            float sum = 0.f;
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[t][r];
 #pragma unroll
-            for (int i = 0; i < BN / 8; ++i) {
-                s[i][2 * r] = attn_exp2(s[i][2 * r] * scale_log2 - base);
-                s[i][2 * r + 1] = attn_exp2(s[i][2 * r + 1] * scale_log2 - base);
-                sum += s[i][2 * r] + s[i][2 * r + 1];
+                for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[t][i][2 * r], s[t][i][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
+                // exp2(-inf - base) = 0 instead of NaN.
+                const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+                const float rescale = attn_exp2(row_max[t][r] * scale_log2 - base);
+                row_max[t][r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) {
+                    s[t][i][2 * r] = attn_exp2(s[t][i][2 * r] * scale_log2 - base);
+                    s[t][i][2 * r + 1] = attn_exp2(s[t][i][2 * r + 1] * scale_log2 - base);
+                    sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
+                }
+                row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i) {
+                    acc[t][i][2 * r] *= rescale;
+                    acc[t][i][2 * r + 1] *= rescale;
+                }
             }
-            row_sum[r] = row_sum[r] * rescale + sum;  // per-lane partial; reduced at the end
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                acc[i][2 * r] *= rescale;
-                acc[i][2 * r + 1] *= rescale;
-            }
-        }
 
         attn_cp_async_wait<1>();
         __syncthreads();  // V(nb) landed (K(nb+1) may still be in flight)
-        // O += P·V(nb): two adjacent n8 tiles of S are one k16 A fragment of P.
+        // O += P·V(nb): two adjacent n8 tiles of S are one k16 A fragment of P; each V fragment
+        // serves MT m-tiles.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            unsigned a[4];
-            a[0] = attn_pack2<BF16>(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = attn_pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = attn_pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = attn_pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            unsigned a[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                a[t][0] = attn_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
+                a[t][1] = attn_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
+                a[t][2] = attn_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+                a[t][3] = attn_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dt = 0; dt < D / 16; ++dt) {
                 unsigned bv[4];
                 const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
                 attn_ldmatrix_x4_trans(bv, attn_smem_addr(sV + flash_swz<D>(key, dt * 2 + (lane >> 4))));
-                attn_mma_16816<BF16>(acc[2 * dt], a, bv[0], bv[1]);
-                attn_mma_16816<BF16>(acc[2 * dt + 1], a, bv[2], bv[3]);
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    attn_mma_16816<BF16>(acc[t][2 * dt], a[t], bv[0], bv[1]);
+                    attn_mma_16816<BF16>(acc[t][2 * dt + 1], a[t], bv[2], bv[3]);
+                }
             }
         }
     }
@@ -219,39 +247,43 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
 
     // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const int row = m0 + row_in_tile + r * 8;
-        if (row < sq) {
-            unsigned short* orow = o + (long long)row * p.o_stride[1];
+    for (int t = 0; t < MT; ++t)
 #pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                const int col = i * 8 + (lane & 3) * 2;
-                if (col < p.head_dim) {
-                    *reinterpret_cast<unsigned*>(orow + col) = attn_pack2<BF16>(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[t][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int row = m0 + row_in_tile + t * 16 + r * 8;
+            if (row < sq) {
+                unsigned short* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i) {
+                    const int col = i * 8 + (lane & 3) * 2;
+                    if (col < p.head_dim) {
+                        *reinterpret_cast<unsigned*>(orow + col) =
+                            attn_pack2<BF16>(acc[t][i][2 * r] * inv, acc[t][i][2 * r + 1] * inv);
+                    }
+                }
+                if (p.lse != nullptr && (lane & 3) == 0) {
+                    const float lse = sum > 0.f ? row_max[t][r] * logit_scale + __logf(sum) : attn_neg_inf();
+                    p.lse[((long long)b * p.heads + h) * sq + row] = lse;
                 }
             }
-            if (p.lse != nullptr && (lane & 3) == 0) {
-                const float lse = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
-                p.lse[((long long)b * p.heads + h) * sq + row] = lse;
-            }
         }
-    }
 }
 
-// Shared memory per specialisation: Q tile + one K tile + one V tile.
-#define FLASH_ENTRY(D, BN, SUFFIX, BF16)                                                       \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                \
+// Specialisations: (head_dim, keys per tile, warps, m-tiles per warp). The Rust side mirrors
+// this table (src/gpu/flash.rs) for the launch shape and shared memory: Q, K and V tiles.
+#define FLASH_ENTRY(D, BN, WARPS, MT, SUFFIX, BF16)                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
         attn_flash_fwd_##SUFFIX##_d##D(const FlashParams p) {                                  \
-        flash_fwd<D, BN, BF16>(p);                                                             \
+        flash_fwd<D, BN, WARPS, MT, BF16>(p);                                                  \
     }
 
-FLASH_ENTRY(64, 64, f16, false)
-FLASH_ENTRY(64, 64, bf16, true)
-FLASH_ENTRY(128, 64, f16, false)
-FLASH_ENTRY(128, 64, bf16, true)
-FLASH_ENTRY(256, 16, f16, false)
-FLASH_ENTRY(256, 16, bf16, true)
+FLASH_ENTRY(64, 64, 4, 2, f16, false)
+FLASH_ENTRY(64, 64, 4, 2, bf16, true)
+FLASH_ENTRY(128, 32, 4, 2, f16, false)
+FLASH_ENTRY(128, 32, 4, 2, bf16, true)
+FLASH_ENTRY(256, 16, 8, 1, f16, false)
+FLASH_ENTRY(256, 16, 8, 1, bf16, true)

@@ -57,26 +57,46 @@ const FUNCTIONS: [&str; 6] = [
     "attn_flash_fwd_f16_d256",
     "attn_flash_fwd_bf16_d256",
 ];
-/// Query rows per block (8 warps × 16 rows).
-const BLOCK_M: usize = 128;
-const THREADS: u32 = 256;
 /// The largest head_dim a kernel is specialised for.
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 const MAX_GRID_YZ: usize = 65535;
 
-/// The specialisation that runs `head_dim`: (kernel head_dim, keys per tile).
-fn specialisation(head_dim: usize) -> (usize, usize) {
-    match head_dim {
-        0..=64 => (64, 64),
-        65..=128 => (128, 64),
-        _ => (256, 16),
+/// One kernel specialisation; mirrors the `FLASH_ENTRY` table in cuda/flash.cu.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spec {
+    /// The head_dim the kernel is built for (problems up to it run with zero-filled columns).
+    head_dim: usize,
+    /// Keys per K/V tile.
+    block_n: usize,
+    /// Warps per block.
+    warps: usize,
+    /// m16 tiles per warp.
+    m_tiles: usize,
+}
+
+impl Spec {
+    /// Query rows per block.
+    fn block_m(&self) -> usize {
+        self.warps * 16 * self.m_tiles
+    }
+    /// Dynamic shared memory: a Q tile, a K tile and a V tile of 16-bit values.
+    fn shared_bytes(&self) -> usize {
+        (self.block_m() + 2 * self.block_n) * self.head_dim * 2
     }
 }
 
-/// Dynamic shared memory of a specialisation: a Q tile, a K tile and a V tile of 16-bit values.
+/// The specialisation that runs `head_dim`.
+fn specialisation(head_dim: usize) -> Spec {
+    let (head_dim, block_n, warps, m_tiles) = match head_dim {
+        0..=64 => (64, 64, 4, 2),
+        65..=128 => (128, 32, 4, 2),
+        _ => (256, 16, 8, 1),
+    };
+    Spec { head_dim, block_n, warps, m_tiles }
+}
+
 fn shared_bytes(head_dim: usize) -> usize {
-    let (d, bn) = specialisation(head_dim);
-    (BLOCK_M + 2 * bn) * d * 2
+    specialisation(head_dim).shared_bytes()
 }
 
 /// The flash backend on one device.
@@ -164,12 +184,12 @@ impl Backend for FlashBackend {
         let module = self.module(dev).map_err(RunError::Recoverable)?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let (d, _) = specialisation(p.head_dim);
-        let name = format!("attn_flash_fwd_{}_d{d}", p.dtype.name());
+        let spec = specialisation(p.head_dim);
+        let name = format!("attn_flash_fwd_{}_d{}", p.dtype.name(), spec.head_dim);
         let func = module.function(&name).ok_or_else(|| {
             RunError::Recoverable(Reason::Unusable { why: format!("kernel {name} missing from module") })
         })?;
-        let smem = shared_bytes(p.head_dim);
+        let smem = spec.shared_bytes();
         // Above 48 KiB a kernel must opt in to its dynamic shared memory.
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| launch_failure(e.0, false))?;
@@ -194,11 +214,12 @@ impl Backend for FlashBackend {
             scale: call.scale,
             softcap: 0.0,
         };
-        let grid = (p.seqlen_q.div_ceil(BLOCK_M) as u32, p.heads as u32, p.batch as u32);
+        let grid = (p.seqlen_q.div_ceil(spec.block_m()) as u32, p.heads as u32, p.batch as u32);
+        let block = ((spec.warps * 32) as u32, 1, 1);
         let mut args = [&mut params as *mut FlashParams as *mut c_void];
         // SAFETY: one by-value FlashParams argument, as the kernel declares; every pointer in it
         // was checked against its allocation by `prepare`.
-        unsafe { result::launch_kernel(func.cu_function(), grid, (THREADS, 1, 1), smem as u32, call.stream, &mut args) }
+        unsafe { result::launch_kernel(func.cu_function(), grid, block, smem as u32, call.stream, &mut args) }
             .map_err(|e| launch_failure(e.0, false))
     }
 }
@@ -209,11 +230,12 @@ mod tests {
     #[test]
     fn specialisations_cover_every_multiple_of_8() {
         for d in (8..=256).step_by(8) {
-            let (k, bn) = specialisation(d);
-            assert!(k >= d && [64, 128, 256].contains(&k) && bn > 0);
+            let s = specialisation(d);
+            assert!(s.head_dim >= d && [64, 128, 256].contains(&s.head_dim) && s.block_m() == 128);
         }
         // The d=256 kernel fits the A100/H100 opt-in limit but not a 64 KiB-limited part.
         assert_eq!(shared_bytes(256), 81920);
-        assert_eq!(shared_bytes(128), 65536);
+        assert_eq!(shared_bytes(128), 49152);
+        assert_eq!(shared_bytes(64), 32768);
     }
 }
