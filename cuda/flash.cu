@@ -48,7 +48,7 @@ __device__ __forceinline__ int flash_swz(int row, int chunk) {
 // Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
 // chunks >= head_dim are zero-filled.
 template <int D, int ROWS, int THREADS>
-__device__ __forceinline__ void flash_load_tile(unsigned short* tile, const unsigned short* base, long long row_stride,
+__device__ __forceinline__ void flash_load_tile(unsigned tile_addr, const unsigned short* base, long long row_stride,
                                                 int row0, int seqlen, int head_dim) {
     constexpr int CH = D / 8;
     for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
@@ -56,7 +56,7 @@ __device__ __forceinline__ void flash_load_tile(unsigned short* tile, const unsi
         const int row = row0 + r;
         const bool ok = row < seqlen && c * 8 < head_dim;
         const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
-        attn_cp_async_16(attn_smem_addr(tile + flash_swz<D>(r, c)), src, ok);
+        attn_cp_async_16(tile_addr + 2 * flash_swz<D>(r, c), src, ok);
     }
 }
 
@@ -65,9 +65,11 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
     constexpr int BM = WARPS * 16 * MT;
     constexpr int THREADS = WARPS * 32;
     extern __shared__ __align__(128) unsigned char flash_smem[];
-    unsigned short* sQ = reinterpret_cast<unsigned short*>(flash_smem);
-    unsigned short* sK = sQ + BM * D;
-    unsigned short* sV = sK + BN * D;
+    // Shared-memory byte addresses, computed once: the hot loops then do plain integer math on
+    // them instead of converting a generic pointer for every ldmatrix.
+    const unsigned sQ = attn_smem_addr(flash_smem);
+    const unsigned sK = sQ + 2 * BM * D;
+    const unsigned sV = sK + 2 * BN * D;
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -138,12 +140,12 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
             unsigned a[MT][4];
 #pragma unroll
             for (int t = 0; t < MT; ++t)
-                attn_ldmatrix_x4(a[t], attn_smem_addr(sQ + flash_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4))));
+                attn_ldmatrix_x4(a[t], sQ + 2 * flash_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
             for (int nt = 0; nt < BN / 16; ++nt) {
                 unsigned bk[4];
                 const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
-                attn_ldmatrix_x4(bk, attn_smem_addr(sK + flash_swz<D>(key, kk * 2 + ((lane >> 3) & 1))));
+                attn_ldmatrix_x4(bk, sK + 2 * flash_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
                     attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
@@ -209,10 +211,14 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
                     sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
                 }
                 row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
+                // Once a row's max has settled (most tiles of a long row) the rescale is exactly 1:
+                // skip the D/4 multiplies when no row of the warp moved.
+                if (!__all_sync(0xffffffffu, rescale == 1.f)) {
 #pragma unroll
-                for (int i = 0; i < D / 8; ++i) {
-                    acc[t][i][2 * r] *= rescale;
-                    acc[t][i][2 * r + 1] *= rescale;
+                    for (int i = 0; i < D / 8; ++i) {
+                        acc[t][i][2 * r] *= rescale;
+                        acc[t][i][2 * r + 1] *= rescale;
+                    }
                 }
             }
 
@@ -234,7 +240,7 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
             for (int dt = 0; dt < D / 16; ++dt) {
                 unsigned bv[4];
                 const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                attn_ldmatrix_x4_trans(bv, attn_smem_addr(sV + flash_swz<D>(key, dt * 2 + (lane >> 4))));
+                attn_ldmatrix_x4_trans(bv, sV + 2 * flash_swz<D>(key, dt * 2 + (lane >> 4)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
                     attn_mma_16816<BF16>(acc[t][2 * dt], a[t], bv[0], bv[1]);
