@@ -26,10 +26,13 @@ struct NaiveParams {
     int row_count;  // query rows in this chunk
     float scale;    // softmax scale
     int causal;     // 1: bottom-right aligned causal mask: row i sees key j iff j <= i + seqlen_k - seqlen_q
+    int window_left;   // < 0: unlimited; else row i sees no key j < i + seqlen_k - seqlen_q - window_left
+    int window_right;  // < 0: unlimited; else row i sees no key j > i + seqlen_k - seqlen_q + window_right
+    float softcap;     // <= 0: off; else the scaled logit x becomes softcap * tanh(x / softcap)
 };
 // (NVRTC has no offsetof/__builtin_offsetof, so only the size is checked here:
-// heads is at byte 96, scale at 132, causal at 136, 4 bytes of tail padding.)
-static_assert(sizeof(NaiveParams) == 144, "NaiveParams must be 144 bytes to match the Rust #[repr(C)] struct");
+// heads is at byte 96, scale at 132, causal at 136, softcap at 148.)
+static_assert(sizeof(NaiveParams) == 152, "NaiveParams must be 152 bytes to match the Rust #[repr(C)] struct");
 
 #define ATTN_FULL_MASK 0xffffffffu
 #define ATTN_WARP_SIZE 32
@@ -123,6 +126,17 @@ __device__ __forceinline__ float attn_warp_sum(float x) {
 // ---------------------------------------------------------------------------
 // Masking.
 // ---------------------------------------------------------------------------
+
+// Whether query row `row` may see key `j` under the causal mask and the sliding window (all
+// bottom-right aligned; the host-side statement of the rule is `Mask` in src/options.rs).
+__device__ __forceinline__ bool attn_key_visible(long long row, long long j, int seqlen_q, int seqlen_k, int causal,
+                                                 int window_left, int window_right) {
+    const long long diag = row + (long long)seqlen_k - (long long)seqlen_q;
+    if (causal && j > diag) return false;
+    if (window_right >= 0 && j > diag + window_right) return false;
+    if (window_left >= 0 && j < diag - window_left) return false;
+    return true;
+}
 
 // Bottom-right aligned causal mask: the last key query row `row` may see
 // (keys j <= this are visible). Negative when the row sees no key.

@@ -45,12 +45,13 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
     const long long s_idx = ((long long)zb * p.row_count + r) * (long long)p.seqlen_k + j;
 
     const float neg_inf = attn_neg_inf();
-    if (p.causal) {
+    if (p.causal || p.window_right >= 0) {
         // Last valid row of this tile; the tile is fully masked when even that
         // row cannot see the tile's first key. Uniform across the block.
         int r_last = r0 + NAIVE_TILE - 1;
         if (r_last > p.row_count - 1) r_last = p.row_count - 1;
-        const long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+        long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+        if (!p.causal) last_vis += p.window_right;
         if ((long long)j0 > last_vis) {
             if (out_ok) s[s_idx] = neg_inf;
             return;
@@ -83,7 +84,8 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
 
     if (out_ok) {
         float v = acc * p.scale;
-        if (p.causal && (long long)j > attn_causal_last_key(row, p.seqlen_q, p.seqlen_k)) v = neg_inf;
+        if (p.softcap > 0.f) v = p.softcap * tanhf(v / p.softcap);
+        if (!attn_key_visible(row, j, p.seqlen_q, p.seqlen_k, p.causal, p.window_left, p.window_right)) v = neg_inf;
         s[s_idx] = v;
     }
 }
@@ -160,10 +162,11 @@ __device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __re
 
     // Keys past the last one any row of this tile can see have p == 0: skip them.
     long long j_end = p.seqlen_k;
-    if (p.causal) {
+    if (p.causal || p.window_right >= 0) {
         int r_last = r0 + NAIVE_TILE - 1;
         if (r_last > p.row_count - 1) r_last = p.row_count - 1;
-        const long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+        long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+        if (!p.causal) last_vis += p.window_right;
         if (last_vis + 1 < j_end) j_end = last_vis + 1;
     }
 

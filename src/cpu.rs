@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use crate::dtype::Element;
 use crate::layout::Layout;
-use crate::options::causal_key_end;
+use crate::options::Mask;
 
 /// Query rows per work item. Large enough to amortise widening a K/V block over many rows,
 /// small enough that causal and short inputs still give every thread work.
@@ -107,7 +107,9 @@ struct Problem<'a, T> {
     out: OutPtr<T>,
     out_layout: Layout,
     scale: f32,
-    causal: bool,
+    mask: Mask,
+    /// Logit soft-cap (`cap · tanh(x / cap)`), if any.
+    softcap: Option<f32>,
     /// Query heads per kv head.
     group: usize,
     /// Keys, forced to 0 when there are no kv heads, so such a call can never index `k`/`v`.
@@ -121,7 +123,8 @@ struct Problem<'a, T> {
 /// `lse`, if given, has exactly b*h*sq elements, contiguous [batch, heads, seqlen_q], natural log.
 /// Any dimension may be 0 (then nothing, or only lse, is written).
 ///
-/// The mask is the bottom-right causal one of [`causal_key_end`] when `causal`, none otherwise.
+/// `mask` says which keys each row sees (causal and sliding window, bottom-right aligned);
+/// `softcap` caps the scaled logits.
 /// Rows that see no key get exact zeros and `lse = -inf`. `threads` workers are used (clamped
 /// to at least 1 and at most the number of work items); the result is bitwise the same for any
 /// thread count, because every row is computed by one thread in a fixed order.
@@ -136,7 +139,8 @@ pub(crate) fn forward<T: Element>(
     out_layout: Layout,
     lse: Option<&mut [f32]>,
     scale: f32,
-    causal: bool,
+    mask: Mask,
+    softcap: Option<f32>,
     threads: usize,
 ) {
     let [b, sq, h, d] = q.layout.shape();
@@ -166,7 +170,8 @@ pub(crate) fn forward<T: Element>(
         out: OutPtr(out.as_mut_ptr()),
         out_layout,
         scale,
-        causal,
+        mask,
+        softcap,
         // hk == 0 with h > 0 breaks the precondition; treat it as "no keys" rather than
         // dividing by zero, so even a caller bug cannot panic here.
         group: h.checked_div(hk).unwrap_or(1).max(1),
@@ -249,14 +254,8 @@ fn run_item<T: Element>(pb: &Problem<'_, T>, item: WorkItem<'_>, sc: &mut Scratc
         mut lse,
     } = item;
     let kv_head = head / pb.group;
-    // Last key (exclusive) row `r` of this item may see.
-    let key_end = |r: usize| {
-        if pb.causal {
-            causal_key_end(q0 + r, sq, sk)
-        } else {
-            sk
-        }
-    };
+    // Keys [begin, end) row `r` of this item may see.
+    let key_range = |r: usize| pb.mask.key_range(q0 + r, sq, sk);
 
     // With d == 0 no element exists and the slices may be empty; skip every data access (the
     // scores are then all 0, which the code below handles like any other value).
@@ -270,9 +269,11 @@ fn run_item<T: Element>(pb: &Problem<'_, T>, item: WorkItem<'_>, sc: &mut Scratc
     sc.max[..rows].fill(f32::NEG_INFINITY);
     sc.sum[..rows].fill(0.0);
 
-    // The last row sees the most keys (key_end is non-decreasing in the row).
-    let block_end = key_end(rows - 1);
-    for k0 in (0..block_end).step_by(BLOCK_K) {
+    // Both ends of the range are non-decreasing in the row: the first row has the lowest start,
+    // the last row the highest end.
+    let block_begin = key_range(0).0 / BLOCK_K * BLOCK_K;
+    let block_end = key_range(rows - 1).1;
+    for k0 in (block_begin..block_end).step_by(BLOCK_K) {
         let kn = BLOCK_K.min(block_end - k0);
         if d > 0 {
             for j in 0..kn {
@@ -283,16 +284,22 @@ fn run_item<T: Element>(pb: &Problem<'_, T>, item: WorkItem<'_>, sc: &mut Scratc
             }
         }
         for r in 0..rows {
-            let end = key_end(r);
-            if end <= k0 {
-                continue; // causal: this row sees none of this block
+            let (begin, end) = key_range(r);
+            let (lo, hi) = (begin.max(k0), end.min(k0 + kn));
+            if hi <= lo {
+                continue; // this row sees none of this block
             }
-            let n = kn.min(end - k0);
-            let kb = &sc.k[..n * d];
-            let vb = &sc.v[..n * d];
+            let n = hi - lo;
+            let kb = &sc.k[(lo - k0) * d..(hi - k0) * d];
+            let vb = &sc.v[(lo - k0) * d..(hi - k0) * d];
             let p = &mut sc.p[..n];
             let qr = &sc.q[r * d..(r + 1) * d];
             scores(p, qr, kb, d, pb.scale);
+            if let Some(cap) = pb.softcap {
+                for x in p.iter_mut() {
+                    *x = cap * (*x / cap).tanh();
+                }
+            }
 
             let old_max = sc.max[r];
             let new_max = p.iter().copied().fold(old_max, f32::max);
@@ -602,7 +609,8 @@ mod tests {
             x.ol,
             Some(&mut lse),
             scale(c),
-            c.causal,
+            Mask { causal: c.causal, ..Mask::default() },
+            None,
             threads,
         );
         (out, lse)
@@ -852,7 +860,8 @@ mod tests {
             x.ol,
             None,
             scale(&c),
-            c.causal,
+            Mask { causal: c.causal, ..Mask::default() },
+            None,
             2,
         );
         assert_eq!(

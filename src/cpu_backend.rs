@@ -18,7 +18,7 @@ impl CpuBackend {
     }
 
     fn run<T: crate::Element>(&self, call: &mut Call<'_>) -> Result<(), RunError> {
-        let (scale, causal) = (call.scale, call.problem.causal);
+        let (scale, mask, softcap) = (call.scale, call.mask, call.softcap);
         let (ql, kl, vl, ol) = (call.q.layout, call.k.layout, call.v.layout, call.out.layout);
         // SAFETY: `check` accepted only host memory, and `call` comes from `validate`.
         let s = unsafe { call.host_slices::<T>() }.ok_or_else(|| {
@@ -32,7 +32,8 @@ impl CpuBackend {
             ol,
             s.lse,
             scale,
-            causal,
+            mask,
+            softcap,
             self.threads,
         );
         Ok(())

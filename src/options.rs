@@ -24,6 +24,14 @@ pub struct Options {
     pub softmax_scale: Option<f32>,
     /// Causal mask, aligned bottom-right (see the type's documentation).
     pub causal: bool,
+    /// Sliding window: keys more than this many positions left of a row's diagonal key are
+    /// hidden (`None`: unlimited). See [`Options::window`].
+    pub window_left: Option<usize>,
+    /// Sliding window: keys more than this many positions right of a row's diagonal key are
+    /// hidden (`None`: unlimited).
+    pub window_right: Option<usize>,
+    /// Logit soft-capping: the scaled logit `x` becomes `softcap · tanh(x / softcap)`.
+    pub softcap: Option<f32>,
 }
 
 impl Options {
@@ -41,6 +49,20 @@ impl Options {
         self.softmax_scale = Some(scale);
         self
     }
+    /// Sliding-window (local) attention, as Mistral and Gemma use: query row `i` sees key `j`
+    /// iff `d - left <= j <= d + right`, where `d = i + seqlen_k - seqlen_q` is the row's
+    /// diagonal key (bottom-right aligned, like `causal`); `None` leaves a side unlimited.
+    /// `window(Some(w), Some(0))` is causal attention over the last `w + 1` keys.
+    pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
+        self.window_left = left;
+        self.window_right = right;
+        self
+    }
+    /// Logit soft-capping (Gemma 2): each scaled logit `x` becomes `cap · tanh(x / cap)`.
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
     /// Whether the causal mask is on.
     pub fn is_causal(&self) -> bool {
         self.causal
@@ -52,13 +74,40 @@ impl Options {
     }
 }
 
-/// The last key index (exclusive) query row `row` may attend to under the bottom-right causal
-/// mask; `0` means the row sees no key. Shared by every backend so the semantics cannot drift.
-#[inline]
-pub(crate) fn causal_key_end(row: usize, seqlen_q: usize, seqlen_k: usize) -> usize {
-    // row + seqlen_k - seqlen_q + 1, clamped to [0, seqlen_k], without signed overflow.
-    let end = (row + 1 + seqlen_k).saturating_sub(seqlen_q);
-    end.min(seqlen_k)
+/// Which keys a query row may see: the causal mask and the sliding window combined, all
+/// aligned bottom-right. The kernels implement the same rule; this is the host-side statement
+/// of it (CPU backend) and its tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Mask {
+    pub causal: bool,
+    pub left: Option<usize>,
+    pub right: Option<usize>,
+}
+
+impl Mask {
+    pub(crate) fn of(opts: &Options) -> Self {
+        Mask { causal: opts.causal, left: opts.window_left, right: opts.window_right }
+    }
+
+    /// The keys `[begin, end)` row `row` sees; `begin == end` when it sees none. Both ends are
+    /// non-decreasing in `row`.
+    pub(crate) fn key_range(&self, row: usize, seqlen_q: usize, seqlen_k: usize) -> (usize, usize) {
+        let diag = row as i64 + seqlen_k as i64 - seqlen_q as i64;
+        let mut end = seqlen_k as i64;
+        let mut begin = 0i64;
+        if self.causal {
+            end = end.min(diag + 1);
+        }
+        if let Some(r) = self.right {
+            end = end.min(diag.saturating_add(r as i64).saturating_add(1));
+        }
+        if let Some(l) = self.left {
+            begin = begin.max(diag.saturating_sub(l as i64));
+        }
+        let end = end.clamp(0, seqlen_k as i64) as usize;
+        let begin = (begin.clamp(0, seqlen_k as i64) as usize).min(end);
+        (begin, end)
+    }
 }
 
 #[cfg(test)]
@@ -66,15 +115,38 @@ mod tests {
     use super::*;
     #[test]
     fn causal_alignment_is_bottom_right() {
+        let end = |row, sq, sk| {
+            let (b, e) = Mask { causal: true, ..Mask::default() }.key_range(row, sq, sk);
+            assert_eq!(b, 0);
+            e
+        };
         // square: lower triangle
-        assert_eq!(causal_key_end(0, 4, 4), 1);
-        assert_eq!(causal_key_end(3, 4, 4), 4);
+        assert_eq!(end(0, 4, 4), 1);
+        assert_eq!(end(3, 4, 4), 4);
         // decode: one row sees everything
-        assert_eq!(causal_key_end(0, 1, 10), 10);
+        assert_eq!(end(0, 1, 10), 10);
         // more queries than keys: the first rows see nothing
-        assert_eq!(causal_key_end(0, 5, 2), 0);
-        assert_eq!(causal_key_end(2, 5, 2), 0);
-        assert_eq!(causal_key_end(3, 5, 2), 1);
-        assert_eq!(causal_key_end(4, 5, 2), 2);
+        assert_eq!(end(0, 5, 2), 0);
+        assert_eq!(end(2, 5, 2), 0);
+        assert_eq!(end(3, 5, 2), 1);
+        assert_eq!(end(4, 5, 2), 2);
+    }
+
+    #[test]
+    fn sliding_window_ranges() {
+        // Window of 2 to the left, causal: keys i-2..=i.
+        let m = Mask { causal: true, left: Some(2), right: None };
+        assert_eq!(m.key_range(0, 8, 8), (0, 1));
+        assert_eq!(m.key_range(5, 8, 8), (3, 6));
+        // Two-sided window, no causal: i-1..=i+1, clamped.
+        let m = Mask { causal: false, left: Some(1), right: Some(1) };
+        assert_eq!(m.key_range(0, 8, 8), (0, 2));
+        assert_eq!(m.key_range(7, 8, 8), (6, 8));
+        // Decode (sq=1, sk=100) with a 10-key window: the last 11 keys.
+        let m = Mask { causal: true, left: Some(10), right: None };
+        assert_eq!(m.key_range(0, 1, 100), (89, 100));
+        // A window entirely before the keys: empty.
+        let m = Mask { causal: false, left: Some(0), right: Some(0) };
+        assert_eq!(m.key_range(0, 10, 2), (0, 0));
     }
 }

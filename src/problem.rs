@@ -46,6 +46,10 @@ pub struct Problem {
     pub causal: bool,
     /// A log-sum-exp output is requested.
     pub with_lse: bool,
+    /// Sliding window (left, right), `None` for an unlimited side.
+    pub window: (Option<usize>, Option<usize>),
+    /// Logit soft-cap.
+    pub softcap: Option<f32>,
     /// Where the tensors live.
     pub memory: MemoryKind,
     /// Every base pointer is 16-byte aligned and every stride a multiple of 16 bytes, so
@@ -74,6 +78,8 @@ impl Problem {
             head_dim,
             causal: false,
             with_lse: false,
+            window: (None, None),
+            softcap: None,
             memory: MemoryKind::Device { ordinal: 0 },
             vector_aligned: true,
         }
@@ -119,7 +125,7 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} b={} sq={} sk={} h={}/{} d={}{}{} in {}",
+            "{} b={} sq={} sk={} h={}/{} d={}{}{}{} in {}",
             self.dtype,
             self.batch,
             self.seqlen_q,
@@ -129,6 +135,14 @@ impl fmt::Display for Problem {
             self.head_dim,
             if self.causal { " causal" } else { "" },
             if self.with_lse { " +lse" } else { "" },
+            match self.window {
+                (None, None) => String::new(),
+                (l, r) => format!(
+                    " window=({},{})",
+                    l.map(|x| x.to_string()).unwrap_or_else(|| "inf".into()),
+                    r.map(|x| x.to_string()).unwrap_or_else(|| "inf".into())
+                ),
+            } + &self.softcap.map(|c| format!(" softcap={c}")).unwrap_or_default(),
             match self.memory {
                 MemoryKind::Host => "host memory".to_string(),
                 MemoryKind::Device { ordinal } => format!("device {ordinal} memory"),

@@ -235,6 +235,10 @@ pub(crate) struct Operand {
 pub(crate) struct Call<'a> {
     pub problem: Problem,
     pub scale: f32,
+    /// Which keys each row sees (causal, sliding window).
+    pub mask: crate::options::Mask,
+    /// Logit soft-cap, if any.
+    pub softcap: Option<f32>,
     pub q: Operand,
     pub k: Operand,
     pub v: Operand,
@@ -543,6 +547,18 @@ pub(crate) fn validate<'c, T: Element>(
             return Err(Error::invalid("options.softmax_scale", s, "a finite number"));
         }
     }
+    if let Some(c) = opts.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::invalid("options.softcap", c, "a finite number above 0"));
+        }
+    }
+    for (arg, w) in [("options.window_left", opts.window_left), ("options.window_right", opts.window_right)] {
+        if let Some(w) = w {
+            if w > MAX_DIM {
+                return Err(Error::invalid(arg, w, format!("at most {MAX_DIM}, or None for unlimited")));
+            }
+        }
+    }
     let memory = match qm {
         MemoryKind::Device { ordinal: usize::MAX } => [km, vm, om]
             .into_iter()
@@ -553,11 +569,15 @@ pub(crate) fn validate<'c, T: Element>(
     let mut problem = Problem::new(T::DTYPE, b, sq, sk, h, hk, d)
         .causal(opts.causal)
         .with_lse(lse_op.is_some());
+    problem.window = (opts.window_left, opts.window_right);
+    problem.softcap = opts.softcap;
     problem.memory = memory;
     problem.vector_aligned = [&qo, &ko, &vo, &oo].iter().all(|o| vector_aligned(o, elem));
     Ok(Call {
         problem,
         scale: opts.scale_for(d),
+        mask: crate::options::Mask::of(opts),
+        softcap: opts.softcap,
         q: qo,
         k: ko,
         v: vo,

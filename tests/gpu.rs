@@ -16,7 +16,7 @@ use attention::{
     BackendKind, DType, Element, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector,
     Settings, Tensor, TensorMut,
 };
-use common::reference::{attention_f64, rel_err, RefInput};
+use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
@@ -83,6 +83,18 @@ fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     causal: bool,
     heads_first: bool,
 ) -> Result<Outcome, Error> {
+    run_masked::<T>(attn, stream, rng, sh, RefMask { causal, ..RefMask::default() }, heads_first)
+}
+
+/// Runs one case with a sliding window and/or soft-cap, checked against the f64 reference.
+fn run_masked<T: Element + attention::cudarc::driver::DeviceRepr>(
+    attn: &attention::Attention,
+    stream: &Arc<CudaStream>,
+    rng: &mut Rng,
+    sh: Shape,
+    mask: RefMask,
+    heads_first: bool,
+) -> Result<Outcome, Error> {
     let lay = |s, h| if heads_first { Layout::heads_first(sh.b, s, h, sh.d) } else { Layout::contiguous(sh.b, s, h, sh.d) };
     let (lq, lk) = (lay(sh.sq, sh.h), lay(sh.sk, sh.hk));
     let gen = |rng: &mut Rng, n: usize| {
@@ -95,7 +107,10 @@ fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     // Poison: every element must be written.
     let mut dout: CudaSlice<T> = stream.clone_htod(&vec![T::from_f32(f32::NAN); q.len()]).unwrap();
     let mut dlse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; sh.b * sh.h * sh.sq]).unwrap();
-    let opts = Options::default().causal(causal);
+    let mut opts = Options::default().causal(mask.causal).window(mask.left, mask.right);
+    if let Some(c) = mask.softcap {
+        opts = opts.softcap(c as f32);
+    }
     let ran = attn.forward_with_lse(
         &Tensor::cuda(&dq, lq),
         &Tensor::cuda(&dk, lk),
@@ -107,13 +122,13 @@ fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     let out = stream.clone_dtoh(&dout).unwrap();
     let lse = stream.clone_dtoh(&dlse).unwrap();
     let to64 = |x: T| x.to_f32() as f64;
-    let (ref_out, ref_lse) = attention_f64(
+    let (ref_out, ref_lse) = attention_f64_masked(
         RefInput { data: &q, shape: lq.shape(), strides: lq.strides() },
         RefInput { data: &k, shape: lk.shape(), strides: lk.strides() },
         RefInput { data: &v, shape: lk.shape(), strides: lk.strides() },
         to64,
         1.0 / (sh.d as f64).sqrt(),
-        causal,
+        mask,
     );
     // Gather our (possibly heads-first) output into the reference's contiguous order.
     let mut got = Vec::with_capacity(ref_out.len());
@@ -405,4 +420,46 @@ fn flash_small_cases_for_sanitizers() {
             assert!(o.nan == 0 && o.rel < tolerance(DType::F16) && o.lse_err < 1e-3, "{sh:?} causal={causal}");
         }
     }
+}
+
+/// Sliding windows and soft-capping on flash and naive (both dtypes flash takes; f32 on naive).
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn windows_and_softcap_match_reference() {
+    let (_, stream) = gpu();
+    let mut rng = Rng::fresh();
+    eprintln!("[window] seed {:#x}", rng.get_seed());
+    let windows = [(Some(0), Some(0)), (Some(31), None), (None, Some(5)), (Some(100), Some(0)), (Some(7), Some(130))];
+    let shapes = [s(1, 200, 200, 4, 2, 64), s(2, 65, 300, 2, 1, 128), s(1, 300, 129, 2, 2, 256), s(1, 1, 500, 8, 1, 40)];
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for kind in [BackendKind::Flash, BackendKind::Naive] {
+        let attn = Selector::from_env().unwrap().backend(kind).select().unwrap();
+        for (i, sh) in shapes.iter().enumerate() {
+            for (j, &(left, right)) in windows.iter().enumerate() {
+                for causal in [false, true] {
+                    let softcap = [None, Some(1.5f64), Some(30.0)][(i + j) % 3];
+                    let mask = RefMask { causal, left, right, softcap };
+                    let dtypes: &[DType] = if kind == BackendKind::Flash { &[DType::F16, DType::BF16] } else { &[DType::BF16, DType::F32] };
+                    for &dtype in dtypes {
+                        let r = match dtype {
+                            DType::F16 => run_masked::<f16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0),
+                            DType::BF16 => run_masked::<bf16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0),
+                            DType::F32 => run_masked::<f32>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0),
+                        };
+                        count += 1;
+                        // softcap uses tanh.approx on the GPU: about 1e-3 relative in the logit.
+                        let tol = if softcap.is_some() { tolerance(dtype).max(3e-3) } else { tolerance(dtype) };
+                        match r {
+                            Ok(o) if o.nan == 0 && o.rel < tol && o.lse_err < 2e-3 && o.ran == kind => {}
+                            Ok(o) => failures.push(format!("{kind} {dtype} {sh:?} {mask:?}: rel {:.2e} lse {:.2e} nan {}", o.rel, o.lse_err, o.nan)),
+                            Err(e) => failures.push(format!("{kind} {dtype} {sh:?} {mask:?}: {e}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("[window] {count} cases, {} failures", failures.len());
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }

@@ -160,6 +160,15 @@ fn non_finite_scale() {
 }
 
 #[test]
+fn bad_softcap() {
+    for c in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let mut case = Case::good();
+        case.opts = Options::default().softcap(c);
+        expect(case, "options.softcap", &["above 0"]);
+    }
+}
+
+#[test]
 fn strided_layouts_are_accepted() {
     // [b, h, s, d] memory and padded rows are valid layouts, not errors.
     let mut c = Case::good();

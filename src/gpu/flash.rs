@@ -11,6 +11,7 @@ use cudarc::driver::result;
 use cudarc::driver::sys::CUfunction_attribute;
 
 use super::device::{device_addr, launch_failure, GpuDevice, LoadedModule};
+use super::naive::window_arg;
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -208,11 +209,11 @@ impl Backend for FlashBackend {
             seqlen_q: p.seqlen_q as i32,
             seqlen_k: p.seqlen_k as i32,
             head_dim: p.head_dim as i32,
-            window_left: -1,
-            window_right: -1,
+            window_left: window_arg(call.mask.left),
+            window_right: window_arg(call.mask.right),
             causal: p.causal as i32,
             scale: call.scale,
-            softcap: 0.0,
+            softcap: call.softcap.unwrap_or(0.0),
         };
         let grid = (p.seqlen_q.div_ceil(spec.block_m()) as u32, p.heads as u32, p.batch as u32);
         let block = ((spec.warps * 32) as u32, 1, 1);

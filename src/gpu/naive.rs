@@ -20,7 +20,7 @@ use crate::problem::Problem;
 use crate::settings::JitMode;
 use crate::tensor::{Call, Operand};
 
-/// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 144).
+/// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 152).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct NaiveParams {
@@ -39,9 +39,13 @@ struct NaiveParams {
     row_count: i32,
     scale: f32,
     causal: i32,
+    window_left: i32,
+    window_right: i32,
+    softcap: f32,
 }
 const _: () = {
-    assert!(std::mem::size_of::<NaiveParams>() == 144);
+    assert!(std::mem::size_of::<NaiveParams>() == 152);
+    assert!(std::mem::offset_of!(NaiveParams, softcap) == 148);
     assert!(std::mem::offset_of!(NaiveParams, heads) == 96);
     assert!(std::mem::offset_of!(NaiveParams, scale) == 132);
     assert!(std::mem::offset_of!(NaiveParams, causal) == 136);
@@ -106,6 +110,11 @@ fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize) -> (usize, usize)
         1
     };
     (bh_chunk, rows)
+}
+
+/// A window side as the kernels take it: -1 for unlimited. Validation caps it at i32::MAX.
+pub(crate) fn window_arg(w: Option<usize>) -> i32 {
+    w.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(-1)
 }
 
 fn dtype_suffix(d: DType) -> &'static str {
@@ -186,6 +195,9 @@ impl Backend for NaiveBackend {
             head_dim: p.head_dim as i32,
             scale: call.scale,
             causal: p.causal as i32,
+            window_left: window_arg(call.mask.left),
+            window_right: window_arg(call.mask.right),
+            softcap: call.softcap.unwrap_or(0.0),
             ..Default::default()
         };
         let (mut q, mut k, mut v, mut o, mut s, mut l) =

@@ -40,6 +40,32 @@ pub fn attention_f64<T: Copy>(
     scale: f64,
     causal: bool,
 ) -> (Vec<f64>, Vec<f64>) {
+    let mask = RefMask { causal, ..RefMask::default() };
+    attention_f64_masked(q, k, v, to_f64, scale, mask)
+}
+
+/// Masking and logit options of the reference, spelled out independently of the crate.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RefMask {
+    /// Row `i` sees no key `j > i + sk - sq`.
+    pub causal: bool,
+    /// Row `i` sees no key `j < i + sk - sq - left`.
+    pub left: Option<usize>,
+    /// Row `i` sees no key `j > i + sk - sq + right`.
+    pub right: Option<usize>,
+    /// Each scaled logit `x` becomes `cap · tanh(x / cap)`.
+    pub softcap: Option<f64>,
+}
+
+/// As [`attention_f64`], with a sliding window and soft-capping.
+pub fn attention_f64_masked<T: Copy>(
+    q: RefInput<T>,
+    k: RefInput<T>,
+    v: RefInput<T>,
+    to_f64: impl Fn(T) -> f64,
+    scale: f64,
+    mask: RefMask,
+) -> (Vec<f64>, Vec<f64>) {
     let [b, sq, h, d] = q.shape;
     let [kb, sk, hk, kd] = k.shape;
     assert_eq!(k.shape, v.shape, "k and v shapes differ");
@@ -55,40 +81,39 @@ pub fn attention_f64<T: Copy>(
         "query heads {h} not a multiple of kv heads {hk}"
     );
     let group = h / hk;
-    let mut scores = vec![0.0f64; sk];
+    let mut scores: Vec<(usize, f64)> = Vec::with_capacity(sk);
     for bi in 0..b {
         for hi in 0..h {
             let hkv = hi / group;
             for i in 0..sq {
-                // Bottom-right causal: j <= i + sk - sq, in signed arithmetic.
-                let last = i as i64 + sk as i64 - sq as i64;
-                let n = if causal {
-                    (last + 1).clamp(0, sk as i64) as usize
-                } else {
-                    sk
+                // The row's diagonal key, bottom-right aligned, in signed arithmetic.
+                let diag = i as i64 + sk as i64 - sq as i64;
+                let hidden = |j: i64| {
+                    (mask.causal && j > diag)
+                        || matches!(mask.right, Some(r) if j > diag + r as i64)
+                        || matches!(mask.left, Some(l) if j < diag - l as i64)
                 };
-                if n == 0 {
-                    continue; // zeros and -inf already in place
-                }
-                for (j, s) in scores[..n].iter_mut().enumerate() {
+                scores.clear();
+                for j in (0..sk).filter(|&j| !hidden(j as i64)) {
                     let mut dot = 0.0f64;
                     for c in 0..d {
                         dot += to_f64(q.at(bi, i, hi, c)) * to_f64(k.at(bi, j, hkv, c));
                     }
-                    *s = dot * scale;
+                    let x = dot * scale;
+                    scores.push((j, mask.softcap.map_or(x, |cap| cap * (x / cap).tanh())));
                 }
-                let m = scores[..n]
-                    .iter()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
+                if scores.is_empty() {
+                    continue; // zeros and -inf already in place
+                }
+                let m = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0f64;
-                for s in &mut scores[..n] {
-                    *s = (*s - m).exp();
-                    sum += *s;
+                for s in &mut scores {
+                    s.1 = (s.1 - m).exp();
+                    sum += s.1;
                 }
                 lse[(bi * h + hi) * sq + i] = m + sum.ln();
                 let o = &mut out[((bi * sq + i) * h + hi) * d..][..d];
-                for (j, &p) in scores[..n].iter().enumerate() {
+                for &(j, p) in &scores {
                     for (c, oc) in o.iter_mut().enumerate() {
                         *oc += p * to_f64(v.at(bi, j, hkv, c));
                     }
