@@ -365,11 +365,12 @@ impl Attention {
     }
 
     fn announce(&self, kind: BackendKind) {
+        // A cheap per-handle check first, so the hot path takes no global lock after the first call.
         let mut seen = self.inner.announced.lock().unwrap_or_else(|e| e.into_inner());
         if !seen.contains(&kind) {
             seen.push(kind);
             let on = if kind.is_gpu() { self.device_summary() } else { "the CPU".into() };
-            log::info!("attention: using {kind} attention on {on}");
+            device::log_once(log::Level::Info, format!("attention: using {kind} attention on {on}"));
         }
     }
 

@@ -27,7 +27,9 @@ fn sass(img: &ImageSource) -> Option<(u32, u32)> {
 #[test]
 fn selection_table_default_build() {
     use BackendKind::{Flash, Naive};
-    let expect: [(SimulatedGpu, Option<BackendKind>, Option<(u32, u32)>); 9] = [
+    /// (device, backend that runs the problem, embedded cubin it loads)
+    type Row = (SimulatedGpu, Option<BackendKind>, Option<(u32, u32)>);
+    let expect: [Row; 9] = [
         (SimulatedGpu::P100, None, None),
         (SimulatedGpu::V100, None, None),
         (SimulatedGpu::T4, Some(Naive), Some((7, 5))),

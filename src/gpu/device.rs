@@ -175,11 +175,17 @@ fn is_missing_image(code: CUresult) -> bool {
 /// Warnings that must appear once per process, not once per call.
 static WARNED: Lazy<Mutex<HashSet<String>>> = Lazy::new(|| Mutex::new(HashSet::new()));
 
-/// Logs `msg` at warn level the first time it is seen.
+/// Logs `msg` at warn level the first time it is seen in this process.
 pub(crate) fn warn_once(msg: String) {
+    log_once(log::Level::Warn, msg);
+}
+
+/// Logs `msg` at `level` the first time it is seen in this process (not once per handle, so
+/// every `select()` of a long-running server does not repeat it).
+pub(crate) fn log_once(level: log::Level, msg: String) {
     let mut seen = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if seen.insert(msg.clone()) {
-        log::warn!("{msg}");
+        log::log!(level, "{msg}");
     }
 }
 
