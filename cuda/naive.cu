@@ -15,6 +15,35 @@
 #define NAIVE_TILE 16
 #define NAIVE_SOFTMAX_WARPS 8
 
+// The (batch, head) pair of this block: blockIdx.z indexes the chunk's pairs.
+struct NaiveHead {
+    int zb;  // chunk-relative pair index (workspace slab)
+    int b;
+    int h;
+    int hk;  // kv head
+};
+__device__ __forceinline__ NaiveHead naive_head(const NaiveParams& p) {
+    NaiveHead n;
+    n.zb = blockIdx.z;
+    const int bh = p.bh_start + n.zb;
+    n.b = bh / p.heads;
+    n.h = bh % p.heads;
+    n.hk = n.h / p.kv_group;
+    return n;
+}
+
+// The last key (inclusive) any row of the 16-row tile starting at chunk row r0 may see under the
+// causal mask or the right window; seqlen_k - 1 when neither applies. Uniform across a block, so
+// whole tiles past it are skipped without divergence.
+__device__ __forceinline__ long long naive_tile_last_key(const NaiveParams& p, int r0) {
+    if (!p.causal && p.window_right < 0) return (long long)p.seqlen_k - 1;
+    int r_last = r0 + NAIVE_TILE - 1;
+    if (r_last > p.row_count - 1) r_last = p.row_count - 1;
+    long long last = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
+    if (!p.causal) last += p.window_right;  // with causal too, the window's right side is moot
+    return last;
+}
+
 // ---------------------------------------------------------------------------
 // 1. Scores: s[r, j] = scale * dot(q[b, row, h, :], k[b, j, hk, :]), or -inf
 //    where the causal mask hides key j. threadIdx.x -> key, threadIdx.y -> row.
@@ -27,12 +56,9 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
 
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
-    const int zb = blockIdx.z;
-    if (zb >= p.bh_count) return;
-    const int bh = p.bh_start + zb;
-    const int b = bh / p.heads;
-    const int h = bh % p.heads;
-    const int hk = h / p.kv_group;
+    if ((int)blockIdx.z >= p.bh_count) return;
+    const NaiveHead nh = naive_head(p);
+    const int zb = nh.zb, b = nh.b, h = nh.h, hk = nh.hk;
 
     const int r0 = blockIdx.y * NAIVE_TILE;  // first chunk-relative row of this tile
     const int j0 = blockIdx.x * NAIVE_TILE;  // first key of this tile
@@ -45,17 +71,10 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
     const long long s_idx = ((long long)zb * p.row_count + r) * (long long)p.seqlen_k + j;
 
     const float neg_inf = attn_neg_inf();
-    if (p.causal || p.window_right >= 0) {
-        // Last valid row of this tile; the tile is fully masked when even that
-        // row cannot see the tile's first key. Uniform across the block.
-        int r_last = r0 + NAIVE_TILE - 1;
-        if (r_last > p.row_count - 1) r_last = p.row_count - 1;
-        long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
-        if (!p.causal) last_vis += p.window_right;
-        if ((long long)j0 > last_vis) {
-            if (out_ok) s[s_idx] = neg_inf;
-            return;
-        }
+    if ((long long)j0 > naive_tile_last_key(p, r0)) {
+        // No row of this tile sees any key of it.
+        if (out_ok) s[s_idx] = neg_inf;
+        return;
     }
 
     // Rows/keys this thread loads (the tile is loaded transposed for keys:
@@ -143,12 +162,9 @@ __device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __re
 
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
-    const int zb = blockIdx.z;
-    if (zb >= p.bh_count) return;
-    const int bh = p.bh_start + zb;
-    const int b = bh / p.heads;
-    const int h = bh % p.heads;
-    const int hk = h / p.kv_group;
+    if ((int)blockIdx.z >= p.bh_count) return;
+    const NaiveHead nh = naive_head(p);
+    const int zb = nh.zb, b = nh.b, h = nh.h, hk = nh.hk;
 
     const int r0 = blockIdx.y * NAIVE_TILE;
     const int d0 = blockIdx.x * NAIVE_TILE;
@@ -161,14 +177,8 @@ __device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __re
     const bool d_ok = d < p.head_dim;
 
     // Keys past the last one any row of this tile can see have p == 0: skip them.
-    long long j_end = p.seqlen_k;
-    if (p.causal || p.window_right >= 0) {
-        int r_last = r0 + NAIVE_TILE - 1;
-        if (r_last > p.row_count - 1) r_last = p.row_count - 1;
-        long long last_vis = attn_causal_last_key((long long)p.row_start + r_last, p.seqlen_q, p.seqlen_k);
-        if (!p.causal) last_vis += p.window_right;
-        if (last_vis + 1 < j_end) j_end = last_vis + 1;
-    }
+    long long j_end = naive_tile_last_key(p, r0) + 1;
+    if (j_end > p.seqlen_k) j_end = p.seqlen_k;
 
     const float* s_row = s + ((long long)zb * p.row_count + r) * (long long)p.seqlen_k;
     const typename D::storage* v_base = v + (long long)b * p.v_stride[0] + (long long)hk * p.v_stride[2] + d;

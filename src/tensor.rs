@@ -24,6 +24,18 @@ struct DeviceRef<'a> {
     _guard: Option<SyncOnDrop<'a>>,
 }
 
+/// A cudarc slice as an output: kernels run on the slice's own stream.
+fn writable<'a, T, S: DevicePtrMut<T>>(slice: &'a mut S) -> DeviceRef<'a> {
+    let len = slice.len();
+    let stream = slice.stream().clone();
+    let (ptr, guard) = slice.device_ptr_mut(&stream);
+    // cudarc ties the write guard to a borrow of the stream handle cloned here, which cannot
+    // outlive this function; the kernels are ordered on that same stream, so dropping the
+    // guard (it records a write event in multi-stream mode) is all that is lost.
+    drop(guard);
+    DeviceRef { ptr, len, ordinal: Some(stream.context().ordinal()), stream: stream.cu_stream(), _guard: None }
+}
+
 enum InMem<'a> {
     Host(&'a [u8]),
     Device(DeviceRef<'a>),
@@ -128,23 +140,7 @@ impl<'a, T: Element> TensorMut<'a, T> {
 
     /// A view of a cudarc device slice to write. The kernels run on this slice's stream.
     pub fn cuda<S: DevicePtrMut<T>>(slice: &'a mut S, layout: Layout) -> Self {
-        let len = slice.len();
-        let stream = slice.stream().clone();
-        let (ptr, guard) = slice.device_ptr_mut(&stream);
-        // The guard borrows `stream` only for recording an event when dropped; cudarc's
-        // DevicePtrMut ties it to the slice's own stream, which outlives this view.
-        drop(guard);
-        TensorMut {
-            mem: OutMem::Device(DeviceRef {
-                ptr,
-                len,
-                ordinal: Some(stream.context().ordinal()),
-                stream: stream.cu_stream(),
-                _guard: None,
-            }),
-            layout,
-            _t: PhantomData,
-        }
+        TensorMut { mem: OutMem::Device(writable(slice)), layout, _t: PhantomData }
     }
 
     /// A view of device memory owned elsewhere, written on `stream` (null: the legacy default
@@ -183,19 +179,7 @@ impl<'a> LseMut<'a> {
 
     /// A cudarc device slice for the log-sum-exp.
     pub fn cuda<S: DevicePtrMut<f32>>(slice: &'a mut S) -> Self {
-        let len = slice.len();
-        let stream = slice.stream().clone();
-        let (ptr, guard) = slice.device_ptr_mut(&stream);
-        drop(guard);
-        LseMut {
-            mem: OutMem::Device(DeviceRef {
-                ptr,
-                len,
-                ordinal: Some(stream.context().ordinal()),
-                stream: stream.cu_stream(),
-                _guard: None,
-            }),
-        }
+        LseMut { mem: OutMem::Device(writable(slice)) }
     }
 
     /// Device memory owned elsewhere.

@@ -30,6 +30,68 @@ impl LoadedModule {
     }
 }
 
+/// One kernel module as a GPU backend uses it: the device, how its image is obtained (embedded
+/// or JIT, cached where), and the functions it must hold. Both the `check` path (can the module
+/// be had?) and the `forward` path (give me its functions) go through here.
+pub(crate) struct Kernels {
+    device: Option<Arc<GpuDevice>>,
+    module: &'static str,
+    functions: &'static [&'static str],
+    jit: JitMode,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Kernels {
+    pub(crate) fn new(
+        device: Option<Arc<GpuDevice>>,
+        module: &'static str,
+        functions: &'static [&'static str],
+        jit: JitMode,
+        cache_dir: Option<PathBuf>,
+    ) -> Self {
+        Kernels { device, module, functions, jit, cache_dir }
+    }
+
+    fn load(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
+        dev.module(self.module, self.functions, self.jit, self.cache_dir.as_ref())
+    }
+
+    /// Why the module cannot be had on the device `caps` describes, if it cannot. On a real
+    /// device this loads it (once), so a missing image is found at selection, not mid-call.
+    pub(crate) fn unavailable(&self, caps: &DeviceCaps) -> Option<Reason> {
+        if let Err(r) = caps.kernel_source(self.jit, embedded::min_arch(self.module)) {
+            return Some(r);
+        }
+        self.device.as_ref().and_then(|dev| self.load(dev).err())
+    }
+
+    /// The device and the loaded module, for `forward`.
+    pub(crate) fn loaded(&self) -> Result<(&GpuDevice, Arc<LoadedModule>), RunError> {
+        let dev = self.device.as_deref().ok_or_else(|| {
+            RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
+        })?;
+        Ok((dev, self.load(dev).map_err(RunError::Recoverable)?))
+    }
+
+    /// How the module was (or would be) loaded on the device, for diagnostics.
+    pub(crate) fn image_description(&self) -> Option<String> {
+        let dev = self.device.as_ref()?;
+        Some(match self.load(dev) {
+            Ok(m) => m.source.to_string(),
+            Err(r) => format!("unavailable: {r}"),
+        })
+    }
+}
+
+impl LoadedModule {
+    /// A function the module was loaded with, as a launchable handle.
+    pub(crate) fn launchable(&self, name: &str) -> Result<&CudaFunction, RunError> {
+        self.function(name).ok_or_else(|| {
+            RunError::Recoverable(Reason::Unusable { why: format!("kernel {name} missing from module") })
+        })
+    }
+}
+
 /// A probed device. Shared by every `Attention` handle for this ordinal.
 pub(crate) struct GpuDevice {
     pub ctx: Arc<CudaContext>,

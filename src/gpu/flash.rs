@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::result;
 use cudarc::driver::sys::CUfunction_attribute;
 
-use super::device::{device_addr, launch_failure, GpuDevice, LoadedModule};
+use super::device::{device_addr, launch_failure, GpuDevice, Kernels};
 use super::naive::window_arg;
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
@@ -102,27 +102,17 @@ fn shared_bytes(head_dim: usize) -> usize {
 
 /// The flash backend on one device.
 pub(crate) struct FlashBackend {
-    device: Option<Arc<GpuDevice>>,
-    jit: JitMode,
-    cache_dir: Option<PathBuf>,
+    kernels: Kernels,
 }
 
 impl FlashBackend {
     pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>) -> Self {
-        FlashBackend { device, jit, cache_dir }
-    }
-
-    fn module(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
-        dev.module(MODULE, &FUNCTIONS, self.jit, self.cache_dir.as_ref())
+        FlashBackend { kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir) }
     }
 
     /// How the module was (or would be) loaded on the device, for diagnostics.
     pub(crate) fn image_description(&self) -> Option<String> {
-        let dev = self.device.as_ref()?;
-        Some(match self.module(dev) {
-            Ok(m) => m.source.to_string(),
-            Err(r) => format!("unavailable: {r}"),
-        })
+        self.kernels.image_description()
     }
 }
 
@@ -165,31 +155,17 @@ impl Backend for FlashBackend {
                 reasons.push(Reason::GridLimit { dim, found, max: MAX_GRID_YZ });
             }
         }
-        match caps.kernel_source(self.jit, super::embedded::min_arch(MODULE)) {
-            Err(r) => reasons.push(r),
-            Ok(_) => {
-                if let Some(dev) = &self.device {
-                    if let Err(r) = self.module(dev) {
-                        reasons.push(r);
-                    }
-                }
-            }
-        }
+        reasons.extend(self.kernels.unavailable(caps));
         reasons
     }
 
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
-        let dev = self.device.as_ref().ok_or_else(|| {
-            RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
-        })?;
-        let module = self.module(dev).map_err(RunError::Recoverable)?;
+        let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
         let spec = specialisation(p.head_dim);
         let name = format!("attn_flash_fwd_{}_d{}", p.dtype.name(), spec.head_dim);
-        let func = module.function(&name).ok_or_else(|| {
-            RunError::Recoverable(Reason::Unusable { why: format!("kernel {name} missing from module") })
-        })?;
+        let func = module.launchable(&name)?;
         let smem = spec.shared_bytes();
         // Above 48 KiB a kernel must opt in to its dynamic shared memory.
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)

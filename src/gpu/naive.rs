@@ -12,7 +12,7 @@ use std::sync::Arc;
 use cudarc::driver::result;
 use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
-use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, LoadedModule};
+use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, Kernels};
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::DeviceCaps;
 use crate::dtype::DType;
@@ -69,9 +69,7 @@ const MAX_GRID_YZ: usize = 65535;
 
 /// The naive backend on one device.
 pub(crate) struct NaiveBackend {
-    device: Option<Arc<GpuDevice>>,
-    jit: JitMode,
-    cache_dir: Option<PathBuf>,
+    kernels: Kernels,
     workspace_bytes: usize,
 }
 
@@ -82,20 +80,15 @@ impl NaiveBackend {
         cache_dir: Option<PathBuf>,
         workspace_mb: usize,
     ) -> Self {
-        NaiveBackend { device, jit, cache_dir, workspace_bytes: workspace_mb.saturating_mul(1 << 20) }
-    }
-
-    fn module(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
-        dev.module(MODULE, &FUNCTIONS, self.jit, self.cache_dir.as_ref())
+        NaiveBackend {
+            kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir),
+            workspace_bytes: workspace_mb.saturating_mul(1 << 20),
+        }
     }
 
     /// How the module was (or would be) loaded on the device, for diagnostics.
     pub(crate) fn image_description(&self) -> Option<String> {
-        let dev = self.device.as_ref()?;
-        Some(match self.module(dev) {
-            Ok(m) => m.source.to_string(),
-            Err(r) => format!("unavailable: {r}"),
-        })
+        self.kernels.image_description()
     }
 }
 
@@ -132,29 +125,15 @@ impl Backend for NaiveBackend {
 
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
         let mut reasons = gpu_memory_reasons(caps, problem);
-        if let Err(r) = caps.kernel_source(self.jit, super::embedded::min_arch(MODULE)) {
-            reasons.push(r);
-        } else if let Some(dev) = &self.device {
-            // A real device: the module must actually load (a missing image is found here).
-            if let Err(r) = self.module(dev) {
-                reasons.push(r);
-            }
-        }
+        reasons.extend(self.kernels.unavailable(caps));
         reasons
     }
 
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
-        let dev = self.device.as_ref().ok_or_else(|| {
-            RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
-        })?;
-        let module = self.module(dev).map_err(RunError::Recoverable)?;
+        let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let f = |n: &str| {
-            module.function(n).map(|f| f.cu_function()).ok_or_else(|| {
-                RunError::Recoverable(Reason::Unusable { why: format!("kernel {n} missing from module") })
-            })
-        };
+        let f = |n: &str| module.launchable(n).map(|f| f.cu_function());
         let sfx = dtype_suffix(p.dtype);
         let scores = f(&format!("attn_naive_scores_{sfx}"))?;
         let softmax = f("attn_naive_softmax")?;
