@@ -68,8 +68,9 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
     // Shared-memory byte addresses, computed once: the hot loops then do plain integer math on
     // them instead of converting a generic pointer for every ldmatrix.
     const unsigned sQ = attn_smem_addr(flash_smem);
-    const unsigned sK = sQ + 2 * BM * D;
-    const unsigned sV = sK + 2 * BN * D;
+    // Two K buffers: K(n+1) streams in while tile n is computed, with one barrier fewer per tile.
+    const unsigned sK0 = sQ + 2 * BM * D;
+    const unsigned sV = sK0 + 2 * 2 * BN * D;
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -118,14 +119,20 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
 
     if (nb_begin < nb_end) {
         flash_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
-        flash_load_tile<D, BN, THREADS>(sK, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
+        flash_load_tile<D, BN, THREADS>(sK0, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
         attn_cp_async_commit();
     }
     for (int nb = nb_begin; nb < nb_end; ++nb) {
+        const unsigned sK = sK0 + ((nb - nb_begin) & 1) * 2 * BN * D;
+        const unsigned sK_next = sK0 + (((nb - nb_begin) & 1) ^ 1) * 2 * BN * D;
         attn_cp_async_wait<0>();
-        __syncthreads();  // K(nb) (and Q) landed; every warp is done with V(nb-1)
+        // K(nb) (and Q) landed; every warp is done with V(nb-1) and with K(nb-1), whose buffer
+        // K(nb+1) now overwrites.
+        __syncthreads();
         flash_load_tile<D, BN, THREADS>(sV, v, p.v_stride[1], nb * BN, sk, p.head_dim);
         attn_cp_async_commit();
+        if (nb + 1 < nb_end) flash_load_tile<D, BN, THREADS>(sK_next, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
+        attn_cp_async_commit();  // possibly empty: keeps the group count uniform
 
         // S = Q·K(nb)ᵀ for this warp's 16·MT rows; each K fragment serves MT m-tiles.
         float s[MT][BN / 8][4];
@@ -153,9 +160,6 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
                 }
             }
         }
-        __syncthreads();  // every warp is done reading K(nb)
-        if (nb + 1 < nb_end) flash_load_tile<D, BN, THREADS>(sK, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
-        attn_cp_async_commit();  // possibly empty: keeps the group count uniform
 
         if (capped) {
             const float pre = p.scale / p.softcap;
@@ -280,7 +284,8 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
 }
 
 // Specialisations: (head_dim, keys per tile, warps, m-tiles per warp). The Rust side mirrors
-// this table (src/gpu/flash.rs) for the launch shape and shared memory: Q, K and V tiles.
+// this table (src/gpu/flash.rs) for the launch shape and shared memory: a Q tile, two K tiles
+// and a V tile.
 #define FLASH_ENTRY(D, BN, WARPS, MT, SUFFIX, BF16)                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
         attn_flash_fwd_##SUFFIX##_d##D(const FlashParams p) {                                  \
