@@ -1,4 +1,4 @@
-//! attention: fast, correct attention on whatever NVIDIA GPU it lands on.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub mod arch;

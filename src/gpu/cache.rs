@@ -93,7 +93,9 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
 /// Anything left out of the key is a way to get a stale image, so when in doubt, add it.
 /// A field named `module` (see [`CacheKey::module`]) also names the file, for humans.
 ///
-/// ```ignore
+/// An illustration (the type is crate-private, so this is not a doctest):
+///
+/// ```text
 /// let key = CacheKey::new()
 ///     .with("module", "flash_fwd")
 ///     .with("source", format!("{:016x}", fnv1a64(src.as_bytes())))
