@@ -590,8 +590,14 @@ mod tests {
 
     /// Runs `forward` on NaN-poisoned output; returns (out buffer, lse).
     fn run<T: Element>(c: &Case, x: &Inputs<T>, threads: usize) -> (Vec<T>, Vec<f32>) {
+        let (out, lse) = run_lse(c, x, threads, true);
+        (out, lse.expect("requested"))
+    }
+
+    /// As [`run`], with the lse output requested or not.
+    fn run_lse<T: Element>(c: &Case, x: &Inputs<T>, threads: usize, with_lse: bool) -> (Vec<T>, Option<Vec<f32>>) {
         let mut out = vec![T::from_f32(f32::NAN); x.ol.span().unwrap()];
-        let mut lse = vec![f32::NAN; c.b * c.h * c.sq];
+        let mut lse = with_lse.then(|| vec![f32::NAN; c.b * c.h * c.sq]);
         forward(
             HostIn {
                 data: &x.q,
@@ -607,7 +613,7 @@ mod tests {
             },
             &mut out,
             x.ol,
-            Some(&mut lse),
+            lse.as_deref_mut(),
             scale(c),
             Mask { causal: c.causal, ..Mask::default() },
             None,
@@ -842,28 +848,8 @@ mod tests {
         let c = case(1, 70, 90, 2, 1, 32).causal(true);
         let x = inputs::<f32>(&c, &mut Rng::fresh());
         let (with, _) = run(&c, &x, 2);
-        let mut out = vec![f32::NAN; x.ol.span().unwrap()];
-        forward(
-            HostIn {
-                data: &x.q,
-                layout: x.ql,
-            },
-            HostIn {
-                data: &x.k,
-                layout: x.kl,
-            },
-            HostIn {
-                data: &x.v,
-                layout: x.vl,
-            },
-            &mut out,
-            x.ol,
-            None,
-            scale(&c),
-            Mask { causal: c.causal, ..Mask::default() },
-            None,
-            2,
-        );
+        let (out, lse) = run_lse(&c, &x, 2, false);
+        assert!(lse.is_none());
         assert_eq!(
             bytemuck::cast_slice::<f32, u32>(&out),
             bytemuck::cast_slice(&with)

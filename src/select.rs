@@ -145,6 +145,9 @@ impl Selector {
                 backend_by: self.backend_by,
                 disabled_by: self.disabled_by,
                 device,
+                // The CPU backend's check reads no capability, but the trait passes some: without a
+                // device it gets this stand-in, built once here rather than on every call.
+                host_caps: caps.clone().unwrap_or_else(|| DeviceCaps::simulated(crate::caps::SimulatedGpu::T4)),
                 caps,
                 no_device,
                 chain,
@@ -171,6 +174,8 @@ struct Inner {
     disabled_by: Vec<(BackendKind, &'static str)>,
     device: Option<Arc<GpuDevice>>,
     caps: Option<DeviceCaps>,
+    /// `caps`, or a stand-in for the CPU backend's checks when there is no device.
+    host_caps: DeviceCaps,
     no_device: Option<String>,
     chain: Vec<Box<dyn Backend>>,
     /// Backends that failed at run time on this device, with the reason.
@@ -244,12 +249,6 @@ impl Attention {
         }
     }
 
-    /// How the naive backend's kernels were loaded on this device (embedded cubin, PTX, NVRTC),
-    /// loading them if needed. `None` without a device.
-    pub fn naive_image(&self) -> Option<String> {
-        self.kernel_image(BackendKind::Naive)
-    }
-
     /// How a GPU backend's kernels were loaded on this device (embedded cubin, embedded PTX,
     /// NVRTC), loading them if needed; `None` without a device or for the CPU backend.
     pub fn kernel_image(&self, kind: BackendKind) -> Option<String> {
@@ -288,11 +287,7 @@ impl Attention {
             (None, true) => reasons.push(Reason::NoDevice {
                 why: inner.no_device.clone().unwrap_or_default(),
             }),
-            (None, false) => {
-                // No device: the CPU backend's checks need no caps; give it a placeholder.
-                let caps = DeviceCaps::simulated(crate::caps::SimulatedGpu::T4);
-                reasons.extend(backend.check(&caps, problem));
-            }
+            (None, false) => reasons.extend(backend.check(&inner.host_caps, problem)),
         }
         reasons
     }
@@ -513,6 +508,7 @@ mod tests {
                 disabled_by: vec![],
                 device: None,
                 caps: Some(DeviceCaps::simulated(SimulatedGpu::H100)),
+                host_caps: DeviceCaps::simulated(SimulatedGpu::H100),
                 no_device: None,
                 chain: vec![Box::new(first), Box::new(CpuBackend::new(2))],
                 unusable: Mutex::new(HashMap::new()),

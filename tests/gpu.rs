@@ -210,7 +210,7 @@ fn ranked_selection_matches_reference_on_every_shape_and_dtype() {
         "device {} flash image {:?} naive image {:?}",
         attn.device_summary(),
         attn.kernel_image(BackendKind::Flash),
-        attn.naive_image()
+        attn.kernel_image(BackendKind::Naive)
     );
     matrix(&attn, &stream, "aot", ranked);
 }
@@ -301,7 +301,7 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
     // JIT allowed: repaired by NVRTC, and correct.
     let dir = std::env::temp_dir().join(format!("attn-repair-{}", std::process::id()));
     let auto = Selector::from_env().unwrap().jit(JitMode::Auto).cache_dir(&dir).select().unwrap();
-    assert!(auto.naive_image().unwrap().contains("NVRTC"));
+    assert!(auto.kernel_image(BackendKind::Naive).unwrap().contains("NVRTC"));
     assert!(auto.kernel_image(BackendKind::Flash).unwrap().contains("NVRTC"));
     matrix(&auto, &stream, "repaired", ranked);
     // JIT off: an error naming the arches built and the setting that fixes it; never a copy
