@@ -143,3 +143,84 @@ __device__ __forceinline__ bool attn_key_visible(long long row, long long j, int
 __device__ __forceinline__ long long attn_causal_last_key(long long row, int seqlen_q, int seqlen_k) {
     return row + (long long)seqlen_k - (long long)seqlen_q;
 }
+
+// ---------------------------------------------------------------------------
+// Parameters of the fused kernels (flash, mem_efficient): one call's tensors and options.
+// Passed by value; must match `AttnParams` (#[repr(C)]) in src/gpu/params.rs exactly.
+// ---------------------------------------------------------------------------
+struct AttnParams {
+    long long q_stride[3];  // element strides of [batch, seq, head]; head_dim is contiguous
+    long long k_stride[3];
+    long long v_stride[3];
+    long long o_stride[3];
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    float* lse;  // null, or [batch, heads, seqlen_q] (fixed length) / [heads, total_q] (varlen)
+    // Variable-length batches: null, or `batch + 1` int32 prefix sums into the packed sequence
+    // dimension (the tensors then have batch 1). Sequence b is rows [cu[b], cu[b+1]).
+    const int* cu_seqlens_q;
+    const int* cu_seqlens_k;
+    int batch;
+    int heads;
+    int kv_group;  // heads / kv_heads: query head h reads kv head h / kv_group
+    int seqlen_q;  // fixed length: every sequence's; varlen: the maximum (sizes the grid)
+    int seqlen_k;
+    int total_q;  // rows in the q/out tensors' sequence dimension (bounds every cu_seqlens_q entry)
+    int total_k;
+    int head_dim;
+    int window_left;   // < 0: unlimited; else row i sees no key j < i + sk - sq - window_left
+    int window_right;  // < 0: unlimited; else row i sees no key j > i + sk - sq + window_right
+    int causal;        // bottom-right aligned: row i sees key j iff j <= i + sk - sq
+    float scale;       // softmax scale
+    float softcap;     // <= 0: off; else the scaled logit x becomes softcap * tanh(x / softcap)
+    int flags;         // ATTN_FLAG_* bits
+};
+static_assert(sizeof(AttnParams) == 208, "AttnParams must match the Rust #[repr(C)] struct");
+// f32 kernels may use TF32 tensor cores (PyTorch's allow_tf32).
+#define ATTN_FLAG_ALLOW_TF32 1
+
+// One (batch, head) pair's sequence: where its rows start in each tensor and how long it is.
+struct AttnSeq {
+    long long q, k, v, o;  // element offset of row 0 (this head) in each tensor
+    long long lse;         // index of row 0's lse value
+    int seqlen_q, seqlen_k;
+};
+
+__device__ __forceinline__ int attn_clamp(int x, int lo, int hi) { return min(max(x, lo), hi); }
+
+// Resolves sequence `b` for query head `h`. Prefix sums from device memory are clamped to the
+// tensors and lengths to the stated maxima, so malformed ones can never move an access outside
+// the caller's buffers (they give wrong rows, not a fault).
+__device__ __forceinline__ AttnSeq attn_seq(const AttnParams& p, int b, int h) {
+    const int hk = h / p.kv_group;
+    AttnSeq s;
+    long long q0, k0, v0, o0;
+    if (p.cu_seqlens_q != nullptr) {
+        const int qs = attn_clamp(p.cu_seqlens_q[b], 0, p.total_q);
+        const int qe = attn_clamp(p.cu_seqlens_q[b + 1], qs, p.total_q);
+        const int ks = attn_clamp(p.cu_seqlens_k[b], 0, p.total_k);
+        const int ke = attn_clamp(p.cu_seqlens_k[b + 1], ks, p.total_k);
+        s.seqlen_q = min(qe - qs, p.seqlen_q);
+        s.seqlen_k = min(ke - ks, p.seqlen_k);
+        q0 = qs * p.q_stride[1];
+        o0 = qs * p.o_stride[1];
+        k0 = ks * p.k_stride[1];
+        v0 = ks * p.v_stride[1];
+        s.lse = (long long)h * p.total_q + qs;
+    } else {
+        s.seqlen_q = p.seqlen_q;
+        s.seqlen_k = p.seqlen_k;
+        q0 = b * p.q_stride[0];
+        o0 = b * p.o_stride[0];
+        k0 = b * p.k_stride[0];
+        v0 = b * p.v_stride[0];
+        s.lse = ((long long)b * p.heads + h) * p.seqlen_q;
+    }
+    s.q = q0 + h * p.q_stride[2];
+    s.o = o0 + h * p.o_stride[2];
+    s.k = k0 + hk * p.k_stride[2];
+    s.v = v0 + hk * p.v_stride[2];
+    return s;
+}

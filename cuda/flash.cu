@@ -12,29 +12,6 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-struct FlashParams {
-    long long q_stride[3];  // element strides of [batch, seq, head]; head_dim is contiguous
-    long long k_stride[3];
-    long long v_stride[3];
-    long long o_stride[3];
-    const void* q;
-    const void* k;
-    const void* v;
-    void* o;
-    float* lse;  // [batch, heads, seqlen_q] or null
-    int heads;
-    int kv_group;  // heads / kv_heads
-    int seqlen_q;
-    int seqlen_k;
-    int head_dim;      // <= the kernel's D, a multiple of 8; columns past it are zero-filled
-    int window_left;   // < 0: unlimited
-    int window_right;  // < 0: unlimited
-    int causal;
-    float scale;    // softmax scale
-    float softcap;  // <= 0: off
-};
-static_assert(sizeof(FlashParams) == 176, "FlashParams must match the Rust #[repr(C)] struct");
-
 // Each warp owns MT m16 tiles (16·MT query rows), so every K/V fragment read from shared memory
 // feeds MT tensor-core ops: shared-memory bandwidth, not the tensor cores, bounded the one-tile
 // version (72 ldmatrix per 128 mma). Blocks have WARPS warps and BM = WARPS·16·MT rows.
@@ -61,7 +38,7 @@ __device__ __forceinline__ void flash_load_tile(unsigned tile_addr, const unsign
 }
 
 template <int D, int BN, int WARPS, int MT, bool BF16>
-__device__ __forceinline__ void flash_fwd(const FlashParams& p) {
+__device__ __forceinline__ void flash_fwd(const AttnParams& p) {
     constexpr int BM = WARPS * 16 * MT;
     constexpr int THREADS = WARPS * 32;
     extern __shared__ __align__(128) unsigned char flash_smem[];
@@ -79,8 +56,10 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
     const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
-    const int hk = h / p.kv_group;
-    const int sq = p.seqlen_q, sk = p.seqlen_k;
+    const AttnSeq seq = attn_seq(p, b, h);
+    const int sq = seq.seqlen_q, sk = seq.seqlen_k;
+    // A packed batch sizes the grid by its longest sequence: shorter ones have spare tiles.
+    if (m0 >= sq) return;
     const long long diag = (long long)sk - sq;
 
     // Key range any row of this tile can see.
@@ -92,10 +71,10 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
     const int nb_begin = (int)(n_begin / BN);
     const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
 
-    const unsigned short* q = static_cast<const unsigned short*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-    const unsigned short* k = static_cast<const unsigned short*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[2];
-    const unsigned short* v = static_cast<const unsigned short*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[2];
-    unsigned short* o = static_cast<unsigned short*>(p.o) + b * p.o_stride[0] + h * p.o_stride[2];
+    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
+    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
+    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
+    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
 
     // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
     // tile's 16 rows, which start at warp_row0 + 16·t.
@@ -277,7 +256,7 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
                 }
                 if (p.lse != nullptr && (lane & 3) == 0) {
                     const float lse = sum > 0.f ? row_max[t][r] * logit_scale + __logf(sum) : attn_neg_inf();
-                    p.lse[((long long)b * p.heads + h) * sq + row] = lse;
+                    p.lse[seq.lse + row] = lse;
                 }
             }
         }
@@ -288,7 +267,7 @@ __device__ __forceinline__ void flash_fwd(const FlashParams& p) {
 // and a V tile.
 #define FLASH_ENTRY(D, BN, WARPS, MT, SUFFIX, BF16)                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                   \
-        attn_flash_fwd_##SUFFIX##_d##D(const FlashParams p) {                                  \
+        attn_flash_fwd_##SUFFIX##_d##D(const AttnParams p) {                                  \
         flash_fwd<D, BN, WARPS, MT, BF16>(p);                                                  \
     }
 

@@ -123,6 +123,8 @@ pub enum Reason {
     },
     /// A base pointer or stride is not aligned for 16-byte vector access.
     Unaligned,
+    /// Packed variable-length batches (`cu_seqlens`) are not supported by this backend.
+    VarLen,
     /// The kernel for this problem needs more shared memory per block than the device has.
     SharedMemory {
         /// Bytes needed.
@@ -200,6 +202,7 @@ impl Reason {
             Reason::HeadDim { .. }
             | Reason::HeadDimMultiple { .. }
             | Reason::Unaligned
+            | Reason::VarLen
             | Reason::SharedMemory { .. }
             | Reason::GridLimit { .. }
             | Reason::DType { .. }
@@ -230,6 +233,11 @@ impl fmt::Display for Reason {
             Reason::Unaligned => write!(
                 f,
                 "a base pointer or stride is not 16-byte aligned (make the tensors contiguous or pad strides to 16 bytes)"
+            ),
+            Reason::VarLen => write!(
+                f,
+                "packed variable-length batches (cu_seqlens) are not supported here; \
+                 flash, mem_efficient and cpu run them (or pad to a fixed length)"
             ),
             Reason::SharedMemory { needed, available } => write!(
                 f,

@@ -143,6 +143,9 @@ pub struct DeviceCaps {
     pub nvrtc: Nvrtc,
     /// True for a hand-built description (no device behind it).
     pub simulated: bool,
+    /// Set under `ATTN_EMULATE_ARCH`: the real device's compute capability, while `cc` and
+    /// the shared-memory limit describe the emulated one.
+    pub emulated_from: Option<ComputeCapability>,
 }
 
 /// GPUs whose capabilities can be simulated, for tests and `explain` on hardware you lack.
@@ -211,7 +214,33 @@ impl DeviceCaps {
             kernels: KernelBuild::embedded(),
             nvrtc: Nvrtc::Available { version: (13, 0) },
             simulated: true,
+            emulated_from: None,
         }
+    }
+
+    /// These capabilities as a device of compute capability `arch` would have them (for
+    /// `ATTN_EMULATE_ARCH`): `cc` becomes `arch` and the shared-memory limit that arch's
+    /// (the smaller of the two). `None` when `arch` is newer than the device.
+    pub fn emulating(&self, arch: ComputeCapability) -> Option<Self> {
+        if arch > self.cc {
+            return None;
+        }
+        // Opt-in shared memory per block by arch (CUDA programming guide, compute capabilities).
+        let limit_kib = match (arch.major, arch.minor) {
+            (7, 0) | (7, 2) => 96,
+            (7, _) => 64,
+            (8, 0) => 163,
+            (8, 7) => 163,
+            (8, _) => 99,
+            (9, _) | (10, _) => 227,
+            _ => 99,
+        };
+        let mut caps = self.clone();
+        caps.emulated_from = Some(self.cc);
+        caps.name = format!("{} (emulating sm_{}{})", self.name, arch.major, arch.minor);
+        caps.cc = arch;
+        caps.smem_per_block_optin = self.smem_per_block_optin.min(limit_kib * 1024);
+        Some(caps)
     }
 
     /// Replace the kernel build (e.g. [`KernelBuild::nvcc`]`("8.0")`) of a simulated device.
@@ -237,6 +266,15 @@ impl DeviceCaps {
         let device = self.cc.sm();
         if self.cc < min_arch {
             return Err(Reason::ComputeCapability { needed: min_arch, found: self.cc });
+        }
+        if self.emulated_from.is_some() {
+            // Emulation runs the older arch's PTX, which only NVRTC makes.
+            return match &self.nvrtc {
+                Nvrtc::Available { .. } => Ok(ImageSource::EmulatedPtx(self.cc)),
+                Nvrtc::Missing(why) => Err(Reason::Jit {
+                    why: format!("ATTN_EMULATE_ARCH needs NVRTC to compile {device} PTX, and {why}"),
+                }),
+            };
         }
         let nvrtc_why = || -> Option<String> {
             match (&self.nvrtc, self.nvrtc.min_arch()) {
@@ -294,6 +332,8 @@ pub enum ImageSource {
     Embedded(ImageMatch),
     /// Compiled by NVRTC for the device's exact arch (cached on disk).
     Jit,
+    /// `ATTN_EMULATE_ARCH`: PTX for this older arch from NVRTC, compiled by the driver.
+    EmulatedPtx(ComputeCapability),
 }
 
 impl fmt::Display for ImageSource {
@@ -305,6 +345,9 @@ impl fmt::Display for ImageSource {
             }
             ImageSource::Embedded(ImageMatch::None) => write!(f, "none"),
             ImageSource::Jit => write!(f, "NVRTC"),
+            ImageSource::EmulatedPtx(cc) => {
+                write!(f, "NVRTC PTX for compute_{}{} (ATTN_EMULATE_ARCH), compiled by the driver", cc.major, cc.minor)
+            }
         }
     }
 }

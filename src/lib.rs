@@ -28,4 +28,4 @@ pub use options::Options;
 pub use problem::{MemoryKind, Problem};
 pub use select::{select, Attention, Explanation, Selector};
 pub use settings::{JitMode, Settings};
-pub use tensor::{LseMut, Tensor, TensorMut};
+pub use tensor::{LseMut, SeqLens, Tensor, TensorMut, VarLen};

@@ -32,6 +32,9 @@ pub struct Options {
     pub window_right: Option<usize>,
     /// Logit soft-capping: the scaled logit `x` becomes `softcap · tanh(x / softcap)`.
     pub softcap: Option<f32>,
+    /// f32 inputs may run on TF32 tensor cores (10-bit mantissa products), as PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32` allows. Off by default: f32 stays exact to ~1e-6.
+    pub allow_tf32: bool,
 }
 
 impl Options {
@@ -61,6 +64,11 @@ impl Options {
     /// Logit soft-capping (Gemma 2): each scaled logit `x` becomes `cap · tanh(x / cap)`.
     pub fn softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
+        self
+    }
+    /// Let f32 inputs run on TF32 tensor cores (see the field).
+    pub fn allow_tf32(mut self, allow: bool) -> Self {
+        self.allow_tf32 = allow;
         self
     }
     /// Whether the causal mask is on.

@@ -52,6 +52,9 @@ pub struct Problem {
     pub softcap: Option<f32>,
     /// Where the tensors live.
     pub memory: MemoryKind,
+    /// A packed variable-length batch (`cu_seqlens`): `batch` counts its sequences and
+    /// `seqlen_q`/`seqlen_k` are the longest.
+    pub varlen: bool,
     /// Every base pointer is 16-byte aligned and every stride a multiple of 16 bytes, so
     /// kernels can move 16-byte vectors (true for problems built by hand).
     pub vector_aligned: bool,
@@ -81,6 +84,7 @@ impl Problem {
             window: (None, None),
             softcap: None,
             memory: MemoryKind::Device { ordinal: 0 },
+            varlen: false,
             vector_aligned: true,
         }
     }
@@ -92,6 +96,11 @@ impl Problem {
     /// Request the log-sum-exp output.
     pub fn with_lse(mut self, lse: bool) -> Self {
         self.with_lse = lse;
+        self
+    }
+    /// Describe a packed variable-length batch (see [`crate::VarLen`]).
+    pub fn varlen(mut self, varlen: bool) -> Self {
+        self.varlen = varlen;
         self
     }
     /// Put the tensors in host memory.
@@ -134,7 +143,7 @@ impl fmt::Display for Problem {
             self.kv_heads,
             self.head_dim,
             if self.causal { " causal" } else { "" },
-            if self.with_lse { " +lse" } else { "" },
+            if self.with_lse { " +lse" } else { "" }.to_string() + if self.varlen { " varlen" } else { "" },
             match self.window {
                 (None, None) => String::new(),
                 (l, r) => format!(

@@ -17,7 +17,7 @@ use crate::gpu::naive::NaiveBackend;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
 use crate::settings::{JitMode, Settings};
-use crate::tensor::{validate, LseMut, Tensor, TensorMut};
+use crate::tensor::{validate, LseMut, Tensor, TensorMut, VarLen};
 
 /// Configures selection in code. It starts from the environment (`ATTN_*`); every explicit
 /// call wins over the variable it mirrors.
@@ -98,6 +98,12 @@ impl Selector {
         self.settings.cpu_threads = Some(threads.max(1));
         self
     }
+    /// Run every kernel as code for the older `arch` (testing only; see
+    /// [`Settings::emulate_arch`]), e.g. `ComputeCapability::new(7, 5)` for a T4's code path.
+    pub fn emulate_arch(mut self, arch: crate::caps::ComputeCapability) -> Self {
+        self.settings.emulate_arch = Some(arch);
+        self
+    }
     /// Selects for a simulated device instead of probing one: `explain` then answers what
     /// would run there. GPU backends cannot run on it (there is no device behind it).
     pub fn simulate(mut self, caps: DeviceCaps) -> Self {
@@ -129,6 +135,29 @@ impl Selector {
                     (None, None, Some(why))
                 }
             },
+        };
+        let (device, caps) = match s.emulate_arch {
+            None => (device, caps),
+            Some(arch) => {
+                let newer = || Error::InvalidSetting {
+                    var: "ATTN_EMULATE_ARCH",
+                    value: arch.to_string(),
+                    expected: format!(
+                        "a compute capability no newer than the device's {}",
+                        caps.as_ref().map(|c| c.cc.to_string()).unwrap_or_default()
+                    ),
+                };
+                match (&device, &caps) {
+                    (Some(dev), _) => {
+                        let dev = dev.emulating(arch).ok_or_else(newer)?;
+                        let caps = dev.caps.clone();
+                        device::log_once(log::Level::Warn, format!("attention: ATTN_EMULATE_ARCH={arch}: running {}", caps.name));
+                        (Some(dev), Some(caps))
+                    }
+                    (None, Some(c)) => (None, Some(c.emulating(arch).ok_or_else(newer)?)),
+                    (None, None) => (None, None),
+                }
+            }
         };
         let threads = s.cpu_threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -394,7 +423,7 @@ impl Attention {
         out: &mut TensorMut<'_, T>,
         opts: &Options,
     ) -> Result<BackendKind, Error> {
-        self.run(q, k, v, out, None, opts)
+        self.run(q, k, v, out, None, None, opts)
     }
 
     /// As [`Attention::forward`], also writing the log-sum-exp of each row (natural log, f32,
@@ -408,7 +437,37 @@ impl Attention {
         lse: &mut LseMut<'_>,
         opts: &Options,
     ) -> Result<BackendKind, Error> {
-        self.run(q, k, v, out, Some(lse), opts)
+        self.run(q, k, v, out, Some(lse), None, opts)
+    }
+
+    /// Attention over a packed variable-length batch (see [`VarLen`]): q/out are
+    /// `[1, total_q, heads, head_dim]` and k/v `[1, total_k, kv_heads, head_dim]`.
+    pub fn forward_varlen<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        k: &Tensor<'_, T>,
+        v: &Tensor<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        varlen: &VarLen<'_>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        self.run(q, k, v, out, None, Some(varlen), opts)
+    }
+
+    /// As [`Attention::forward_varlen`], also writing the log-sum-exp, `[heads, total_q]` f32
+    /// (FlashAttention's varlen layout).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_varlen_with_lse<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        k: &Tensor<'_, T>,
+        v: &Tensor<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        lse: &mut LseMut<'_>,
+        varlen: &VarLen<'_>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        self.run(q, k, v, out, Some(lse), Some(varlen), opts)
     }
 
     fn run<T: Element>(
@@ -418,9 +477,11 @@ impl Attention {
         v: &Tensor<'_, T>,
         out: &mut TensorMut<'_, T>,
         lse: Option<&mut LseMut<'_>>,
+        varlen: Option<&VarLen<'_>>,
         opts: &Options,
     ) -> Result<BackendKind, Error> {
-        let mut call = validate(q, k, v, out, lse, opts)?;
+        let mut call = validate(q, k, v, out, lse, varlen, opts)?;
+        call.allow_tf32 |= self.inner.settings.allow_tf32;
         // Raw device pointers carry no ordinal: they are on this handle's device or rejected
         // by the range check.
         if let MemoryKind::Device { ordinal: usize::MAX } = call.problem.memory {

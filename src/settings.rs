@@ -10,6 +10,8 @@
 //! | `ATTN_DEVICE` | a CUDA device ordinal | `0` | which GPU `select()` probes (after `CUDA_VISIBLE_DEVICES`) |
 //! | `ATTN_NAIVE_WORKSPACE_MB` | a positive integer | `256` | cap on the naive backend's score workspace |
 //! | `ATTN_CPU_THREADS` | a positive integer | all cores | threads of the CPU backend |
+//! | `ATTN_ALLOW_TF32` | `0`/`1` | `0` (or `1` when `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`) | f32 inputs may run on TF32 tensor cores, as PyTorch's `allow_tf32`; [`crate::Options::allow_tf32`] sets it per call |
+//! | `ATTN_EMULATE_ARCH` | a compute capability, e.g. `7.5` | unset | testing only: run every kernel as the named older arch's code (NVRTC PTX, compiled by the driver) and choose backends as on such a device; see [`Settings::emulate_arch`] |
 //!
 //! An empty value counts as unset. Any other invalid value is an [`Error::InvalidSetting`]
 //! naming the variable, the value and what is accepted; nothing is silently ignored.
@@ -74,6 +76,14 @@ pub struct Settings {
     pub naive_workspace_mb: usize,
     /// `ATTN_CPU_THREADS`; `None` means all available cores.
     pub cpu_threads: Option<usize>,
+    /// `ATTN_ALLOW_TF32` (or PyTorch's `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE`): f32 may use TF32.
+    pub allow_tf32: bool,
+    /// `ATTN_EMULATE_ARCH`, for testing code paths of GPUs you do not have: the device is
+    /// described to every backend with this (older or equal) compute capability and its
+    /// shared-memory limit, and every kernel module is compiled by NVRTC to that arch's PTX,
+    /// which the driver compiles for the real device. The exact code a T4 runs
+    /// (`7.5`) then runs on an H100. Needs libnvrtc.
+    pub emulate_arch: Option<crate::caps::ComputeCapability>,
 }
 
 impl Default for Settings {
@@ -88,12 +98,14 @@ impl Default for Settings {
             cache_dir: None,
             naive_workspace_mb: DEFAULT_NAIVE_WORKSPACE_MB,
             cpu_threads: None,
+            allow_tf32: false,
+            emulate_arch: None,
         }
     }
 }
 
 /// Names of the variables this module reads, for diagnostics.
-pub const VARIABLES: [&str; 8] = [
+pub const VARIABLES: [&str; 11] = [
     "ATTN_BACKEND",
     "ATTN_DISABLE",
     "ATTN_STRICT",
@@ -102,6 +114,9 @@ pub const VARIABLES: [&str; 8] = [
     "ATTN_DEVICE",
     "ATTN_NAIVE_WORKSPACE_MB",
     "ATTN_CPU_THREADS",
+    "ATTN_ALLOW_TF32",
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+    "ATTN_EMULATE_ARCH",
 ];
 
 impl Settings {
@@ -184,6 +199,16 @@ impl Settings {
                 "a positive number of threads",
             )?);
         }
+        if let Some(v) = get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")? {
+            s.allow_tf32 = parse_bool("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", &v)?;
+        }
+        // Ours wins over PyTorch's when both are set.
+        if let Some(v) = get("ATTN_ALLOW_TF32")? {
+            s.allow_tf32 = parse_bool("ATTN_ALLOW_TF32", &v)?;
+        }
+        if let Some(v) = get("ATTN_EMULATE_ARCH")? {
+            s.emulate_arch = Some(parse_cc("ATTN_EMULATE_ARCH", &v)?);
+        }
         Ok(s)
     }
 
@@ -194,6 +219,28 @@ impl Settings {
             .filter_map(|&v| std::env::var_os(v).map(|x| (v, x.to_string_lossy().into_owned())))
             .collect()
     }
+}
+
+/// `7.5`, `75` or `sm_75`.
+pub(crate) fn parse_cc(var: &'static str, v: &str) -> Result<crate::caps::ComputeCapability, Error> {
+    let bad = || Error::InvalidSetting {
+        var,
+        value: v.to_string(),
+        expected: "a compute capability such as 7.5 (or sm_75), at least 7.0".into(),
+    };
+    let t = v.trim().trim_start_matches("sm_");
+    let (major, minor) = match t.split_once('.') {
+        Some((a, b)) => (a.parse::<u32>().map_err(|_| bad())?, b.parse::<u32>().map_err(|_| bad())?),
+        None if t.len() >= 2 && t.chars().all(|c| c.is_ascii_digit()) => {
+            let (a, b) = t.split_at(t.len() - 1);
+            (a.parse::<u32>().map_err(|_| bad())?, b.parse::<u32>().map_err(|_| bad())?)
+        }
+        None => return Err(bad()),
+    };
+    if major < 7 || minor > 9 {
+        return Err(bad());
+    }
+    Ok(crate::caps::ComputeCapability::new(major, minor))
 }
 
 fn parse_backend(var: &'static str, v: &str) -> Result<BackendKind, Error> {

@@ -199,6 +199,145 @@ impl<'a> LseMut<'a> {
     }
 }
 
+/// The sequence boundaries of a packed variable-length batch: `batch + 1` int32 prefix sums
+/// (`cu_seqlens` in FlashAttention's varlen API and vLLM). Sequence `b` is rows
+/// `cu[b]..cu[b + 1]` of the packed tensor.
+///
+/// Host prefix sums are checked in full before anything runs. Device prefix sums are not read
+/// on the host (that would synchronise the stream and break CUDA-graph capture): the kernels
+/// clamp every entry to the tensors and every length to the stated maximum, so malformed ones
+/// give wrong rows, never an access outside the caller's buffers. Validate them on the host
+/// with [`SeqLens::check_host`] when unsure.
+pub struct SeqLens<'a> {
+    mem: InMem<'a>,
+    len: usize,
+}
+
+impl<'a> SeqLens<'a> {
+    /// Prefix sums in host memory (for host tensors: the CPU backend).
+    pub fn host(cu_seqlens: &'a [i32]) -> Self {
+        SeqLens { mem: InMem::Host(bytemuck::cast_slice(cu_seqlens)), len: cu_seqlens.len() }
+    }
+
+    /// Prefix sums in a cudarc device slice.
+    pub fn cuda<S: DevicePtr<i32>>(slice: &'a S) -> Self {
+        let stream = slice.stream();
+        let (ptr, guard) = slice.device_ptr(stream);
+        SeqLens {
+            mem: InMem::Device(DeviceRef {
+                ptr,
+                len: slice.len(),
+                ordinal: Some(stream.context().ordinal()),
+                stream: stream.cu_stream(),
+                _guard: Some(guard),
+            }),
+            len: slice.len(),
+        }
+    }
+
+    /// Prefix sums in device memory owned elsewhere (a PyTorch int32 tensor's `data_ptr()`).
+    ///
+    /// # Safety
+    /// As [`Tensor::from_raw_device`], for `len` i32 values.
+    pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
+        SeqLens {
+            mem: InMem::Device(DeviceRef { ptr, len, ordinal: None, stream: std::ptr::null_mut(), _guard: None }),
+            len,
+        }
+    }
+
+    /// Number of sequences (`len - 1`).
+    pub fn batch(&self) -> usize {
+        self.len.saturating_sub(1)
+    }
+
+    /// Checks host prefix sums against a packed tensor of `total` rows and a maximum length:
+    /// non-decreasing, within `0..=total`, each length at most `max_seqlen`. The error names
+    /// `arg`, the first bad entry and what is accepted.
+    pub fn check_host(cu: &[i32], total: usize, max_seqlen: usize, arg: &'static str) -> Result<(), Error> {
+        if cu.len() < 2 {
+            return Err(Error::invalid(arg, format!("{} entries", cu.len()), "batch + 1 >= 2 prefix sums"));
+        }
+        for (i, &x) in cu.iter().enumerate() {
+            if x < 0 || x as usize > total {
+                return Err(Error::invalid(
+                    arg,
+                    format!("entry {i} = {x}"),
+                    format!("offsets within the packed tensor's {total} rows"),
+                ));
+            }
+        }
+        for (i, w) in cu.windows(2).enumerate() {
+            let len = w[1] as i64 - w[0] as i64;
+            if len < 0 {
+                return Err(Error::invalid(
+                    arg,
+                    format!("entries {i}..{} = {}, {}", i + 1, w[0], w[1]),
+                    "non-decreasing prefix sums",
+                ));
+            }
+            if len as usize > max_seqlen {
+                return Err(Error::invalid(
+                    arg,
+                    format!("sequence {i} of length {len}"),
+                    format!("lengths at most the stated maximum {max_seqlen}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A packed variable-length batch, as FlashAttention's `flash_attn_varlen_func` and vLLM's
+/// prefill take it: q/out are `[1, total_q, heads, head_dim]`, k/v `[1, total_k, kv_heads,
+/// head_dim]`, and sequence `b` is rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` of q against rows
+/// `cu_seqlens_k[b]..cu_seqlens_k[b+1]` of k and v. Causal masks and windows align bottom-right
+/// within each sequence. The maxima size the launch grid.
+///
+/// ```
+/// use attention::{Layout, SeqLens, Tensor, TensorMut, VarLen, Options};
+/// // Two sequences of 3 and 5 tokens, 2 heads of dim 8, packed.
+/// let cu = [0, 3, 8];
+/// let (h, d) = (2, 8);
+/// let x: Vec<f32> = (0..8 * h * d).map(|i| (i as f32 * 0.1).cos()).collect();
+/// let mut out = vec![0.0f32; x.len()];
+/// let l = Layout::contiguous(1, 8, h, d);
+/// let attn = attention::Selector::from_env().unwrap().backend(attention::BackendKind::Cpu).select().unwrap();
+/// let varlen = VarLen::new(SeqLens::host(&cu), SeqLens::host(&cu), 5, 5);
+/// attn.forward_varlen(&Tensor::host(&x, l), &Tensor::host(&x, l), &Tensor::host(&x, l),
+///                     &mut TensorMut::host(&mut out, l), &varlen, &Options::default().causal(true))
+///     .unwrap();
+/// ```
+pub struct VarLen<'a> {
+    cu_seqlens_q: SeqLens<'a>,
+    cu_seqlens_k: SeqLens<'a>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+}
+
+impl<'a> VarLen<'a> {
+    /// A packed batch: the two prefix sums (same number of entries, same memory as the
+    /// tensors) and the longest query and key sequence.
+    pub fn new(cu_seqlens_q: SeqLens<'a>, cu_seqlens_k: SeqLens<'a>, max_seqlen_q: usize, max_seqlen_k: usize) -> Self {
+        VarLen { cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k }
+    }
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.cu_seqlens_q.batch()
+    }
+}
+
+/// The validated varlen part of a call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PackedSeqs {
+    /// `batch + 1` i32 prefix sums each.
+    pub cu_seqlens_q: Addr,
+    pub cu_seqlens_k: Addr,
+    /// Rows of the packed q/out and k/v tensors.
+    pub total_q: usize,
+    pub total_k: usize,
+}
+
 /// An address in host or device memory.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Addr {
@@ -229,6 +368,11 @@ pub(crate) struct Call<'a> {
     pub out: Operand,
     /// f32 `[batch, heads, seqlen_q]`.
     pub lse: Option<Operand>,
+    /// A packed variable-length batch: the problem's batch is its number of sequences and its
+    /// lengths the maxima.
+    pub varlen: Option<PackedSeqs>,
+    /// f32 kernels may use TF32 tensor cores.
+    pub allow_tf32: bool,
     /// The stream device work is launched on (null for host calls or the legacy stream).
     pub stream: CUstream,
     _borrows: PhantomData<&'a mut ()>,
@@ -426,6 +570,7 @@ pub(crate) fn validate<'c, T: Element>(
     v: &'c Tensor<'_, T>,
     out: &'c mut TensorMut<'_, T>,
     lse: Option<&'c mut LseMut<'_>>,
+    varlen: Option<&'c VarLen<'_>>,
     opts: &Options,
 ) -> Result<Call<'c>, Error> {
     let elem = std::mem::size_of::<T>();
@@ -543,6 +688,10 @@ pub(crate) fn validate<'c, T: Element>(
             }
         }
     }
+    let packed = match varlen {
+        None => None,
+        Some(vl) => Some(check_varlen(vl, &qo.layout, &ko.layout, qm)?),
+    };
     let memory = match qm {
         MemoryKind::Device { ordinal: usize::MAX } => [km, vm, om]
             .into_iter()
@@ -550,9 +699,14 @@ pub(crate) fn validate<'c, T: Element>(
             .unwrap_or(qm),
         m => m,
     };
-    let mut problem = Problem::new(T::DTYPE, b, sq, sk, h, hk, d)
+    let (pb, psq, psk) = match (varlen, &packed) {
+        (Some(vl), Some(_)) => (vl.batch(), vl.max_seqlen_q, vl.max_seqlen_k),
+        _ => (b, sq, sk),
+    };
+    let mut problem = Problem::new(T::DTYPE, pb, psq, psk, h, hk, d)
         .causal(opts.causal)
-        .with_lse(lse_op.is_some());
+        .with_lse(lse_op.is_some())
+        .varlen(packed.is_some());
     problem.window = (opts.window_left, opts.window_right);
     problem.softcap = opts.softcap;
     problem.memory = memory;
@@ -567,7 +721,69 @@ pub(crate) fn validate<'c, T: Element>(
         v: vo,
         out: oo,
         lse: lse_op,
+        varlen: packed,
+        allow_tf32: opts.allow_tf32,
         stream,
         _borrows: PhantomData,
     })
+}
+
+fn seqlens_addr(s: &SeqLens<'_>) -> (Addr, MemoryKind) {
+    match &s.mem {
+        InMem::Host(b) => (Addr::Host(b.as_ptr()), MemoryKind::Host),
+        InMem::Device(d) => (Addr::Device(d.ptr), MemoryKind::Device { ordinal: d.ordinal.unwrap_or(usize::MAX) }),
+    }
+}
+
+/// Checks a packed batch against the q and k layouts: one check per constraint.
+fn check_varlen(vl: &VarLen<'_>, q: &Layout, k: &Layout, qm: MemoryKind) -> Result<PackedSeqs, Error> {
+    if q.batch() != 1 {
+        return Err(Error::invalid(
+            "q",
+            format!("batch {} with cu_seqlens", q.batch()),
+            "batch 1: a packed batch is [1, total_q, heads, head_dim]",
+        ));
+    }
+    let (nq, nk) = (vl.cu_seqlens_q.len, vl.cu_seqlens_k.len);
+    if nq < 2 {
+        return Err(Error::invalid("cu_seqlens_q", format!("{nq} entries"), "batch + 1 >= 2 prefix sums"));
+    }
+    if nk != nq {
+        return Err(Error::invalid(
+            "cu_seqlens_k",
+            format!("{nk} entries"),
+            format!("as many as cu_seqlens_q ({nq}): one sequence of keys per sequence of queries"),
+        ));
+    }
+    if nq - 1 > MAX_DIM {
+        return Err(Error::invalid("cu_seqlens_q", format!("{nq} entries"), format!("at most {MAX_DIM} sequences")));
+    }
+    for (arg, m) in [("max_seqlen_q", vl.max_seqlen_q), ("max_seqlen_k", vl.max_seqlen_k)] {
+        if m == 0 || m > MAX_DIM {
+            return Err(Error::invalid(arg, m, format!("1..={MAX_DIM}, the longest sequence")));
+        }
+    }
+    let (total_q, total_k) = (q.seqlen(), k.seqlen());
+    let mut addrs = [Addr::Device(0); 2];
+    for (i, (arg, s, total, max)) in [
+        ("cu_seqlens_q", &vl.cu_seqlens_q, total_q, vl.max_seqlen_q),
+        ("cu_seqlens_k", &vl.cu_seqlens_k, total_k, vl.max_seqlen_k),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (addr, m) = seqlens_addr(s);
+        if !same_memory(qm, m) {
+            return Err(Error::invalid(arg, describe(m), format!("{} like q", describe(qm))));
+        }
+        match (&s.mem, addr) {
+            (InMem::Host(b), _) => SeqLens::check_host(bytemuck::cast_slice(b), total, max, arg)?,
+            (InMem::Device(_), Addr::Device(p)) if p == 0 || p % 4 != 0 => {
+                return Err(Error::invalid(arg, format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"));
+            }
+            _ => {}
+        }
+        addrs[i] = addr;
+    }
+    Ok(PackedSeqs { cu_seqlens_q: addrs[0], cu_seqlens_k: addrs[1], total_q, total_k })
 }

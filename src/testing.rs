@@ -27,7 +27,7 @@ pub fn jit_compile(module: &str, cc: ComputeCapability, cache_dir: Option<PathBu
         Nvrtc::Available { version } => version,
         Nvrtc::Missing(why) => return Err(why),
     };
-    crate::gpu::nvrtc::compile_cached(module, cc, version, cache_dir.as_ref()).map_err(|r| r.to_string())
+    crate::gpu::nvrtc::compile_cached(module, crate::gpu::nvrtc::JitTarget::Cubin(cc), version, cache_dir.as_ref()).map_err(|r| r.to_string())
 }
 
 /// The entries of a JIT cache directory: (file name, bytes, checksum valid).

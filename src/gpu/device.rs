@@ -158,6 +158,7 @@ fn probe_uncached(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
         kernels: KernelBuild::embedded(),
         nvrtc: nvrtc::probe(),
         simulated: false,
+        emulated_from: None,
     };
     Ok(Arc::new(GpuDevice { ctx, caps, modules: Mutex::new(HashMap::new()) }))
 }
@@ -312,8 +313,13 @@ impl GpuDevice {
                 }
             }
         }
-        let cubin = self.jit_compile(name, cache_dir)?;
-        self.load_image(cubin, functions, ImageSource::Jit).map_err(|code| Reason::Jit {
+        let target = match source {
+            ImageSource::EmulatedPtx(cc) => nvrtc::JitTarget::Ptx(cc),
+            _ => nvrtc::JitTarget::Cubin(self.caps.cc),
+        };
+        let image = self.jit_compile(name, target, cache_dir)?;
+        let loaded_as = if matches!(source, ImageSource::EmulatedPtx(_)) { source } else { ImageSource::Jit };
+        self.load_image(image, functions, loaded_as).map_err(|code| Reason::Jit {
             why: format!("the NVRTC image of {name} did not load: {}", driver_error_text(code)),
         })
     }
@@ -333,13 +339,25 @@ impl GpuDevice {
         Ok(LoadedModule { _module: module, functions: table, source })
     }
 
-    /// NVRTC for this device's exact arch, through the on-disk cache.
-    fn jit_compile(&self, name: &'static str, cache_dir: Option<&PathBuf>) -> Result<Vec<u8>, Reason> {
+    /// NVRTC for `target`, through the on-disk cache.
+    fn jit_compile(
+        &self,
+        name: &'static str,
+        target: nvrtc::JitTarget,
+        cache_dir: Option<&PathBuf>,
+    ) -> Result<Vec<u8>, Reason> {
         let version = match self.caps.nvrtc {
             Nvrtc::Available { version } => version,
             Nvrtc::Missing(ref why) => return Err(Reason::Jit { why: why.clone() }),
         };
-        nvrtc::compile_cached(name, self.caps.cc, version, cache_dir).map(|(image, _)| image)
+        nvrtc::compile_cached(name, target, version, cache_dir).map(|(image, _)| image)
+    }
+
+    /// This device described as an older `arch` (`ATTN_EMULATE_ARCH`): same context, the
+    /// emulated capabilities, and a module table of its own (modules load as that arch's PTX).
+    pub(crate) fn emulating(&self, arch: crate::caps::ComputeCapability) -> Option<Arc<GpuDevice>> {
+        let caps = self.caps.emulating(arch)?;
+        Some(Arc::new(GpuDevice { ctx: self.ctx.clone(), caps, modules: Mutex::new(HashMap::new()) }))
     }
 
     /// What every GPU backend does before its first launch: make the context current and check
@@ -353,6 +371,15 @@ impl GpuDevice {
         }
         if let Some(l) = &call.lse {
             self.check_range("lse", device_addr(l), l.len as u64 * 4)?;
+        }
+        if let Some(v) = &call.varlen {
+            let bytes = (call.problem.batch as u64 + 1) * 4;
+            for (name, a) in [("cu_seqlens_q", v.cu_seqlens_q), ("cu_seqlens_k", v.cu_seqlens_k)] {
+                let Addr::Device(p) = a else {
+                    return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q")));
+                };
+                self.check_range(name, p, bytes)?;
+            }
         }
         Ok(())
     }

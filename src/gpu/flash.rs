@@ -10,44 +10,14 @@ use std::sync::Arc;
 use cudarc::driver::result;
 use cudarc::driver::sys::CUfunction_attribute;
 
-use super::device::{device_addr, launch_failure, GpuDevice, Kernels};
-use super::naive::window_arg;
+use super::device::{launch_failure, GpuDevice, Kernels};
+use super::params::AttnParams;
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::{Call, Operand};
-
-/// Mirrors `struct FlashParams` in cuda/flash.cu (the kernel checks its size is 176).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FlashParams {
-    q_stride: [i64; 3],
-    k_stride: [i64; 3],
-    v_stride: [i64; 3],
-    o_stride: [i64; 3],
-    q: u64,
-    k: u64,
-    v: u64,
-    o: u64,
-    lse: u64,
-    heads: i32,
-    kv_group: i32,
-    seqlen_q: i32,
-    seqlen_k: i32,
-    head_dim: i32,
-    window_left: i32,
-    window_right: i32,
-    causal: i32,
-    scale: f32,
-    softcap: f32,
-}
-const _: () = {
-    assert!(std::mem::size_of::<FlashParams>() == 176);
-    assert!(std::mem::offset_of!(FlashParams, heads) == 136);
-    assert!(std::mem::offset_of!(FlashParams, scale) == 168);
-};
+use crate::tensor::Call;
 
 const MODULE: &str = "flash";
 const FUNCTIONS: [&str; 6] = [
@@ -117,10 +87,6 @@ impl FlashBackend {
     }
 }
 
-fn strides(o: &Operand) -> [i64; 3] {
-    o.layout.strides().map(|s| s as i64)
-}
-
 impl Backend for FlashBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Flash
@@ -171,31 +137,11 @@ impl Backend for FlashBackend {
         // Above 48 KiB a kernel must opt in to its dynamic shared memory.
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| launch_failure(e.0, false))?;
-        let mut params = FlashParams {
-            q_stride: strides(&call.q),
-            k_stride: strides(&call.k),
-            v_stride: strides(&call.v),
-            o_stride: strides(&call.out),
-            q: device_addr(&call.q),
-            k: device_addr(&call.k),
-            v: device_addr(&call.v),
-            o: device_addr(&call.out),
-            lse: call.lse.as_ref().map(device_addr).unwrap_or(0),
-            heads: p.heads as i32,
-            kv_group: (p.heads / p.kv_heads) as i32,
-            seqlen_q: p.seqlen_q as i32,
-            seqlen_k: p.seqlen_k as i32,
-            head_dim: p.head_dim as i32,
-            window_left: window_arg(call.mask.left),
-            window_right: window_arg(call.mask.right),
-            causal: p.causal as i32,
-            scale: call.scale,
-            softcap: call.softcap.unwrap_or(0.0),
-        };
+        let mut params = AttnParams::of(call);
         let grid = (p.seqlen_q.div_ceil(spec.block_m()) as u32, p.heads as u32, p.batch as u32);
         let block = ((spec.warps * 32) as u32, 1, 1);
-        let mut args = [&mut params as *mut FlashParams as *mut c_void];
-        // SAFETY: one by-value FlashParams argument, as the kernel declares; every pointer in it
+        let mut args = [&mut params as *mut AttnParams as *mut c_void];
+        // SAFETY: one by-value AttnParams argument, as the kernel declares; every pointer in it
         // was checked against its allocation by `prepare`.
         unsafe { result::launch_kernel(func.cu_function(), grid, block, smem as u32, call.stream, &mut args) }
             .map_err(|e| launch_failure(e.0, false))

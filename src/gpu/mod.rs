@@ -6,3 +6,4 @@ pub(crate) mod embedded;
 pub(crate) mod flash;
 pub(crate) mod naive;
 pub(crate) mod nvrtc;
+pub(crate) mod params;

@@ -106,9 +106,7 @@ fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize) -> (usize, usize)
 }
 
 /// A window side as the kernels take it: -1 for unlimited. Validation caps it at i32::MAX.
-pub(crate) fn window_arg(w: Option<usize>) -> i32 {
-    w.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(-1)
-}
+use super::params::window_arg;
 
 fn dtype_suffix(d: DType) -> &'static str {
     d.name()
@@ -125,6 +123,11 @@ impl Backend for NaiveBackend {
 
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
         let mut reasons = gpu_memory_reasons(caps, problem);
+        // The workspace is sized per (batch, head) from fixed lengths; a packed batch's lengths
+        // live on the device and are never read on the host.
+        if problem.varlen {
+            reasons.push(Reason::VarLen);
+        }
         reasons.extend(self.kernels.unavailable(caps));
         reasons
     }

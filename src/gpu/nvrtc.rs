@@ -38,10 +38,28 @@ pub(crate) fn probe() -> Nvrtc {
     }
 }
 
+/// What NVRTC produces: a cubin for a real arch (the JIT repair), or PTX for a virtual one
+/// (`ATTN_EMULATE_ARCH`: the driver compiles it for the device at hand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum JitTarget {
+    Cubin(ComputeCapability),
+    Ptx(ComputeCapability),
+}
+
+impl JitTarget {
+    /// `sm_90` or `compute_75`: the `--gpu-architecture` value, and part of the cache key.
+    pub(crate) fn arch(&self) -> String {
+        match self {
+            JitTarget::Cubin(cc) => format!("sm_{}{}", cc.major, cc.minor),
+            JitTarget::Ptx(cc) => format!("compute_{}{}", cc.major, cc.minor),
+        }
+    }
+}
+
 /// The options every JIT compile uses (part of the cache key).
-pub(crate) fn options(cc: ComputeCapability) -> Vec<String> {
+pub(crate) fn options(target: JitTarget) -> Vec<String> {
     vec![
-        format!("--gpu-architecture=sm_{}{}", cc.major, cc.minor),
+        format!("--gpu-architecture={}", target.arch()),
         "--std=c++17".into(),
         "--use_fast_math".into(),
     ]
@@ -58,12 +76,14 @@ pub(crate) fn module_sources(module: &str) -> Option<(&'static str, Vec<(&'stati
     Some((main, headers))
 }
 
-/// Compiles a module to a cubin for exactly `cc`. Returns the compiler log on failure.
-pub(crate) fn compile(module: &str, cc: ComputeCapability) -> Result<Vec<u8>, String> {
+/// Compiles a module to a cubin (or PTX, NUL-terminated as cuModuleLoadData wants it) for
+/// exactly `target`. Returns the compiler log on failure.
+pub(crate) fn compile(module: &str, target: JitTarget) -> Result<Vec<u8>, String> {
     let (main, headers) =
         module_sources(module).ok_or_else(|| format!("no embedded source for module {module}"))?;
-    let opts = options(cc);
-    std::panic::catch_unwind(|| compile_raw(module, main, &headers, &opts))
+    let opts = options(target);
+    let ptx = matches!(target, JitTarget::Ptx(_));
+    std::panic::catch_unwind(|| compile_raw(module, main, &headers, &opts, ptx))
         .unwrap_or_else(|_| Err("libnvrtc lacks an expected symbol".into()))
 }
 
@@ -76,6 +96,7 @@ fn compile_raw(
     main: &str,
     headers: &[(&str, &str)],
     opts: &[String],
+    ptx: bool,
 ) -> Result<Vec<u8>, String> {
     let src = cstring(main)?;
     let name = cstring(&format!("{module}.cu"))?;
@@ -104,6 +125,13 @@ fn compile_raw(
         let compiled = sys::nvrtcCompileProgram(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr());
         let result = if compiled != sys::nvrtcResult::NVRTC_SUCCESS {
             Err(format!("{compiled:?}:\n{}", program_log(prog)))
+        } else if ptx {
+            // The size NVRTC reports includes the terminating NUL, which the driver needs.
+            let mut size = 0usize;
+            check(sys::nvrtcGetPTXSize(prog, &mut size), "nvrtcGetPTXSize").and_then(|_| {
+                let mut text = vec![0u8; size];
+                check(sys::nvrtcGetPTX(prog, text.as_mut_ptr() as *mut c_char), "nvrtcGetPTX").map(|_| text)
+            })
         } else {
             let mut size = 0usize;
             check(sys::nvrtcGetCUBINSize(prog, &mut size), "nvrtcGetCUBINSize").and_then(|_| {
@@ -145,17 +173,17 @@ unsafe fn program_log(prog: sys::nvrtcProgram) -> String {
 /// written degrades to compiling in every process, with one warning.
 pub(crate) fn compile_cached(
     name: &str,
-    cc: ComputeCapability,
+    target: JitTarget,
     version: (u32, u32),
     cache_dir: Option<&PathBuf>,
 ) -> Result<(Vec<u8>, bool), Reason> {
     let (main, headers) = module_sources(name)
         .ok_or_else(|| Reason::Jit { why: format!("no embedded source for module {name}") })?;
     let compile = || {
-        log::info!("attention: compiling module {name} for {} with NVRTC {}.{}", cc.sm(), version.0, version.1);
-        compile(name, cc)
+        log::info!("attention: compiling module {name} for {} with NVRTC {}.{}", target.arch(), version.0, version.1);
+        compile(name, target)
     };
-    let jit_err = |log: String| Reason::Jit { why: format!("NVRTC failed on {name} for {}: {log}", cc.sm()) };
+    let jit_err = |log: String| Reason::Jit { why: format!("NVRTC failed on {name} for {}: {log}", target.arch()) };
     // Every byte that reaches the compiler is in the key, so an edited header is a new entry.
     let mut text = String::from(main);
     for (n, s) in &headers {
@@ -164,8 +192,8 @@ pub(crate) fn compile_cached(
     }
     let key = CacheKey::module(name)
         .with("source", format!("{:016x}", fnv1a64(text.as_bytes())))
-        .with("options", options(cc).join(" "))
-        .with("arch", cc.sm())
+        .with("options", options(target).join(" "))
+        .with("arch", target.arch())
         .with("nvrtc", format!("{}.{}", version.0, version.1))
         .with("crate", env!("CARGO_PKG_VERSION"));
     let cache = match cache_dir {

@@ -1,0 +1,99 @@
+//! The parameter block the fused kernels (flash, mem_efficient) take by value.
+
+use super::device::device_addr;
+use crate::tensor::{Addr, Call, Operand};
+
+/// Mirrors `struct AttnParams` in cuda/common.cuh (the kernel side checks its size is 208).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct AttnParams {
+    pub q_stride: [i64; 3],
+    pub k_stride: [i64; 3],
+    pub v_stride: [i64; 3],
+    pub o_stride: [i64; 3],
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    pub batch: i32,
+    pub heads: i32,
+    pub kv_group: i32,
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub total_q: i32,
+    pub total_k: i32,
+    pub head_dim: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub causal: i32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub flags: i32,
+}
+const _: () = {
+    assert!(std::mem::size_of::<AttnParams>() == 208);
+    assert!(std::mem::offset_of!(AttnParams, cu_seqlens_q) == 136);
+    assert!(std::mem::offset_of!(AttnParams, batch) == 152);
+    assert!(std::mem::offset_of!(AttnParams, scale) == 196);
+    assert!(std::mem::offset_of!(AttnParams, flags) == 204);
+};
+
+/// `ATTN_FLAG_ALLOW_TF32` in cuda/common.cuh.
+pub(crate) const FLAG_ALLOW_TF32: i32 = 1;
+
+/// A window side as the kernels take it: -1 for unlimited.
+pub(crate) fn window_arg(w: Option<usize>) -> i32 {
+    w.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(-1)
+}
+
+fn strides(o: &Operand) -> [i64; 3] {
+    o.layout.strides().map(|s| s as i64)
+}
+
+fn addr(a: Addr) -> u64 {
+    match a {
+        Addr::Device(p) => p,
+        Addr::Host(_) => 0,
+    }
+}
+
+impl AttnParams {
+    /// The parameters of a validated device call (every size was checked to fit in i32).
+    pub(crate) fn of(call: &Call<'_>) -> Self {
+        let p = &call.problem;
+        let (cu_q, cu_k, total_q, total_k) = match &call.varlen {
+            Some(v) => (addr(v.cu_seqlens_q), addr(v.cu_seqlens_k), v.total_q, v.total_k),
+            None => (0, 0, p.seqlen_q, p.seqlen_k),
+        };
+        AttnParams {
+            q_stride: strides(&call.q),
+            k_stride: strides(&call.k),
+            v_stride: strides(&call.v),
+            o_stride: strides(&call.out),
+            q: device_addr(&call.q),
+            k: device_addr(&call.k),
+            v: device_addr(&call.v),
+            o: device_addr(&call.out),
+            lse: call.lse.as_ref().map(device_addr).unwrap_or(0),
+            cu_seqlens_q: cu_q,
+            cu_seqlens_k: cu_k,
+            batch: p.batch as i32,
+            heads: p.heads as i32,
+            kv_group: (p.heads / p.kv_heads) as i32,
+            seqlen_q: p.seqlen_q as i32,
+            seqlen_k: p.seqlen_k as i32,
+            total_q: total_q as i32,
+            total_k: total_k as i32,
+            head_dim: p.head_dim as i32,
+            window_left: window_arg(call.mask.left),
+            window_right: window_arg(call.mask.right),
+            causal: p.causal as i32,
+            scale: call.scale,
+            softcap: call.softcap.unwrap_or(0.0),
+            flags: if call.allow_tf32 { FLAG_ALLOW_TF32 } else { 0 },
+        }
+    }
+}
