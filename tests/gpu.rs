@@ -14,9 +14,9 @@ use std::sync::Arc;
 use attention::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use attention::{
     BackendKind, DType, Element, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector,
-    Settings, Tensor, TensorMut,
+    SeqLens, Settings, Tensor, TensorMut, VarLen,
 };
-use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
+use common::reference::{attention_f64_masked, rel_err, varlen_f64, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
@@ -67,6 +67,7 @@ const SHAPES: [Shape; 10] = [
     s(2, 64, 4097, 8, 1, 160),
 ];
 
+#[derive(Debug)]
 struct Outcome {
     rel: f64,
     lse_err: f64,
@@ -530,4 +531,182 @@ fn flash_forward_is_graph_capturable() {
     let lse_err = lse.iter().zip(&ref_lse).map(|(g, r)| if r.is_infinite() { if *g as f64 == *r { 0.0 } else { f64::INFINITY } } else { (*g as f64 - r).abs() }).fold(0.0, f64::max);
     eprintln!("[graph] replayed 3 times: rel {rel:.2e} lse {lse_err:.2e}");
     assert!(rel < tolerance(DType::BF16) && lse_err < 1e-3);
+}
+
+/// One packed variable-length batch on the GPU against the per-sequence f64 reference.
+/// Returns (rel error, lse error, NaN count, backend that ran).
+#[allow(clippy::too_many_arguments)]
+fn run_varlen<T: Element + attention::cudarc::driver::DeviceRepr>(
+    attn: &attention::Attention,
+    stream: &Arc<CudaStream>,
+    rng: &mut Rng,
+    q_lens: &[usize],
+    k_lens: &[usize],
+    (h, hk, d): (usize, usize, usize),
+    mask: RefMask,
+    heads_first: bool,
+) -> Result<Outcome, Error> {
+    let prefix = |lens: &[usize]| -> Vec<i32> {
+        std::iter::once(0).chain(lens.iter().scan(0, |s, &l| { *s += l; Some(*s as i32) })).collect()
+    };
+    let (cu_q, cu_k) = (prefix(q_lens), prefix(k_lens));
+    let (total_q, total_k) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
+    let lay = |s, h| if heads_first { Layout::heads_first(1, s, h, d) } else { Layout::contiguous(1, s, h, d) };
+    let (lq, lk) = (lay(total_q.max(1), h), lay(total_k.max(1), hk));
+    let gen = |rng: &mut Rng, n: usize| {
+        let mut v = vec![T::from_f32(0.0); n];
+        rng.fill(&mut v, T::from_f32);
+        v
+    };
+    let (q, k, v) = (gen(rng, lq.numel()), gen(rng, lk.numel()), gen(rng, lk.numel()));
+    let (dq, dk, dv) = (stream.clone_htod(&q).unwrap(), stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap());
+    let (dcq, dck) = (stream.clone_htod(&cu_q).unwrap(), stream.clone_htod(&cu_k).unwrap());
+    let mut dout: CudaSlice<T> = stream.clone_htod(&vec![T::from_f32(f32::NAN); q.len()]).unwrap();
+    let mut dlse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; h * lq.seqlen()]).unwrap();
+    let mut opts = Options::default().causal(mask.causal).window(mask.left, mask.right);
+    if let Some(c) = mask.softcap {
+        opts = opts.softcap(c as f32);
+    }
+    let max = |l: &[usize]| l.iter().copied().max().unwrap_or(1).max(1);
+    let varlen = VarLen::new(SeqLens::cuda(&dcq), SeqLens::cuda(&dck), max(q_lens), max(k_lens));
+    let ran = attn.forward_varlen_with_lse(
+        &Tensor::cuda(&dq, lq),
+        &Tensor::cuda(&dk, lk),
+        &Tensor::cuda(&dv, lk),
+        &mut TensorMut::cuda(&mut dout, lq),
+        &mut LseMut::cuda(&mut dlse),
+        &varlen,
+        &opts,
+    )?;
+    let out = stream.clone_dtoh(&dout).unwrap();
+    let lse = stream.clone_dtoh(&dlse).unwrap();
+    let to64 = |x: T| x.to_f32() as f64;
+    let input = |data, l: Layout| RefInput { data, shape: l.shape(), strides: l.strides() };
+    let (ref_out, ref_lse) =
+        varlen_f64(input(&q[..], lq), input(&k[..], lk), input(&v[..], lk), &cu_q, &cu_k, to64, 1.0 / (d as f64).sqrt(), mask);
+    // Compare only rows inside a sequence (a zero-row batch pads the tensor to one row).
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for i in 0..total_q {
+        for hi in 0..h {
+            let o = lq.offset(0, i, hi);
+            got.extend(out[o..o + d].iter().map(|&x| to64(x)));
+            want.extend(ref_out[(i * h + hi) * d..][..d].iter().map(|x| x.unwrap()));
+        }
+    }
+    let nan = got.iter().filter(|x| !x.is_finite()).count();
+    let mut lse_err: f64 = 0.0;
+    for hi in 0..h {
+        for i in 0..total_q {
+            let (g, r) = (lse[hi * lq.seqlen() + i] as f64, ref_lse[hi * total_q + i].unwrap());
+            lse_err = lse_err.max(if r.is_infinite() { if g == r { 0.0 } else { f64::INFINITY } } else { (g - r).abs() });
+        }
+    }
+    let rel = if want.is_empty() { 0.0 } else { rel_err(&got, &want) };
+    Ok(Outcome { rel, lse_err, nan, ran })
+}
+
+/// Packed batches with mixed lengths (0 and 1 included, queries with no keys, sq ≠ sk per
+/// sequence) through flash: every specialisation, MHA/GQA(8:1)/MQA, causal, windowed and
+/// soft-capped, both packed layouts, f16 and bf16.
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn flash_varlen_matches_reference() {
+    let (_, stream) = gpu();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
+    let mut rng = Rng::fresh();
+    eprintln!("[varlen] seed {:#x}", rng.get_seed());
+    let batches: [(&[usize], &[usize]); 4] = [
+        (&[1, 0, 7, 129, 64, 65], &[1, 5, 0, 129, 200, 63]),
+        (&[300], &[1000]),
+        (&[0, 1, 1, 2, 127, 128], &[3, 1, 0, 2, 128, 127]),
+        (&[1000, 17, 4097 - 1017], &[63, 1000, 129]),
+    ];
+    let masks = [
+        RefMask::default(),
+        RefMask { causal: true, ..RefMask::default() },
+        RefMask { causal: true, left: Some(40), ..RefMask::default() },
+        RefMask { left: Some(9), right: Some(3), softcap: Some(20.0), ..RefMask::default() },
+    ];
+    let mut failures = Vec::new();
+    let (mut count, mut worst) = (0, [0f64; 2]);
+    for (i, d) in [8usize, 40, 64, 96, 128, 192, 256].into_iter().enumerate() {
+        for (j, (ql, kl)) in batches.iter().enumerate() {
+            let heads = [(4, 4), (8, 1), (8, 2)][(i + j) % 3];
+            let mask = masks[(i + j) % masks.len()];
+            for (k, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
+                let hf = (i + j + k) % 2 == 0;
+                let r = match dtype {
+                    DType::F16 => run_varlen::<f16>(&attn, &stream, &mut rng, ql, kl, (heads.0, heads.1, d), mask, hf),
+                    _ => run_varlen::<bf16>(&attn, &stream, &mut rng, ql, kl, (heads.0, heads.1, d), mask, hf),
+                };
+                count += 1;
+                let tol = if mask.softcap.is_some() { tolerance(dtype).max(3e-3) } else { tolerance(dtype) };
+                match r {
+                    Ok(o) if o.nan == 0 && o.rel < tol && o.lse_err < 2e-3 && o.ran == BackendKind::Flash => worst[k] = worst[k].max(o.rel),
+                    Ok(o) => failures.push(format!("{dtype} d={d} {ql:?}/{kl:?} {mask:?}: rel {:.2e} lse {:.2e} nan {} ran {}", o.rel, o.lse_err, o.nan, o.ran)),
+                    Err(e) => failures.push(format!("{dtype} d={d} {ql:?}/{kl:?} {mask:?}: {e}")),
+                }
+            }
+        }
+    }
+    eprintln!("[varlen] {count} cases, worst rel error f16 {:.2e} bf16 {:.2e}, {} failures", worst[0], worst[1], failures.len());
+    assert!(failures.is_empty(), "[varlen] failures:\n{}", failures.join("\n"));
+}
+
+/// Malformed prefix sums in device memory are never read on the host: the kernels clamp them,
+/// so the call completes without a fault (memcheck runs this), the context stays healthy, and
+/// a forced backend without varlen support says so.
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn malformed_device_seqlens_never_fault() {
+    let (_, stream) = gpu();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
+    let (total, h, d) = (100, 2, 64);
+    let l = Layout::contiguous(1, total, h, d);
+    let x: CudaSlice<f16> = stream.clone_htod(&vec![f16::from_f32(0.25); l.numel()]).unwrap();
+    let mut out: CudaSlice<f16> = stream.alloc_zeros(l.numel()).unwrap();
+    for bad in [vec![0, 60, 30, 100], vec![-50, 10, 5000, 100], vec![0, 100, 100, i32::MAX]] {
+        let cu = stream.clone_htod(&bad).unwrap();
+        let varlen = VarLen::new(SeqLens::cuda(&cu), SeqLens::cuda(&cu), 64, 64);
+        let ran = attn.forward_varlen(&Tensor::cuda(&x, l), &Tensor::cuda(&x, l), &Tensor::cuda(&x, l), &mut TensorMut::cuda(&mut out, l), &varlen, &Options::default());
+        assert_eq!(ran.unwrap(), BackendKind::Flash, "{bad:?}");
+        stream.synchronize().unwrap_or_else(|e| panic!("{bad:?} faulted: {e:?}"));
+    }
+    let mut rng = Rng::fresh();
+    let o = run_varlen::<f16>(&attn, &stream, &mut rng, &[5, 70], &[9, 3], (2, 2, 64), RefMask::default(), false).unwrap();
+    assert!(o.nan == 0 && o.rel < tolerance(DType::F16), "after malformed calls: rel {:.2e}", o.rel);
+    let naive = Selector::from_env().unwrap().backend(BackendKind::Naive).select().unwrap();
+    let err = run_varlen::<f16>(&naive, &stream, &mut rng, &[5, 70], &[9, 3], (2, 2, 64), RefMask::default(), false).unwrap_err();
+    assert!(err.to_string().contains("cu_seqlens"), "{err}");
+}
+
+/// `ATTN_EMULATE_ARCH=7.5` on a newer GPU: every module is NVRTC's compute_75 PTX compiled by
+/// the driver, so the code a T4 runs is what runs here; selection is a T4's (no flash), and the
+/// whole matrix still matches the reference.
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn emulated_turing_runs_its_own_code_and_matches_reference() {
+    let (_, stream) = gpu();
+    let dir = std::env::temp_dir().join(format!("attn-emu-{}", std::process::id()));
+    let turing = attention::ComputeCapability::new(7, 5);
+    let attn = Selector::from_env().unwrap().emulate_arch(turing).cache_dir(&dir).select().unwrap();
+    assert_eq!(attn.device_caps().unwrap().cc, turing);
+    let has_mem_efficient = attn.backends().contains(&BackendKind::MemEfficient);
+    let mut kinds = vec![BackendKind::Naive];
+    if has_mem_efficient {
+        kinds.push(BackendKind::MemEfficient);
+    }
+    for kind in kinds {
+        let image = attn.kernel_image(kind).unwrap();
+        assert!(image.contains("compute_75"), "{kind} must load compute_75 PTX, got {image}");
+    }
+    // A T4's ranking: mem_efficient where it takes the dtype (bf16 needs sm_80), else naive.
+    matrix(&attn, &stream, "emulated sm_75", |dtype, d| {
+        if has_mem_efficient && dtype != DType::BF16 && d <= 512 {
+            BackendKind::MemEfficient
+        } else {
+            BackendKind::Naive
+        }
+    });
+    let _ = std::fs::remove_dir_all(dir);
 }

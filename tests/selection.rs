@@ -250,3 +250,46 @@ fn select_without_a_gpu_never_panics_and_uses_the_cpu() {
         assert!(matches!(e.rejected[0].reasons[0], Reason::NoDevice { .. }));
     }
 }
+
+/// `ATTN_EMULATE_ARCH` describes the device as the older arch to every backend and loads
+/// that arch's PTX; an arch newer than the device is a setting error.
+#[test]
+fn emulated_arch_is_chosen_for_as_that_device() {
+    let h100 = DeviceCaps::simulated(SimulatedGpu::H100);
+    let turing = ComputeCapability::new(7, 5);
+    let attn = Selector::from_settings(Settings::default()).simulate(h100.clone()).emulate_arch(turing).select().unwrap();
+    let caps = attn.device_caps().unwrap();
+    assert_eq!((caps.cc, caps.smem_per_block_optin, caps.emulated_from), (turing, 64 * 1024, Some(h100.cc)));
+    assert!(caps.name.contains("emulating sm_75"), "{}", caps.name);
+    let e = attn.explain(&device_problem());
+    let flash = e.rejected.iter().find(|r| r.backend == BackendKind::Flash).unwrap();
+    assert_eq!(flash.reasons, vec![Reason::ComputeCapability { needed: ComputeCapability::new(8, 0), found: turing }]);
+    assert_eq!(caps.kernel_source(JitMode::Auto, turing), Ok(ImageSource::EmulatedPtx(turing)));
+    // Without NVRTC there is no PTX to run: said so, naming the setting.
+    let no_nvrtc = h100.clone().with_nvrtc(Nvrtc::Missing("not installed".into()));
+    let attn = Selector::from_settings(Settings::default()).simulate(no_nvrtc).emulate_arch(turing).select().unwrap();
+    let e = attn.explain(&device_problem());
+    let naive = e.rejected.iter().find(|r| r.backend == BackendKind::Naive).unwrap();
+    assert!(naive.to_string().contains("ATTN_EMULATE_ARCH needs NVRTC"), "{naive}");
+    // Newer than the device: an error naming the setting.
+    let err = Selector::from_settings(Settings::default())
+        .simulate(DeviceCaps::simulated(SimulatedGpu::A100))
+        .emulate_arch(ComputeCapability::new(9, 0))
+        .select()
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidSetting { var: "ATTN_EMULATE_ARCH", .. }), "{err}");
+}
+
+/// Packed variable-length batches: flash runs them; naive says it cannot.
+#[test]
+fn varlen_problems_skip_the_naive_backend_with_a_reason() {
+    let attn = handle(DeviceCaps::simulated(SimulatedGpu::H100), Settings::default());
+    let p = device_problem().varlen(true);
+    assert_eq!(attn.explain(&p).chosen, Some(BackendKind::Flash));
+    let mut f32_problem = p.clone();
+    f32_problem.dtype = DType::F32;
+    let e = attn.explain(&f32_problem);
+    let naive = e.rejected.iter().find(|r| r.backend == BackendKind::Naive).unwrap();
+    assert!(naive.reasons.contains(&Reason::VarLen), "{e}");
+    assert!(Reason::VarLen.to_string().contains("cu_seqlens"));
+}

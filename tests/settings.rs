@@ -89,3 +89,22 @@ fn invalid_values_name_variable_value_and_accepted() {
         assert!(text.contains(var) && text.contains(bad) && text.contains(accepted), "{text}");
     }
 }
+
+#[test]
+fn emulated_arch_and_tf32() {
+    for v in ["7.5", "sm_75", "75"] {
+        let s = parse(&[("ATTN_EMULATE_ARCH", v)]).unwrap();
+        assert_eq!(s.emulate_arch, Some(attention::ComputeCapability::new(7, 5)), "{v}");
+    }
+    for v in ["6.0", "turing", "7.x", "7.10"] {
+        let e = parse(&[("ATTN_EMULATE_ARCH", v)]).unwrap_err();
+        let t = e.to_string();
+        assert!(t.contains("ATTN_EMULATE_ARCH") && t.contains(v) && t.contains("7.5"), "{t}");
+    }
+    assert!(!parse(&[]).unwrap().allow_tf32);
+    assert!(parse(&[("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")]).unwrap().allow_tf32);
+    // Ours wins when both are set.
+    assert!(!parse(&[("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1"), ("ATTN_ALLOW_TF32", "0")]).unwrap().allow_tf32);
+    let e = parse(&[("ATTN_ALLOW_TF32", "maybe")]).unwrap_err().to_string();
+    assert!(e.contains("ATTN_ALLOW_TF32") && e.contains("maybe"), "{e}");
+}

@@ -179,3 +179,56 @@ fn strided_layouts_are_accepted() {
     c.lens[2] = c.k.span().unwrap();
     c.run().unwrap();
 }
+
+/// Runs a packed batch of `total_q`/`total_k` rows on the CPU backend with the given prefix
+/// sums and maxima; on failure, checks nothing was written.
+fn varlen_run(q_batch: usize, cu_q: &[i32], cu_k: &[i32], max: (usize, usize), lse_len: Option<usize>) -> Result<(), Error> {
+    let (total_q, total_k, h, d) = (10, 12, 2, 8);
+    let lq = Layout::contiguous(q_batch, total_q, h, d);
+    let lk = Layout::contiguous(1, total_k, h, d);
+    let x = |n: usize| (0..n).map(|i| ((i * 31) % 11) as f32 / 11.0 - 0.5).collect::<Vec<f32>>();
+    let (q, k, v) = (x(lq.numel()), x(lk.numel()), x(lk.numel()));
+    let mut out = vec![f32::NAN; lq.numel()];
+    let mut lse = lse_len.map(|n| vec![f32::NAN; n]);
+    let varlen = attention::VarLen::new(attention::SeqLens::host(cu_q), attention::SeqLens::host(cu_k), max.0, max.1);
+    let attn = cpu();
+    let (tq, tk, tv) = (Tensor::host(&q, lq), Tensor::host(&k, lk), Tensor::host(&v, lk));
+    let r = match lse.as_mut() {
+        None => attn.forward_varlen(&tq, &tk, &tv, &mut TensorMut::host(&mut out, lq), &varlen, &Options::default()),
+        Some(l) => attn.forward_varlen_with_lse(&tq, &tk, &tv, &mut TensorMut::host(&mut out, lq), &mut LseMut::host(l), &varlen, &Options::default()),
+    };
+    if r.is_err() {
+        assert!(out.iter().all(|x| x.is_nan()), "failed call wrote the output");
+        assert!(lse.iter().flatten().all(|x| x.is_nan()), "failed call wrote lse");
+    }
+    r.map(|_| ())
+}
+
+fn expect_varlen(r: Result<(), Error>, arg: &str, needles: &[&str]) {
+    let err = r.expect_err("should be rejected");
+    match &err {
+        Error::InvalidArgument { arg: a, .. } => assert_eq!(*a, arg, "{err}"),
+        other => panic!("expected InvalidArgument for {arg}, got {other:?}"),
+    }
+    let text = err.to_string();
+    for n in needles {
+        assert!(text.contains(n), "`{text}` should mention `{n}`");
+    }
+}
+
+#[test]
+fn varlen_prefix_sums_are_checked_one_constraint_at_a_time() {
+    let good_q = [0, 4, 4, 10];
+    let good_k = [0, 5, 7, 12];
+    varlen_run(1, &good_q, &good_k, (6, 5), None).unwrap();
+    varlen_run(1, &good_q, &good_k, (6, 5), Some(2 * 10)).unwrap();
+    expect_varlen(varlen_run(2, &good_q, &good_k, (6, 5), None), "q", &["batch 2", "batch 1"]);
+    expect_varlen(varlen_run(1, &[0], &[0], (6, 5), None), "cu_seqlens_q", &["1 entries", "batch + 1"]);
+    expect_varlen(varlen_run(1, &good_q, &[0, 5, 12], (6, 7), None), "cu_seqlens_k", &["3 entries", "as many as cu_seqlens_q (4)"]);
+    expect_varlen(varlen_run(1, &[0, 6, 4, 10], &good_k, (6, 5), None), "cu_seqlens_q", &["entries 1..2 = 6, 4", "non-decreasing"]);
+    expect_varlen(varlen_run(1, &[0, 4, 4, 11], &good_k, (7, 5), None), "cu_seqlens_q", &["entry 3 = 11", "10 rows"]);
+    expect_varlen(varlen_run(1, &good_q, &[-1, 5, 7, 12], (6, 6), None), "cu_seqlens_k", &["entry 0 = -1"]);
+    expect_varlen(varlen_run(1, &good_q, &good_k, (5, 5), None), "cu_seqlens_q", &["sequence 2 of length 6", "maximum 5"]);
+    expect_varlen(varlen_run(1, &good_q, &good_k, (0, 5), None), "max_seqlen_q", &["0", "longest"]);
+    expect_varlen(varlen_run(1, &good_q, &good_k, (6, 5), Some(3 * 2 * 10)), "lse", &["60 elements", "20"]);
+}

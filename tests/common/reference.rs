@@ -138,3 +138,49 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let den: f64 = b.iter().map(|y| y * y).sum();
     num.sqrt() / den.sqrt().max(f64::MIN_POSITIVE)
 }
+
+/// The f64 reference of a packed variable-length batch: each sequence `b` (rows
+/// `cu_q[b]..cu_q[b+1]` of `q`, `cu_k[b]..cu_k[b+1]` of `k`/`v`, all of batch 1) on its own,
+/// masks aligned within the sequence.
+///
+/// Returns `(out, lse)`: `out` contiguous `[total_q, h, d]` (rows outside every sequence stay
+/// `None`, as no backend writes them), `lse` `[h, total_q]` (FlashAttention's varlen layout).
+pub fn varlen_f64<T: Copy>(
+    q: RefInput<T>,
+    k: RefInput<T>,
+    v: RefInput<T>,
+    cu_q: &[i32],
+    cu_k: &[i32],
+    to_f64: impl Fn(T) -> f64 + Copy,
+    scale: f64,
+    mask: RefMask,
+) -> (Vec<Option<f64>>, Vec<Option<f64>>) {
+    let [qb, total_q, h, d] = q.shape;
+    assert_eq!((qb, k.shape[0]), (1, 1), "packed tensors have batch 1");
+    let mut out = vec![None; total_q * h * d];
+    let mut lse = vec![None; h * total_q];
+    for b in 0..cu_q.len() - 1 {
+        let (q0, q1) = (cu_q[b] as usize, cu_q[b + 1] as usize);
+        let (k0, k1) = (cu_k[b] as usize, cu_k[b + 1] as usize);
+        fn sub<'a, T>(t: &RefInput<'a, T>, r0: usize, rows: usize) -> RefInput<'a, T> {
+            RefInput { data: &t.data[r0 * t.strides[1]..], shape: [1, rows, t.shape[2], t.shape[3]], strides: t.strides }
+        }
+        let (o, l) = attention_f64_masked(
+            sub(&q, q0, q1 - q0),
+            sub(&k, k0, k1 - k0),
+            sub(&v, k0, k1 - k0),
+            to_f64,
+            scale,
+            mask,
+        );
+        for (i, x) in o.into_iter().enumerate() {
+            out[q0 * h * d + i] = Some(x);
+        }
+        for hi in 0..h {
+            for i in 0..q1 - q0 {
+                lse[hi * total_q + q0 + i] = Some(l[hi * (q1 - q0) + i]);
+            }
+        }
+    }
+    (out, lse)
+}
