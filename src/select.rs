@@ -232,6 +232,15 @@ pub struct Explanation {
     pub below: Vec<BackendKind>,
 }
 
+impl fmt::Debug for Attention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attention")
+            .field("device", &self.device_summary())
+            .field("backends", &self.backends())
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "problem: {}", self.problem)?;

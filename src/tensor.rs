@@ -586,6 +586,13 @@ pub(crate) fn validate<'c, T: Element>(
 
     let [b, sq, h, d] = qo.layout.shape();
     let [kb, sk, hk, kd] = ko.layout.shape();
+    if varlen.is_some() && b != 1 {
+        return Err(Error::invalid(
+            "q",
+            format!("batch {b} with cu_seqlens"),
+            "batch 1: a packed batch is [1, total_q, heads, head_dim]",
+        ));
+    }
     if kb != b {
         return Err(Error::invalid("k", format!("batch {kb}"), format!("q's batch {b}")));
     }
@@ -737,13 +744,7 @@ fn seqlens_addr(s: &SeqLens<'_>) -> (Addr, MemoryKind) {
 
 /// Checks a packed batch against the q and k layouts: one check per constraint.
 fn check_varlen(vl: &VarLen<'_>, q: &Layout, k: &Layout, qm: MemoryKind) -> Result<PackedSeqs, Error> {
-    if q.batch() != 1 {
-        return Err(Error::invalid(
-            "q",
-            format!("batch {} with cu_seqlens", q.batch()),
-            "batch 1: a packed batch is [1, total_q, heads, head_dim]",
-        ));
-    }
+    debug_assert_eq!(q.batch(), 1, "checked in validate");
     let (nq, nk) = (vl.cu_seqlens_q.len, vl.cu_seqlens_k.len);
     if nq < 2 {
         return Err(Error::invalid("cu_seqlens_q", format!("{nq} entries"), "batch + 1 >= 2 prefix sums"));
