@@ -277,3 +277,20 @@ FLASH_ENTRY(128, 32, 4, 2, f16, false)
 FLASH_ENTRY(128, 32, 4, 2, bf16, true)
 FLASH_ENTRY(256, 16, 8, 1, f16, false)
 FLASH_ENTRY(256, 16, 8, 1, bf16, true)
+
+// The Hopper family (flash_hopper.cuh): only in sm_90a code, where wgmma exists. Elsewhere these
+// entry points are absent and the host runs the family above.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#include "flash_hopper.cuh"
+#define FLASH_HOPPER_ENTRY(D, BN, SUFFIX, BF16)                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                       \
+        attn_flash_hopper_fwd_##SUFFIX##_d##D(const AttnParams p) {                            \
+        flash_hopper_fwd<D, BN, BF16>(p);                                                      \
+    }
+FLASH_HOPPER_ENTRY(64, 128, f16, false)
+FLASH_HOPPER_ENTRY(64, 128, bf16, true)
+FLASH_HOPPER_ENTRY(128, 128, f16, false)
+FLASH_HOPPER_ENTRY(128, 128, bf16, true)
+FLASH_HOPPER_ENTRY(256, 64, f16, false)
+FLASH_HOPPER_ENTRY(256, 64, bf16, true)
+#endif

@@ -20,7 +20,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' "$@"
 }
 export NVCC ATTN_DENY_SPILLS=1 ATTN_REQUIRE_NVCC=1
-cargo test --release --no-run --message-format=json 2>/dev/null | pick attention,gpu,jit,cpu_backend |
+cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
 cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done

@@ -15,12 +15,12 @@ status=0
 run() { local name=$1; shift; want "$name" || { echo "(skipped: not in STEPS)"; return; }; echo "---- $name"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n "${TAIL:-25}" "$OUT/$name.log"; echo "rc=$rc ($name)"; [ $rc -eq 0 ] || status=1; }
 step "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 step "doctor"; TAIL=40 run doctor $c/doctor
-step "unit tests"; run unit $c/test-attention
+step "unit tests"; [ -x $c/test-attention ] && run unit $c/test-attention || echo "(not carried: the unit tests run on CI)"
 step "gpu tests (AOT build)"; run gpu-aot $c/test-gpu --include-ignored --nocapture --test-threads=1 ${GPU_FILTER:-}
 step "gpu tests (sm_80-only build: JIT repair)"; ATTN_TEST_EXPECT_NO_IMAGE=1 run gpu-sm80 $c/test-gpu-sm80 --include-ignored --nocapture --test-threads=1 build_without
 step "jit tests"; run jit $c/test-jit --include-ignored
 # API errors are expected here: the raw-pointer test hands the driver a host address on purpose.
-step "compute-sanitizer memcheck"; TAIL=8 run memcheck compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace flash_small
+step "compute-sanitizer memcheck"; TAIL=8 run memcheck compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace flash_small malformed_device_seqlens
 step "compute-sanitizer racecheck"; TAIL=8 run racecheck compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 flash_small
 step "bench"; TAIL=60 ATTN_BENCH_SKIP_CPU=1 run bench $c/bench --bench ${BENCH_FILTER:-}
 step "anchors"; TAIL=60 PYTHONUNBUFFERED=1 run anchors python3 $c/torch_sdpa.py ${ANCHORS_ARGS:-}

@@ -27,7 +27,7 @@ use std::str::FromStr;
 /// The list used when neither `ATTN_CUDA_ARCH_LIST` nor `TORCH_CUDA_ARCH_LIST`
 /// is set: Turing through Blackwell as cubins, plus PTX of the newest entry so
 /// that future GPUs can still JIT-compile it.
-pub const DEFAULT_ARCH_LIST: &str = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX";
+pub const DEFAULT_ARCH_LIST: &str = "7.5;8.0;8.6;8.9;9.0a;10.0;12.0+PTX";
 
 /// The feature-set suffix of an arch entry (`9.0a`, `10.0f`).
 ///
@@ -527,7 +527,7 @@ mod tests {
         assert_eq!(best_image(&built, (8, 6)), sass("8.6"));
         assert_eq!(best_image(&built, (8, 7)), sass("8.6"));
         assert_eq!(best_image(&built, (8, 9)), sass("8.9"));
-        assert_eq!(best_image(&built, (9, 0)), sass("9.0"));
+        assert_eq!(best_image(&built, (9, 0)), sass("9.0a"));
         assert_eq!(best_image(&built, (10, 0)), sass("10.0"));
         assert_eq!(best_image(&built, (10, 3)), sass("10.0"));
         assert_eq!(best_image(&built, (12, 0)), sass("12.0+PTX"));

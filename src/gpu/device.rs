@@ -37,6 +37,8 @@ pub(crate) struct Kernels {
     device: Option<Arc<GpuDevice>>,
     module: &'static str,
     functions: &'static [&'static str],
+    /// Functions only some images hold (arch-specific families); absent ones are skipped.
+    optional: &'static [&'static str],
     jit: JitMode,
     cache_dir: Option<PathBuf>,
 }
@@ -49,11 +51,22 @@ impl Kernels {
         jit: JitMode,
         cache_dir: Option<PathBuf>,
     ) -> Self {
-        Kernels { device, module, functions, jit, cache_dir }
+        Kernels { device, module, functions, optional: &[], jit, cache_dir }
+    }
+
+    /// Also resolve these functions where the image has them (e.g. sm_90a-only kernels).
+    pub(crate) fn with_optional(mut self, optional: &'static [&'static str]) -> Self {
+        self.optional = optional;
+        self
+    }
+
+    /// The device this module is for, if one was probed.
+    pub(crate) fn device(&self) -> Option<&GpuDevice> {
+        self.device.as_deref()
     }
 
     fn load(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
-        dev.module(self.module, self.functions, self.jit, self.cache_dir.as_ref())
+        dev.module(self.module, self.functions, self.optional, self.jit, self.cache_dir.as_ref())
     }
 
     /// Why the module cannot be had on the device `caps` describes, if it cannot. On a real
@@ -259,6 +272,7 @@ impl GpuDevice {
         &self,
         name: &'static str,
         functions: &[&'static str],
+        optional: &[&'static str],
         jit: JitMode,
         cache_dir: Option<&PathBuf>,
     ) -> Result<Arc<LoadedModule>, Reason> {
@@ -267,7 +281,7 @@ impl GpuDevice {
             .entry((name, jit))
             .or_insert_with(|| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.load(name, functions, jit, cache_dir)
+                    self.load(name, functions, optional, jit, cache_dir)
                 }))
                 .unwrap_or_else(|_| {
                     Err(Reason::Unusable { why: format!("loading module {name} panicked") })
@@ -281,6 +295,7 @@ impl GpuDevice {
         &self,
         name: &'static str,
         functions: &[&'static str],
+        optional: &[&'static str],
         jit: JitMode,
         cache_dir: Option<&PathBuf>,
     ) -> Result<LoadedModule, Reason> {
@@ -289,7 +304,7 @@ impl GpuDevice {
             let image = embedded::fatbin(name).ok_or_else(|| Reason::Unusable {
                 why: format!("module {name} has no embedded fatbin"),
             })?;
-            match self.load_image(image.to_vec(), functions, source) {
+            match self.load_image(image.to_vec(), functions, optional, source) {
                 Ok(m) => return Ok(m),
                 Err(code) if is_missing_image(code) => {
                     let why = format!(
@@ -319,7 +334,7 @@ impl GpuDevice {
         };
         let image = self.jit_compile(name, target, cache_dir)?;
         let loaded_as = if matches!(source, ImageSource::EmulatedPtx(_)) { source } else { ImageSource::Jit };
-        self.load_image(image, functions, loaded_as).map_err(|code| Reason::Jit {
+        self.load_image(image, functions, optional, loaded_as).map_err(|code| Reason::Jit {
             why: format!("the NVRTC image of {name} did not load: {}", driver_error_text(code)),
         })
     }
@@ -328,6 +343,7 @@ impl GpuDevice {
         &self,
         image: Vec<u8>,
         functions: &[&'static str],
+        optional: &[&'static str],
         source: ImageSource,
     ) -> Result<LoadedModule, CUresult> {
         // cuModuleLoadData wants an aligned buffer; a Vec is allocated with malloc alignment.
@@ -335,6 +351,11 @@ impl GpuDevice {
         let mut table = HashMap::new();
         for &f in functions {
             table.insert(f, module.load_function(f).map_err(|e| e.0)?);
+        }
+        for &f in optional {
+            if let Ok(func) = module.load_function(f) {
+                table.insert(f, func);
+            }
         }
         Ok(LoadedModule { _module: module, functions: table, source })
     }

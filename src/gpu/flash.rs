@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::result;
 use cudarc::driver::sys::CUfunction_attribute;
 
-use super::device::{launch_failure, GpuDevice, Kernels};
+use super::device::{launch_failure, GpuDevice, Kernels, LoadedModule};
 use super::params::AttnParams;
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
@@ -32,58 +32,121 @@ const FUNCTIONS: [&str; 6] = [
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 const MAX_GRID_YZ: usize = 65535;
 
-/// One kernel specialisation; mirrors the `FLASH_ENTRY` table in cuda/flash.cu.
+/// The sm_90a-only kernels (cuda/flash_hopper.cuh); present only in sm_90a images.
+const HOPPER_FUNCTIONS: [&str; 6] = [
+    "attn_flash_hopper_fwd_f16_d64",
+    "attn_flash_hopper_fwd_bf16_d64",
+    "attn_flash_hopper_fwd_f16_d128",
+    "attn_flash_hopper_fwd_bf16_d128",
+    "attn_flash_hopper_fwd_f16_d256",
+    "attn_flash_hopper_fwd_bf16_d256",
+];
+
+/// The two kernel families: mma.sync for every sm_80+ arch, wgmma for sm_90a.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    /// `flash_fwd` in cuda/flash.cu.
+    MmaSync,
+    /// `flash_hopper_fwd` in cuda/flash_hopper.cuh: warpgroup MMAs, double-buffered K and V.
+    Hopper,
+}
+
+/// One kernel specialisation; mirrors the `FLASH_ENTRY` / `FLASH_HOPPER_ENTRY` tables.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Spec {
+    family: Family,
     /// The head_dim the kernel is built for (problems up to it run with zero-filled columns).
     head_dim: usize,
     /// Keys per K/V tile.
     block_n: usize,
     /// Warps per block.
     warps: usize,
-    /// m16 tiles per warp.
+    /// m16 tiles per warp (mma.sync family).
     m_tiles: usize,
 }
 
 impl Spec {
     /// Query rows per block.
     fn block_m(&self) -> usize {
-        self.warps * 16 * self.m_tiles
+        match self.family {
+            Family::MmaSync => self.warps * 16 * self.m_tiles,
+            Family::Hopper => 128,
+        }
     }
-    /// Dynamic shared memory: a Q tile, two K tiles (double-buffered) and a V tile of 16-bit
-    /// values.
+    /// Dynamic shared memory of 16-bit tiles. mma.sync: Q, two K buffers and one V. Hopper: Q,
+    /// two K and two V buffers, plus 1 KiB to align the base to wgmma's 1024-byte swizzle atoms.
     fn shared_bytes(&self) -> usize {
-        (self.block_m() + 3 * self.block_n) * self.head_dim * 2
+        match self.family {
+            Family::MmaSync => (self.block_m() + 3 * self.block_n) * self.head_dim * 2,
+            Family::Hopper => (self.block_m() + 4 * self.block_n) * self.head_dim * 2 + 1024,
+        }
+    }
+    /// The kernel's name for a dtype.
+    fn function(&self, dtype: DType) -> String {
+        match self.family {
+            Family::MmaSync => format!("attn_flash_fwd_{}_d{}", dtype.name(), self.head_dim),
+            Family::Hopper => format!("attn_flash_hopper_fwd_{}_d{}", dtype.name(), self.head_dim),
+        }
     }
 }
 
-/// The specialisation that runs `head_dim`.
-fn specialisation(head_dim: usize) -> Spec {
-    let (head_dim, block_n, warps, m_tiles) = match head_dim {
-        0..=64 => (64, 64, 4, 2),
-        65..=128 => (128, 32, 4, 2),
-        _ => (256, 16, 8, 1),
+/// The specialisation of `family` that runs `head_dim`.
+fn specialisation(head_dim: usize, family: Family) -> Spec {
+    let (head_dim, block_n, warps, m_tiles) = match (family, head_dim) {
+        (Family::MmaSync, 0..=64) => (64, 64, 4, 2),
+        (Family::MmaSync, 65..=128) => (128, 32, 4, 2),
+        (Family::MmaSync, _) => (256, 16, 8, 1),
+        (Family::Hopper, 0..=64) => (64, 128, 8, 0),
+        (Family::Hopper, 65..=128) => (128, 128, 8, 0),
+        (Family::Hopper, _) => (256, 64, 8, 0),
     };
-    Spec { head_dim, block_n, warps, m_tiles }
-}
-
-fn shared_bytes(head_dim: usize) -> usize {
-    specialisation(head_dim).shared_bytes()
+    Spec { family, head_dim, block_n, warps, m_tiles }
 }
 
 /// The flash backend on one device.
 pub(crate) struct FlashBackend {
     kernels: Kernels,
+    /// `ATTN_FLASH_HOPPER`: use the wgmma family where the image has it.
+    hopper: bool,
 }
 
 impl FlashBackend {
-    pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>) -> Self {
-        FlashBackend { kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir) }
+    pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>, hopper: bool) -> Self {
+        FlashBackend {
+            kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir).with_optional(&HOPPER_FUNCTIONS),
+            hopper,
+        }
     }
 
-    /// How the module was (or would be) loaded on the device, for diagnostics.
+    /// The family this device runs: Hopper's when allowed, the device is sm_90 and the loaded
+    /// image holds it (an sm_90a cubin, or NVRTC for sm_90a); mma.sync otherwise.
+    fn family(&self, caps: &DeviceCaps, module: Option<&LoadedModule>) -> Family {
+        let hopper = self.hopper
+            && caps.cc == ComputeCapability::new(9, 0)
+            && module.is_none_or(|m| m.function(HOPPER_FUNCTIONS[0]).is_some());
+        if hopper {
+            Family::Hopper
+        } else {
+            Family::MmaSync
+        }
+    }
+
+    /// How the module was (or would be) loaded on the device, and which family runs, for
+    /// diagnostics.
     pub(crate) fn image_description(&self) -> Option<String> {
-        self.kernels.image_description()
+        let image = self.kernels.image_description()?;
+        let dev = self.kernels.device()?;
+        let family = match self.kernels.loaded() {
+            Ok((_, m)) => self.family(&dev.caps, Some(&m)),
+            Err(_) => return Some(image),
+        };
+        Some(match family {
+            Family::Hopper => format!("{image}; Hopper wgmma kernels"),
+            Family::MmaSync if self.hopper && dev.caps.cc == ComputeCapability::new(9, 0) => format!(
+                "{image}; mma.sync kernels (this image has no sm_90a code: add 9.0a to ATTN_CUDA_ARCH_LIST for the Hopper kernels)"
+            ),
+            Family::MmaSync => format!("{image}; mma.sync kernels"),
+        })
     }
 }
 
@@ -108,11 +171,14 @@ impl Backend for FlashBackend {
             reasons.push(Reason::HeadDim { max: MAX_HEAD_DIM, found: problem.head_dim });
         } else if problem.head_dim % 8 != 0 {
             reasons.push(Reason::HeadDimMultiple { multiple: 8, found: problem.head_dim });
-        } else if shared_bytes(problem.head_dim) > caps.smem_per_block_optin {
-            reasons.push(Reason::SharedMemory {
-                needed: shared_bytes(problem.head_dim),
-                available: caps.smem_per_block_optin,
-            });
+        } else {
+            // On a real device the module is loaded by now (selection loads it), so this is the
+            // family forward will run; a simulated sm_90 is assumed to have the Hopper image.
+            let loaded = self.kernels.device().and_then(|_| self.kernels.loaded().ok()).map(|(_, m)| m);
+            let needed = specialisation(problem.head_dim, self.family(caps, loaded.as_deref())).shared_bytes();
+            if needed > caps.smem_per_block_optin {
+                reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
+            }
         }
         if !problem.vector_aligned {
             reasons.push(Reason::Unaligned);
@@ -130,9 +196,8 @@ impl Backend for FlashBackend {
         let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let spec = specialisation(p.head_dim);
-        let name = format!("attn_flash_fwd_{}_d{}", p.dtype.name(), spec.head_dim);
-        let func = module.launchable(&name)?;
+        let spec = specialisation(p.head_dim, self.family(&dev.caps, Some(&module)));
+        let func = module.launchable(&spec.function(p.dtype))?;
         let smem = spec.shared_bytes();
         // Above 48 KiB a kernel must opt in to its dynamic shared memory.
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -153,13 +218,20 @@ mod tests {
     use super::*;
     #[test]
     fn specialisations_cover_every_multiple_of_8() {
-        for d in (8..=256).step_by(8) {
-            let s = specialisation(d);
-            assert!(s.head_dim >= d && [64, 128, 256].contains(&s.head_dim) && s.block_m() == 128);
+        for family in [Family::MmaSync, Family::Hopper] {
+            for d in (8..=256).step_by(8) {
+                let s = specialisation(d, family);
+                assert!(s.head_dim >= d && [64, 128, 256].contains(&s.head_dim) && s.block_m() == 128);
+            }
         }
         // The d=256 kernel fits the A100/H100 opt-in limit but not a 64 KiB-limited part.
-        assert_eq!(shared_bytes(256), 90112);
-        assert_eq!(shared_bytes(128), 57344);
-        assert_eq!(shared_bytes(64), 40960);
+        assert_eq!(specialisation(256, Family::MmaSync).shared_bytes(), 90112);
+        assert_eq!(specialisation(128, Family::MmaSync).shared_bytes(), 57344);
+        assert_eq!(specialisation(64, Family::MmaSync).shared_bytes(), 40960);
+        // Hopper: Q + 2 K + 2 V tiles + alignment; all within the H100's 227 KiB.
+        assert_eq!(specialisation(64, Family::Hopper).shared_bytes(), 82944);
+        assert_eq!(specialisation(128, Family::Hopper).shared_bytes(), 164864);
+        assert_eq!(specialisation(256, Family::Hopper).shared_bytes(), 197632);
+        assert!(specialisation(256, Family::Hopper).shared_bytes() <= 227 * 1024);
     }
 }

@@ -50,6 +50,9 @@ impl JitTarget {
     /// `sm_90` or `compute_75`: the `--gpu-architecture` value, and part of the cache key.
     pub(crate) fn arch(&self) -> String {
         match self {
+            // A cubin is built for exactly the device at hand, so sm_90 gets its arch-specific
+            // features (wgmma: flash's Hopper kernels).
+            JitTarget::Cubin(cc) if (cc.major, cc.minor) == (9, 0) => "sm_90a".to_string(),
             JitTarget::Cubin(cc) => format!("sm_{}{}", cc.major, cc.minor),
             JitTarget::Ptx(cc) => format!("compute_{}{}", cc.major, cc.minor),
         }

@@ -1,0 +1,263 @@
+// The flash kernel's Hopper family (sm_90a only): the same algorithm, masking and numerics as
+// flash_fwd in flash.cu, with the two matrix products on warpgroup MMAs (wgmma) instead of
+// mma.sync. Included by flash.cu only where __CUDA_ARCH_FEAT_SM90_ALL is defined.
+//
+// A block is two warpgroups (256 threads); each owns 64 query rows, so BM = 128 and the softmax
+// statistics never leave a warpgroup (each row lives in the four lanes of one quad, as with
+// mma.sync). Per key tile: S = Q·Kᵀ is a wgmma with both operands in shared memory; P is packed
+// from the S accumulators into registers, which is exactly the A-operand layout of the next
+// wgmma, O += P·V, whose B operand (V, row-major) is read MN-major (transposed by the hardware).
+// K and V tiles are double-buffered: tile n+1 streams in with cp.async while tile n computes.
+//
+// Shared-memory tiles use the canonical 128-byte-swizzle layout wgmma reads: a [rows][D] tile is
+// stored as D/64 column blocks of [rows][64], each row 128 bytes with its 16-byte chunks XORed by
+// row % 8, every block 1024-byte aligned.
+#pragma once
+#include "wgmma.cuh"
+
+// Element offset of (row, 16-byte chunk) in a [ROWS][D] tile in the wgmma 128B-swizzle layout.
+template <int ROWS>
+__device__ __forceinline__ int hop_swz(int row, int chunk) {
+    return (chunk >> 3) * ROWS * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
+// Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
+// chunks >= head_dim are zero-filled.
+template <int D, int ROWS, int THREADS>
+__device__ __forceinline__ void hop_load_tile(unsigned tile_addr, const unsigned short* base, long long row_stride,
+                                              int row0, int seqlen, int head_dim) {
+    constexpr int CH = D / 8;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
+        const int r = i / CH, c = i % CH;
+        const int row = row0 + r;
+        const bool ok = row < seqlen && c * 8 < head_dim;
+        const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
+        attn_cp_async_16(tile_addr + 2 * hop_swz<ROWS>(r, c), src, ok);
+    }
+}
+
+// A wgmma shared-memory matrix descriptor: 128-byte swizzle, leading/stride byte offsets.
+__device__ __forceinline__ unsigned long long hop_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+// Makes this thread's finished cp.async writes visible to the tensor cores' (async) proxy.
+__device__ __forceinline__ void hop_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int N, bool BF16>
+__device__ __forceinline__ void hop_mma_ss(float (&d)[N / 2], unsigned long long a, unsigned long long b, int acc) {
+    if constexpr (N == 64) {
+        if (BF16) attn_wgmma_ss_m64n64_bf16(d, a, b, acc); else attn_wgmma_ss_m64n64_f16(d, a, b, acc);
+    } else {
+        static_assert(N == 128, "S tiles are 64 or 128 keys wide");
+        if (BF16) attn_wgmma_ss_m64n128_bf16(d, a, b, acc); else attn_wgmma_ss_m64n128_f16(d, a, b, acc);
+    }
+}
+
+template <int N, bool BF16>
+__device__ __forceinline__ void hop_mma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long b) {
+    if constexpr (N == 64) {
+        if (BF16) attn_wgmma_rs_m64n64_bf16(d, a, b); else attn_wgmma_rs_m64n64_f16(d, a, b);
+    } else if constexpr (N == 128) {
+        if (BF16) attn_wgmma_rs_m64n128_bf16(d, a, b); else attn_wgmma_rs_m64n128_f16(d, a, b);
+    } else {
+        static_assert(N == 256, "head_dim is 64, 128 or 256");
+        if (BF16) attn_wgmma_rs_m64n256_bf16(d, a, b); else attn_wgmma_rs_m64n256_f16(d, a, b);
+    }
+}
+
+template <int D, int BN, bool BF16>
+__device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
+    constexpr int BM = 128;
+    constexpr int THREADS = 256;
+    extern __shared__ __align__(1024) unsigned char hop_smem[];
+    // wgmma's swizzle is anchored to 1024-byte boundaries: align the base (the launch adds 1 KiB).
+    const unsigned base = (attn_smem_addr(hop_smem) + 1023u) & ~1023u;
+    const unsigned sQ = base;
+    const unsigned sK0 = sQ + BM * D * 2;  // two K buffers, then two V buffers
+    const unsigned sV0 = sK0 + 2 * BN * D * 2;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int wg = tid >> 7;            // warpgroup: query rows [64·wg, 64·wg + 64) of the tile
+    const int warp_in_wg = (tid >> 5) & 3;
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest tiles first (causal)
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const AttnSeq seq = attn_seq(p, b, h);
+    const int sq = seq.seqlen_q, sk = seq.seqlen_k;
+    if (m0 >= sq) return;  // a packed batch's shorter sequences have spare tiles
+    const long long diag = (long long)sk - sq;
+
+    long long n_end = sk, n_begin = 0;
+    const long long m_last = (long long)min(m0 + BM, sq) - 1;
+    if (p.causal) n_end = min(n_end, m_last + diag + 1);
+    if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
+    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+    const int nb_begin = (int)(n_begin / BN);
+    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
+
+    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
+    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
+    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
+    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+
+    // This thread's rows (wgmma accumulator layout): warp w of the warpgroup holds rows 16w..16w+15
+    // of its 64; lane/4 and lane/4 + 8 of those.
+    const int row_in_tile = wg * 64 + warp_in_wg * 16 + (lane >> 2);
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    float row_max[2] = {attn_neg_inf(), attn_neg_inf()};
+    float row_sum[2] = {0.f, 0.f};
+    const bool capped = p.softcap > 0.f;
+    const float logit_scale = capped ? 1.f : p.scale;
+    const float scale_log2 = logit_scale * 1.4426950408889634f;
+
+    if (nb_begin < nb_end) {
+        hop_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
+        hop_load_tile<D, BN, THREADS>(sK0, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
+        hop_load_tile<D, BN, THREADS>(sV0, v, p.v_stride[1], nb_begin * BN, sk, p.head_dim);
+        attn_cp_async_commit();
+    }
+    // Descriptors: Q rows of this warpgroup (A, K-major), K (B, K-major), V (B, MN-major: its
+    // 64-wide column blocks are BN·128 bytes apart). 8 rows of 128 bytes = 1024 between row groups.
+    const unsigned q_wg = sQ + wg * 64 * 128;
+    for (int nb = nb_begin; nb < nb_end; ++nb) {
+        const int buf = (nb - nb_begin) & 1;
+        const unsigned sK = sK0 + buf * BN * D * 2;
+        const unsigned sV = sV0 + buf * BN * D * 2;
+        attn_cp_async_wait<0>();
+        hop_fence_proxy_async();
+        // Tile nb landed for every thread; every warpgroup is done with tile nb-1, whose buffers
+        // tile nb+1 now overwrites.
+        __syncthreads();
+        if (nb + 1 < nb_end) {
+            const unsigned nK = sK0 + (buf ^ 1) * BN * D * 2;
+            const unsigned nV = sV0 + (buf ^ 1) * BN * D * 2;
+            hop_load_tile<D, BN, THREADS>(nK, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
+            hop_load_tile<D, BN, THREADS>(nV, v, p.v_stride[1], (nb + 1) * BN, sk, p.head_dim);
+        }
+        attn_cp_async_commit();
+
+        // S = Q·K(nb)ᵀ: D/16 k-steps; within a 64-wide column block a k16 step is 32 bytes on.
+        float s[BN / 2];
+        attn_wgmma_fence();
+        // Not unrolled: the loop indexes no register array, and unrolling it would keep every
+        // step's 64-bit descriptors live at once (spills at d=128).
+#pragma unroll 1
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned blk = kk >> 2, off = (kk & 3) * 32;
+            const unsigned long long da = hop_desc(q_wg + blk * BM * 128 + off, 16, 1024);
+            const unsigned long long db = hop_desc(sK + blk * BN * 128 + off, 16, 1024);
+            hop_mma_ss<BN, BF16>(s, da, db, kk > 0);
+        }
+        attn_wgmma_commit();
+        attn_wgmma_wait<0>();
+        attn_wgmma_fence_operands(s);
+
+        if (capped) {
+            const float pre = p.scale / p.softcap;
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) s[i] = p.softcap * attn_tanh(s[i] * pre);
+        }
+        const int n0 = nb * BN;
+        const bool need_mask = n0 + BN > sk || (p.causal && n0 + BN - 1 > m0 + diag) ||
+                               (p.window_right >= 0 && n0 + BN - 1 > m0 + diag + p.window_right) ||
+                               (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
+        if (need_mask) {
+            // Each of this thread's two rows sees keys [lo, hi]: bounds worked out once in 64-bit,
+            // then plain int compares per element.
+            int lo[2], hi[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const long long lim = (long long)m0 + row_in_tile + r * 8 + diag;  // diagonal key
+                long long l = 0, u = sk - 1;
+                if (p.causal) u = min(u, lim);
+                if (p.window_right >= 0) u = min(u, lim + p.window_right);
+                if (p.window_left >= 0) l = max(l, lim - p.window_left);
+                lo[r] = (int)min(l, (long long)sk);
+                hi[r] = (int)max(u, -1ll);
+            }
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
+                    if (col < lo[e >> 1] || col > hi[e >> 1]) s[i * 4 + e] = attn_neg_inf();
+                }
+        }
+
+        // Online softmax, as in flash_fwd (base 2, guarded fully-masked rows).
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = row_max[r];
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * r], s[i * 4 + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float base_r = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+            const float rescale = attn_exp2(row_max[r] * scale_log2 - base_r);
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+                s[i * 4 + 2 * r] = attn_exp2(s[i * 4 + 2 * r] * scale_log2 - base_r);
+                s[i * 4 + 2 * r + 1] = attn_exp2(s[i * 4 + 2 * r + 1] * scale_log2 - base_r);
+                sum += s[i * 4 + 2 * r] + s[i * 4 + 2 * r + 1];
+            }
+            row_sum[r] = row_sum[r] * rescale + sum;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                acc[i * 4 + 2 * r] *= rescale;
+                acc[i * 4 + 2 * r + 1] *= rescale;
+            }
+        }
+
+        // P as A fragments: key chunks 2kk and 2kk+1 (8 wide each) make one k16 step.
+        unsigned pa[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            pa[kk][0] = attn_pack2<BF16>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+            pa[kk][1] = attn_pack2<BF16>(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+            pa[kk][2] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+            pa[kk][3] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+        }
+        // O += P·V(nb): each k16 step is 16 keys = 2048 bytes down every column block.
+        attn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const unsigned long long db = hop_desc(sV + kk * 16 * 128, BN * 128, 1024);
+            hop_mma_rs<D, BF16>(acc, pa[kk], db);
+        }
+        attn_wgmma_commit();
+        attn_wgmma_wait<0>();
+        attn_wgmma_fence_operands(acc);
+    }
+    attn_cp_async_wait<0>();
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = m0 + row_in_tile + r * 8;
+        if (row < sq) {
+            unsigned short* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                const int col = i * 8 + (lane & 3) * 2;
+                if (col < p.head_dim) {
+                    *reinterpret_cast<unsigned*>(orow + col) =
+                        attn_pack2<BF16>(acc[i * 4 + 2 * r] * inv, acc[i * 4 + 2 * r + 1] * inv);
+                }
+            }
+            if (p.lse != nullptr && (lane & 3) == 0) {
+                p.lse[seq.lse + row] = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
+            }
+        }
+    }
+}
