@@ -282,15 +282,22 @@ FLASH_ENTRY(256, 16, 8, 1, bf16, true)
 // entry points are absent and the host runs the family above.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #include "flash_hopper.cuh"
-#define FLASH_HOPPER_ENTRY(D, BN, SUFFIX, BF16)                                                 \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                       \
-        attn_flash_hopper_fwd_##SUFFIX##_d##D(const AttnParams p) {                            \
-        flash_hopper_fwd<D, BN, BF16>(p);                                                      \
+// (head_dim, keys per tile, warpgroups per block, blocks per SM the registers must allow). The
+// SM needs more than 8 warps to hide each warpgroup's softmax and barrier waits where registers
+// allow: d=64 fits 128 registers at 64-key tiles, so two 2-warpgroup blocks share an SM. d=128
+// has two kernels: 128-key tiles with 2 warpgroups (~240 registers, one block per SM), and the
+// "wide" one, 64-key tiles with 3 warpgroups (168 registers, 12 warps per SM), which the host
+// picks for long unmasked rows where it measured faster. d=256 holds a 128-register accumulator.
+#define FLASH_HOPPER_KERNEL(NAME, D, BN, WGS, MIN_BLOCKS, BF16)                                 \
+    extern "C" __global__ void __launch_bounds__(128 * WGS, MIN_BLOCKS) NAME(const AttnParams p) { \
+        flash_hopper_fwd<D, BN, WGS, BF16>(p);                                                 \
     }
-FLASH_HOPPER_ENTRY(64, 128, f16, false)
-FLASH_HOPPER_ENTRY(64, 128, bf16, true)
-FLASH_HOPPER_ENTRY(128, 128, f16, false)
-FLASH_HOPPER_ENTRY(128, 128, bf16, true)
-FLASH_HOPPER_ENTRY(256, 64, f16, false)
-FLASH_HOPPER_ENTRY(256, 64, bf16, true)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_f16_d64, 64, 64, 2, 2, false)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_bf16_d64, 64, 64, 2, 2, true)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_f16_d128, 128, 128, 2, 1, false)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_bf16_d128, 128, 128, 2, 1, true)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_wide_fwd_f16_d128, 128, 64, 3, 1, false)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_wide_fwd_bf16_d128, 128, 64, 3, 1, true)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_f16_d256, 256, 64, 2, 1, false)
+FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_bf16_d256, 256, 64, 2, 1, true)
 #endif

@@ -2,12 +2,13 @@
 // flash_fwd in flash.cu, with the two matrix products on warpgroup MMAs (wgmma) instead of
 // mma.sync. Included by flash.cu only where __CUDA_ARCH_FEAT_SM90_ALL is defined.
 //
-// A block is two warpgroups (256 threads); each owns 64 query rows, so BM = 128 and the softmax
-// statistics never leave a warpgroup (each row lives in the four lanes of one quad, as with
+// A block is WGS warpgroups (128·WGS threads); each owns 64 query rows, so BM = 64·WGS and the
+// softmax statistics never leave a warpgroup (each row lives in the four lanes of one quad, as with
 // mma.sync). Per key tile: S = Q·Kᵀ is a wgmma with both operands in shared memory; P is packed
 // from the S accumulators into registers, which is exactly the A-operand layout of the next
 // wgmma, O += P·V, whose B operand (V, row-major) is read MN-major (transposed by the hardware).
-// K and V tiles are double-buffered: tile n+1 streams in with cp.async while tile n computes.
+// K and V tiles are double-buffered: the next tiles stream in with cp.async while the current
+// ones compute, and softmax(n) runs while the tensor cores do P(n-1)·V(n-1) (see the loop).
 //
 // Shared-memory tiles use the canonical 128-byte-swizzle layout wgmma reads: a [rows][D] tile is
 // stored as D/64 column blocks of [rows][64], each row 128 bytes with its 16-byte chunks XORed by
@@ -68,10 +69,10 @@ __device__ __forceinline__ void hop_mma_rs(float (&d)[N / 2], const unsigned (&a
     }
 }
 
-template <int D, int BN, bool BF16>
+template <int D, int BN, int WGS, bool BF16>
 __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
-    constexpr int BM = 128;
-    constexpr int THREADS = 256;
+    constexpr int BM = 64 * WGS;
+    constexpr int THREADS = 128 * WGS;
     extern __shared__ __align__(1024) unsigned char hop_smem[];
     // wgmma's swizzle is anchored to 1024-byte boundaries: align the base (the launch adds 1 KiB).
     const unsigned base = (attn_smem_addr(hop_smem) + 1023u) & ~1023u;
@@ -116,38 +117,19 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     const float logit_scale = capped ? 1.f : p.scale;
     const float scale_log2 = logit_scale * 1.4426950408889634f;
 
-    if (nb_begin < nb_end) {
-        hop_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
-        hop_load_tile<D, BN, THREADS>(sK0, k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
-        hop_load_tile<D, BN, THREADS>(sV0, v, p.v_stride[1], nb_begin * BN, sk, p.head_dim);
-        attn_cp_async_commit();
-    }
-    // Descriptors: Q rows of this warpgroup (A, K-major), K (B, K-major), V (B, MN-major: its
-    // 64-wide column blocks are BN·128 bytes apart). 8 rows of 128 bytes = 1024 between row groups.
+    // Software pipeline within a warpgroup. Iteration n enters with S(n) = Q·K(n)ᵀ done and issues
+    // O += P(n-1)·V(n-1), computes softmax(n) while the tensor cores work on it, packs P(n), then
+    // issues S(n+1) and rescales O while that runs. Each asynchronous stage ends with a full wait,
+    // and no accumulator of a wgmma in flight is touched, so ptxas keeps the wgmmas pipelined
+    // (with FlashAttention-3's wait<1> overlap it serialises them: warning C7515).
+    // Tiles in flight during iteration n: K(n+1) and V(n); resident: K(n) (done) and V(n-1).
     const unsigned q_wg = sQ + wg * 64 * 128;
-    for (int nb = nb_begin; nb < nb_end; ++nb) {
-        const int buf = (nb - nb_begin) & 1;
-        const unsigned sK = sK0 + buf * BN * D * 2;
-        const unsigned sV = sV0 + buf * BN * D * 2;
-        attn_cp_async_wait<0>();
-        hop_fence_proxy_async();
-        // Tile nb landed for every thread; every warpgroup is done with tile nb-1, whose buffers
-        // tile nb+1 now overwrites.
-        __syncthreads();
-        if (nb + 1 < nb_end) {
-            const unsigned nK = sK0 + (buf ^ 1) * BN * D * 2;
-            const unsigned nV = sV0 + (buf ^ 1) * BN * D * 2;
-            hop_load_tile<D, BN, THREADS>(nK, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
-            hop_load_tile<D, BN, THREADS>(nV, v, p.v_stride[1], (nb + 1) * BN, sk, p.head_dim);
-        }
-        attn_cp_async_commit();
-
-        // S = Q·K(nb)ᵀ: D/16 k-steps; within a 64-wide column block a k16 step is 32 bytes on.
-        float s[BN / 2];
+    const auto issue_s = [&](unsigned sK, float (&s)[BN / 2]) {
+        // S = Q·K(n)ᵀ: D/16 k-steps; within a 64-wide column block a k16 step is 32 bytes on.
+        // Descriptors: Q rows of this warpgroup (A) and K (B), both K-major; 8 rows of 128 bytes
+        // = 1024 bytes between row groups.
         attn_wgmma_fence();
-        // Not unrolled: the loop indexes no register array, and unrolling it would keep every
-        // step's 64-bit descriptors live at once (spills at d=128).
-#pragma unroll 1
+#pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const unsigned blk = kk >> 2, off = (kk & 3) * 32;
             const unsigned long long da = hop_desc(q_wg + blk * BM * 128 + off, 16, 1024);
@@ -155,8 +137,40 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
             hop_mma_ss<BN, BF16>(s, da, db, kk > 0);
         }
         attn_wgmma_commit();
+    };
+    const auto issue_pv = [&](unsigned sV, const unsigned (&pa)[BN / 16][4]) {
+        // O += P·V: V is B, MN-major (its 64-wide column blocks are BN·128 bytes apart); each k16
+        // step is 16 keys = 2048 bytes down every column block.
+        attn_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            hop_mma_rs<D, BF16>(acc, pa[kk], hop_desc(sV + kk * 16 * 128, BN * 128, 1024));
+        }
+        attn_wgmma_commit();
+    };
+    const auto k_buf = [&](int n) { return sK0 + ((n - nb_begin) & 1) * BN * D * 2; };
+    const auto v_buf = [&](int n) { return sV0 + ((n - nb_begin) & 1) * BN * D * 2; };
+
+    float s[BN / 2];
+    unsigned pa[BN / 16][4];  // P(n-1): the A operand of the pending P·V
+    if (nb_begin < nb_end) {
+        hop_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
+        hop_load_tile<D, BN, THREADS>(k_buf(nb_begin), k, p.k_stride[1], nb_begin * BN, sk, p.head_dim);
+        attn_cp_async_commit();
+        attn_cp_async_wait<0>();
+        hop_fence_proxy_async();
+        __syncthreads();
+        hop_load_tile<D, BN, THREADS>(v_buf(nb_begin), v, p.v_stride[1], nb_begin * BN, sk, p.head_dim);
+        if (nb_begin + 1 < nb_end)
+            hop_load_tile<D, BN, THREADS>(k_buf(nb_begin + 1), k, p.k_stride[1], (nb_begin + 1) * BN, sk, p.head_dim);
+        attn_cp_async_commit();
+        issue_s(k_buf(nb_begin), s);
         attn_wgmma_wait<0>();
         attn_wgmma_fence_operands(s);
+    }
+    for (int nb = nb_begin; nb < nb_end; ++nb) {
+        const bool pending_pv = nb > nb_begin;
+        if (pending_pv) issue_pv(v_buf(nb - 1), pa);
 
         if (capped) {
             const float pre = p.scale / p.softcap;
@@ -191,6 +205,7 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
         }
 
         // Online softmax, as in flash_fwd (base 2, guarded fully-masked rows).
+        float rescale[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = row_max[r];
@@ -199,7 +214,7 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float base_r = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
-            const float rescale = attn_exp2(row_max[r] * scale_log2 - base_r);
+            rescale[r] = attn_exp2(row_max[r] * scale_log2 - base_r);
             row_max[r] = mx;
             float sum = 0.f;
 #pragma unroll
@@ -208,16 +223,13 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
                 s[i * 4 + 2 * r + 1] = attn_exp2(s[i * 4 + 2 * r + 1] * scale_log2 - base_r);
                 sum += s[i * 4 + 2 * r] + s[i * 4 + 2 * r + 1];
             }
-            row_sum[r] = row_sum[r] * rescale + sum;
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                acc[i * 4 + 2 * r] *= rescale;
-                acc[i * 4 + 2 * r + 1] *= rescale;
-            }
+            row_sum[r] = row_sum[r] * rescale[r] + sum;
         }
-
-        // P as A fragments: key chunks 2kk and 2kk+1 (8 wide each) make one k16 step.
-        unsigned pa[BN / 16][4];
+        if (pending_pv) {
+            attn_wgmma_wait<0>();
+            attn_wgmma_fence_operands(acc);
+        }
+        // P(nb) as A fragments: key chunks 2kk and 2kk+1 (8 wide each) make one k16 step.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             pa[kk][0] = attn_pack2<BF16>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
@@ -225,14 +237,37 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
             pa[kk][2] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
             pa[kk][3] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
         }
-        // O += P·V(nb): each k16 step is 16 keys = 2048 bytes down every column block.
-        attn_wgmma_fence();
+
+        // K(nb+1) and V(nb) landed for every thread; every warpgroup is done with K(nb) and
+        // V(nb-1), whose buffers K(nb+2) and V(nb+1) now take.
+        attn_cp_async_wait<0>();
+        hop_fence_proxy_async();
+        __syncthreads();
+        if (nb + 2 < nb_end) hop_load_tile<D, BN, THREADS>(k_buf(nb + 2), k, p.k_stride[1], (nb + 2) * BN, sk, p.head_dim);
+        if (nb + 1 < nb_end) hop_load_tile<D, BN, THREADS>(v_buf(nb + 1), v, p.v_stride[1], (nb + 1) * BN, sk, p.head_dim);
+        attn_cp_async_commit();
+        const bool next = nb + 1 < nb_end;
+        if (next) issue_s(k_buf(nb + 1), s);
+
+        // Once the row maxima settle (most tiles of a long row) the rescale is exactly 1: skip
+        // the multiplies when no row of the warp moved.
+        if (!__all_sync(0xffffffffu, rescale[0] == 1.f && rescale[1] == 1.f)) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const unsigned long long db = hop_desc(sV + kk * 16 * 128, BN * 128, 1024);
-            hop_mma_rs<D, BF16>(acc, pa[kk], db);
+            for (int i = 0; i < D / 8; ++i) {
+                acc[i * 4 + 0] *= rescale[0];
+                acc[i * 4 + 1] *= rescale[0];
+                acc[i * 4 + 2] *= rescale[1];
+                acc[i * 4 + 3] *= rescale[1];
+            }
         }
-        attn_wgmma_commit();
+        if (next) {
+            attn_wgmma_wait<0>();
+            attn_wgmma_fence_operands(s);
+        }
+    }
+    if (nb_begin < nb_end) {
+        // The last tile's P·V (V(last) landed at the last iteration's barrier).
+        issue_pv(v_buf(nb_end - 1), pa);
         attn_wgmma_wait<0>();
         attn_wgmma_fence_operands(acc);
     }

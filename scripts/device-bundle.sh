@@ -20,6 +20,18 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' "$@"
 }
 export NVCC ATTN_DENY_SPILLS=1 ATTN_REQUIRE_NVCC=1
+if [ -n "${QUICK:-}" ]; then
+  # Iterating on a kernel: the gpu tests and the bench, built for sm_90a only, in a target of
+  # their own (a different arch list would rebuild the main target's kernels).
+  export ATTN_CUDA_ARCH_LIST=9.0a CARGO_TARGET_DIR=target/quick
+  cargo test --release --no-run --test gpu --message-format=json 2>/dev/null | pick gpu |
+    while read -r name exe; do cp "$exe" "$out/test-$name"; done
+  cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
+    while read -r name exe; do cp "$exe" "$out/bench"; done
+  cp ../shared/anchors/torch_sdpa.py "$out/"
+  strip "$out"/test-* "$out"/bench 2>/dev/null || true
+  ls -la "$out"; exit 0
+fi
 cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
 cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |

@@ -11,6 +11,15 @@ pub struct Rejection {
     pub reasons: Vec<Reason>,
 }
 
+impl Rejection {
+    /// Whether this backend should have run here and did not (a fallback: warned once, an
+    /// error under `ATTN_STRICT=1`), as opposed to one that was never for this device or
+    /// memory, or that a setting took out.
+    pub fn is_fallback(&self) -> bool {
+        crate::select::is_fallback(&self.reasons)
+    }
+}
+
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: ", self.backend)?;

@@ -33,13 +33,15 @@ pub(crate) const MAX_HEAD_DIM: usize = 256;
 const MAX_GRID_YZ: usize = 65535;
 
 /// The sm_90a-only kernels (cuda/flash_hopper.cuh); present only in sm_90a images.
-const HOPPER_FUNCTIONS: [&str; 6] = [
+const HOPPER_FUNCTIONS: [&str; 8] = [
     "attn_flash_hopper_fwd_f16_d64",
     "attn_flash_hopper_fwd_bf16_d64",
     "attn_flash_hopper_fwd_f16_d128",
     "attn_flash_hopper_fwd_bf16_d128",
     "attn_flash_hopper_fwd_f16_d256",
     "attn_flash_hopper_fwd_bf16_d256",
+    "attn_flash_hopper_wide_fwd_f16_d128",
+    "attn_flash_hopper_wide_fwd_bf16_d128",
 ];
 
 /// The two kernel families: mma.sync for every sm_80+ arch, wgmma for sm_90a.
@@ -49,6 +51,9 @@ enum Family {
     MmaSync,
     /// `flash_hopper_fwd` in cuda/flash_hopper.cuh: warpgroup MMAs, double-buffered K and V.
     Hopper,
+    /// The same with three warpgroups (192-row tiles) at d=128: more warps to hide latency on
+    /// long unmasked rows, more wasted rows and a longer causal tail on short ones.
+    HopperWide,
 }
 
 /// One kernel specialisation; mirrors the `FLASH_ENTRY` / `FLASH_HOPPER_ENTRY` tables.
@@ -70,7 +75,8 @@ impl Spec {
     fn block_m(&self) -> usize {
         match self.family {
             Family::MmaSync => self.warps * 16 * self.m_tiles,
-            Family::Hopper => 128,
+            // One warpgroup (4 warps) per 64 rows.
+            Family::Hopper | Family::HopperWide => self.warps * 16,
         }
     }
     /// Dynamic shared memory of 16-bit tiles. mma.sync: Q, two K buffers and one V. Hopper: Q,
@@ -78,7 +84,7 @@ impl Spec {
     fn shared_bytes(&self) -> usize {
         match self.family {
             Family::MmaSync => (self.block_m() + 3 * self.block_n) * self.head_dim * 2,
-            Family::Hopper => (self.block_m() + 4 * self.block_n) * self.head_dim * 2 + 1024,
+            Family::Hopper | Family::HopperWide => (self.block_m() + 4 * self.block_n) * self.head_dim * 2 + 1024,
         }
     }
     /// The kernel's name for a dtype.
@@ -86,6 +92,7 @@ impl Spec {
         match self.family {
             Family::MmaSync => format!("attn_flash_fwd_{}_d{}", dtype.name(), self.head_dim),
             Family::Hopper => format!("attn_flash_hopper_fwd_{}_d{}", dtype.name(), self.head_dim),
+            Family::HopperWide => format!("attn_flash_hopper_wide_fwd_{}_d{}", dtype.name(), self.head_dim),
         }
     }
 }
@@ -96,9 +103,10 @@ fn specialisation(head_dim: usize, family: Family) -> Spec {
         (Family::MmaSync, 0..=64) => (64, 64, 4, 2),
         (Family::MmaSync, 65..=128) => (128, 32, 4, 2),
         (Family::MmaSync, _) => (256, 16, 8, 1),
-        (Family::Hopper, 0..=64) => (64, 128, 8, 0),
+        (Family::Hopper, 0..=64) => (64, 64, 8, 0),
         (Family::Hopper, 65..=128) => (128, 128, 8, 0),
         (Family::Hopper, _) => (256, 64, 8, 0),
+        (Family::HopperWide, _) => (128, 64, 12, 0),
     };
     Spec { family, head_dim, block_n, warps, m_tiles }
 }
@@ -131,6 +139,15 @@ impl FlashBackend {
         }
     }
 
+    /// The kernel for a problem: within the Hopper family, the three-warpgroup d=128 kernel
+    /// where it measured faster (unmasked rows, 2048 queries or more).
+    fn spec_for(&self, caps: &DeviceCaps, module: Option<&LoadedModule>, problem: &Problem) -> Spec {
+        let family = self.family(caps, module);
+        let unmasked = !problem.causal && problem.window == (None, None);
+        let wide = family == Family::Hopper && (65..=128).contains(&problem.head_dim) && unmasked && problem.seqlen_q >= 2048;
+        specialisation(problem.head_dim, if wide { Family::HopperWide } else { family })
+    }
+
     /// How the module was (or would be) loaded on the device, and which family runs, for
     /// diagnostics.
     pub(crate) fn image_description(&self) -> Option<String> {
@@ -141,7 +158,7 @@ impl FlashBackend {
             Err(_) => return Some(image),
         };
         Some(match family {
-            Family::Hopper => format!("{image}; Hopper wgmma kernels"),
+            Family::Hopper | Family::HopperWide => format!("{image}; Hopper wgmma kernels"),
             Family::MmaSync if self.hopper && dev.caps.cc == ComputeCapability::new(9, 0) => format!(
                 "{image}; mma.sync kernels (this image has no sm_90a code: add 9.0a to ATTN_CUDA_ARCH_LIST for the Hopper kernels)"
             ),
@@ -175,7 +192,7 @@ impl Backend for FlashBackend {
             // On a real device the module is loaded by now (selection loads it), so this is the
             // family forward will run; a simulated sm_90 is assumed to have the Hopper image.
             let loaded = self.kernels.device().and_then(|_| self.kernels.loaded().ok()).map(|(_, m)| m);
-            let needed = specialisation(problem.head_dim, self.family(caps, loaded.as_deref())).shared_bytes();
+            let needed = self.spec_for(caps, loaded.as_deref(), problem).shared_bytes();
             if needed > caps.smem_per_block_optin {
                 reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
             }
@@ -196,7 +213,7 @@ impl Backend for FlashBackend {
         let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let spec = specialisation(p.head_dim, self.family(&dev.caps, Some(&module)));
+        let spec = self.spec_for(&dev.caps, Some(&module), p);
         let func = module.launchable(&spec.function(p.dtype))?;
         let smem = spec.shared_bytes();
         // Above 48 KiB a kernel must opt in to its dynamic shared memory.
@@ -224,13 +241,15 @@ mod tests {
                 assert!(s.head_dim >= d && [64, 128, 256].contains(&s.head_dim) && s.block_m() == 128);
             }
         }
+        assert_eq!(specialisation(128, Family::HopperWide).block_m(), 192);
         // The d=256 kernel fits the A100/H100 opt-in limit but not a 64 KiB-limited part.
         assert_eq!(specialisation(256, Family::MmaSync).shared_bytes(), 90112);
         assert_eq!(specialisation(128, Family::MmaSync).shared_bytes(), 57344);
         assert_eq!(specialisation(64, Family::MmaSync).shared_bytes(), 40960);
         // Hopper: Q + 2 K + 2 V tiles + alignment; all within the H100's 227 KiB.
-        assert_eq!(specialisation(64, Family::Hopper).shared_bytes(), 82944);
+        assert_eq!(specialisation(64, Family::Hopper).shared_bytes(), 50176);
         assert_eq!(specialisation(128, Family::Hopper).shared_bytes(), 164864);
+        assert_eq!(specialisation(128, Family::HopperWide).shared_bytes(), 115712);
         assert_eq!(specialisation(256, Family::Hopper).shared_bytes(), 197632);
         assert!(specialisation(256, Family::Hopper).shared_bytes() <= 227 * 1024);
     }
