@@ -19,7 +19,8 @@ use crate::problem::{MemoryKind, Problem};
 pub enum BackendKind {
     /// FlashAttention-style tiled tensor-core kernel (sm_80+). Not built yet in this version.
     Flash,
-    /// xFormers-style memory-efficient kernel (sm_75+). Not built yet in this version.
+    /// xFormers-style memory-efficient kernel (sm_75+): tiled online softmax, f16/bf16 on tensor
+    /// cores (bf16 on sm_80+), f32 on SIMT, any head_dim up to 512, unaligned tensors accepted.
     MemEfficient,
     /// CUDA kernels that materialise the score matrix in an f32 workspace.
     Naive,

@@ -13,6 +13,7 @@ use crate::dtype::Element;
 use crate::error::{Error, Rejection};
 use crate::gpu::device::{self, warn_once, GpuDevice};
 use crate::gpu::flash::FlashBackend;
+use crate::gpu::mem_efficient::MemEfficientBackend;
 use crate::gpu::naive::NaiveBackend;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
@@ -165,6 +166,7 @@ impl Selector {
         // Ranked fastest first. Only backends that exist in this version are registered.
         let chain: Vec<Box<dyn Backend>> = vec![
             Box::new(FlashBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.flash_hopper)),
+            Box::new(MemEfficientBackend::new(device.clone(), s.jit, s.cache_dir.clone())),
             Box::new(NaiveBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)),
             Box::new(CpuBackend::new(threads)),
         ];
@@ -298,6 +300,9 @@ impl Attention {
                     .image_description()
             }
             BackendKind::Flash => FlashBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.flash_hopper).image_description(),
+            BackendKind::MemEfficient => {
+                MemEfficientBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone()).image_description()
+            }
             _ => None,
         }
     }

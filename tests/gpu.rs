@@ -160,6 +160,8 @@ fn run_masked<T: Element + attention::cudarc::driver::DeviceRepr>(
 fn ranked(dtype: DType, d: usize) -> BackendKind {
     if dtype != DType::F32 && d % 8 == 0 && d <= 256 {
         BackendKind::Flash
+    } else if d <= 512 {
+        BackendKind::MemEfficient
     } else {
         BackendKind::Naive
     }
@@ -270,9 +272,14 @@ fn naive_through_jit_always_matches_reference() {
     let (_, stream) = gpu();
     let dir = std::env::temp_dir().join(format!("attn-jit-{}", std::process::id()));
     let attn = Selector::from_env().unwrap().jit(JitMode::Always).cache_dir(&dir).select().unwrap();
-    for kind in [BackendKind::Flash, BackendKind::Naive] {
+    for kind in [BackendKind::Flash, BackendKind::MemEfficient, BackendKind::Naive] {
         let image = attn.kernel_image(kind).unwrap();
         assert!(image.contains("NVRTC"), "ATTN_JIT=always must compile {kind} with NVRTC, got {image}");
+    }
+    // NVRTC builds sm_90 as sm_90a, so flash's Hopper kernels are there.
+    if attn.device_caps().unwrap().cc == attention::ComputeCapability::new(9, 0) {
+        let image = attn.kernel_image(BackendKind::Flash).unwrap();
+        assert!(image.contains("Hopper"), "{image}");
     }
     matrix(&attn, &stream, "jit", ranked);
     let entries = attention::testing::cache_entries(&dir).unwrap();
@@ -304,6 +311,7 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
     let auto = Selector::from_env().unwrap().jit(JitMode::Auto).cache_dir(&dir).select().unwrap();
     assert!(auto.kernel_image(BackendKind::Naive).unwrap().contains("NVRTC"));
     assert!(auto.kernel_image(BackendKind::Flash).unwrap().contains("NVRTC"));
+    assert!(auto.kernel_image(BackendKind::MemEfficient).unwrap().contains("NVRTC"));
     matrix(&auto, &stream, "repaired", ranked);
     // JIT off: an error naming the arches built and the setting that fixes it; never a copy
     // of device memory to the CPU backend.
@@ -314,7 +322,7 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
     eprintln!("[never] {text}");
     match &err {
         Error::NoBackend { rejections, .. } => {
-            for kind in [BackendKind::Flash, BackendKind::Naive] {
+            for kind in [BackendKind::Flash, BackendKind::MemEfficient, BackendKind::Naive] {
                 assert!(rejections.iter().any(|r| r.backend == kind
                     && r.reasons.iter().any(|x| matches!(x, Reason::NoKernelImage { .. }))), "{kind}");
             }

@@ -32,6 +32,7 @@ fn selection_table_default_build() {
     let expect: [Row; 9] = [
         (SimulatedGpu::P100, None, None),
         (SimulatedGpu::V100, None, None),
+        // bf16 needs sm_80 tensor cores: mem_efficient says so, naive runs it.
         (SimulatedGpu::T4, Some(Naive), Some((7, 5))),
         (SimulatedGpu::A100, Some(Flash), Some((8, 0))),
         (SimulatedGpu::A10, Some(Flash), Some((8, 6))),
@@ -59,7 +60,7 @@ fn selection_table_default_build() {
             None => {
                 // Pre-Turing: no image, and NVRTC 13 cannot target it; device memory is never
                 // handed to the CPU backend.
-                let naive = e.rejected.iter().find(|r| r.backend == Naive).unwrap();
+                let naive = e.rejected.iter().find(|r| r.backend == BackendKind::Naive).unwrap();
                 assert!(
                     matches!(&naive.reasons[..], [Reason::NoKernelImage { device, jit, .. }]
                         if device == &caps.cc.sm() && jit.contains("oldest: sm_75")),
@@ -72,7 +73,7 @@ fn selection_table_default_build() {
     }
 }
 
-/// What flash rejects on an H100, each with its own typed reason; the naive backend takes it.
+/// What flash rejects on an H100, each with its own typed reason; mem_efficient takes it.
 #[test]
 fn flash_rejects_what_it_cannot_run() {
     let attn = handle(DeviceCaps::simulated(SimulatedGpu::H100), Settings::default());
@@ -93,7 +94,7 @@ fn flash_rejects_what_it_cannot_run() {
     ];
     for (p, reason) in cases {
         let e = attn.explain(&p);
-        assert_eq!(e.chosen, Some(BackendKind::Naive), "{e}");
+        assert_eq!(e.chosen, Some(BackendKind::MemEfficient), "{e}");
         assert_eq!(e.rejected[0].backend, BackendKind::Flash);
         assert_eq!(e.rejected[0].reasons, vec![reason]);
     }
@@ -169,7 +170,7 @@ fn host_tensors_run_on_the_cpu_without_a_fallback() {
 fn disabled_and_forced_backends_say_which_setting() {
     let caps = DeviceCaps::simulated(SimulatedGpu::H100);
     let disabled = Settings { disabled: vec![BackendKind::Naive], ..Settings::default() };
-    let disabled = Settings { disabled: vec![BackendKind::Flash, BackendKind::Naive], ..disabled };
+    let disabled = Settings { disabled: vec![BackendKind::Flash, BackendKind::MemEfficient], ..disabled };
     let e = handle(caps.clone(), disabled).explain(&device_problem());
     assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
     assert_eq!(e.rejected[1].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
@@ -178,17 +179,18 @@ fn disabled_and_forced_backends_say_which_setting() {
     let attn = Selector::from_settings(Settings::default()).disable(BackendKind::Flash).simulate(caps.clone()).select().unwrap();
     let e = attn.explain(&device_problem());
     assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "Selector::disable" }]);
-    assert_eq!(e.chosen, Some(BackendKind::Naive));
+    assert_eq!(e.chosen, Some(BackendKind::MemEfficient));
 
     let forced = Settings { backend: Some(BackendKind::Cpu), ..Settings::default() };
     let e = handle(caps.clone(), forced).explain(&device_problem().on_host());
     assert_eq!(e.chosen, Some(BackendKind::Cpu));
     assert_eq!(e.rejected[0].reasons, vec![Reason::NotForced { forced: BackendKind::Cpu, by: "ATTN_BACKEND" }]);
 
-    // A backend that does not exist in this version is explained, not silently ignored.
+    // Forcing one backend explains every other by the setting.
     let xformers = Settings { backend: Some(BackendKind::MemEfficient), ..Settings::default() };
-    let attn = handle(caps, xformers);
-    assert_eq!(attn.reasons(BackendKind::MemEfficient, &device_problem()), vec![Reason::NotImplemented]);
+    let e = handle(caps, xformers).explain(&device_problem());
+    assert_eq!(e.chosen, Some(BackendKind::MemEfficient));
+    assert_eq!(e.rejected[0].reasons, vec![Reason::NotForced { forced: BackendKind::MemEfficient, by: "ATTN_BACKEND" }]);
 }
 
 #[test]
@@ -288,8 +290,37 @@ fn varlen_problems_skip_the_naive_backend_with_a_reason() {
     assert_eq!(attn.explain(&p).chosen, Some(BackendKind::Flash));
     let mut f32_problem = p.clone();
     f32_problem.dtype = DType::F32;
-    let e = attn.explain(&f32_problem);
-    let naive = e.rejected.iter().find(|r| r.backend == BackendKind::Naive).unwrap();
-    assert!(naive.reasons.contains(&Reason::VarLen), "{e}");
+    assert_eq!(attn.explain(&f32_problem).chosen, Some(BackendKind::MemEfficient));
+    assert!(attn.reasons(BackendKind::Naive, &f32_problem).contains(&Reason::VarLen));
     assert!(Reason::VarLen.to_string().contains("cu_seqlens"));
+}
+
+/// A T4 (sm_75) gets mem_efficient for f16 and f32, with flash's compute-capability reason in
+/// the explanation (not a fallback: flash was never for this device); bf16 goes to naive with
+/// mem_efficient's dtype reason, which is a fallback.
+#[test]
+fn turing_runs_mem_efficient_with_flash_explained() {
+    let attn = handle(DeviceCaps::simulated(SimulatedGpu::T4).with_kernels(KernelBuild::nvcc(DEFAULT_ARCH_LIST)), Settings::default());
+    let turing = ComputeCapability::new(7, 5);
+    for dtype in [DType::F16, DType::F32] {
+        let mut p = device_problem();
+        p.dtype = dtype;
+        for head_dim in [1, 40, 128, 300, 512] {
+            p.head_dim = head_dim;
+            let e = attn.explain(&p);
+            assert_eq!(e.chosen, Some(BackendKind::MemEfficient), "{e}");
+            assert_eq!(e.rejected[0].backend, BackendKind::Flash);
+            assert_eq!(e.rejected[0].reasons, vec![Reason::ComputeCapability { needed: ComputeCapability::new(8, 0), found: turing }]);
+            assert!(!e.rejected[0].is_fallback(), "{e}");
+        }
+    }
+    let e = attn.explain(&device_problem());
+    assert_eq!(e.chosen, Some(BackendKind::Naive));
+    let me = e.rejected.iter().find(|r| r.backend == BackendKind::MemEfficient).unwrap();
+    assert!(matches!(me.reasons[..], [Reason::DType { found: DType::BF16, .. }]) && me.is_fallback(), "{e}");
+    // Past mem_efficient's head_dim limit: naive, with the reason.
+    let mut wide = device_problem();
+    wide.dtype = DType::F16;
+    wide.head_dim = 640;
+    assert_eq!(attn.reasons(BackendKind::MemEfficient, &wide), vec![Reason::HeadDim { max: 512, found: 640 }]);
 }

@@ -1,0 +1,585 @@
+// attention: min-arch 7.5
+// Memory-efficient (xFormers-style) forward attention: the score matrix is never materialised;
+// K/V tiles stream through shared memory and each query row keeps an online softmax
+// (running max, running sum, f32 accumulator). One binary serves sm_75 through sm_120:
+//
+// * f16 / bf16: tensor cores. sm_80+: mma.sync m16n8k16 with cp.async; sm_75 (f16 only): each
+//   m16n8k16 becomes two m16n8k8 (the k16 A/B fragments are exactly two k8 fragments side by
+//   side), loads are plain 16-byte loads. ldmatrix serves both. bf16 entry points compile to
+//   empty bodies below sm_80; the host never launches them there (Reason::DType).
+// * f32: SIMT, every arch: a group of G lanes owns one query row (each lane D/G columns of q
+//   and of the accumulator), scores are reduced across the group with shuffles.
+//
+// Any head_dim 1..512: kernels are specialised for D buckets (64/128/256/512 for the tensor-core
+// kernels, 32..512 for f32); columns past head_dim are zero-filled in shared memory, never read
+// or written in global memory. Tensors need not be 16-byte aligned: the UNALIGNED variants load
+// element by element (the host picks from Problem::vector_aligned).
+//
+// Masking is flash.cu's, verbatim in meaning: keys past seqlen_k; causal aligned bottom-right
+// (row i sees key j iff j <= i + seqlen_k - seqlen_q); a sliding window [i + diag - left,
+// i + diag + right]; soft-capping replaces the scaled logit x by cap·tanh(x/cap). Rows that see
+// no key produce zeros and lse = -inf. Varlen batches resolve through attn_seq.
+//
+// Shared memory stays at or below 64 KiB for every specialisation (sm_75's per-block limit).
+#include "common.cuh"
+#include "mma.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define ME_SM80 1
+#else
+#define ME_SM80 0
+#endif
+
+// 16 bytes, for plain vector loads/stores (no <vector_types.h> under NVRTC without headers).
+struct __align__(16) MeVec16 {
+    unsigned x, y, z, w;
+};
+
+// D = A·B + D for one m16n8k16 tile, f32 accumulate. Below sm_80 (f16 only) it is two m16n8k8:
+// A registers {a0,a1} hold k 0..7 and {a2,a3} k 8..15; B register b0 holds k 0..7, b1 k 8..15.
+template <bool BF16>
+__device__ __forceinline__ void me_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if ME_SM80
+    attn_mma_16816<BF16>(d, a, b0, b1);
+#else
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[2]), "r"(a[3]), "r"(b1));
+#endif
+}
+
+// Two f32 -> one register of two 16-bit values, `lo` in the low half. cvt.rn.{f16,bf16}x2.f32
+// needs sm_80; below it two scalar cvt.rn.f16.f32 (bf16 never runs there).
+template <bool BF16>
+__device__ __forceinline__ unsigned me_pack2(float lo, float hi) {
+#if ME_SM80
+    return attn_pack2<BF16>(lo, hi);
+#else
+    return (unsigned)attn_f32_to_f16(lo) | ((unsigned)attn_f32_to_f16(hi) << 16);
+#endif
+}
+
+// cp.async bookkeeping, only where the loads are asynchronous (sm_80+, aligned tensors); the
+// synchronous load paths need nothing but the barriers around them.
+template <bool ASYNC>
+__device__ __forceinline__ void me_commit() {
+#if ME_SM80
+    if (ASYNC) attn_cp_async_commit();
+#endif
+}
+template <bool ASYNC, int N>
+__device__ __forceinline__ void me_wait() {
+#if ME_SM80
+    if (ASYNC) attn_cp_async_wait<N>();
+#endif
+}
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile (D >= 64):
+// the chunk index is XORed with row%8 so that tile writes and ldmatrix reads hit distinct banks.
+template <int D>
+__device__ __forceinline__ int me_swz(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Loads rows [row0, row0+ROWS) of a [seq, D] slice of 16-bit values into the swizzled tile at
+// byte offset `tile`; rows >= seqlen and columns >= head_dim become zeros. ALIGNED (base,
+// strides and head_dim·2 multiples of 16 bytes): 16-byte moves, asynchronous on sm_80+.
+// Otherwise element by element, so no access crosses the end of a row.
+template <int D, int ROWS, int THREADS, bool ALIGNED>
+__device__ __forceinline__ void me_load_tile(unsigned char* smem, unsigned smem_addr, int tile,
+                                             const unsigned short* base, long long row_stride, int row0, int seqlen,
+                                             int head_dim) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
+        const int r = i / CH, c = i % CH;
+        const int row = row0 + r;
+        const int off = tile + 2 * me_swz<D>(r, c);
+        const unsigned short* src = base + (long long)row * row_stride + c * 8;
+        if (ALIGNED) {
+            // head_dim is a multiple of 8 here, so a chunk is either wholly inside the row or past it.
+            const bool ok = row < seqlen && c * 8 < head_dim;
+#if ME_SM80
+            attn_cp_async_16(smem_addr + off, ok ? src : base, ok);
+#else
+            MeVec16 v = {0u, 0u, 0u, 0u};
+            if (ok) v = *reinterpret_cast<const MeVec16*>(src);
+            *reinterpret_cast<MeVec16*>(smem + off) = v;
+#endif
+        } else {
+            unsigned w[4] = {0u, 0u, 0u, 0u};
+            if (row < seqlen) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    if (c * 8 + e < head_dim) w[e >> 1] |= (unsigned)src[e] << (16 * (e & 1));
+                }
+            }
+            MeVec16 v = {w[0], w[1], w[2], w[3]};
+            *reinterpret_cast<MeVec16*>(smem + off) = v;
+        }
+    }
+}
+
+// tanh from one ex2 and one fast divide: tanh(x) = 1 - 2/(e^{2x} + 1). Absolute error ~1e-7
+// (tanh.approx's ~5e-4 relative error, times the cap, would dominate f16's error budget); the
+// limits come out exactly (e^{2x} -> inf gives 1, -> 0 gives -1).
+__device__ __forceinline__ float me_tanh(float x) {
+    return 1.f - __fdividef(2.f, attn_exp2(x * 2.8853900817779268f) + 1.f);
+}
+
+// Whether key `col` is masked for query row `row` (diag = seqlen_k - seqlen_q); flash.cu's rule.
+__device__ __forceinline__ bool me_masked(long long row, long long col, long long diag, int sk, const AttnParams& p) {
+    const long long lim = row + diag;  // the diagonal key of this row
+    return col >= sk || (p.causal && col > lim) || (p.window_right >= 0 && col > lim + p.window_right) ||
+           (p.window_left >= 0 && col < lim - p.window_left);
+}
+
+// The key range [n_begin, n_end) any of query rows [m0, m_last] can see.
+__device__ __forceinline__ void me_key_range(const AttnParams& p, int m0, long long m_last, long long diag, int sk,
+                                             long long& n_begin, long long& n_end) {
+    n_end = sk;
+    n_begin = 0;
+    if (p.causal) n_end = min(n_end, m_last + diag + 1);
+    if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
+    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernel (f16, bf16). A block has WM·WD warps: WM warps along the query rows (each
+// 16·MT rows, so softmax statistics stay in the warp), WD warps along head_dim. With WD > 1
+// (large D) each warp computes a partial S over its D/WD slice of Q·Kᵀ, the partials are summed
+// through shared memory in a fixed order (so every warp of a row gets bit-identical scores and
+// softmax state), and each warp accumulates only its D/WD output columns: the accumulator fits
+// in registers at D = 512. KBUF = 2 double-buffers K (K(n+1) streams in during tile n).
+// Shared memory: Q [BM][D], KBUF × K [BN][D], V [BN][D] (16-bit), and with WD > 1 the partial
+// scores, WD·BM·BN f32.
+// ---------------------------------------------------------------------------------------------
+template <int D, int BN, int WM, int WD, int MT, int KBUF, bool BF16, bool ALIGNED>
+__device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
+    constexpr int BM = WM * 16 * MT;
+    constexpr int THREADS = WM * WD * 32;
+    constexpr int DW = D / WD;  // columns of Q·Kᵀ's reduction and of the output per warp
+    constexpr bool ASYNC = ME_SM80 && ALIGNED;
+    static_assert(D % 64 == 0 && DW % 16 == 0 && BN % 16 == 0, "tile shape");
+    static_assert(KBUF == 1 || KBUF == 2, "K buffers");
+    extern __shared__ __align__(128) unsigned char me_smem[];
+    const unsigned sbase = attn_smem_addr(me_smem);
+    constexpr int OFF_Q = 0;
+    constexpr int OFF_K = 2 * BM * D;
+    constexpr int OFF_V = OFF_K + KBUF * 2 * BN * D;
+    constexpr int OFF_RED = OFF_V + 2 * BN * D;
+    float* red = reinterpret_cast<float*>(me_smem + OFF_RED);
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int wm = warp % WM;
+    const int wd = warp / WM;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const AttnSeq seq = attn_seq(p, b, h);
+    const int sq = seq.seqlen_q, sk = seq.seqlen_k;
+    // Heaviest tiles first: under a causal mask the last query tiles see the most keys.
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    // Varlen: the grid is sized for the longest sequence; this one may be shorter. Uniform
+    // across the block, before any barrier.
+    if (m0 >= sq) return;
+    const long long diag = (long long)sk - sq;
+    const long long m_last = (long long)min(m0 + BM, sq) - 1;
+    long long n_begin, n_end;
+    me_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
+    const int nb_begin = (int)(n_begin / BN);
+    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
+
+    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
+    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
+    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
+    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+
+    // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
+    // tile's 16 rows, which start at warp_row0 + 16·t.
+    const int warp_row0 = wm * 16 * MT;
+    const int row_in_tile = warp_row0 + (lane >> 2);
+    float acc[MT][DW / 8][4];
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < DW / 8; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+        row_max[t][0] = row_max[t][1] = attn_neg_inf();
+        row_sum[t][0] = row_sum[t][1] = 0.f;
+    }
+    // With soft-capping the scale is applied inside the cap; the softmax then works on raw logits.
+    const bool capped = p.softcap > 0.f;
+    const float logit_scale = capped ? 1.f : p.scale;
+    const float scale_log2 = logit_scale * 1.4426950408889634f;
+
+    if (nb_begin < nb_end) {
+        me_load_tile<D, BM, THREADS, ALIGNED>(me_smem, sbase, OFF_Q, q, p.q_stride[1], m0, sq, p.head_dim);
+        me_load_tile<D, BN, THREADS, ALIGNED>(me_smem, sbase, OFF_K, k, p.k_stride[1], nb_begin * BN, sk,
+                                              p.head_dim);
+        me_commit<ASYNC>();
+    }
+    for (int nb = nb_begin; nb < nb_end; ++nb) {
+        const int offK = OFF_K + (KBUF == 2 ? ((nb - nb_begin) & 1) * 2 * BN * D : 0);
+        const unsigned sK = sbase + offK;
+        const unsigned sQ = sbase + OFF_Q;
+        const unsigned sV = sbase + OFF_V;
+        me_wait<ASYNC, 0>();
+        // K(nb) (and Q) landed; every warp is done with V(nb-1), with the partial-score buffer
+        // and (double buffering) with K(nb-1), whose buffer K(nb+1) now overwrites.
+        __syncthreads();
+        me_load_tile<D, BN, THREADS, ALIGNED>(me_smem, sbase, OFF_V, v, p.v_stride[1], nb * BN, sk, p.head_dim);
+        me_commit<ASYNC>();
+        if (KBUF == 2) {
+            const int offK_next = OFF_K + (((nb - nb_begin) & 1) ^ 1) * 2 * BN * D;
+            if (nb + 1 < nb_end)
+                me_load_tile<D, BN, THREADS, ALIGNED>(me_smem, sbase, offK_next, k, p.k_stride[1], (nb + 1) * BN,
+                                                      sk, p.head_dim);
+            me_commit<ASYNC>();  // possibly empty: keeps the group count uniform
+        }
+
+        // S = Q·K(nb)ᵀ for this warp's 16·MT rows over its D slice; each K fragment serves MT
+        // m-tiles.
+        float s[MT][BN / 8][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
+        // Partly unrolled: hoisting every Q fragment at once costs too many registers at d=128.
+#pragma unroll 2
+        for (int k2 = 0; k2 < DW / 16; ++k2) {
+            const int kk = wd * (DW / 16) + k2;
+            unsigned a[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+                attn_ldmatrix_x4(a[t], sQ + 2 * me_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+            for (int nt = 0; nt < BN / 16; ++nt) {
+                unsigned bk[4];
+                const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
+                attn_ldmatrix_x4(bk, sK + 2 * me_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    me_mma<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
+                    me_mma<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
+                }
+            }
+        }
+        if (WD > 1) {
+            // Sum the WD partial scores. Layout [wd][wm][t][i][e][lane]: each lane reads back its
+            // own fragment positions, so no layout change and no bank conflicts.
+            constexpr int PER = MT * (BN / 8) * 4 * 32;  // floats per (wd, wm)
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        red[(wd * WM + wm) * PER + ((t * (BN / 8) + i) * 4 + e) * 32 + lane] = s[t][i][e];
+            __syncthreads();
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float sum = 0.f;
+#pragma unroll
+                        for (int w = 0; w < WD; ++w) sum += red[(w * WM + wm) * PER + ((t * (BN / 8) + i) * 4 + e) * 32 + lane];
+                        s[t][i][e] = sum;
+                    }
+        }
+
+        if (capped) {
+            const float pre = p.scale / p.softcap;
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[t][i][e] = p.softcap * me_tanh(s[t][i][e] * pre);
+        }
+        // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
+        const int n0 = nb * BN;
+        const bool need_mask = n0 + BN > sk || (p.causal && n0 + BN - 1 > m0 + diag) ||
+                               (p.window_right >= 0 && n0 + BN - 1 > m0 + diag + p.window_right) ||
+                               (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
+        if (need_mask) {
+#pragma unroll
+            for (int t = 0; t < MT; ++t)
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
+                        const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
+                        if (me_masked(row, col, diag, sk, p)) s[t][i][e] = attn_neg_inf();
+                    }
+        }
+
+        // Online softmax: new running max, rescale the accumulator, exponentiate.
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[t][r];
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[t][i][2 * r], s[t][i][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
+                // exp2(-inf - base) = 0 instead of NaN.
+                const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+                const float rescale = attn_exp2(row_max[t][r] * scale_log2 - base);
+                row_max[t][r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) {
+                    s[t][i][2 * r] = attn_exp2(s[t][i][2 * r] * scale_log2 - base);
+                    s[t][i][2 * r + 1] = attn_exp2(s[t][i][2 * r + 1] * scale_log2 - base);
+                    sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
+                }
+                row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
+                // Once a row's max has settled the rescale is exactly 1: skip the multiplies when
+                // no row of the warp moved.
+                if (!__all_sync(0xffffffffu, rescale == 1.f)) {
+#pragma unroll
+                    for (int i = 0; i < DW / 8; ++i) {
+                        acc[t][i][2 * r] *= rescale;
+                        acc[t][i][2 * r + 1] *= rescale;
+                    }
+                }
+            }
+
+        if (KBUF == 2) {
+            me_wait<ASYNC, 1>();
+        } else {
+            me_wait<ASYNC, 0>();
+        }
+        // V(nb) landed (K(nb+1) may still be in flight); every warp is done with K(nb).
+        __syncthreads();
+        if (KBUF == 1 && nb + 1 < nb_end) {
+            // One K buffer: K(nb+1) streams in during P·V(nb).
+            me_load_tile<D, BN, THREADS, ALIGNED>(me_smem, sbase, OFF_K, k, p.k_stride[1], (nb + 1) * BN, sk,
+                                                  p.head_dim);
+            me_commit<ASYNC>();
+        }
+        // O += P·V(nb): two adjacent n8 tiles of S are one k16 A fragment of P; each V fragment
+        // serves MT m-tiles.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned a[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                a[t][0] = me_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
+                a[t][1] = me_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
+                a[t][2] = me_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+                a[t][3] = me_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int d2 = 0; d2 < DW / 16; ++d2) {
+                const int dt = wd * (DW / 16) + d2;
+                unsigned bv[4];
+                const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                attn_ldmatrix_x4_trans(bv, sV + 2 * me_swz<D>(key, dt * 2 + (lane >> 4)));
+#pragma unroll
+                for (int t = 0; t < MT; ++t) {
+                    me_mma<BF16>(acc[t][2 * d2], a[t], bv[0], bv[1]);
+                    me_mma<BF16>(acc[t][2 * d2 + 1], a[t], bv[2], bv[3]);
+                }
+            }
+        }
+    }
+    me_wait<ASYNC, 0>();
+
+    // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float sum = row_sum[t][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            const int row = m0 + row_in_tile + t * 16 + r * 8;
+            if (row < sq) {
+                unsigned short* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+                for (int i = 0; i < DW / 8; ++i) {
+                    const int col = wd * DW + i * 8 + (lane & 3) * 2;
+                    const unsigned pair = me_pack2<BF16>(acc[t][i][2 * r] * inv, acc[t][i][2 * r + 1] * inv);
+                    if (ALIGNED) {
+                        // head_dim is a multiple of 8 and the row 16-byte aligned: both or neither.
+                        if (col < p.head_dim) *reinterpret_cast<unsigned*>(orow + col) = pair;
+                    } else {
+                        if (col < p.head_dim) orow[col] = (unsigned short)(pair & 0xffffu);
+                        if (col + 1 < p.head_dim) orow[col + 1] = (unsigned short)(pair >> 16);
+                    }
+                }
+                if (p.lse != nullptr && wd == 0 && (lane & 3) == 0) {
+                    const float lse = sum > 0.f ? row_max[t][r] * logit_scale + __logf(sum) : attn_neg_inf();
+                    p.lse[seq.lse + row] = lse;
+                }
+            }
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// f32 SIMT kernel. G lanes (adjacent, within a warp) own one query row; lane g holds columns
+// g, g+G, g+2G, ... of q and of the accumulator, so at each step the G lanes of a group read
+// consecutive words of a K/V row (no bank conflicts; the other groups of the warp read the same
+// words, a broadcast). Scores are reduced across the group with shuffles. K and V tiles [BN][D]
+// f32 live in static shared memory (2·BN·D·4 <= 32 KiB). Exponentials and the soft-cap use the
+// accurate f32 functions: this path promises 1e-4 relative error.
+// ---------------------------------------------------------------------------------------------
+template <int D, int G, int BN, int THREADS>
+__device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
+    constexpr int E = D / G;            // columns per lane
+    constexpr int ROWS = THREADS / G;   // query rows per block
+    static_assert(G <= 32 && (32 % G) == 0 && D % G == 0, "row groups must tile a warp");
+    __shared__ float sK[BN * D];
+    __shared__ float sV[BN * D];
+
+    const int tid = threadIdx.x;
+    const int g = tid % G;
+    const int h = blockIdx.y;
+    const AttnSeq seq = attn_seq(p, blockIdx.z, h);
+    const int sq = seq.seqlen_q, sk = seq.seqlen_k;
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+    if (m0 >= sq) return;  // varlen: past this sequence (uniform across the block)
+    const int row = m0 + tid / G;
+    const bool row_ok = row < sq;
+    const long long diag = (long long)sk - sq;
+    const long long m_last = (long long)min(m0 + ROWS, sq) - 1;
+    long long n_begin, n_end;
+    me_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
+    n_begin = (n_begin / BN) * BN;
+
+    const float* q = static_cast<const float*>(p.q) + seq.q;
+    const float* k = static_cast<const float*>(p.k) + seq.k;
+    const float* v = static_cast<const float*>(p.v) + seq.v;
+    float* o = static_cast<float*>(p.o) + seq.o;
+    const int hd = p.head_dim;
+
+    float qv[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const int c = g + G * e;
+        qv[e] = (row_ok && c < hd) ? q[(long long)row * p.q_stride[1] + c] : 0.f;
+        acc[e] = 0.f;
+    }
+    float row_max = attn_neg_inf(), row_sum = 0.f;
+    const bool capped = p.softcap > 0.f;
+    const float logit_scale = capped ? 1.f : p.scale;
+    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const float pre = capped ? p.scale / p.softcap : 0.f;
+
+    for (long long n0 = n_begin; n0 < n_end; n0 += BN) {
+        __syncthreads();  // every group is done with the previous tile
+        for (int i = tid; i < BN * D; i += THREADS) {
+            const int j = i / D, c = i % D;
+            const long long key = n0 + j;
+            const bool ok = key < sk && c < hd;
+            sK[i] = ok ? k[key * p.k_stride[1] + c] : 0.f;
+            sV[i] = ok ? v[key * p.v_stride[1] + c] : 0.f;
+        }
+        __syncthreads();
+
+        float s[BN];
+        float mx = row_max;
+#pragma unroll
+        for (int j = 0; j < BN; ++j) {
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) dot = fmaf(qv[e], sK[j * D + g + G * e], dot);
+#pragma unroll
+            for (int off = G / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+            if (capped) dot = p.softcap * tanhf(dot * pre);
+            if (me_masked(row, n0 + j, diag, sk, p)) dot = attn_neg_inf();
+            s[j] = dot;
+            mx = fmaxf(mx, dot);
+        }
+        // A row that has seen only masked keys keeps max -inf: base 0 avoids -inf - -inf.
+        const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+        const float rescale = exp2f(row_max * scale_log2 - base);
+        row_max = mx;
+        row_sum *= rescale;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] *= rescale;
+#pragma unroll
+        for (int j = 0; j < BN; ++j) {
+            const float pj = exp2f(s[j] * scale_log2 - base);
+            row_sum += pj;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] = fmaf(pj, sV[j * D + g + G * e], acc[e]);
+        }
+    }
+
+    if (row_ok) {
+        const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+        float* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const int c = g + G * e;
+            if (c < hd) orow[c] = acc[e] * inv;
+        }
+        if (p.lse != nullptr && g == 0) {
+            p.lse[seq.lse + row] = row_sum > 0.f ? row_max * logit_scale + logf(row_sum) : attn_neg_inf();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. The Rust side (src/gpu/mem_efficient.rs, `Spec`) mirrors these tables for the
+// launch shape and dynamic shared memory.
+//
+// Tensor-core specialisations: (D, BN, WM, WD, MT, KBUF) -> BM = WM·16·MT rows, WM·WD warps,
+// shared bytes = (BM + (KBUF+1)·BN)·D·2 + (WD > 1 ? WD·BM·BN·4 : 0):
+//   D  64: BN 64, 4×1 warps, MT 2, K double-buffered: BM 128, 40960 B
+//   D 128: BN 32, 4×1 warps, MT 2, K double-buffered: BM 128, 57344 B
+//   D 256: BN 16, 4×1 warps, MT 1, K double-buffered: BM  64, 57344 B
+//   D 512: BN 16, 1×4 warps, MT 1, one K buffer:      BM  16, 53248 B
+// Suffix _a: aligned (16-byte) loads/stores; _u: element-wise.
+// ---------------------------------------------------------------------------------------------
+#define ME_TC_ENTRY(D, BN, WM, WD, MT, KBUF, SUFFIX, BF16, AL, ALIGNED)                          \
+    extern "C" __global__ void __launch_bounds__(WM * WD * 32)                                    \
+        attn_me_fwd_##SUFFIX##_d##D##_##AL(const AttnParams p) {                                  \
+        me_fwd_tc<D, BN, WM, WD, MT, KBUF, BF16, ALIGNED>(p);                                      \
+    }
+// bf16 tensor cores need sm_80: below it the entry exists (one module for every arch) but is
+// empty; the host rejects bf16 there before any launch (Reason::DType).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ME_TC_ENTRY_BF16(D, BN, WM, WD, MT, KBUF, AL, ALIGNED) ME_TC_ENTRY(D, BN, WM, WD, MT, KBUF, bf16, true, AL, ALIGNED)
+#else
+#define ME_TC_ENTRY_BF16(D, BN, WM, WD, MT, KBUF, AL, ALIGNED)                                    \
+    extern "C" __global__ void __launch_bounds__(WM * WD * 32) attn_me_fwd_bf16_d##D##_##AL(const AttnParams p) {}
+#endif
+#define ME_TC_BOTH(D, BN, WM, WD, MT, KBUF)                              \
+    ME_TC_ENTRY(D, BN, WM, WD, MT, KBUF, f16, false, a, true)            \
+    ME_TC_ENTRY(D, BN, WM, WD, MT, KBUF, f16, false, u, false)           \
+    ME_TC_ENTRY_BF16(D, BN, WM, WD, MT, KBUF, a, true)                   \
+    ME_TC_ENTRY_BF16(D, BN, WM, WD, MT, KBUF, u, false)
+
+ME_TC_BOTH(64, 64, 4, 1, 2, 2)
+ME_TC_BOTH(128, 32, 4, 1, 2, 2)
+ME_TC_BOTH(256, 16, 4, 1, 1, 2)
+ME_TC_BOTH(512, 16, 1, 4, 1, 1)
+
+// f32 specialisations: (D, G lanes per row, BN keys per tile, threads) -> THREADS/G rows per
+// block, static shared memory 2·BN·D·4 bytes:
+//   D 32: G 2, BN 32, 128 threads (64 rows),  8 KiB     D 256: G 16, BN 16, 256 threads (16 rows), 32 KiB
+//   D 64: G 4, BN 32, 128 threads (32 rows), 16 KiB     D 512: G 32, BN  8, 256 threads ( 8 rows), 32 KiB
+//   D 128: G 8, BN 32, 128 threads (16 rows), 32 KiB
+#define ME_SIMT_ENTRY(D, G, BN, THREADS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) attn_me_fwd_f32_d##D(const AttnParams p) {       \
+        me_fwd_simt<D, G, BN, THREADS>(p);                                                                 \
+    }
+ME_SIMT_ENTRY(32, 2, 32, 128)
+ME_SIMT_ENTRY(64, 4, 32, 128)
+ME_SIMT_ENTRY(128, 8, 32, 128)
+ME_SIMT_ENTRY(256, 16, 16, 256)
+ME_SIMT_ENTRY(512, 32, 8, 256)
