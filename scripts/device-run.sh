@@ -16,12 +16,14 @@ run() { local name=$1; shift; want "$name" || { echo "(skipped: not in STEPS)"; 
 step "device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
 step "doctor"; TAIL=40 run doctor $c/doctor
 step "unit tests"; [ -x $c/test-attention ] && run unit $c/test-attention || echo "(not carried: the unit tests run on CI)"
-step "gpu tests (AOT build)"; run gpu-aot $c/test-gpu --include-ignored --nocapture --test-threads=1 ${GPU_FILTER:-}
+# Several tests at once: the f64 references on the host dominate the run time.
+step "gpu tests (AOT build)"; run gpu-aot $c/test-gpu --include-ignored --nocapture --test-threads=${THREADS:-8} ${GPU_FILTER:-}
+step "mem_efficient gpu tests"; run gpu-me $c/test-gpu_mem_efficient --include-ignored --nocapture --test-threads=${THREADS:-8}
 step "gpu tests (sm_80-only build: JIT repair)"; ATTN_TEST_EXPECT_NO_IMAGE=1 run gpu-sm80 $c/test-gpu-sm80 --include-ignored --nocapture --test-threads=1 build_without
 step "jit tests"; run jit $c/test-jit --include-ignored
 # API errors are expected here: the raw-pointer test hands the driver a host address on purpose.
-step "compute-sanitizer memcheck"; TAIL=8 run memcheck compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace flash_small malformed_device_seqlens
-step "compute-sanitizer racecheck"; TAIL=8 run racecheck compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 flash_small
+step "compute-sanitizer memcheck"; TAIL=8 run memcheck sh -c "compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace flash_small malformed_device_seqlens && compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu_mem_efficient --include-ignored --test-threads=1 small_cases"
+step "compute-sanitizer racecheck"; TAIL=8 run racecheck sh -c "compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 flash_small && compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu_mem_efficient --include-ignored --test-threads=1 small_cases"
 step "bench"; TAIL=60 ATTN_BENCH_SKIP_CPU=1 run bench $c/bench --bench ${BENCH_FILTER:-}
 step "anchors"; TAIL=60 PYTHONUNBUFFERED=1 run anchors python3 $c/torch_sdpa.py ${ANCHORS_ARGS:-}
 exit $status
