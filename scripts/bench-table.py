@@ -16,7 +16,7 @@ def parse(path, prefix):
         m = re.match(r"^(\S+/\S+/(\w+)/d(\d+)/(full|causal)/seq(\d+))", line)
         if m:
             current = m if m.group(1).startswith(prefix) else None
-        t = re.search(r"thrpt:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
+        t = re.search(r"thrpt:\s+\[\s*\S+ \S+\s+(\S+) (\S+)\s+\S+ \S+\s*\]", line)
         if t and current:
             key = (current.group(2), int(current.group(3)), current.group(4) == "causal", int(current.group(5)))
             out[key] = float(t.group(1)) * UNITS[t.group(2)] / 1e12

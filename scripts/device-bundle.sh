@@ -24,7 +24,7 @@ if [ -n "${QUICK:-}" ]; then
   # Iterating on a kernel: the gpu tests and the bench, built for sm_90a only, in a target of
   # their own (a different arch list would rebuild the main target's kernels).
   export ATTN_CUDA_ARCH_LIST=9.0a CARGO_TARGET_DIR=target/quick
-  cargo test --release --no-run --test gpu --message-format=json 2>/dev/null | pick gpu |
+  cargo test --release --no-run --test gpu --test gpu_mem_efficient --message-format=json 2>/dev/null | pick gpu,gpu_mem_efficient |
     while read -r name exe; do cp "$exe" "$out/test-$name"; done
   cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
     while read -r name exe; do cp "$exe" "$out/bench"; done

@@ -475,15 +475,27 @@ fn windows_and_softcap_match_reference() {
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }
 
-/// A flash forward captured into a CUDA graph (global capture mode: no allocation, no sync, no
-/// host-side data-dependent branch inside `forward`), replayed after the inputs change.
+/// A forward of each fused backend captured into a CUDA graph (global capture mode: no
+/// allocation, no sync, no host-side data-dependent branch inside `forward`), replayed after the
+/// inputs change.
 #[test]
 #[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
 fn flash_forward_is_graph_capturable() {
+    graph_capture(BackendKind::Flash);
+}
+
+/// As `flash_forward_is_graph_capturable`, for mem_efficient.
+#[test]
+#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+fn mem_efficient_forward_is_graph_capturable() {
+    graph_capture(BackendKind::MemEfficient);
+}
+
+fn graph_capture(kind: BackendKind) {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (attn, default_stream) = gpu();
     drop(attn);
-    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
+    let attn = Selector::from_env().unwrap().backend(kind).select().unwrap();
     // Capture needs a stream other than the legacy default one. cudarc's cross-stream event
     // tracking would record waits on events from outside the capture: the caller owns ordering
     // here, as a model that captures its forward does.
@@ -513,7 +525,7 @@ fn flash_forward_is_graph_capturable() {
     stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
     let captured = run(&dq, &dk, &dv, &mut dout, &mut dlse);
     let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap();
-    assert_eq!(captured.unwrap(), BackendKind::Flash);
+    assert_eq!(captured.unwrap(), kind);
     let graph = graph.expect("the capture recorded the forward");
     // New inputs in the same buffers, output poisoned: the replay must compute them afresh.
     let (q, k, v) = (gen(&mut rng, lq.numel()), gen(&mut rng, lk.numel()), gen(&mut rng, lk.numel()));
@@ -539,7 +551,7 @@ fn flash_forward_is_graph_capturable() {
     let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
     let rel = rel_err(&got, &ref_out);
     let lse_err = lse.iter().zip(&ref_lse).map(|(g, r)| if r.is_infinite() { if *g as f64 == *r { 0.0 } else { f64::INFINITY } } else { (*g as f64 - r).abs() }).fold(0.0, f64::max);
-    eprintln!("[graph] replayed 3 times: rel {rel:.2e} lse {lse_err:.2e}");
+    eprintln!("[graph {kind}] replayed 3 times: rel {rel:.2e} lse {lse_err:.2e}");
     assert!(rel < tolerance(DType::BF16) && lse_err < 1e-3);
 }
 
