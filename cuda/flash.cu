@@ -15,13 +15,6 @@
 // Each warp owns MT m16 tiles (16·MT query rows), so every K/V fragment read from shared memory
 // feeds MT tensor-core ops: shared-memory bandwidth, not the tensor cores, bounded the one-tile
 // version (72 ldmatrix per 128 mma). Blocks have WARPS warps and BM = WARPS·16·MT rows.
-// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile: the chunk
-// index is XORed with row%8 so that cp.async writes and ldmatrix reads hit distinct banks.
-template <int D>
-__device__ __forceinline__ int flash_swz(int row, int chunk) {
-    return row * D + ((chunk ^ (row & 7)) << 3);
-}
-
 // Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
 // chunks >= head_dim are zero-filled.
 template <int D, int ROWS, int THREADS>
@@ -33,7 +26,7 @@ __device__ __forceinline__ void flash_load_tile(unsigned tile_addr, const unsign
         const int row = row0 + r;
         const bool ok = row < seqlen && c * 8 < head_dim;
         const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
-        attn_cp_async_16(tile_addr + 2 * flash_swz<D>(r, c), src, ok);
+        attn_cp_async_16(tile_addr + 2 * attn_swz<D>(r, c), src, ok);
     }
 }
 
@@ -63,11 +56,9 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
     const long long diag = (long long)sk - sq;
 
     // Key range any row of this tile can see.
-    long long n_end = sk, n_begin = 0;
     const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    if (p.causal) n_end = min(n_end, m_last + diag + 1);
-    if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
-    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+    long long n_begin, n_end;
+    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
     const int nb_begin = (int)(n_begin / BN);
     const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
 
@@ -126,12 +117,12 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
             unsigned a[MT][4];
 #pragma unroll
             for (int t = 0; t < MT; ++t)
-                attn_ldmatrix_x4(a[t], sQ + 2 * flash_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                attn_ldmatrix_x4(a[t], sQ + 2 * attn_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
             for (int nt = 0; nt < BN / 16; ++nt) {
                 unsigned bk[4];
                 const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
-                attn_ldmatrix_x4(bk, sK + 2 * flash_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+                attn_ldmatrix_x4(bk, sK + 2 * attn_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
                     attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
@@ -151,10 +142,7 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
         }
         // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
         const int n0 = nb * BN;
-        const bool need_mask = n0 + BN > sk || (p.causal && n0 + BN - 1 > m0 + diag) ||
-                               (p.window_right >= 0 && n0 + BN - 1 > m0 + diag + p.window_right) ||
-                               (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
-        if (need_mask) {
+        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
 #pragma unroll
             for (int t = 0; t < MT; ++t)
 #pragma unroll
@@ -163,11 +151,7 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
                     for (int e = 0; e < 4; ++e) {
                         const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
                         const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
-                        const long long lim = row + diag;  // the diagonal key of this row
-                        const bool masked = col >= sk || (p.causal && col > lim) ||
-                                            (p.window_right >= 0 && col > lim + p.window_right) ||
-                                            (p.window_left >= 0 && col < lim - p.window_left);
-                        if (masked) s[t][i][e] = attn_neg_inf();
+                        if (attn_masked(p, row, col, diag, sk)) s[t][i][e] = attn_neg_inf();
                     }
         }
 
@@ -223,7 +207,7 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
             for (int dt = 0; dt < D / 16; ++dt) {
                 unsigned bv[4];
                 const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                attn_ldmatrix_x4_trans(bv, sV + 2 * flash_swz<D>(key, dt * 2 + (lane >> 4)));
+                attn_ldmatrix_x4_trans(bv, sV + 2 * attn_swz<D>(key, dt * 2 + (lane >> 4)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
                     attn_mma_16816<BF16>(acc[t][2 * dt], a[t], bv[0], bv[1]);

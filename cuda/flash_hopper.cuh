@@ -92,11 +92,9 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     if (m0 >= sq) return;  // a packed batch's shorter sequences have spare tiles
     const long long diag = (long long)sk - sq;
 
-    long long n_end = sk, n_begin = 0;
     const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    if (p.causal) n_end = min(n_end, m_last + diag + 1);
-    if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
-    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+    long long n_begin, n_end;
+    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
     const int nb_begin = (int)(n_begin / BN);
     const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
 
@@ -178,10 +176,7 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
             for (int i = 0; i < BN / 2; ++i) s[i] = p.softcap * attn_tanh(s[i] * pre);
         }
         const int n0 = nb * BN;
-        const bool need_mask = n0 + BN > sk || (p.causal && n0 + BN - 1 > m0 + diag) ||
-                               (p.window_right >= 0 && n0 + BN - 1 > m0 + diag + p.window_right) ||
-                               (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
-        if (need_mask) {
+        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
             // Each of this thread's two rows sees keys [lo, hi]: bounds worked out once in 64-bit,
             // then plain int compares per element.
             int lo[2], hi[2];

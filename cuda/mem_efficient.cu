@@ -77,12 +77,6 @@ __device__ __forceinline__ void me_wait() {
 #endif
 }
 
-// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile (D >= 64):
-// the chunk index is XORed with row%8 so that tile writes and ldmatrix reads hit distinct banks.
-template <int D>
-__device__ __forceinline__ int me_swz(int row, int chunk) {
-    return row * D + ((chunk ^ (row & 7)) << 3);
-}
 
 // Loads rows [row0, row0+ROWS) of a [seq, D] slice of 16-bit values into the swizzled tile at
 // byte offset `tile`; rows >= seqlen and columns >= head_dim become zeros. ALIGNED (base,
@@ -96,7 +90,7 @@ __device__ __forceinline__ void me_load_tile(unsigned char* smem, unsigned smem_
     for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
         const int r = i / CH, c = i % CH;
         const int row = row0 + r;
-        const int off = tile + 2 * me_swz<D>(r, c);
+        const int off = tile + 2 * attn_swz<D>(r, c);
         const unsigned short* src = base + (long long)row * row_stride + c * 8;
         if (ALIGNED) {
             // head_dim is a multiple of 8 here, so a chunk is either wholly inside the row or past it.
@@ -127,23 +121,6 @@ __device__ __forceinline__ void me_load_tile(unsigned char* smem, unsigned smem_
 // limits come out exactly (e^{2x} -> inf gives 1, -> 0 gives -1).
 __device__ __forceinline__ float me_tanh(float x) {
     return 1.f - __fdividef(2.f, attn_exp2(x * 2.8853900817779268f) + 1.f);
-}
-
-// Whether key `col` is masked for query row `row` (diag = seqlen_k - seqlen_q); flash.cu's rule.
-__device__ __forceinline__ bool me_masked(long long row, long long col, long long diag, int sk, const AttnParams& p) {
-    const long long lim = row + diag;  // the diagonal key of this row
-    return col >= sk || (p.causal && col > lim) || (p.window_right >= 0 && col > lim + p.window_right) ||
-           (p.window_left >= 0 && col < lim - p.window_left);
-}
-
-// The key range [n_begin, n_end) any of query rows [m0, m_last] can see.
-__device__ __forceinline__ void me_key_range(const AttnParams& p, int m0, long long m_last, long long diag, int sk,
-                                             long long& n_begin, long long& n_end) {
-    n_end = sk;
-    n_begin = 0;
-    if (p.causal) n_end = min(n_end, m_last + diag + 1);
-    if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
-    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,7 +165,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     const long long diag = (long long)sk - sq;
     const long long m_last = (long long)min(m0 + BM, sq) - 1;
     long long n_begin, n_end;
-    me_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
+    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
     const int nb_begin = (int)(n_begin / BN);
     const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
 
@@ -256,12 +233,12 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
             unsigned a[MT][4];
 #pragma unroll
             for (int t = 0; t < MT; ++t)
-                attn_ldmatrix_x4(a[t], sQ + 2 * me_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                attn_ldmatrix_x4(a[t], sQ + 2 * attn_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
             for (int nt = 0; nt < BN / 16; ++nt) {
                 unsigned bk[4];
                 const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
-                attn_ldmatrix_x4(bk, sK + 2 * me_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+                attn_ldmatrix_x4(bk, sK + 2 * attn_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
                     me_mma<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
@@ -305,10 +282,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
         }
         // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
         const int n0 = nb * BN;
-        const bool need_mask = n0 + BN > sk || (p.causal && n0 + BN - 1 > m0 + diag) ||
-                               (p.window_right >= 0 && n0 + BN - 1 > m0 + diag + p.window_right) ||
-                               (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
-        if (need_mask) {
+        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
 #pragma unroll
             for (int t = 0; t < MT; ++t)
 #pragma unroll
@@ -317,7 +291,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                     for (int e = 0; e < 4; ++e) {
                         const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
                         const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
-                        if (me_masked(row, col, diag, sk, p)) s[t][i][e] = attn_neg_inf();
+                        if (attn_masked(p, row, col, diag, sk)) s[t][i][e] = attn_neg_inf();
                     }
         }
 
@@ -385,7 +359,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                 const int dt = wd * (DW / 16) + d2;
                 unsigned bv[4];
                 const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                attn_ldmatrix_x4_trans(bv, sV + 2 * me_swz<D>(key, dt * 2 + (lane >> 4)));
+                attn_ldmatrix_x4_trans(bv, sV + 2 * attn_swz<D>(key, dt * 2 + (lane >> 4)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
                     me_mma<BF16>(acc[t][2 * d2], a[t], bv[0], bv[1]);
@@ -456,7 +430,7 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
     const long long diag = (long long)sk - sq;
     const long long m_last = (long long)min(m0 + ROWS, sq) - 1;
     long long n_begin, n_end;
-    me_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
+    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
     n_begin = (n_begin / BN) * BN;
 
     const float* q = static_cast<const float*>(p.q) + seq.q;
@@ -499,7 +473,7 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
 #pragma unroll
             for (int off = G / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
             if (capped) dot = p.softcap * tanhf(dot * pre);
-            if (me_masked(row, n0 + j, diag, sk, p)) dot = attn_neg_inf();
+            if (attn_masked(p, row, n0 + j, diag, sk)) dot = attn_neg_inf();
             s[j] = dot;
             mx = fmaxf(mx, dot);
         }

@@ -76,3 +76,11 @@ __device__ __forceinline__ float attn_tanh(float x) {
     asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile of 16-bit
+// values (D >= 64): the chunk index is XORed with row % 8 so that the 16-byte writes that fill a
+// tile and the ldmatrix reads of its 8x8 blocks both hit distinct banks.
+template <int D>
+__device__ __forceinline__ int attn_swz(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}

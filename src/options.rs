@@ -33,7 +33,8 @@ pub struct Options {
     /// Logit soft-capping: the scaled logit `x` becomes `softcap · tanh(x / softcap)`.
     pub softcap: Option<f32>,
     /// f32 inputs may run on TF32 tensor cores (10-bit mantissa products), as PyTorch's
-    /// `torch.backends.cuda.matmul.allow_tf32` allows. Off by default: f32 stays exact to ~1e-6.
+    /// `torch.backends.cuda.matmul.allow_tf32` allows. Off by default. No kernel takes the
+    /// permission yet (f32 runs on SIMT cores), so results are the same either way.
     pub allow_tf32: bool,
 }
 
