@@ -16,7 +16,8 @@ use attention::{
     BackendKind, DType, Element, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector,
     SeqLens, Settings, Tensor, TensorMut, VarLen,
 };
-use common::reference::{attention_f64_masked, rel_err, varlen_f64, RefInput, RefMask};
+use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
+use common::gpu::{run_masked, run_varlen, s, tolerance, Outcome, Shape};
 use common::rng::Rng;
 use half::{bf16, f16};
 
@@ -28,29 +29,6 @@ fn gpu() -> (attention::Attention, Arc<CudaStream>) {
     });
     let ctx = CudaContext::new(caps.ordinal).unwrap();
     (attn, ctx.default_stream())
-}
-
-/// Tolerances on ‖out − ref‖/‖ref‖ against the f64 reference, per dtype.
-fn tolerance(d: DType) -> f64 {
-    match d {
-        DType::F32 => 1e-4,
-        DType::F16 => 2e-3,
-        DType::BF16 => 1e-2,
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Shape {
-    b: usize,
-    sq: usize,
-    sk: usize,
-    h: usize,
-    hk: usize,
-    d: usize,
-}
-
-const fn s(b: usize, sq: usize, sk: usize, h: usize, hk: usize, d: usize) -> Shape {
-    Shape { b, sq, sk, h, hk, d }
 }
 
 /// Odd sizes on purpose: seqlen 1, non-multiples of 16, sq ≠ sk both ways, GQA, MQA, odd d.
@@ -67,14 +45,6 @@ const SHAPES: [Shape; 10] = [
     s(2, 64, 4097, 8, 1, 160),
 ];
 
-#[derive(Debug)]
-struct Outcome {
-    rel: f64,
-    lse_err: f64,
-    nan: usize,
-    ran: BackendKind,
-}
-
 /// Runs one case on the GPU through `attn` and compares with the f64 reference.
 fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     attn: &attention::Attention,
@@ -84,76 +54,7 @@ fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     causal: bool,
     heads_first: bool,
 ) -> Result<Outcome, Error> {
-    run_masked::<T>(attn, stream, rng, sh, RefMask { causal, ..RefMask::default() }, heads_first)
-}
-
-/// Runs one case with a sliding window and/or soft-cap, checked against the f64 reference.
-fn run_masked<T: Element + attention::cudarc::driver::DeviceRepr>(
-    attn: &attention::Attention,
-    stream: &Arc<CudaStream>,
-    rng: &mut Rng,
-    sh: Shape,
-    mask: RefMask,
-    heads_first: bool,
-) -> Result<Outcome, Error> {
-    let lay = |s, h| if heads_first { Layout::heads_first(sh.b, s, h, sh.d) } else { Layout::contiguous(sh.b, s, h, sh.d) };
-    let (lq, lk) = (lay(sh.sq, sh.h), lay(sh.sk, sh.hk));
-    let gen = |rng: &mut Rng, n: usize| {
-        let mut v = vec![T::from_f32(0.0); n];
-        rng.fill(&mut v, T::from_f32);
-        v
-    };
-    let (q, k, v) = (gen(rng, lq.numel()), gen(rng, lk.numel()), gen(rng, lk.numel()));
-    let (dq, dk, dv) = (stream.clone_htod(&q).unwrap(), stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap());
-    // Poison: every element must be written.
-    let mut dout: CudaSlice<T> = stream.clone_htod(&vec![T::from_f32(f32::NAN); q.len()]).unwrap();
-    let mut dlse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; sh.b * sh.h * sh.sq]).unwrap();
-    let mut opts = Options::default().causal(mask.causal).window(mask.left, mask.right);
-    if let Some(c) = mask.softcap {
-        opts = opts.softcap(c as f32);
-    }
-    let ran = attn.forward_with_lse(
-        &Tensor::cuda(&dq, lq),
-        &Tensor::cuda(&dk, lk),
-        &Tensor::cuda(&dv, lk),
-        &mut TensorMut::cuda(&mut dout, lq),
-        &mut LseMut::cuda(&mut dlse),
-        &opts,
-    )?;
-    let out = stream.clone_dtoh(&dout).unwrap();
-    let lse = stream.clone_dtoh(&dlse).unwrap();
-    let to64 = |x: T| x.to_f32() as f64;
-    let (ref_out, ref_lse) = attention_f64_masked(
-        RefInput { data: &q, shape: lq.shape(), strides: lq.strides() },
-        RefInput { data: &k, shape: lk.shape(), strides: lk.strides() },
-        RefInput { data: &v, shape: lk.shape(), strides: lk.strides() },
-        to64,
-        1.0 / (sh.d as f64).sqrt(),
-        mask,
-    );
-    // Gather our (possibly heads-first) output into the reference's contiguous order.
-    let mut got = Vec::with_capacity(ref_out.len());
-    for b in 0..sh.b {
-        for i in 0..sh.sq {
-            for h in 0..sh.h {
-                let o = lq.offset(b, i, h);
-                got.extend(out[o..o + sh.d].iter().map(|&x| to64(x)));
-            }
-        }
-    }
-    let nan = got.iter().filter(|x| !x.is_finite()).count();
-    let mut lse_err: f64 = 0.0;
-    for (g, r) in lse.iter().zip(&ref_lse) {
-        let g = *g as f64;
-        if r.is_infinite() {
-            if g != *r {
-                lse_err = f64::INFINITY;
-            }
-        } else {
-            lse_err = lse_err.max((g - r).abs());
-        }
-    }
-    Ok(Outcome { rel: rel_err(&got, &ref_out), lse_err, nan, ran })
+    run_masked::<T>(attn, stream, rng, sh, RefMask { causal, ..RefMask::default() }, heads_first, 0)
 }
 
 /// The backend the default ranking must pick on an sm_80+ device.
@@ -454,9 +355,9 @@ fn windows_and_softcap_match_reference() {
                     let dtypes: &[DType] = if kind == BackendKind::Flash { &[DType::F16, DType::BF16] } else { &[DType::BF16, DType::F32] };
                     for &dtype in dtypes {
                         let r = match dtype {
-                            DType::F16 => run_masked::<f16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0),
-                            DType::BF16 => run_masked::<bf16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0),
-                            DType::F32 => run_masked::<f32>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0),
+                            DType::F16 => run_masked::<f16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0, 0),
+                            DType::BF16 => run_masked::<bf16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0, 0),
+                            DType::F32 => run_masked::<f32>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0, 0),
                         };
                         count += 1;
                         // softcap uses tanh.approx on the GPU: about 1e-3 relative in the logit.
@@ -553,78 +454,6 @@ fn graph_capture(kind: BackendKind) {
     let lse_err = lse.iter().zip(&ref_lse).map(|(g, r)| if r.is_infinite() { if *g as f64 == *r { 0.0 } else { f64::INFINITY } } else { (*g as f64 - r).abs() }).fold(0.0, f64::max);
     eprintln!("[graph {kind}] replayed 3 times: rel {rel:.2e} lse {lse_err:.2e}");
     assert!(rel < tolerance(DType::BF16) && lse_err < 1e-3);
-}
-
-/// One packed variable-length batch on the GPU against the per-sequence f64 reference.
-/// Returns (rel error, lse error, NaN count, backend that ran).
-#[allow(clippy::too_many_arguments)]
-fn run_varlen<T: Element + attention::cudarc::driver::DeviceRepr>(
-    attn: &attention::Attention,
-    stream: &Arc<CudaStream>,
-    rng: &mut Rng,
-    q_lens: &[usize],
-    k_lens: &[usize],
-    (h, hk, d): (usize, usize, usize),
-    mask: RefMask,
-    heads_first: bool,
-) -> Result<Outcome, Error> {
-    let prefix = |lens: &[usize]| -> Vec<i32> {
-        std::iter::once(0).chain(lens.iter().scan(0, |s, &l| { *s += l; Some(*s as i32) })).collect()
-    };
-    let (cu_q, cu_k) = (prefix(q_lens), prefix(k_lens));
-    let (total_q, total_k) = (*cu_q.last().unwrap() as usize, *cu_k.last().unwrap() as usize);
-    let lay = |s, h| if heads_first { Layout::heads_first(1, s, h, d) } else { Layout::contiguous(1, s, h, d) };
-    let (lq, lk) = (lay(total_q.max(1), h), lay(total_k.max(1), hk));
-    let gen = |rng: &mut Rng, n: usize| {
-        let mut v = vec![T::from_f32(0.0); n];
-        rng.fill(&mut v, T::from_f32);
-        v
-    };
-    let (q, k, v) = (gen(rng, lq.numel()), gen(rng, lk.numel()), gen(rng, lk.numel()));
-    let (dq, dk, dv) = (stream.clone_htod(&q).unwrap(), stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap());
-    let (dcq, dck) = (stream.clone_htod(&cu_q).unwrap(), stream.clone_htod(&cu_k).unwrap());
-    let mut dout: CudaSlice<T> = stream.clone_htod(&vec![T::from_f32(f32::NAN); q.len()]).unwrap();
-    let mut dlse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; h * lq.seqlen()]).unwrap();
-    let mut opts = Options::default().causal(mask.causal).window(mask.left, mask.right);
-    if let Some(c) = mask.softcap {
-        opts = opts.softcap(c as f32);
-    }
-    let max = |l: &[usize]| l.iter().copied().max().unwrap_or(1).max(1);
-    let varlen = VarLen::new(SeqLens::cuda(&dcq), SeqLens::cuda(&dck), max(q_lens), max(k_lens));
-    let ran = attn.forward_varlen_with_lse(
-        &Tensor::cuda(&dq, lq),
-        &Tensor::cuda(&dk, lk),
-        &Tensor::cuda(&dv, lk),
-        &mut TensorMut::cuda(&mut dout, lq),
-        &mut LseMut::cuda(&mut dlse),
-        &varlen,
-        &opts,
-    )?;
-    let out = stream.clone_dtoh(&dout).unwrap();
-    let lse = stream.clone_dtoh(&dlse).unwrap();
-    let to64 = |x: T| x.to_f32() as f64;
-    let input = |data, l: Layout| RefInput { data, shape: l.shape(), strides: l.strides() };
-    let (ref_out, ref_lse) =
-        varlen_f64(input(&q[..], lq), input(&k[..], lk), input(&v[..], lk), &cu_q, &cu_k, to64, 1.0 / (d as f64).sqrt(), mask);
-    // Compare only rows inside a sequence (a zero-row batch pads the tensor to one row).
-    let (mut got, mut want) = (Vec::new(), Vec::new());
-    for i in 0..total_q {
-        for hi in 0..h {
-            let o = lq.offset(0, i, hi);
-            got.extend(out[o..o + d].iter().map(|&x| to64(x)));
-            want.extend(ref_out[(i * h + hi) * d..][..d].iter().map(|x| x.unwrap()));
-        }
-    }
-    let nan = got.iter().filter(|x| !x.is_finite()).count();
-    let mut lse_err: f64 = 0.0;
-    for hi in 0..h {
-        for i in 0..total_q {
-            let (g, r) = (lse[hi * lq.seqlen() + i] as f64, ref_lse[hi * total_q + i].unwrap());
-            lse_err = lse_err.max(if r.is_infinite() { if g == r { 0.0 } else { f64::INFINITY } } else { (g - r).abs() });
-        }
-    }
-    let rel = if want.is_empty() { 0.0 } else { rel_err(&got, &want) };
-    Ok(Outcome { rel, lse_err, nan, ran })
 }
 
 /// Packed batches with mixed lengths (0 and 1 included, queries with no keys, sq ≠ sk per
