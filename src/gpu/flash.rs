@@ -3,15 +3,12 @@
 //! 256; other multiples of 8 run in the next specialisation up with zero-filled columns.
 //! `forward` allocates nothing and never synchronises, so it can be captured in a CUDA graph.
 
-use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::result;
-use cudarc::driver::sys::CUfunction_attribute;
 
-use super::device::{launch_failure, GpuDevice, Kernels, LoadedModule};
-use super::params::AttnParams;
+use super::device::{GpuDevice, Kernels, LoadedModule};
+use super::params::launch_fused;
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -215,18 +212,7 @@ impl Backend for FlashBackend {
         let p = &call.problem;
         let spec = self.spec_for(&dev.caps, Some(&module), p);
         let func = module.launchable(&spec.function(p.dtype))?;
-        let smem = spec.shared_bytes();
-        // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(|e| launch_failure(e.0, false))?;
-        let mut params = AttnParams::of(call);
-        let grid = (p.seqlen_q.div_ceil(spec.block_m()) as u32, p.heads as u32, p.batch as u32);
-        let block = ((spec.warps * 32) as u32, 1, 1);
-        let mut args = [&mut params as *mut AttnParams as *mut c_void];
-        // SAFETY: one by-value AttnParams argument, as the kernel declares; every pointer in it
-        // was checked against its allocation by `prepare`.
-        unsafe { result::launch_kernel(func.cu_function(), grid, block, smem as u32, call.stream, &mut args) }
-            .map_err(|e| launch_failure(e.0, false))
+        launch_fused(func, call, spec.block_m(), spec.warps * 32, spec.shared_bytes())
     }
 }
 

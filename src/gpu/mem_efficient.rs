@@ -6,15 +6,12 @@
 //! memory, so one binary serves Turing through Blackwell. `forward` allocates nothing and never
 //! synchronises, so it can be captured in a CUDA graph.
 
-use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::result;
-use cudarc::driver::sys::CUfunction_attribute;
 
-use super::device::{launch_failure, GpuDevice, Kernels};
-use super::params::AttnParams;
+use super::device::{GpuDevice, Kernels};
+use super::params::launch_fused;
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -50,8 +47,6 @@ const FUNCTIONS: [&str; 21] = [
 /// The largest head_dim a kernel is specialised for.
 pub(crate) const MAX_HEAD_DIM: usize = 512;
 const MAX_GRID_YZ: usize = 65535;
-/// Dynamic shared memory a kernel may use without opting in.
-const SMEM_NO_OPTIN: usize = 48 * 1024;
 
 /// One kernel specialisation; mirrors the entry tables at the end of cuda/mem_efficient.cu.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -185,22 +180,9 @@ impl Backend for MemEfficientBackend {
         let p = &call.problem;
         let spec = specialisation(p.dtype, p.head_dim);
         let func = module.launchable(&kernel_name(p, &spec))?;
-        let smem = spec.dynamic_smem;
-        // Above 48 KiB a kernel must opt in to its dynamic shared memory (every spec stays
-        // within sm_75's 64 KiB).
-        if smem > SMEM_NO_OPTIN {
-            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| launch_failure(e.0, false))?;
-        }
-        let mut params = AttnParams::of(call);
-        // For varlen `seqlen_q` is the longest sequence; blocks past a shorter one return at once.
-        let grid = (p.seqlen_q.div_ceil(spec.block_m) as u32, p.heads as u32, p.batch as u32);
-        let block = (spec.threads as u32, 1, 1);
-        let mut args = [&mut params as *mut AttnParams as *mut c_void];
-        // SAFETY: one by-value AttnParams argument, as every entry point declares; every pointer
-        // in it was checked against its allocation by `prepare` (cu_seqlens by validation).
-        unsafe { result::launch_kernel(func.cu_function(), grid, block, smem as u32, call.stream, &mut args) }
-            .map_err(|e| launch_failure(e.0, false))
+        // Static shared memory (the f32 kernels) needs no opt-in; dynamic above 48 KiB does
+        // (within sm_75's 64 KiB).
+        launch_fused(func, call, spec.block_m, spec.threads, spec.dynamic_smem)
     }
 }
 

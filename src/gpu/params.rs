@@ -1,6 +1,12 @@
 //! The parameter block the fused kernels (flash, mem_efficient) take by value.
 
-use super::device::device_addr;
+use std::ffi::c_void;
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{result, CudaFunction};
+
+use super::device::{device_addr, launch_failure};
+use crate::backend::RunError;
 use crate::tensor::{Addr, Call, Operand};
 
 /// Mirrors `struct AttnParams` in cuda/common.cuh (the kernel side checks its size is 208).
@@ -96,4 +102,31 @@ impl AttnParams {
             flags: if call.allow_tf32 { FLAG_ALLOW_TF32 } else { 0 },
         }
     }
+}
+
+/// Dynamic shared memory a kernel may use without opting in.
+const SMEM_NO_OPTIN: usize = 48 * 1024;
+
+/// Launches a fused kernel on the call's stream: one block of `threads` per (`block_m` query
+/// rows, head, batch), the call's `AttnParams` as its one by-value argument. For a packed batch
+/// `seqlen_q` is the longest sequence; blocks past a shorter one return at once.
+pub(crate) fn launch_fused(
+    func: &CudaFunction,
+    call: &Call<'_>,
+    block_m: usize,
+    threads: usize,
+    smem: usize,
+) -> Result<(), RunError> {
+    if smem > SMEM_NO_OPTIN {
+        func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| launch_failure(e.0, false))?;
+    }
+    let p = &call.problem;
+    let mut params = AttnParams::of(call);
+    let grid = (p.seqlen_q.div_ceil(block_m) as u32, p.heads as u32, p.batch as u32);
+    let mut args = [&mut params as *mut AttnParams as *mut c_void];
+    // SAFETY: one by-value AttnParams argument, as every fused entry point declares; every
+    // pointer in it was checked against its allocation by `prepare`.
+    unsafe { result::launch_kernel(func.cu_function(), grid, (threads as u32, 1, 1), smem as u32, call.stream, &mut args) }
+        .map_err(|e| launch_failure(e.0, false))
 }
