@@ -239,20 +239,22 @@ __device__ __forceinline__ bool attn_masked(const AttnParams& p, long long row, 
 }
 
 // The keys [n_begin, n_end) any of query rows [m0, m_last] can see: the key tiles a block visits.
-__device__ __forceinline__ void attn_block_key_range(const AttnParams& p, long long m0, long long m_last, long long diag,
-                                                     int sk, long long& n_begin, long long& n_end) {
+__device__ __forceinline__ void attn_block_key_range(const AttnParams& p, int m0, long long m_last, long long diag, int sk,
+                                                     long long& n_begin, long long& n_end) {
     n_end = sk;
     n_begin = 0;
     if (p.causal) n_end = min(n_end, m_last + diag + 1);
     if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
-    if (p.window_left >= 0) n_begin = max(n_begin, m0 + diag - p.window_left);
+    if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
 }
 
 // Whether key tile [n0, n0 + bn) hides any key from any of rows [m0, m_last]: only those tiles
 // (the ragged end, the causal diagonal, the window edges) pay for per-element masking.
-__device__ __forceinline__ bool attn_tile_needs_mask(const AttnParams& p, long long n0, int bn, int sk, long long m0,
-                                                     long long m_last, long long diag) {
+// (int tile and row starts, as the kernels hold them: widening them early costs registers that
+// the 255-register kernels do not have.)
+__device__ __forceinline__ bool attn_tile_needs_mask(const AttnParams& p, int n0, int bn, int sk, int m0, long long m_last,
+                                                     long long diag) {
     return n0 + bn > sk || (p.causal && n0 + bn - 1 > m0 + diag) ||
            (p.window_right >= 0 && n0 + bn - 1 > m0 + diag + p.window_right) ||
-           (p.window_left >= 0 && n0 < m_last + diag - p.window_left);
+           (p.window_left >= 0 && (long long)n0 < m_last + diag - p.window_left);
 }
