@@ -323,6 +323,19 @@ pub(crate) trait Backend: Send + Sync {
     fn forward(&self, call: &mut crate::tensor::Call<'_>) -> Result<(), RunError>;
 }
 
+/// The largest grid y/z dimension a launch may have.
+pub(crate) const MAX_GRID_YZ: usize = 65535;
+
+/// The fused kernels' launch grid is (query tiles, heads, batch): the heads and the batch (or
+/// the sequences of a packed batch) must each fit a grid dimension.
+pub(crate) fn grid_reasons(problem: &Problem) -> Vec<Reason> {
+    [("heads", problem.heads), ("batch", problem.batch)]
+        .into_iter()
+        .filter(|&(_, found)| found > MAX_GRID_YZ)
+        .map(|(dim, found)| Reason::GridLimit { dim, found, max: MAX_GRID_YZ })
+        .collect()
+}
+
 /// Reasons every GPU backend shares: device memory on this device.
 pub(crate) fn gpu_memory_reasons(caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
     match problem.memory {

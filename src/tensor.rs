@@ -24,6 +24,26 @@ struct DeviceRef<'a> {
     _guard: Option<SyncOnDrop<'a>>,
 }
 
+impl<'a> DeviceRef<'a> {
+    /// A cudarc slice as an input: its read event is recorded until the view drops.
+    fn reading<T, S: DevicePtr<T>>(slice: &'a S) -> Self {
+        let stream = slice.stream();
+        let (ptr, guard) = slice.device_ptr(stream);
+        DeviceRef {
+            ptr,
+            len: slice.len(),
+            ordinal: Some(stream.context().ordinal()),
+            stream: stream.cu_stream(),
+            _guard: Some(guard),
+        }
+    }
+
+    /// Device memory owned elsewhere: no ordinal known (the range check finds it), no guard.
+    fn raw(ptr: u64, len: usize, stream: CUstream) -> Self {
+        DeviceRef { ptr, len, ordinal: None, stream, _guard: None }
+    }
+}
+
 /// A cudarc slice as an output: kernels run on the slice's own stream.
 fn writable<'a, T, S: DevicePtrMut<T>>(slice: &'a mut S) -> DeviceRef<'a> {
     let len = slice.len();
@@ -87,19 +107,7 @@ impl<'a, T: Element> Tensor<'a, T> {
     /// A view of a cudarc device slice (`CudaSlice`, `CudaView`). Work is ordered on the
     /// slice's stream through cudarc's events while the view is alive.
     pub fn cuda<S: DevicePtr<T>>(slice: &'a S, layout: Layout) -> Self {
-        let stream = slice.stream();
-        let (ptr, guard) = slice.device_ptr(stream);
-        Tensor {
-            mem: InMem::Device(DeviceRef {
-                ptr,
-                len: slice.len(),
-                ordinal: Some(stream.context().ordinal()),
-                stream: stream.cu_stream(),
-                _guard: Some(guard),
-            }),
-            layout,
-            _t: PhantomData,
-        }
+        Tensor { mem: InMem::Device(DeviceRef::reading(slice)), layout, _t: PhantomData }
     }
 
     /// A view of device memory owned elsewhere (candle, PyTorch's `data_ptr()`, ...).
@@ -109,17 +117,7 @@ impl<'a, T: Element> Tensor<'a, T> {
     /// CUDA context's device (the primary context, which PyTorch and cudarc share), readable
     /// on the stream the output runs on, and stay valid until the work launched on it completes.
     pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout) -> Self {
-        Tensor {
-            mem: InMem::Device(DeviceRef {
-                ptr,
-                len,
-                ordinal: None,
-                stream: std::ptr::null_mut(),
-                _guard: None,
-            }),
-            layout,
-            _t: PhantomData,
-        }
+        Tensor { mem: InMem::Device(DeviceRef::raw(ptr, len, std::ptr::null_mut())), layout, _t: PhantomData }
     }
 
     /// The view's layout.
@@ -150,17 +148,7 @@ impl<'a, T: Element> TensorMut<'a, T> {
     /// As [`Tensor::from_raw_device`], writable, and `stream` must be a live stream of the
     /// current context (or null).
     pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout, stream: CUstream) -> Self {
-        TensorMut {
-            mem: OutMem::Device(DeviceRef {
-                ptr,
-                len,
-                ordinal: None,
-                stream,
-                _guard: None,
-            }),
-            layout,
-            _t: PhantomData,
-        }
+        TensorMut { mem: OutMem::Device(DeviceRef::raw(ptr, len, stream)), layout, _t: PhantomData }
     }
 
     /// The view's layout.
@@ -187,15 +175,7 @@ impl<'a> LseMut<'a> {
     /// # Safety
     /// As [`TensorMut::from_raw_device`], for `len` f32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
-        LseMut {
-            mem: OutMem::Device(DeviceRef {
-                ptr,
-                len,
-                ordinal: None,
-                stream: std::ptr::null_mut(),
-                _guard: None,
-            }),
-        }
+        LseMut { mem: OutMem::Device(DeviceRef::raw(ptr, len, std::ptr::null_mut())) }
     }
 }
 
@@ -210,29 +190,17 @@ impl<'a> LseMut<'a> {
 /// with [`SeqLens::check_host`] when unsure.
 pub struct SeqLens<'a> {
     mem: InMem<'a>,
-    len: usize,
 }
 
 impl<'a> SeqLens<'a> {
     /// Prefix sums in host memory (for host tensors: the CPU backend).
     pub fn host(cu_seqlens: &'a [i32]) -> Self {
-        SeqLens { mem: InMem::Host(bytemuck::cast_slice(cu_seqlens)), len: cu_seqlens.len() }
+        SeqLens { mem: InMem::Host(bytemuck::cast_slice(cu_seqlens)) }
     }
 
     /// Prefix sums in a cudarc device slice.
     pub fn cuda<S: DevicePtr<i32>>(slice: &'a S) -> Self {
-        let stream = slice.stream();
-        let (ptr, guard) = slice.device_ptr(stream);
-        SeqLens {
-            mem: InMem::Device(DeviceRef {
-                ptr,
-                len: slice.len(),
-                ordinal: Some(stream.context().ordinal()),
-                stream: stream.cu_stream(),
-                _guard: Some(guard),
-            }),
-            len: slice.len(),
-        }
+        SeqLens { mem: InMem::Device(DeviceRef::reading(slice)) }
     }
 
     /// Prefix sums in device memory owned elsewhere (a PyTorch int32 tensor's `data_ptr()`).
@@ -240,15 +208,20 @@ impl<'a> SeqLens<'a> {
     /// # Safety
     /// As [`Tensor::from_raw_device`], for `len` i32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
-        SeqLens {
-            mem: InMem::Device(DeviceRef { ptr, len, ordinal: None, stream: std::ptr::null_mut(), _guard: None }),
-            len,
+        SeqLens { mem: InMem::Device(DeviceRef::raw(ptr, len, std::ptr::null_mut())) }
+    }
+
+    /// Number of prefix sums (`batch + 1`).
+    fn len(&self) -> usize {
+        match &self.mem {
+            InMem::Host(b) => b.len() / std::mem::size_of::<i32>(),
+            InMem::Device(d) => d.len,
         }
     }
 
     /// Number of sequences (`len - 1`).
     pub fn batch(&self) -> usize {
-        self.len.saturating_sub(1)
+        self.len().saturating_sub(1)
     }
 
     /// Checks host prefix sums against a packed tensor of `total` rows and a maximum length:
@@ -745,7 +718,7 @@ fn seqlens_addr(s: &SeqLens<'_>) -> (Addr, MemoryKind) {
 /// Checks a packed batch against the q and k layouts: one check per constraint.
 fn check_varlen(vl: &VarLen<'_>, q: &Layout, k: &Layout, qm: MemoryKind) -> Result<PackedSeqs, Error> {
     debug_assert_eq!(q.batch(), 1, "checked in validate");
-    let (nq, nk) = (vl.cu_seqlens_q.len, vl.cu_seqlens_k.len);
+    let (nq, nk) = (vl.cu_seqlens_q.len(), vl.cu_seqlens_k.len());
     if nq < 2 {
         return Err(Error::invalid("cu_seqlens_q", format!("{nq} entries"), "batch + 1 >= 2 prefix sums"));
     }

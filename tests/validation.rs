@@ -44,7 +44,12 @@ impl Case {
 
 /// Runs a case and checks it fails naming `arg` with every needle in the message.
 fn expect(case: Case, arg: &str, needles: &[&str]) {
-    let err = case.run().expect_err("should be rejected");
+    expect_error(case.run(), arg, needles)
+}
+
+/// Checks a call failed with `InvalidArgument` naming `arg`, with every needle in the message.
+fn expect_error(r: Result<(), Error>, arg: &str, needles: &[&str]) {
+    let err = r.expect_err("should be rejected");
     match &err {
         Error::InvalidArgument { arg: a, .. } => assert_eq!(*a, arg, "{err}"),
         other => panic!("expected InvalidArgument for {arg}, got {other:?}"),
@@ -204,17 +209,6 @@ fn varlen_run(q_batch: usize, cu_q: &[i32], cu_k: &[i32], max: (usize, usize), l
     r.map(|_| ())
 }
 
-fn expect_varlen(r: Result<(), Error>, arg: &str, needles: &[&str]) {
-    let err = r.expect_err("should be rejected");
-    match &err {
-        Error::InvalidArgument { arg: a, .. } => assert_eq!(*a, arg, "{err}"),
-        other => panic!("expected InvalidArgument for {arg}, got {other:?}"),
-    }
-    let text = err.to_string();
-    for n in needles {
-        assert!(text.contains(n), "`{text}` should mention `{n}`");
-    }
-}
 
 #[test]
 fn varlen_prefix_sums_are_checked_one_constraint_at_a_time() {
@@ -222,13 +216,13 @@ fn varlen_prefix_sums_are_checked_one_constraint_at_a_time() {
     let good_k = [0, 5, 7, 12];
     varlen_run(1, &good_q, &good_k, (6, 5), None).unwrap();
     varlen_run(1, &good_q, &good_k, (6, 5), Some(2 * 10)).unwrap();
-    expect_varlen(varlen_run(2, &good_q, &good_k, (6, 5), None), "q", &["batch 2", "batch 1"]);
-    expect_varlen(varlen_run(1, &[0], &[0], (6, 5), None), "cu_seqlens_q", &["1 entries", "batch + 1"]);
-    expect_varlen(varlen_run(1, &good_q, &[0, 5, 12], (6, 7), None), "cu_seqlens_k", &["3 entries", "as many as cu_seqlens_q (4)"]);
-    expect_varlen(varlen_run(1, &[0, 6, 4, 10], &good_k, (6, 5), None), "cu_seqlens_q", &["entries 1..2 = 6, 4", "non-decreasing"]);
-    expect_varlen(varlen_run(1, &[0, 4, 4, 11], &good_k, (7, 5), None), "cu_seqlens_q", &["entry 3 = 11", "10 rows"]);
-    expect_varlen(varlen_run(1, &good_q, &[-1, 5, 7, 12], (6, 6), None), "cu_seqlens_k", &["entry 0 = -1"]);
-    expect_varlen(varlen_run(1, &good_q, &good_k, (5, 5), None), "cu_seqlens_q", &["sequence 2 of length 6", "maximum 5"]);
-    expect_varlen(varlen_run(1, &good_q, &good_k, (0, 5), None), "max_seqlen_q", &["0", "longest"]);
-    expect_varlen(varlen_run(1, &good_q, &good_k, (6, 5), Some(3 * 2 * 10)), "lse", &["60 elements", "20"]);
+    expect_error(varlen_run(2, &good_q, &good_k, (6, 5), None), "q", &["batch 2", "batch 1"]);
+    expect_error(varlen_run(1, &[0], &[0], (6, 5), None), "cu_seqlens_q", &["1 entries", "batch + 1"]);
+    expect_error(varlen_run(1, &good_q, &[0, 5, 12], (6, 7), None), "cu_seqlens_k", &["3 entries", "as many as cu_seqlens_q (4)"]);
+    expect_error(varlen_run(1, &[0, 6, 4, 10], &good_k, (6, 5), None), "cu_seqlens_q", &["entries 1..2 = 6, 4", "non-decreasing"]);
+    expect_error(varlen_run(1, &[0, 4, 4, 11], &good_k, (7, 5), None), "cu_seqlens_q", &["entry 3 = 11", "10 rows"]);
+    expect_error(varlen_run(1, &good_q, &[-1, 5, 7, 12], (6, 6), None), "cu_seqlens_k", &["entry 0 = -1"]);
+    expect_error(varlen_run(1, &good_q, &good_k, (5, 5), None), "cu_seqlens_q", &["sequence 2 of length 6", "maximum 5"]);
+    expect_error(varlen_run(1, &good_q, &good_k, (0, 5), None), "max_seqlen_q", &["0", "longest"]);
+    expect_error(varlen_run(1, &good_q, &good_k, (6, 5), Some(3 * 2 * 10)), "lse", &["60 elements", "20"]);
 }

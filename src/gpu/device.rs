@@ -69,13 +69,17 @@ impl Kernels {
         dev.module(self.module, self.functions, self.optional, self.jit, self.cache_dir.as_ref())
     }
 
-    /// Why the module cannot be had on the device `caps` describes, if it cannot. On a real
-    /// device this loads it (once), so a missing image is found at selection, not mid-call.
+    /// Whether the module can be had on the device `caps` describes: the reason if not; else the
+    /// loaded module on a real device (loaded once, so a missing image is found at selection,
+    /// not mid-call), `None` on a simulated one.
+    pub(crate) fn availability(&self, caps: &DeviceCaps) -> Result<Option<Arc<LoadedModule>>, Reason> {
+        caps.kernel_source(self.jit, embedded::min_arch(self.module))?;
+        self.device.as_ref().map(|dev| self.load(dev)).transpose()
+    }
+
+    /// Why the module cannot be had on the device `caps` describes, if it cannot.
     pub(crate) fn unavailable(&self, caps: &DeviceCaps) -> Option<Reason> {
-        if let Err(r) = caps.kernel_source(self.jit, embedded::min_arch(self.module)) {
-            return Some(r);
-        }
-        self.device.as_ref().and_then(|dev| self.load(dev).err())
+        self.availability(caps).err()
     }
 
     /// The device and the loaded module, for `forward`.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::device::{GpuDevice, Kernels, LoadedModule};
 use super::params::launch_fused;
-use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
+use crate::backend::{gpu_memory_reasons, grid_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -27,7 +27,6 @@ const FUNCTIONS: [&str; 6] = [
 ];
 /// The largest head_dim a kernel is specialised for.
 pub(crate) const MAX_HEAD_DIM: usize = 256;
-const MAX_GRID_YZ: usize = 65535;
 
 /// The sm_90a-only kernels (cuda/flash_hopper.cuh); present only in sm_90a images.
 const HOPPER_FUNCTIONS: [&str; 8] = [
@@ -181,15 +180,16 @@ impl Backend for FlashBackend {
         if problem.dtype == DType::F32 {
             reasons.push(Reason::DType { found: problem.dtype, supported: "f16, bf16" });
         }
+        // On a real device the module is loaded here (once per process), and it decides the
+        // family forward will run; a simulated sm_90 is assumed to have the Hopper image.
+        let module = self.kernels.availability(caps);
         if problem.head_dim > MAX_HEAD_DIM {
             reasons.push(Reason::HeadDim { max: MAX_HEAD_DIM, found: problem.head_dim });
         } else if problem.head_dim % 8 != 0 {
             reasons.push(Reason::HeadDimMultiple { multiple: 8, found: problem.head_dim });
         } else {
-            // On a real device the module is loaded by now (selection loads it), so this is the
-            // family forward will run; a simulated sm_90 is assumed to have the Hopper image.
-            let loaded = self.kernels.device().and_then(|_| self.kernels.loaded().ok()).map(|(_, m)| m);
-            let needed = self.spec_for(caps, loaded.as_deref(), problem).shared_bytes();
+            let loaded = module.as_ref().ok().and_then(|m| m.as_deref());
+            let needed = self.spec_for(caps, loaded, problem).shared_bytes();
             if needed > caps.smem_per_block_optin {
                 reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
             }
@@ -197,12 +197,8 @@ impl Backend for FlashBackend {
         if !problem.vector_aligned {
             reasons.push(Reason::Unaligned);
         }
-        for (dim, found) in [("heads", problem.heads), ("batch", problem.batch)] {
-            if found > MAX_GRID_YZ {
-                reasons.push(Reason::GridLimit { dim, found, max: MAX_GRID_YZ });
-            }
-        }
-        reasons.extend(self.kernels.unavailable(caps));
+        reasons.extend(grid_reasons(problem));
+        reasons.extend(module.err());
         reasons
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::device::{GpuDevice, Kernels};
 use super::params::launch_fused;
-use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
+use crate::backend::{gpu_memory_reasons, grid_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -46,7 +46,6 @@ const FUNCTIONS: [&str; 21] = [
 ];
 /// The largest head_dim a kernel is specialised for.
 pub(crate) const MAX_HEAD_DIM: usize = 512;
-const MAX_GRID_YZ: usize = 65535;
 
 /// One kernel specialisation; mirrors the entry tables at the end of cuda/mem_efficient.cu.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -165,11 +164,7 @@ impl Backend for MemEfficientBackend {
                 reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
             }
         }
-        for (dim, found) in [("heads", problem.heads), ("batch", problem.batch)] {
-            if found > MAX_GRID_YZ {
-                reasons.push(Reason::GridLimit { dim, found, max: MAX_GRID_YZ });
-            }
-        }
+        reasons.extend(grid_reasons(problem));
         reasons.extend(self.kernels.unavailable(caps));
         reasons
     }

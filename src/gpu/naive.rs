@@ -13,7 +13,7 @@ use cudarc::driver::result;
 use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, Kernels};
-use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError};
+use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::DeviceCaps;
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -63,9 +63,6 @@ const FUNCTIONS: [&str; 7] = [
 ];
 /// A kernel, its grid and block, and pointers to its arguments.
 type Launch = (CUfunction, (u32, u32, u32), (u32, u32, u32), Vec<*mut c_void>);
-
-/// Grid y/z limit of a launch.
-const MAX_GRID_YZ: usize = 65535;
 
 /// The naive backend on one device.
 pub(crate) struct NaiveBackend {
