@@ -9,7 +9,8 @@
 //! * `ATTN_CUDA_ARCH_LIST`, else `TORCH_CUDA_ARCH_LIST`, else
 //!   `arch::DEFAULT_ARCH_LIST` (empty values count as unset).
 //! * `ATTN_REQUIRE_NVCC=1`: fail instead of deferring to NVRTC when nvcc is
-//!   missing. `ATTN_DENY_SPILLS=1`: fail when ptxas reports register spills.
+//!   missing. `ATTN_DENY_SPILLS=1`: fail when ptxas reports register spills
+//!   or tensor-core code it had to serialise (C7508, C7514, C7515...).
 //!
 //! A `.cu` file whose first line is `// attention: min-arch X.Y` is only built
 //! for the entries of the arch list at or above compute capability X.Y.
@@ -73,6 +74,16 @@ struct Resources {
     stack: u64,
     spill_stores: u64,
     spill_loads: u64,
+    /// ptxas "Potential Performance Loss" codes (wgmma serialised: C7514/C7515; setmaxnreg
+    /// ignored: C7508), which leave a Hopper kernel correct but far slower.
+    perf_warnings: Vec<String>,
+}
+
+impl Resources {
+    /// Spills or a serialising warning: what `ATTN_DENY_SPILLS` refuses.
+    fn degraded(&self) -> bool {
+        self.spill_stores > 0 || self.spill_loads > 0 || !self.perf_warnings.is_empty()
+    }
 }
 
 /// What compiling one module produced.
@@ -187,17 +198,19 @@ fn run() -> Result<(), String> {
     let spills: Vec<String> = compiled
         .iter()
         .flat_map(|c| c.resources.iter())
-        .filter(|(_, _, r)| r.spill_stores > 0 || r.spill_loads > 0)
+        .filter(|(_, _, r)| r.degraded())
         .map(|(k, a, r)| {
             format!(
-                "{k} on {a} ({} B stores, {} B loads)",
-                r.spill_stores, r.spill_loads
+                "{k} on {a} ({} B stores, {} B loads{})",
+                r.spill_stores,
+                r.spill_loads,
+                r.perf_warnings.iter().map(|w| format!(", {w}")).collect::<String>()
             )
         })
         .collect();
     if !spills.is_empty() {
         let msg = format!(
-            "ptxas reports register spills in {}; see {}",
+            "ptxas reports register spills or serialised tensor-core code in {}; see {}",
             spills.join(", "),
             report_path.display()
         );
@@ -599,6 +612,13 @@ fn parse_ptxas(log: &str) -> Vec<(String, String, Resources)> {
                     }
                 }
             }
+        } else if let Some(code) = perf_warning_code(body) {
+            // "(C7515) Potential Performance Loss: ... in the function 'name'"
+            if let Some((_, tail)) = body.rsplit_once("function '") {
+                let name = tail.split('\'').next().unwrap_or_default();
+                let i = index_of(&mut out, name, &arch);
+                out[i].2.perf_warnings.push(code.to_string());
+            }
         } else if let Some(rest) = body.strip_prefix("Used ") {
             if let Some(i) = entry {
                 let r = &mut out[i].2;
@@ -615,6 +635,15 @@ fn parse_ptxas(log: &str) -> Vec<(String, String, Resources)> {
         }
     }
     out
+}
+
+/// The code of a ptxas warning that makes tensor-core code slow: serialised wgmma (C7510–C7519,
+/// "Potential Performance Loss", or an injected warpgroup wait) or an ignored setmaxnreg (C7508).
+fn perf_warning_code(body: &str) -> Option<&str> {
+    let start = body.find("(C75")?;
+    let code = body[start + 1..].split(')').next()?;
+    let serialising = body.contains("Potential Performance Loss") || ["C7508", "C7517"].contains(&code);
+    serialising.then_some(code)
 }
 
 fn leading_number(s: &str) -> u64 {
@@ -672,7 +701,7 @@ fn ptxas_report(
         rows.sort_by_key(|(k, a, _)| (k.clone(), arch_key(a)));
         for (kernel, arch_name, r) in rows {
             total += 1;
-            if r.spill_stores > 0 || r.spill_loads > 0 {
+            if r.degraded() {
                 spilling += 1;
             }
             let _ = writeln!(
@@ -687,9 +716,11 @@ fn ptxas_report(
                 r.spill_stores,
                 r.spill_loads,
                 if r.spill_stores > 0 || r.spill_loads > 0 {
-                    "  SPILLS"
+                    "  SPILLS".to_string()
+                } else if !r.perf_warnings.is_empty() {
+                    format!("  SERIALISED {}", r.perf_warnings.join(" "))
                 } else {
-                    ""
+                    String::new()
                 }
             );
         }
@@ -704,7 +735,7 @@ fn ptxas_report(
             );
         }
     }
-    let _ = writeln!(s, "\n{total} kernel/arch pairs, {spilling} with spills.");
+    let _ = writeln!(s, "\n{total} kernel/arch pairs, {spilling} with spills or serialised wgmma.");
     s
 }
 

@@ -284,4 +284,19 @@ FLASH_HOPPER_KERNEL(attn_flash_hopper_wide_fwd_f16_d128, 128, 64, 3, 1, false)
 FLASH_HOPPER_KERNEL(attn_flash_hopper_wide_fwd_bf16_d128, 128, 64, 3, 1, true)
 FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_f16_d256, 256, 64, 2, 1, false)
 FLASH_HOPPER_KERNEL(attn_flash_hopper_fwd_bf16_d256, 256, 64, 2, 1, true)
+
+#include "flash_hopper_ws.cuh"
+// The warp-specialised kernels (flash_hopper_ws.cuh): (head_dim, keys per tile, consumer
+// warpgroups). One producer warpgroup more; __launch_bounds__ with min-blocks 1 gives ptxas the
+// register cap setmaxnreg needs. Arguments: the parameter block and three TMA descriptors.
+#define FLASH_WS_KERNEL(NAME, D, BN, CWG, BF16)                                                      \
+    extern "C" __global__ void __launch_bounds__(128 * (CWG + 1), 1)                                 \
+        NAME(const __grid_constant__ AttnParams p, const __grid_constant__ AttnTensorMap tq,           \
+             const __grid_constant__ AttnTensorMap tk, const __grid_constant__ AttnTensorMap tv) {     \
+        flash_hopper_ws_fwd<D, BN, CWG, 2, BF16>(p, tq, tk, tv);                                       \
+    }
+FLASH_WS_KERNEL(attn_flash_ws_fwd_f16_d64, 64, 128, 2, false)
+FLASH_WS_KERNEL(attn_flash_ws_fwd_bf16_d64, 64, 128, 2, true)
+FLASH_WS_KERNEL(attn_flash_ws_fwd_f16_d128, 128, 128, 2, false)
+FLASH_WS_KERNEL(attn_flash_ws_fwd_bf16_d128, 128, 128, 2, true)
 #endif

@@ -69,6 +69,157 @@ __device__ __forceinline__ void hop_mma_rs(float (&d)[N / 2], const unsigned (&a
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Per-tile steps shared by both Hopper kernels (flash_hopper_fwd below and the warp-specialised
+// flash_hopper_ws_fwd in flash_hopper_ws.cuh). A warpgroup owns 64 query rows; in the wgmma
+// accumulator layout a thread holds two rows (lane/4 and lane/4 + 8 of its warp's 16) and, per
+// 8-column chunk i, columns 8i + 2(lane%4) + {0, 1} of each: elements [4i + 2r + {0, 1}].
+// ---------------------------------------------------------------------------------------------
+
+// S = Q·Kᵀ for one warpgroup: D/16 k-steps, both operands K-major in shared memory; within a
+// 64-wide column block a k16 step is 32 bytes on, and 8 rows of 128 bytes (1024 bytes) separate
+// row groups. `q_rows` is the warpgroup's first Q row in a [QROWS][D] tile.
+template <int D, int BN, int QROWS, bool BF16>
+__device__ __forceinline__ void hop_issue_s(float (&s)[BN / 2], unsigned q_rows, unsigned sK) {
+    attn_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned blk = kk >> 2, off = (kk & 3) * 32;
+        const unsigned long long da = hop_desc(q_rows + blk * QROWS * 128 + off, 16, 1024);
+        const unsigned long long db = hop_desc(sK + blk * BN * 128 + off, 16, 1024);
+        hop_mma_ss<BN, BF16>(s, da, db, kk > 0);
+    }
+    attn_wgmma_commit();
+}
+
+// O += P·V: V is the B operand, MN-major (its 64-wide column blocks are BN·128 bytes apart);
+// each k16 step is 16 keys = 2048 bytes down every column block.
+template <int D, int BN, bool BF16>
+__device__ __forceinline__ void hop_issue_pv(float (&acc)[D / 2], const unsigned (&pa)[BN / 16][4], unsigned sV) {
+    attn_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) hop_mma_rs<D, BF16>(acc, pa[kk], hop_desc(sV + kk * 16 * 128, BN * 128, 1024));
+    attn_wgmma_commit();
+}
+
+// Soft-capping and masking of one S tile (keys [n0, n0 + BN)) for this thread's two rows: row0
+// (absolute) and row0 + 8. Rows [m0, m_last] are the block's.
+template <int BN>
+__device__ __forceinline__ void hop_cap_and_mask(const AttnParams& p, float (&s)[BN / 2], int n0, int m0, long long m_last,
+                                                 int row0, int lane, int sk, long long diag) {
+    if (p.softcap > 0.f) {
+        const float pre = p.scale / p.softcap;
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) s[i] = p.softcap * attn_tanh(s[i] * pre);
+    }
+    if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
+        // Each of the two rows sees keys [lo, hi]: bounds worked out once in 64-bit, then plain
+        // int compares per element.
+        int lo[2], hi[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const long long lim = (long long)row0 + r * 8 + diag;  // diagonal key
+            long long l = 0, u = sk - 1;
+            if (p.causal) u = min(u, lim);
+            if (p.window_right >= 0) u = min(u, lim + p.window_right);
+            if (p.window_left >= 0) l = max(l, lim - p.window_left);
+            lo[r] = (int)min(l, (long long)sk);
+            hi[r] = (int)max(u, -1ll);
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
+                if (col < lo[e >> 1] || col > hi[e >> 1]) s[i * 4 + e] = attn_neg_inf();
+            }
+    }
+}
+
+// Online softmax of one tile in base 2, fully masked rows guarded: s becomes exp2(s·scale − max),
+// the running max and sum move on, and rescale[r] is the factor row r of O must take.
+template <int BN>
+__device__ __forceinline__ void hop_softmax(float (&s)[BN / 2], float (&row_max)[2], float (&row_sum)[2],
+                                            float (&rescale)[2], float scale_log2) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * r], s[i * 4 + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base_r = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+        rescale[r] = attn_exp2(row_max[r] * scale_log2 - base_r);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) {
+            s[i * 4 + 2 * r] = attn_exp2(s[i * 4 + 2 * r] * scale_log2 - base_r);
+            s[i * 4 + 2 * r + 1] = attn_exp2(s[i * 4 + 2 * r + 1] * scale_log2 - base_r);
+            sum += s[i * 4 + 2 * r] + s[i * 4 + 2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * rescale[r] + sum;
+    }
+}
+
+// P as wgmma A fragments: key chunks 2kk and 2kk+1 (8 wide each) make one k16 step.
+template <int BN, bool BF16>
+__device__ __forceinline__ void hop_pack_p(const float (&s)[BN / 2], unsigned (&pa)[BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[kk][0] = attn_pack2<BF16>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+        pa[kk][1] = attn_pack2<BF16>(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+        pa[kk][2] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+        pa[kk][3] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+    }
+}
+
+// O *= rescale per row. Once the row maxima settle (most tiles of a long row) the factor is
+// exactly 1: the multiplies are skipped when no row of the warp moved.
+template <int D>
+__device__ __forceinline__ void hop_rescale(float (&acc)[D / 2], const float (&rescale)[2]) {
+    if (!__all_sync(0xffffffffu, rescale[0] == 1.f && rescale[1] == 1.f)) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+            acc[i * 4 + 0] *= rescale[0];
+            acc[i * 4 + 1] *= rescale[0];
+            acc[i * 4 + 2] *= rescale[1];
+            acc[i * 4 + 3] *= rescale[1];
+        }
+    }
+}
+
+// Normalises this thread's two rows (absolute rows row0, row0 + 8) and stores them and their
+// LSE; rows >= sq and columns >= head_dim are not written. A row that saw no key gets zeros and
+// lse = -inf.
+template <int D, bool BF16>
+__device__ __forceinline__ void hop_store_rows(const AttnParams& p, const AttnSeq& seq, unsigned short* o,
+                                               const float (&acc)[D / 2], const float (&row_max)[2],
+                                               const float (&row_sum)[2], int row0, int lane, int sq, float logit_scale) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = row0 + r * 8;
+        if (row < sq) {
+            unsigned short* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                const int col = i * 8 + (lane & 3) * 2;
+                if (col < p.head_dim) {
+                    *reinterpret_cast<unsigned*>(orow + col) =
+                        attn_pack2<BF16>(acc[i * 4 + 2 * r] * inv, acc[i * 4 + 2 * r + 1] * inv);
+                }
+            }
+            if (p.lse != nullptr && (lane & 3) == 0) {
+                p.lse[seq.lse + row] = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
+            }
+        }
+    }
+}
+
 template <int D, int BN, int WGS, bool BF16>
 __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     constexpr int BM = 64 * WGS;
@@ -111,8 +262,7 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
     float row_max[2] = {attn_neg_inf(), attn_neg_inf()};
     float row_sum[2] = {0.f, 0.f};
-    const bool capped = p.softcap > 0.f;
-    const float logit_scale = capped ? 1.f : p.scale;
+    const float logit_scale = p.softcap > 0.f ? 1.f : p.scale;
     const float scale_log2 = logit_scale * 1.4426950408889634f;
 
     // Software pipeline within a warpgroup. Iteration n enters with S(n) = Q·K(n)ᵀ done and issues
@@ -122,30 +272,8 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     // (with FlashAttention-3's wait<1> overlap it serialises them: warning C7515).
     // Tiles in flight during iteration n: K(n+1) and V(n); resident: K(n) (done) and V(n-1).
     const unsigned q_wg = sQ + wg * 64 * 128;
-    const auto issue_s = [&](unsigned sK, float (&s)[BN / 2]) {
-        // S = Q·K(n)ᵀ: D/16 k-steps; within a 64-wide column block a k16 step is 32 bytes on.
-        // Descriptors: Q rows of this warpgroup (A) and K (B), both K-major; 8 rows of 128 bytes
-        // = 1024 bytes between row groups.
-        attn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned blk = kk >> 2, off = (kk & 3) * 32;
-            const unsigned long long da = hop_desc(q_wg + blk * BM * 128 + off, 16, 1024);
-            const unsigned long long db = hop_desc(sK + blk * BN * 128 + off, 16, 1024);
-            hop_mma_ss<BN, BF16>(s, da, db, kk > 0);
-        }
-        attn_wgmma_commit();
-    };
-    const auto issue_pv = [&](unsigned sV, const unsigned (&pa)[BN / 16][4]) {
-        // O += P·V: V is B, MN-major (its 64-wide column blocks are BN·128 bytes apart); each k16
-        // step is 16 keys = 2048 bytes down every column block.
-        attn_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            hop_mma_rs<D, BF16>(acc, pa[kk], hop_desc(sV + kk * 16 * 128, BN * 128, 1024));
-        }
-        attn_wgmma_commit();
-    };
+    const auto issue_s = [&](unsigned sK, float (&s)[BN / 2]) { hop_issue_s<D, BN, BM, BF16>(s, q_wg, sK); };
+    const auto issue_pv = [&](unsigned sV, const unsigned (&pa)[BN / 16][4]) { hop_issue_pv<D, BN, BF16>(acc, pa, sV); };
     const auto k_buf = [&](int n) { return sK0 + ((n - nb_begin) & 1) * BN * D * 2; };
     const auto v_buf = [&](int n) { return sV0 + ((n - nb_begin) & 1) * BN * D * 2; };
 
@@ -170,68 +298,16 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
         const bool pending_pv = nb > nb_begin;
         if (pending_pv) issue_pv(v_buf(nb - 1), pa);
 
-        if (capped) {
-            const float pre = p.scale / p.softcap;
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) s[i] = p.softcap * attn_tanh(s[i] * pre);
-        }
         const int n0 = nb * BN;
-        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
-            // Each of this thread's two rows sees keys [lo, hi]: bounds worked out once in 64-bit,
-            // then plain int compares per element.
-            int lo[2], hi[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const long long lim = (long long)m0 + row_in_tile + r * 8 + diag;  // diagonal key
-                long long l = 0, u = sk - 1;
-                if (p.causal) u = min(u, lim);
-                if (p.window_right >= 0) u = min(u, lim + p.window_right);
-                if (p.window_left >= 0) l = max(l, lim - p.window_left);
-                lo[r] = (int)min(l, (long long)sk);
-                hi[r] = (int)max(u, -1ll);
-            }
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
-                    if (col < lo[e >> 1] || col > hi[e >> 1]) s[i * 4 + e] = attn_neg_inf();
-                }
-        }
-
-        // Online softmax, as in flash_fwd (base 2, guarded fully-masked rows).
+        hop_cap_and_mask<BN>(p, s, n0, m0, m_last, m0 + row_in_tile, lane, sk, diag);
         float rescale[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = row_max[r];
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * r], s[i * 4 + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float base_r = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
-            rescale[r] = attn_exp2(row_max[r] * scale_log2 - base_r);
-            row_max[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) {
-                s[i * 4 + 2 * r] = attn_exp2(s[i * 4 + 2 * r] * scale_log2 - base_r);
-                s[i * 4 + 2 * r + 1] = attn_exp2(s[i * 4 + 2 * r + 1] * scale_log2 - base_r);
-                sum += s[i * 4 + 2 * r] + s[i * 4 + 2 * r + 1];
-            }
-            row_sum[r] = row_sum[r] * rescale[r] + sum;
-        }
-        if (pending_pv) {
-            attn_wgmma_wait<0>();
-            attn_wgmma_fence_operands(acc);
-        }
-        // P(nb) as A fragments: key chunks 2kk and 2kk+1 (8 wide each) make one k16 step.
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            pa[kk][0] = attn_pack2<BF16>(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
-            pa[kk][1] = attn_pack2<BF16>(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
-            pa[kk][2] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
-            pa[kk][3] = attn_pack2<BF16>(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
-        }
+        hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
+        // Unconditional waits (a no-op when nothing is pending): with a wait under a branch,
+        // ptxas cannot prove the accumulators idle afterwards and serialises every wgmma in the
+        // kernel (C7514).
+        attn_wgmma_wait<0>();
+        attn_wgmma_fence_operands(acc);
+        hop_pack_p<BN, BF16>(s, pa);
 
         // K(nb+1) and V(nb) landed for every thread; every warpgroup is done with K(nb) and
         // V(nb-1), whose buffers K(nb+2) and V(nb+1) now take.
@@ -244,21 +320,9 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
         const bool next = nb + 1 < nb_end;
         if (next) issue_s(k_buf(nb + 1), s);
 
-        // Once the row maxima settle (most tiles of a long row) the rescale is exactly 1: skip
-        // the multiplies when no row of the warp moved.
-        if (!__all_sync(0xffffffffu, rescale[0] == 1.f && rescale[1] == 1.f)) {
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                acc[i * 4 + 0] *= rescale[0];
-                acc[i * 4 + 1] *= rescale[0];
-                acc[i * 4 + 2] *= rescale[1];
-                acc[i * 4 + 3] *= rescale[1];
-            }
-        }
-        if (next) {
-            attn_wgmma_wait<0>();
-            attn_wgmma_fence_operands(s);
-        }
+        attn_wgmma_wait<0>();
+        attn_wgmma_fence_operands(s);
+        hop_rescale<D>(acc, rescale);
     }
     if (nb_begin < nb_end) {
         // The last tile's P·V (V(last) landed at the last iteration's barrier).
@@ -268,26 +332,5 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     }
     attn_cp_async_wait<0>();
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const int row = m0 + row_in_tile + r * 8;
-        if (row < sq) {
-            unsigned short* orow = o + (long long)row * p.o_stride[1];
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                const int col = i * 8 + (lane & 3) * 2;
-                if (col < p.head_dim) {
-                    *reinterpret_cast<unsigned*>(orow + col) =
-                        attn_pack2<BF16>(acc[i * 4 + 2 * r] * inv, acc[i * 4 + 2 * r + 1] * inv);
-                }
-            }
-            if (p.lse != nullptr && (lane & 3) == 0) {
-                p.lse[seq.lse + row] = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
-            }
-        }
-    }
+    hop_store_rows<D, BF16>(p, seq, o, acc, row_max, row_sum, m0 + row_in_tile, lane, sq, logit_scale);
 }

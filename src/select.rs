@@ -165,7 +165,7 @@ impl Selector {
         });
         // Ranked fastest first. Only backends that exist in this version are registered.
         let chain: Vec<Box<dyn Backend>> = vec![
-            Box::new(FlashBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.flash_hopper)),
+            Box::new(FlashBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.flash_hopper, s.flash_tma)),
             Box::new(MemEfficientBackend::new(device.clone(), s.jit, s.cache_dir.clone())),
             Box::new(NaiveBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)),
             Box::new(CpuBackend::new(threads)),
@@ -299,7 +299,7 @@ impl Attention {
                 NaiveBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)
                     .image_description()
             }
-            BackendKind::Flash => FlashBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.flash_hopper).image_description(),
+            BackendKind::Flash => FlashBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone(), s.flash_hopper, s.flash_tma).image_description(),
             BackendKind::MemEfficient => {
                 MemEfficientBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone()).image_description()
             }

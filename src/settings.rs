@@ -12,6 +12,7 @@
 //! | `ATTN_CPU_THREADS` | a positive integer | all cores | threads of the CPU backend |
 //! | `ATTN_ALLOW_TF32` | `0`/`1` | `0` (or `1` when `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`) | f32 inputs may run on TF32 tensor cores, as PyTorch's `allow_tf32`; [`crate::Options::allow_tf32`] sets it per call |
 //! | `ATTN_FLASH_HOPPER` | `0`/`1` | `1` | on sm_90 (H100, H200), run flash's Hopper (wgmma) kernels when the image has sm_90a code; `0` runs the mma.sync kernels every sm_80+ GPU runs |
+//! | `ATTN_FLASH_TMA` | `0`/`1` | `1` | with the Hopper kernels, run head_dim ≤ 128 on fixed-length batches in flash's warp-specialised kernel (TMA loads, persistent grid); `0` keeps the cp.async wgmma kernels |
 //! | `ATTN_EMULATE_ARCH` | a compute capability, e.g. `7.5` | unset | testing only: run every kernel as the named older arch's code (NVRTC PTX, compiled by the driver) and choose backends as on such a device; see [`Settings::emulate_arch`] |
 //!
 //! An empty value counts as unset. Any other invalid value is an [`Error::InvalidSetting`]
@@ -79,6 +80,8 @@ pub struct Settings {
     pub cpu_threads: Option<usize>,
     /// `ATTN_FLASH_HOPPER`: flash may run its Hopper (wgmma) kernels on sm_90.
     pub flash_hopper: bool,
+    /// `ATTN_FLASH_TMA`: with the Hopper kernels, flash may run its warp-specialised TMA kernel.
+    pub flash_tma: bool,
     /// `ATTN_ALLOW_TF32` (or PyTorch's `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE`): f32 may use TF32.
     pub allow_tf32: bool,
     /// `ATTN_EMULATE_ARCH`, for testing code paths of GPUs you do not have: the device is
@@ -102,6 +105,7 @@ impl Default for Settings {
             naive_workspace_mb: DEFAULT_NAIVE_WORKSPACE_MB,
             cpu_threads: None,
             flash_hopper: true,
+            flash_tma: true,
             allow_tf32: false,
             emulate_arch: None,
         }
@@ -109,7 +113,7 @@ impl Default for Settings {
 }
 
 /// Names of the variables this module reads, for diagnostics.
-pub const VARIABLES: [&str; 12] = [
+pub const VARIABLES: [&str; 13] = [
     "ATTN_BACKEND",
     "ATTN_DISABLE",
     "ATTN_STRICT",
@@ -119,6 +123,7 @@ pub const VARIABLES: [&str; 12] = [
     "ATTN_NAIVE_WORKSPACE_MB",
     "ATTN_CPU_THREADS",
     "ATTN_FLASH_HOPPER",
+    "ATTN_FLASH_TMA",
     "ATTN_ALLOW_TF32",
     "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
     "ATTN_EMULATE_ARCH",
@@ -206,6 +211,9 @@ impl Settings {
         }
         if let Some(v) = get("ATTN_FLASH_HOPPER")? {
             s.flash_hopper = parse_bool("ATTN_FLASH_HOPPER", &v)?;
+        }
+        if let Some(v) = get("ATTN_FLASH_TMA")? {
+            s.flash_tma = parse_bool("ATTN_FLASH_TMA", &v)?;
         }
         if let Some(v) = get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")? {
             s.allow_tf32 = parse_bool("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", &v)?;

@@ -423,7 +423,9 @@ fn graph_capture(kind: BackendKind) {
     // Warm-up outside the capture: loads the module once.
     run(&dq, &dk, &dv, &mut dout, &mut dlse).unwrap();
     stream.synchronize().unwrap();
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
+    // Thread-local mode: the other tests of this binary run on other threads of the same
+    // context, and global mode would make their (legitimately) uncapturable calls fail.
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
     let captured = run(&dq, &dk, &dv, &mut dout, &mut dlse);
     let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap();
     assert_eq!(captured.unwrap(), kind);

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 
-use super::device::{GpuDevice, Kernels, LoadedModule};
-use super::params::launch_fused;
+use super::device::{device_addr, GpuDevice, Kernels, LoadedModule};
+use super::params::{launch_fused, launch_persistent};
+use super::tma::{tile_map, TensorMap};
 use crate::backend::{gpu_memory_reasons, grid_reasons, Backend, BackendKind, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -28,8 +29,9 @@ const FUNCTIONS: [&str; 6] = [
 /// The largest head_dim a kernel is specialised for.
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 
-/// The sm_90a-only kernels (cuda/flash_hopper.cuh); present only in sm_90a images.
-const HOPPER_FUNCTIONS: [&str; 8] = [
+/// The sm_90a-only kernels, present only in sm_90a images: cuda/flash_hopper.cuh's (the first
+/// eight), then the warp-specialised ones of cuda/flash_hopper_ws.cuh (head_dim ≤ 128).
+const HOPPER_FUNCTIONS: [&str; 12] = [
     "attn_flash_hopper_fwd_f16_d64",
     "attn_flash_hopper_fwd_bf16_d64",
     "attn_flash_hopper_fwd_f16_d128",
@@ -38,9 +40,15 @@ const HOPPER_FUNCTIONS: [&str; 8] = [
     "attn_flash_hopper_fwd_bf16_d256",
     "attn_flash_hopper_wide_fwd_f16_d128",
     "attn_flash_hopper_wide_fwd_bf16_d128",
+    "attn_flash_ws_fwd_f16_d64",
+    "attn_flash_ws_fwd_bf16_d64",
+    "attn_flash_ws_fwd_f16_d128",
+    "attn_flash_ws_fwd_bf16_d128",
 ];
+/// The first warp-specialised kernel in `HOPPER_FUNCTIONS`: whether the image has that kind.
+const FIRST_WS_FUNCTION: &str = HOPPER_FUNCTIONS[8];
 
-/// The two kernel families: mma.sync for every sm_80+ arch, wgmma for sm_90a.
+/// The kernel families: mma.sync for every sm_80+ arch, wgmma for sm_90a.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Family {
     /// `flash_fwd` in cuda/flash.cu.
@@ -50,6 +58,10 @@ enum Family {
     /// The same with three warpgroups (192-row tiles) at d=128: more warps to hide latency on
     /// long unmasked rows, more wasted rows and a longer causal tail on short ones.
     HopperWide,
+    /// `flash_hopper_ws_fwd` in cuda/flash_hopper_ws.cuh: FlashAttention-3's structure, a
+    /// producer warpgroup loading through the copy engine (TMA) for two consumer warpgroups, on
+    /// a persistent grid. Fixed-length batches, head_dim up to 128.
+    HopperWs,
 }
 
 /// One kernel specialisation; mirrors the `FLASH_ENTRY` / `FLASH_HOPPER_ENTRY` tables.
@@ -73,14 +85,18 @@ impl Spec {
             Family::MmaSync => self.warps * 16 * self.m_tiles,
             // One warpgroup (4 warps) per 64 rows.
             Family::Hopper | Family::HopperWide => self.warps * 16,
+            // The first warpgroup is the producer.
+            Family::HopperWs => (self.warps - 4) * 16,
         }
     }
     /// Dynamic shared memory of 16-bit tiles. mma.sync: Q, two K buffers and one V. Hopper: Q,
-    /// two K and two V buffers, plus 1 KiB to align the base to wgmma's 1024-byte swizzle atoms.
+    /// two K and two V buffers, plus 1 KiB to align the base to wgmma's 1024-byte swizzle atoms
+    /// (and, warp-specialised, 256 bytes of mbarriers).
     fn shared_bytes(&self) -> usize {
         match self.family {
             Family::MmaSync => (self.block_m() + 3 * self.block_n) * self.head_dim * 2,
             Family::Hopper | Family::HopperWide => (self.block_m() + 4 * self.block_n) * self.head_dim * 2 + 1024,
+            Family::HopperWs => (self.block_m() + 4 * self.block_n) * self.head_dim * 2 + 1024 + 256,
         }
     }
     /// The kernel's name for a dtype.
@@ -89,6 +105,7 @@ impl Spec {
             Family::MmaSync => format!("attn_flash_fwd_{}_d{}", dtype.name(), self.head_dim),
             Family::Hopper => format!("attn_flash_hopper_fwd_{}_d{}", dtype.name(), self.head_dim),
             Family::HopperWide => format!("attn_flash_hopper_wide_fwd_{}_d{}", dtype.name(), self.head_dim),
+            Family::HopperWs => format!("attn_flash_ws_fwd_{}_d{}", dtype.name(), self.head_dim),
         }
     }
 }
@@ -103,6 +120,8 @@ fn specialisation(head_dim: usize, family: Family) -> Spec {
         (Family::Hopper, 65..=128) => (128, 128, 8, 0),
         (Family::Hopper, _) => (256, 64, 8, 0),
         (Family::HopperWide, _) => (128, 64, 12, 0),
+        (Family::HopperWs, 0..=64) => (64, 128, 12, 0),
+        (Family::HopperWs, _) => (128, 128, 12, 0),
     };
     Spec { family, head_dim, block_n, warps, m_tiles }
 }
@@ -112,13 +131,22 @@ pub(crate) struct FlashBackend {
     kernels: Kernels,
     /// `ATTN_FLASH_HOPPER`: use the wgmma family where the image has it.
     hopper: bool,
+    /// `ATTN_FLASH_TMA`: within it, the warp-specialised TMA kernels where they apply.
+    tma: bool,
 }
 
 impl FlashBackend {
-    pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>, hopper: bool) -> Self {
+    pub(crate) fn new(
+        device: Option<Arc<GpuDevice>>,
+        jit: JitMode,
+        cache_dir: Option<PathBuf>,
+        hopper: bool,
+        tma: bool,
+    ) -> Self {
         FlashBackend {
             kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir).with_optional(&HOPPER_FUNCTIONS),
             hopper,
+            tma,
         }
     }
 
@@ -135,13 +163,55 @@ impl FlashBackend {
         }
     }
 
-    /// The kernel for a problem: within the Hopper family, the three-warpgroup d=128 kernel
-    /// where it measured faster (unmasked rows, 2048 queries or more).
+    /// The kernel for a problem. Within the Hopper family: the warp-specialised kernel for
+    /// fixed-length batches at head_dim ≤ 128 (when allowed and in the image); else the
+    /// three-warpgroup d=128 kernel where it measured faster (unmasked rows, 2048 queries or
+    /// more); else the two-warpgroup one.
     fn spec_for(&self, caps: &DeviceCaps, module: Option<&LoadedModule>, problem: &Problem) -> Spec {
         let family = self.family(caps, module);
+        let ws = family == Family::Hopper
+            && self.tma
+            && problem.head_dim <= 128
+            && !problem.varlen
+            && module.is_none_or(|m| m.function(FIRST_WS_FUNCTION).is_some());
+        if ws {
+            return specialisation(problem.head_dim, Family::HopperWs);
+        }
+        self.cp_async_spec(family, problem)
+    }
+
+    /// The kernel for a problem among those that load with cp.async.
+    fn cp_async_spec(&self, family: Family, problem: &Problem) -> Spec {
         let unmasked = !problem.causal && problem.window == (None, None);
         let wide = family == Family::Hopper && (65..=128).contains(&problem.head_dim) && unmasked && problem.seqlen_q >= 2048;
         specialisation(problem.head_dim, if wide { Family::HopperWide } else { family })
+    }
+
+    /// Runs the warp-specialised kernel, or says why it cannot (a tensor the copy engine cannot
+    /// address, or more tiles than the kernel counts in an int): the caller then runs the
+    /// cp.async kernel.
+    fn launch_ws(&self, dev: &GpuDevice, module: &LoadedModule, call: &Call<'_>, spec: Spec) -> Result<Result<(), RunError>, String> {
+        let p = &call.problem;
+        let tiles = p.seqlen_q.div_ceil(spec.block_m()) * p.heads * p.batch;
+        // The kernel counts tiles (and rounds of gridDim.x tiles) in an int.
+        if tiles > (i32::MAX / 2) as usize {
+            return Err(format!("{tiles} tiles"));
+        }
+        let map = |op, addr, rows, heads, box_rows| {
+            tile_map(op, addr, p.dtype, [p.batch, rows, heads, p.head_dim], box_rows)
+                .map_err(|e| format!("cuTensorMapEncodeTiled: {e:?}"))
+        };
+        let maps: [TensorMap; 3] = [
+            map(&call.q, device_addr(&call.q), p.seqlen_q, p.heads, spec.block_m() as u32)?,
+            map(&call.k, device_addr(&call.k), p.seqlen_k, p.kv_heads, spec.block_n as u32)?,
+            map(&call.v, device_addr(&call.v), p.seqlen_k, p.kv_heads, spec.block_n as u32)?,
+        ];
+        let func = match module.launchable(&spec.function(p.dtype)) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let blocks = tiles.min(dev.caps.sm_count as usize).max(1) as u32;
+        Ok(launch_persistent(func, call, blocks, spec.warps * 32, spec.shared_bytes(), maps))
     }
 
     /// How the module was (or would be) loaded on the device, and which family runs, for
@@ -154,7 +224,10 @@ impl FlashBackend {
             Err(_) => return Some(image),
         };
         Some(match family {
-            Family::Hopper | Family::HopperWide => format!("{image}; Hopper wgmma kernels"),
+            Family::Hopper | Family::HopperWide | Family::HopperWs if self.tma => {
+                format!("{image}; Hopper wgmma kernels (warp-specialised TMA kernels for head_dim <= 128)")
+            }
+            Family::Hopper | Family::HopperWide | Family::HopperWs => format!("{image}; Hopper wgmma kernels"),
             Family::MmaSync if self.hopper && dev.caps.cc == ComputeCapability::new(9, 0) => format!(
                 "{image}; mma.sync kernels (this image has no sm_90a code: add 9.0a to ATTN_CUDA_ARCH_LIST for the Hopper kernels)"
             ),
@@ -206,8 +279,17 @@ impl Backend for FlashBackend {
         let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let spec = self.spec_for(&dev.caps, Some(&module), p);
-        let func = module.launchable(&spec.function(p.dtype))?;
+        let mut spec = self.spec_for(&dev.caps, Some(&module), p);
+        if spec.family == Family::HopperWs {
+            match self.launch_ws(&dev, &module, call, spec) {
+                Ok(launched) => return launched,
+                Err(why) => {
+                    log::debug!("flash: warp-specialised kernel not used ({why}); running the cp.async one");
+                    spec = self.cp_async_spec(Family::Hopper, &call.problem);
+                }
+            }
+        }
+        let func = module.launchable(&spec.function(call.problem.dtype))?;
         launch_fused(func, call, spec.block_m(), spec.warps * 32, spec.shared_bytes())
     }
 }
@@ -217,9 +299,12 @@ mod tests {
     use super::*;
     #[test]
     fn specialisations_cover_every_multiple_of_8() {
-        for family in [Family::MmaSync, Family::Hopper] {
+        for family in [Family::MmaSync, Family::Hopper, Family::HopperWs] {
             for d in (8..=256).step_by(8) {
                 let s = specialisation(d, family);
+                if family == Family::HopperWs && d > 128 {
+                    continue; // the host never picks it there
+                }
                 assert!(s.head_dim >= d && [64, 128, 256].contains(&s.head_dim) && s.block_m() == 128);
             }
         }
@@ -234,5 +319,9 @@ mod tests {
         assert_eq!(specialisation(128, Family::HopperWide).shared_bytes(), 115712);
         assert_eq!(specialisation(256, Family::Hopper).shared_bytes(), 197632);
         assert!(specialisation(256, Family::Hopper).shared_bytes() <= 227 * 1024);
+        // Warp-specialised: 12 warps (one producer warpgroup), Q + 2 K + 2 V + barriers.
+        assert_eq!(specialisation(128, Family::HopperWs).warps, 12);
+        assert_eq!(specialisation(128, Family::HopperWs).shared_bytes(), 163840 + 1024 + 256);
+        assert_eq!(specialisation(64, Family::HopperWs).shared_bytes(), 81920 + 1024 + 256);
     }
 }

@@ -8,3 +8,4 @@ pub(crate) mod mem_efficient;
 pub(crate) mod naive;
 pub(crate) mod nvrtc;
 pub(crate) mod params;
+pub(crate) mod tma;

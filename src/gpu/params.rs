@@ -6,6 +6,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{result, CudaFunction};
 
 use super::device::{device_addr, launch_failure};
+use super::tma::TensorMap;
 use crate::backend::RunError;
 use crate::tensor::{Addr, Call, Operand};
 
@@ -117,16 +118,49 @@ pub(crate) fn launch_fused(
     threads: usize,
     smem: usize,
 ) -> Result<(), RunError> {
+    let p = &call.problem;
+    let grid = (p.seqlen_q.div_ceil(block_m) as u32, p.heads as u32, p.batch as u32);
+    let mut params = AttnParams::of(call);
+    let mut args = [&mut params as *mut AttnParams as *mut c_void];
+    launch(func, call, grid, threads, smem, &mut args)
+}
+
+/// Launches a persistent fused kernel (flash's warp-specialised one): `blocks` blocks that stride
+/// over the work themselves, with the `AttnParams` and the Q, K, V tensor maps as arguments.
+pub(crate) fn launch_persistent(
+    func: &CudaFunction,
+    call: &Call<'_>,
+    blocks: u32,
+    threads: usize,
+    smem: usize,
+    maps: [TensorMap; 3],
+) -> Result<(), RunError> {
+    let mut params = AttnParams::of(call);
+    let [mut tq, mut tk, mut tv] = maps;
+    let mut args = [
+        &mut params as *mut AttnParams as *mut c_void,
+        &mut tq as *mut TensorMap as *mut c_void,
+        &mut tk as *mut TensorMap as *mut c_void,
+        &mut tv as *mut TensorMap as *mut c_void,
+    ];
+    launch(func, call, (blocks, 1, 1), threads, smem, &mut args)
+}
+
+fn launch(
+    func: &CudaFunction,
+    call: &Call<'_>,
+    grid: (u32, u32, u32),
+    threads: usize,
+    smem: usize,
+    args: &mut [*mut c_void],
+) -> Result<(), RunError> {
     if smem > SMEM_NO_OPTIN {
         func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| launch_failure(e.0, false))?;
     }
-    let p = &call.problem;
-    let mut params = AttnParams::of(call);
-    let grid = (p.seqlen_q.div_ceil(block_m) as u32, p.heads as u32, p.batch as u32);
-    let mut args = [&mut params as *mut AttnParams as *mut c_void];
-    // SAFETY: one by-value AttnParams argument, as every fused entry point declares; every
-    // pointer in it was checked against its allocation by `prepare`.
-    unsafe { result::launch_kernel(func.cu_function(), grid, (threads as u32, 1, 1), smem as u32, call.stream, &mut args) }
+    // SAFETY: `args` holds one pointer per parameter the entry point declares, each to a live
+    // value of the declared type (AttnParams, then TensorMaps for the persistent kernel); every
+    // device pointer inside was checked against its allocation by `prepare`.
+    unsafe { result::launch_kernel(func.cu_function(), grid, (threads as u32, 1, 1), smem as u32, call.stream, args) }
         .map_err(|e| launch_failure(e.0, false))
 }
