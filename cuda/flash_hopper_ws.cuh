@@ -6,10 +6,11 @@
 // A block is one producer warpgroup and CWG consumer warpgroups; each consumer owns 64 query rows
 // of a BM = 64·CWG row tile. One producer thread issues every load: a Q tile, then K and V tiles
 // into a ring of STAGES buffers, each completing on an mbarrier ("full"); consumers release a
-// buffer on its "empty" mbarrier as soon as the wgmma that read it has finished. So no barrier
-// spans the block: warpgroups drift out of phase and one's softmax overlaps another's matrix
-// products, and loads run ahead as far as the ring allows. `setmaxnreg` moves registers from the
-// producer (which needs almost none) to the consumers.
+// buffer on its "empty" mbarrier as soon as the wgmma that read it has finished, so loads run
+// ahead as far as the ring allows and no barrier spans the block. The two consumers take turns
+// issuing their matrix products (ping-pong on two named barriers), so one's softmax runs while
+// the tensor cores work for the other. `setmaxnreg` moves registers from the producer (which
+// needs almost none) to the consumers.
 //
 // The grid is persistent: gridDim.x blocks (one per SM) take turns over the (query tile, head,
 // batch) tiles (see tile_of), so the producer loads the next tile's Q and K while the consumers
@@ -194,8 +195,10 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
         return;
     }
 
-    // Consumers: the software pipeline of flash_hopper_fwd (see there), with mbarrier waits for
-    // the tiles instead of block-wide barriers.
+    // Consumers. Per key tile n (FlashAttention-3's order): issue S(n) = Q·K(n)ᵀ and then
+    // O += P(n-1)·V(n-1) back to back, wait for S(n) only, and run softmax(n) while P·V runs; then
+    // wait for it, rescale O and pack P(n). The two warpgroups take turns issuing (ping-pong, two
+    // named barriers), so one's softmax runs under the other's matrix products.
     ws_setmaxnreg_inc<WsRegs<CWG>::consumer>();
     const int c = wg - 1;  // rows [64c, 64c + 64) of the tile
     const int lane = threadIdx.x & 31;
@@ -203,6 +206,13 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
     const unsigned q_rows = sQ + c * 64 * 128;
     const float logit_scale = p.softcap > 0.f ? 1.f : p.scale;
     const float scale_log2 = logit_scale * 1.4426950408889634f;
+    // Named barrier 1 + c: this warpgroup's turn. Every warpgroup runs the same number of turns
+    // (the same tiles, the same key tiles each), so the turns stay paired; the first turn is
+    // warpgroup 0's.
+    static_assert(CWG == 2, "ping-pong pairs two consumer warpgroups");
+    const auto turn_wait = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(1 + c) : "memory"); };
+    const auto turn_pass = [&]() { asm volatile("bar.arrive %0, 256;\n" ::"r"(2 - c) : "memory"); };
+    if (c == 1) turn_pass();
     int kc = 0, vc = 0, qc = 0;
     int m0, h, b;
     for (int k = 0; tile_of(k, m0, h, b); ++k) {
@@ -223,7 +233,8 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
             ++qc;
             float s[BN / 2];
             unsigned pa[BN / 16][4];  // P(n-1): the A operand of the pending P·V
-            // S(first), then Q is free once the last S of the tile has read it.
+            float rescale[2];
+            // The first tile: S alone (nothing to rescale yet), then Q is free if it was the last.
             {
                 const int slot = kc % STAGES;
                 ws_mbar_wait(k_full(slot), (kc / STAGES) & 1);
@@ -233,39 +244,31 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
                 ws_mbar_arrive(k_empty(slot));
                 ++kc;
                 if (nb_begin + 1 == nb_end) ws_mbar_arrive(q_empty);
-            }
-            for (int nb = nb_begin; nb < nb_end; ++nb) {
-                const bool pending_pv = nb > nb_begin;
-                const int v_slot = vc % STAGES;
-                if (pending_pv) {
-                    ws_mbar_wait(v_full(v_slot), (vc / STAGES) & 1);
-                    hop_issue_pv<D, BN, BF16>(acc, pa, sV + v_slot * KV_BYTES);
-                }
-                hop_cap_and_mask<BN>(p, s, nb * BN, m0, m_last, row0, lane, sk, diag);
-                float rescale[2];
+                hop_cap_and_mask<BN>(p, s, nb_begin * BN, m0, m_last, row0, lane, sk, diag);
                 hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
-                // Unconditional waits: see flash_hopper_fwd.
+                hop_pack_p<BN, BF16>(s, pa);
+            }
+            for (int nb = nb_begin + 1; nb < nb_end; ++nb) {
+                const int k_slot = kc % STAGES, v_slot = vc % STAGES;
+                turn_wait();
+                ws_mbar_wait(k_full(k_slot), (kc / STAGES) & 1);
+                hop_issue_s<D, BN, BM, BF16>(s, q_rows, sK + k_slot * KV_BYTES);
+                ws_mbar_wait(v_full(v_slot), (vc / STAGES) & 1);
+                hop_issue_pv<D, BN, BF16>(acc, pa, sV + v_slot * KV_BYTES);
+                turn_pass();
+                attn_wgmma_wait<1>();  // S(nb); P·V(nb-1) still runs
+                attn_wgmma_fence_operands(s);
+                ws_mbar_arrive(k_empty(k_slot));
+                ++kc;
+                if (nb + 1 == nb_end) ws_mbar_arrive(q_empty);
+                hop_cap_and_mask<BN>(p, s, nb * BN, m0, m_last, row0, lane, sk, diag);
+                hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
                 attn_wgmma_wait<0>();
                 attn_wgmma_fence_operands(acc);
-                if (pending_pv) {
-                    ws_mbar_arrive(v_empty(v_slot));
-                    ++vc;
-                }
-                hop_pack_p<BN, BF16>(s, pa);
-                const bool next = nb + 1 < nb_end;
-                const int k_slot = kc % STAGES;
-                if (next) {
-                    ws_mbar_wait(k_full(k_slot), (kc / STAGES) & 1);
-                    hop_issue_s<D, BN, BM, BF16>(s, q_rows, sK + k_slot * KV_BYTES);
-                }
-                attn_wgmma_wait<0>();
-                attn_wgmma_fence_operands(s);
-                if (next) {
-                    ws_mbar_arrive(k_empty(k_slot));
-                    ++kc;
-                    if (nb + 2 == nb_end) ws_mbar_arrive(q_empty);
-                }
+                ws_mbar_arrive(v_empty(v_slot));
+                ++vc;
                 hop_rescale<D>(acc, rescale);
+                hop_pack_p<BN, BF16>(s, pa);
             }
             // The last tile's P·V.
             const int v_slot = vc % STAGES;

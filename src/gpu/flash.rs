@@ -59,8 +59,9 @@ enum Family {
     /// long unmasked rows, more wasted rows and a longer causal tail on short ones.
     HopperWide,
     /// `flash_hopper_ws_fwd` in cuda/flash_hopper_ws.cuh: FlashAttention-3's structure, a
-    /// producer warpgroup loading through the copy engine (TMA) for two consumer warpgroups, on
-    /// a persistent grid. Fixed-length batches, head_dim up to 128.
+    /// producer warpgroup loading through the copy engine (TMA) for two consumer warpgroups that
+    /// take turns on the tensor cores, on a persistent grid. Fixed-length batches, head_dim up to
+    /// 128.
     HopperWs,
 }
 
