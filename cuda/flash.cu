@@ -221,29 +221,7 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
     // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
 #pragma unroll
     for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[t][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            const int row = m0 + row_in_tile + t * 16 + r * 8;
-            if (row < sq) {
-                unsigned short* orow = o + (long long)row * p.o_stride[1];
-#pragma unroll
-                for (int i = 0; i < D / 8; ++i) {
-                    const int col = i * 8 + (lane & 3) * 2;
-                    if (col < p.head_dim) {
-                        *reinterpret_cast<unsigned*>(orow + col) =
-                            attn_pack2<BF16>(acc[t][i][2 * r] * inv, acc[t][i][2 * r + 1] * inv);
-                    }
-                }
-                if (p.lse != nullptr && (lane & 3) == 0) {
-                    const float lse = sum > 0.f ? row_max[t][r] * logit_scale + __logf(sum) : attn_neg_inf();
-                    p.lse[seq.lse + row] = lse;
-                }
-            }
-        }
+        attn_store_rows<D, BF16>(p, seq, o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, logit_scale);
 }
 
 // Specialisations: (head_dim, keys per tile, warps, m-tiles per warp). The Rust side mirrors

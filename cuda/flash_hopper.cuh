@@ -189,35 +189,14 @@ __device__ __forceinline__ void hop_rescale(float (&acc)[D / 2], const float (&r
     }
 }
 
-// Normalises this thread's two rows (absolute rows row0, row0 + 8) and stores them and their
-// LSE; rows >= sq and columns >= head_dim are not written. A row that saw no key gets zeros and
-// lse = -inf.
+// The epilogue (attn_store_rows in mma.cuh) over a wgmma accumulator: the same layout as
+// mma.sync's, held flat.
 template <int D, bool BF16>
 __device__ __forceinline__ void hop_store_rows(const AttnParams& p, const AttnSeq& seq, unsigned short* o,
                                                const float (&acc)[D / 2], const float (&row_max)[2],
                                                const float (&row_sum)[2], int row0, int lane, int sq, float logit_scale) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float sum = row_sum[r];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        const int row = row0 + r * 8;
-        if (row < sq) {
-            unsigned short* orow = o + (long long)row * p.o_stride[1];
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                const int col = i * 8 + (lane & 3) * 2;
-                if (col < p.head_dim) {
-                    *reinterpret_cast<unsigned*>(orow + col) =
-                        attn_pack2<BF16>(acc[i * 4 + 2 * r] * inv, acc[i * 4 + 2 * r + 1] * inv);
-                }
-            }
-            if (p.lse != nullptr && (lane & 3) == 0) {
-                p.lse[seq.lse + row] = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
-            }
-        }
-    }
+    attn_store_rows<D, BF16>(p, seq, o, reinterpret_cast<const float(&)[D / 8][4]>(acc), row_max, row_sum, row0, lane, sq,
+                             logit_scale);
 }
 
 template <int D, int BN, int WGS, bool BF16>

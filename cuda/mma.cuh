@@ -1,7 +1,8 @@
-// Tensor-core and async-copy building blocks for sm_80+ kernels (flash, and later the
-// memory-efficient kernel's sm_80 path): raw PTX only, so the header needs no other header and
+// Tensor-core and async-copy building blocks for the tensor-core kernels (flash, mem_efficient),
+// and their shared epilogue: raw PTX only, so the header needs nothing beyond common.cuh and
 // compiles unchanged under nvcc and NVRTC.
 #pragma once
+#include "common.cuh"
 
 // Shared-memory address of a generic pointer, as the 32-bit value ldmatrix/cp.async take.
 __device__ __forceinline__ unsigned attn_smem_addr(const void* p) {
@@ -83,4 +84,35 @@ __device__ __forceinline__ float attn_tanh(float x) {
 template <int D>
 __device__ __forceinline__ int attn_swz(int row, int chunk) {
     return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// The epilogue of the tensor-core kernels, for the accumulator layout mma.sync m16n8 and wgmma
+// share: per 8-column chunk i, this thread holds columns 8i + 2(lane%4) + {0, 1} of two rows,
+// row0 ([i][0..1]) and row0 + 8 ([i][2..3]). Normalises by the full row sums (a quad's), stores
+// rows < sq and columns < head_dim with their LSE; a row that saw no key gets zeros and -inf.
+template <int D, bool BF16>
+__device__ __forceinline__ void attn_store_rows(const AttnParams& p, const AttnSeq& seq, unsigned short* o,
+                                                const float (&acc)[D / 8][4], const float (&row_max)[2],
+                                                const float (&row_sum)[2], int row0, int lane, int sq, float logit_scale) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = row_sum[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int row = row0 + r * 8;
+        if (row < sq) {
+            unsigned short* orow = o + (long long)row * p.o_stride[1];
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                const int col = i * 8 + (lane & 3) * 2;
+                if (col < p.head_dim) {
+                    *reinterpret_cast<unsigned*>(orow + col) = attn_pack2<BF16>(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+                }
+            }
+            if (p.lse != nullptr && (lane & 3) == 0) {
+                p.lse[seq.lse + row] = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
+            }
+        }
+    }
 }
