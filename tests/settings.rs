@@ -56,6 +56,16 @@ fn valid_values() {
 }
 
 #[test]
+fn flash_kernel_families() {
+    let s = parse(&[]).unwrap();
+    assert!(s.flash_hopper && s.flash_tma, "both Hopper kernel kinds are on by default");
+    let s = parse(&[("ATTN_FLASH_HOPPER", "0"), ("ATTN_FLASH_TMA", "off")]).unwrap();
+    assert!(!s.flash_hopper && !s.flash_tma);
+    let e = parse(&[("ATTN_FLASH_TMA", "fast")]).unwrap_err().to_string();
+    assert!(e.contains("ATTN_FLASH_TMA") && e.contains("fast"), "{e}");
+}
+
+#[test]
 fn cache_dir_defaults_follow_xdg_then_home() {
     let s = parse(&[("XDG_CACHE_HOME", "/x/cache"), ("HOME", "/home/u")]).unwrap();
     assert_eq!(s.cache_dir, Some(PathBuf::from("/x/cache/attention")));

@@ -298,6 +298,41 @@ impl Backend for FlashBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::caps::SimulatedGpu;
+
+    /// Which kernel each device and problem gets (no device: the simulated image is assumed to
+    /// hold every function, as the default arch list builds it).
+    #[test]
+    fn kernel_choice_follows_device_problem_and_settings() {
+        let (h100, a100) = (DeviceCaps::simulated(SimulatedGpu::H100), DeviceCaps::simulated(SimulatedGpu::A100));
+        let all = FlashBackend::new(None, JitMode::Auto, None, true, true);
+        let pick = |b: &FlashBackend, caps: &DeviceCaps, p: Problem| b.spec_for(caps, None, &p).family;
+        let p = |d: usize, s: usize| Problem::new(DType::BF16, 2, s, s, 8, 2, d);
+        // sm_90: the warp-specialised kernel for head_dim <= 128 on fixed-length batches, causal
+        // or not; packed batches and d > 128 load with cp.async.
+        for d in [8, 64, 72, 128] {
+            assert_eq!(pick(&all, &h100, p(d, 300)), Family::HopperWs, "d={d}");
+            assert_eq!(pick(&all, &h100, p(d, 300).causal(true)), Family::HopperWs, "d={d}");
+            assert_eq!(pick(&all, &h100, p(d, 300).varlen(true)), Family::Hopper, "d={d}");
+        }
+        assert_eq!(pick(&all, &h100, p(128, 4096).varlen(true)), Family::HopperWide);
+        assert_eq!(pick(&all, &h100, p(256, 300)), Family::Hopper);
+        // ATTN_FLASH_TMA=0 and ATTN_FLASH_HOPPER=0.
+        let no_tma = FlashBackend::new(None, JitMode::Auto, None, true, false);
+        assert_eq!(pick(&no_tma, &h100, p(128, 300)), Family::Hopper);
+        assert_eq!(pick(&no_tma, &h100, p(128, 4096)), Family::HopperWide);
+        let no_hopper = FlashBackend::new(None, JitMode::Auto, None, false, true);
+        assert_eq!(pick(&no_hopper, &h100, p(128, 300)), Family::MmaSync);
+        // Every other arch runs mma.sync.
+        assert_eq!(pick(&all, &a100, p(128, 300)), Family::MmaSync);
+        // The shared memory every choice needs fits the H100's opt-in limit.
+        for d in (8..=256).step_by(8) {
+            for varlen in [false, true] {
+                let spec = all.spec_for(&h100, None, &p(d, 4096).varlen(varlen));
+                assert!(spec.shared_bytes() <= h100.smem_per_block_optin, "{spec:?}");
+            }
+        }
+    }
     #[test]
     fn specialisations_cover_every_multiple_of_8() {
         for family in [Family::MmaSync, Family::Hopper, Family::HopperWs] {
