@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 
-use super::device::{device_addr, GpuDevice, Kernels, LoadedModule};
+use super::device::{GpuDevice, Kernels, LoadedModule};
 use super::params::{launch_fused, launch_persistent};
 use super::tma::{tile_map, TensorMap};
 use crate::backend::{gpu_memory_reasons, grid_reasons, Backend, BackendKind, Reason, RunError};
@@ -127,6 +127,12 @@ fn specialisation(head_dim: usize, family: Family) -> Spec {
     Spec { family, head_dim, block_n, warps, m_tiles }
 }
 
+/// Whether the loaded image has an optional function; with no module (a simulated device, or
+/// before loading) the default arch list's image is assumed, which has every one.
+fn image_has(module: Option<&LoadedModule>, function: &str) -> bool {
+    module.map_or(true, |m| m.function(function).is_some())
+}
+
 /// The flash backend on one device.
 pub(crate) struct FlashBackend {
     kernels: Kernels,
@@ -156,7 +162,7 @@ impl FlashBackend {
     fn family(&self, caps: &DeviceCaps, module: Option<&LoadedModule>) -> Family {
         let hopper = self.hopper
             && caps.cc == ComputeCapability::new(9, 0)
-            && module.is_none_or(|m| m.function(HOPPER_FUNCTIONS[0]).is_some());
+            && image_has(module, HOPPER_FUNCTIONS[0]);
         if hopper {
             Family::Hopper
         } else {
@@ -174,7 +180,7 @@ impl FlashBackend {
             && self.tma
             && problem.head_dim <= 128
             && !problem.varlen
-            && module.is_none_or(|m| m.function(FIRST_WS_FUNCTION).is_some());
+            && image_has(module, FIRST_WS_FUNCTION);
         if ws {
             return specialisation(problem.head_dim, Family::HopperWs);
         }
@@ -188,31 +194,21 @@ impl FlashBackend {
         specialisation(problem.head_dim, if wide { Family::HopperWide } else { family })
     }
 
-    /// Runs the warp-specialised kernel, or says why it cannot (a tensor the copy engine cannot
-    /// address, or more tiles than the kernel counts in an int): the caller then runs the
-    /// cp.async kernel.
-    fn launch_ws(&self, dev: &GpuDevice, module: &LoadedModule, call: &Call<'_>, spec: Spec) -> Result<Result<(), RunError>, String> {
+    /// The warp-specialised kernel's grid (blocks) and Q, K, V tensor maps, or why it cannot
+    /// run the call (a tensor the copy engine cannot address, or more tiles than the kernel counts
+    /// in an int): the caller then runs the cp.async kernel.
+    fn ws_launch_args(call: &Call<'_>, spec: Spec, sm_count: u32) -> Result<(u32, [TensorMap; 3]), String> {
         let p = &call.problem;
         let tiles = p.seqlen_q.div_ceil(spec.block_m()) * p.heads * p.batch;
         // The kernel counts tiles (and rounds of gridDim.x tiles) in an int.
         if tiles > (i32::MAX / 2) as usize {
             return Err(format!("{tiles} tiles"));
         }
-        let map = |op, addr, rows, heads, box_rows| {
-            tile_map(op, addr, p.dtype, [p.batch, rows, heads, p.head_dim], box_rows)
-                .map_err(|e| format!("cuTensorMapEncodeTiled: {e:?}"))
+        let map = |op, box_rows: usize| {
+            tile_map(op, p.dtype, box_rows as u32).map_err(|e| format!("cuTensorMapEncodeTiled: {e:?}"))
         };
-        let maps: [TensorMap; 3] = [
-            map(&call.q, device_addr(&call.q), p.seqlen_q, p.heads, spec.block_m() as u32)?,
-            map(&call.k, device_addr(&call.k), p.seqlen_k, p.kv_heads, spec.block_n as u32)?,
-            map(&call.v, device_addr(&call.v), p.seqlen_k, p.kv_heads, spec.block_n as u32)?,
-        ];
-        let func = match module.launchable(&spec.function(p.dtype)) {
-            Ok(f) => f,
-            Err(e) => return Ok(Err(e)),
-        };
-        let blocks = tiles.min(dev.caps.sm_count as usize).max(1) as u32;
-        Ok(launch_persistent(func, call, blocks, spec.warps * 32, spec.shared_bytes(), maps))
+        let maps = [map(&call.q, spec.block_m())?, map(&call.k, spec.block_n)?, map(&call.v, spec.block_n)?];
+        Ok((tiles.min(sm_count as usize).max(1) as u32, maps))
     }
 
     /// How the module was (or would be) loaded on the device, and which family runs, for
@@ -282,15 +278,18 @@ impl Backend for FlashBackend {
         let p = &call.problem;
         let mut spec = self.spec_for(&dev.caps, Some(&module), p);
         if spec.family == Family::HopperWs {
-            match self.launch_ws(&dev, &module, call, spec) {
-                Ok(launched) => return launched,
+            match Self::ws_launch_args(call, spec, dev.caps.sm_count) {
+                Ok((blocks, maps)) => {
+                    let func = module.launchable(&spec.function(p.dtype))?;
+                    return launch_persistent(func, call, blocks, spec.warps * 32, spec.shared_bytes(), maps);
+                }
                 Err(why) => {
                     log::debug!("flash: warp-specialised kernel not used ({why}); running the cp.async one");
-                    spec = self.cp_async_spec(Family::Hopper, &call.problem);
+                    spec = self.cp_async_spec(Family::Hopper, p);
                 }
             }
         }
-        let func = module.launchable(&spec.function(call.problem.dtype))?;
+        let func = module.launchable(&spec.function(p.dtype))?;
         launch_fused(func, call, spec.block_m(), spec.warps * 32, spec.shared_bytes())
     }
 }

@@ -13,12 +13,13 @@ use cudarc::driver::result;
 use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, Kernels};
+use super::params::{strides, window_arg};
 use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::DeviceCaps;
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::{Call, Operand};
+use crate::tensor::Call;
 
 /// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 152).
 #[repr(C)]
@@ -102,15 +103,8 @@ fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize) -> (usize, usize)
     (bh_chunk, rows)
 }
 
-/// A window side as the kernels take it: -1 for unlimited. Validation caps it at i32::MAX.
-use super::params::window_arg;
-
 fn dtype_suffix(d: DType) -> &'static str {
     d.name()
-}
-
-fn strides(o: &Operand) -> [i64; 3] {
-    o.layout.strides().map(|s| s as i64)
 }
 
 impl Backend for NaiveBackend {

@@ -56,7 +56,8 @@ pub(crate) fn window_arg(w: Option<usize>) -> i32 {
     w.map(|w| w.min(i32::MAX as usize) as i32).unwrap_or(-1)
 }
 
-fn strides(o: &Operand) -> [i64; 3] {
+/// A view's element strides of [batch, seq, head], as the kernels take them.
+pub(crate) fn strides(o: &Operand) -> [i64; 3] {
     o.layout.strides().map(|s| s as i64)
 }
 

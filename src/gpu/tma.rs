@@ -7,6 +7,7 @@ use cudarc::driver::sys::{
     CUtensorMapSwizzle,
 };
 
+use super::device::device_addr;
 use crate::dtype::DType;
 use crate::tensor::Operand;
 
@@ -20,19 +21,13 @@ pub(crate) struct TensorMap(pub sys::CUtensorMap);
 
 /// A descriptor for one [batch, seq, heads, head_dim] operand, read in boxes of `box_rows` rows
 /// × 64 columns of one (batch, head), stored 128-byte swizzled: the layout wgmma's descriptors
-/// expect. Rows past `seqlen` and columns past `head_dim` read as zeros.
+/// expect. Rows past the operand's seqlen and columns past its head_dim read as zeros.
 ///
 /// Fails (with the driver's code) where the copy engine cannot address the operand: a base or
-/// stride that is not a multiple of 16 bytes, or a stride of 2^40 bytes or more. The caller then
-/// runs a kernel that loads with cp.async instead.
-pub(crate) fn tile_map(
-    op: &Operand,
-    addr: u64,
-    dtype: DType,
-    shape: [usize; 4],
-    box_rows: u32,
-) -> Result<TensorMap, CUresult> {
-    let [batch, seqlen, heads, head_dim] = shape;
+/// stride that is not a multiple of 16 bytes, a stride of 2^40 bytes or more, or an empty
+/// dimension. The caller then runs a kernel that loads with cp.async instead.
+pub(crate) fn tile_map(op: &Operand, dtype: DType, box_rows: u32) -> Result<TensorMap, CUresult> {
+    let [batch, seqlen, heads, head_dim] = op.layout.shape();
     let data_type = match dtype {
         DType::BF16 => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         _ => CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
@@ -55,7 +50,7 @@ pub(crate) fn tile_map(
             &mut map.0,
             data_type,
             4,
-            addr as *mut std::ffi::c_void,
+            device_addr(op) as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
             boxes.as_ptr(),
