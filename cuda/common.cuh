@@ -15,12 +15,13 @@ struct NaiveParams {
     long long k_stride[3];
     long long v_stride[3];
     long long o_stride[3];
+    long long bh_start;  // first flattened (batch * heads + head) index in this chunk: batch·heads
+                         // may pass 2^31 (every dimension is below 2^31, their product is not)
     int heads;      // query heads per batch
     int kv_group;   // heads / kv_heads: query head h reads kv head h / kv_group
     int seqlen_q;
     int seqlen_k;
     int head_dim;
-    int bh_start;   // first flattened (batch * heads + head) index in this chunk
     int bh_count;   // (batch, head) pairs in this chunk
     int row_start;  // first query row of this chunk
     int row_count;  // query rows in this chunk
@@ -31,8 +32,8 @@ struct NaiveParams {
     float softcap;     // <= 0: off; else the scaled logit x becomes softcap * tanh(x / softcap)
 };
 // (NVRTC has no offsetof/__builtin_offsetof, so only the size is checked here:
-// heads is at byte 96, scale at 132, causal at 136, softcap at 148.)
-static_assert(sizeof(NaiveParams) == 152, "NaiveParams must be 152 bytes to match the Rust #[repr(C)] struct");
+// bh_start is at byte 96, heads at 104, scale at 136, causal at 140, softcap at 152.)
+static_assert(sizeof(NaiveParams) == 160, "NaiveParams must be 160 bytes to match the Rust #[repr(C)] struct");
 
 #define ATTN_FULL_MASK 0xffffffffu
 #define ATTN_WARP_SIZE 32
@@ -108,10 +109,22 @@ __device__ __forceinline__ void attn_store(typename D::storage* p, long long i, 
 // ---------------------------------------------------------------------------
 // Warp reductions (all 32 lanes must participate).
 // ---------------------------------------------------------------------------
+// The row maximum of the online softmax propagates NaN (fmaxf drops it), so a NaN in a row's
+// inputs gives a NaN row, as PyTorch does, instead of a row that looks fully masked.
+__device__ __forceinline__ float attn_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return (a != a || b != b) ? a + b : fmaxf(a, b);
+#endif
+}
+
 __device__ __forceinline__ float attn_warp_max(float x) {
 #pragma unroll
     for (int o = ATTN_WARP_SIZE / 2; o > 0; o >>= 1) {
-        x = fmaxf(x, __shfl_xor_sync(ATTN_FULL_MASK, x, o));
+        x = attn_max(x, __shfl_xor_sync(ATTN_FULL_MASK, x, o));
     }
     return x;
 }

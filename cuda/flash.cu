@@ -162,9 +162,9 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
             for (int r = 0; r < 2; ++r) {
                 float mx = row_max[t][r];
 #pragma unroll
-                for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[t][i][2 * r], s[t][i][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                for (int i = 0; i < BN / 8; ++i) mx = attn_max(mx, attn_max(s[t][i][2 * r], s[t][i][2 * r + 1]));
+                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
                 // exp2(-inf - base) = 0 instead of NaN.
                 const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;

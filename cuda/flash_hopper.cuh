@@ -145,9 +145,9 @@ __device__ __forceinline__ void hop_softmax(float (&s)[BN / 2], float (&row_max)
     for (int r = 0; r < 2; ++r) {
         float mx = row_max[r];
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * r], s[i * 4 + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        for (int i = 0; i < BN / 8; ++i) mx = attn_max(mx, attn_max(s[i * 4 + 2 * r], s[i * 4 + 2 * r + 1]));
+        mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float base_r = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
         rescale[r] = attn_exp2(row_max[r] * scale_log2 - base_r);
         row_max[r] = mx;

@@ -302,9 +302,9 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
             for (int r = 0; r < 2; ++r) {
                 float mx = row_max[t][r];
 #pragma unroll
-                for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[t][i][2 * r], s[t][i][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                for (int i = 0; i < BN / 8; ++i) mx = attn_max(mx, attn_max(s[t][i][2 * r], s[t][i][2 * r + 1]));
+                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
                 // exp2(-inf - base) = 0 instead of NaN.
                 const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
@@ -395,7 +395,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                     }
                 }
                 if (p.lse != nullptr && wd == 0 && (lane & 3) == 0) {
-                    const float lse = sum > 0.f ? row_max[t][r] * logit_scale + __logf(sum) : attn_neg_inf();
+                    const float lse = sum == 0.f ? attn_neg_inf() : row_max[t][r] * logit_scale + __logf(sum);
                     p.lse[seq.lse + row] = lse;
                 }
             }
@@ -475,7 +475,7 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
             if (capped) dot = p.softcap * tanhf(dot * pre);
             if (attn_masked(p, row, n0 + j, diag, sk)) dot = attn_neg_inf();
             s[j] = dot;
-            mx = fmaxf(mx, dot);
+            mx = attn_max(mx, dot);
         }
         // A row that has seen only masked keys keeps max -inf: base 0 avoids -inf - -inf.
         const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
@@ -502,7 +502,7 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
             if (c < hd) orow[c] = acc[e] * inv;
         }
         if (p.lse != nullptr && g == 0) {
-            p.lse[seq.lse + row] = row_sum > 0.f ? row_max * logit_scale + logf(row_sum) : attn_neg_inf();
+            p.lse[seq.lse + row] = row_sum == 0.f ? attn_neg_inf() : row_max * logit_scale + logf(row_sum);
         }
     }
 }

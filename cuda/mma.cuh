@@ -111,7 +111,7 @@ __device__ __forceinline__ void attn_store_rows(const AttnParams& p, const AttnS
                 }
             }
             if (p.lse != nullptr && (lane & 3) == 0) {
-                p.lse[seq.lse + row] = sum > 0.f ? row_max[r] * logit_scale + __logf(sum) : attn_neg_inf();
+                p.lse[seq.lse + row] = sum == 0.f ? attn_neg_inf() : row_max[r] * logit_scale + __logf(sum);
             }
         }
     }

@@ -17,17 +17,17 @@
 
 // The (batch, head) pair of this block: blockIdx.z indexes the chunk's pairs.
 struct NaiveHead {
-    int zb;  // chunk-relative pair index (workspace slab)
-    int b;
+    int zb;       // chunk-relative pair index (workspace slab)
+    long long b;  // batch·heads may pass 2^31, so the batch is computed in 64 bits
     int h;
     int hk;  // kv head
 };
 __device__ __forceinline__ NaiveHead naive_head(const NaiveParams& p) {
     NaiveHead n;
     n.zb = blockIdx.z;
-    const int bh = p.bh_start + n.zb;
+    const long long bh = p.bh_start + n.zb;
     n.b = bh / p.heads;
-    n.h = bh % p.heads;
+    n.h = (int)(bh % p.heads);
     n.hk = n.h / p.kv_group;
     return n;
 }
@@ -58,7 +58,8 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
     const int ty = threadIdx.y;
     if ((int)blockIdx.z >= p.bh_count) return;
     const NaiveHead nh = naive_head(p);
-    const int zb = nh.zb, b = nh.b, h = nh.h, hk = nh.hk;
+    const int zb = nh.zb, h = nh.h, hk = nh.hk;
+    const long long b = nh.b;
 
     const int r0 = blockIdx.y * NAIVE_TILE;  // first chunk-relative row of this tile
     const int j0 = blockIdx.x * NAIVE_TILE;  // first key of this tile
@@ -128,7 +129,7 @@ attn_naive_softmax(NaiveParams p, float* __restrict__ s, float* __restrict__ lse
 
     const float neg_inf = attn_neg_inf();
     float m = neg_inf;
-    for (int j = lane; j < n; j += ATTN_WARP_SIZE) m = fmaxf(m, srow[j]);
+    for (int j = lane; j < n; j += ATTN_WARP_SIZE) m = attn_max(m, srow[j]);
     m = attn_warp_max(m);
 
     if (m == neg_inf) {
@@ -164,7 +165,8 @@ __device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __re
     const int ty = threadIdx.y;
     if ((int)blockIdx.z >= p.bh_count) return;
     const NaiveHead nh = naive_head(p);
-    const int zb = nh.zb, b = nh.b, h = nh.h, hk = nh.hk;
+    const int zb = nh.zb, h = nh.h, hk = nh.hk;
+    const long long b = nh.b;
 
     const int r0 = blockIdx.y * NAIVE_TILE;
     const int d0 = blockIdx.x * NAIVE_TILE;

@@ -81,15 +81,22 @@ impl Layout {
         b * self.strides[0] + s * self.strides[1] + h * self.strides[2]
     }
 
-    /// Number of elements the logical tensor has.
+    /// Number of elements the logical tensor has, saturating at `usize::MAX` (no buffer can
+    /// hold that many, so a saturated count is always rejected when the tensor is used). Use
+    /// [`Layout::checked_numel`] to tell an overflow apart.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.checked_numel().unwrap_or(usize::MAX)
     }
 
-    /// One past the largest element offset the layout touches, or `None` on overflow.
-    /// Zero for an empty tensor.
+    /// Number of elements, or `None` when the product of the dimensions overflows `usize`.
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+
+    /// One past the largest element offset the layout touches, or `None` on overflow (of the
+    /// element count or of an offset). Zero for an empty tensor.
     pub fn span(&self) -> Option<usize> {
-        if self.numel() == 0 {
+        if self.checked_numel()? == 0 {
             return Some(0);
         }
         let mut last = self.shape[3] - 1;
@@ -99,27 +106,70 @@ impl Layout {
         last.checked_add(1)
     }
 
+    /// The same elements with the stride of every size-1 dimension set to 0. A size-1
+    /// dimension's stride never moves an index, so this changes no address; it keeps an
+    /// arbitrary (say `usize::MAX`) stride there out of every later stride computation.
+    pub(crate) fn canonical(&self) -> Layout {
+        let mut strides = self.strides;
+        for (s, &n) in strides.iter_mut().zip(&self.shape) {
+            if n == 1 {
+                *s = 0;
+            }
+        }
+        Layout { shape: self.shape, strides }
+    }
+
     /// Whether two different logical elements share a memory location.
     ///
-    /// Dimensions of size 1 are ignored (their stride is never used). The remaining dimensions,
-    /// taken from the smallest stride up, must each step over everything the dimensions inside
-    /// them cover; that is the usual sufficient test, and it accepts every permutation of a
-    /// dense layout and every padded one.
+    /// Dimensions of size 1 are ignored (their stride is never used). First the usual sufficient
+    /// test: the remaining dimensions, taken from the smallest stride up, each step over
+    /// everything the dimensions inside them cover; that accepts every permutation of a dense
+    /// layout and every padded one. Layouts it cannot decide (interleaved ones, where a
+    /// dimension's stride falls inside another's extent) are decided exactly by sorting the
+    /// start of every head_dim row when there are at most [`Layout::EXACT_OVERLAP_ROWS`] rows;
+    /// larger ones count as overlapping.
     pub fn overlaps(&self) -> bool {
+        match (self.checked_numel(), self.span()) {
+            (Some(0), _) => return false, // no elements, so no two share memory
+            (None, _) | (_, None) => return true, // offsets overflow: nothing is addressable
+            _ => {}
+        }
         let mut dims: Vec<(usize, usize)> = (0..3)
             .filter(|&i| self.shape[i] > 1)
             .map(|i| (self.strides[i], self.shape[i]))
             .collect();
         dims.sort_unstable();
         let mut covered = self.shape[3]; // head_dim is contiguous
-        for (stride, size) in dims {
+        let mut nested = true;
+        for &(stride, size) in &dims {
             if stride < covered {
-                return true;
+                nested = false;
+                break;
             }
             covered = stride.saturating_mul(size - 1).saturating_add(covered);
         }
-        false
+        if nested {
+            return false;
+        }
+        let rows = self.shape[0] * self.shape[1] * self.shape[2]; // no overflow: numel fits
+        if rows > Self::EXACT_OVERLAP_ROWS || dims.iter().any(|&(stride, _)| stride == 0) {
+            return true;
+        }
+        let mut starts = Vec::with_capacity(rows);
+        for b in 0..self.shape[0] {
+            for s in 0..self.shape[1] {
+                for h in 0..self.shape[2] {
+                    starts.push(self.offset(b, s, h));
+                }
+            }
+        }
+        starts.sort_unstable();
+        starts.windows(2).any(|w| w[1] - w[0] < self.shape[3])
     }
+
+    /// The most `batch · seqlen · heads` rows [`Layout::overlaps`] checks one by one when the
+    /// layout is not nested (the check sorts that many offsets).
+    pub const EXACT_OVERLAP_ROWS: usize = 1 << 20;
 }
 
 #[cfg(test)]
@@ -139,5 +189,29 @@ mod tests {
         // padded rows are fine.
         assert!(!Layout::strided([2, 3, 1, 8], [100, 10, 0]).overlaps());
         assert_eq!(Layout::contiguous(0, 3, 4, 5).span(), Some(0));
+    }
+
+    #[test]
+    fn element_count_overflow_is_detected() {
+        let l = Layout::contiguous(1 << 16, 1 << 16, 1 << 16, 1 << 16);
+        assert_eq!(l.checked_numel(), None);
+        assert_eq!(l.numel(), usize::MAX);
+        assert_eq!(l.span(), None, "a wrapped element count must not read as an empty tensor");
+        // A huge stride of a size-1 dimension moves nothing.
+        let l = Layout::strided([1, 4, 2, 8], [usize::MAX, 16, 8]);
+        assert_eq!(l.span(), Some(64));
+        assert_eq!(l.canonical().strides(), [0, 16, 8]);
+        assert!(!l.overlaps());
+    }
+
+    #[test]
+    fn interleaved_layouts_are_decided_exactly() {
+        // head_dim 1, seq stride 3 over 2 rows, head stride 2 over 3 heads: offsets
+        // {0, 2, 4, 3, 5, 7} are distinct although the strides are not nested.
+        assert!(!Layout::strided([1, 2, 3, 1], [0, 3, 2]).overlaps());
+        // The same with head_dim 2 puts rows 0..2 and 2..4 next to 3..5: overlap.
+        assert!(Layout::strided([1, 2, 3, 2], [0, 3, 2]).overlaps());
+        // A zero stride on a dimension of size > 1 always repeats elements.
+        assert!(Layout::strided([2, 3, 1, 8], [0, 8, 0]).overlaps());
     }
 }

@@ -1,6 +1,13 @@
 //! Per-call options: one value with defaults, so later features (varlen, sliding window,
 //! softcap, paged KV) are new fields, never new function names or positional arguments.
 
+/// The largest softmax scale accepted (scales run from 0 to this). Scaled logits of f16 inputs
+/// (|x| ≤ 65504, head_dim ≤ 2^16) stay finite in f32 below it, and no model uses a scale
+/// anywhere near it; a larger one only turns logits into ±inf, whose softmax is undefined.
+/// Negative scales are rejected too: the GPU kernels take each row's maximum before scaling,
+/// which is only the maximum after scaling for a non-negative scale.
+pub const MAX_SOFTMAX_SCALE: f32 = 1.0e6;
+
 /// Options of one attention call. Start from [`Options::default`] and set what you need:
 ///
 /// ```
@@ -20,7 +27,9 @@
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Options {
-    /// Softmax scale; `None` means `1/sqrt(head_dim)`.
+    /// Softmax scale; `None` means `1/sqrt(head_dim)`. Every value from 0 to
+    /// [`MAX_SOFTMAX_SCALE`] gives the mathematically right answer; others are rejected. A NaN
+    /// in the inputs a row reads gives NaN in that row (and its lse), as in PyTorch.
     pub softmax_scale: Option<f32>,
     /// Causal mask, aligned bottom-right (see the type's documentation).
     pub causal: bool,

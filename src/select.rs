@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::backend::{Backend, BackendKind, Reason, ReasonScope, RunError};
 use crate::caps::DeviceCaps;
@@ -182,7 +183,8 @@ impl Selector {
                 caps,
                 no_device,
                 chain,
-                unusable: Mutex::new(HashMap::new()),
+                unusable: RwLock::new(HashMap::new()),
+                warned: RwLock::new(HashSet::new()),
                 announced: Mutex::new(Vec::new()),
             }),
         })
@@ -209,8 +211,11 @@ struct Inner {
     host_caps: DeviceCaps,
     no_device: Option<String>,
     chain: Vec<Box<dyn Backend>>,
-    /// Backends that failed at run time on this device, with the reason.
-    unusable: Mutex<HashMap<BackendKind, Reason>>,
+    /// Backends that failed at run time on this device, per kernel class, with the reason.
+    unusable: RwLock<HashMap<(BackendKind, KernelClass), Reason>>,
+    /// Fallbacks already logged by this handle: (backend, reason kinds). Read on every call
+    /// that falls back, so a read lock, and the global once-per-process log only on first sight.
+    warned: RwLock<HashSet<FallbackKey>>,
     /// Backends already announced at info level.
     announced: Mutex<Vec<BackendKind>>,
 }
@@ -322,7 +327,7 @@ impl Attention {
             return vec![Reason::Disabled { by }];
         }
         let mut reasons = Vec::new();
-        if let Some(r) = inner.unusable.lock().unwrap_or_else(|e| e.into_inner()).get(&kind) {
+        if let Some(r) = inner.unusable.read().unwrap_or_else(|e| e.into_inner()).get(&(kind, KernelClass::of(problem))) {
             reasons.push(r.clone());
         }
         match (&inner.caps, kind.is_gpu()) {
@@ -390,16 +395,35 @@ impl Attention {
                 return Err(Error::StrictFallback { chosen, passed_over: fallbacks });
             }
             for r in &fallbacks {
-                warn_once(format!(
-                    "attention: `{}` passed over on {} for {}, falling back to `{chosen}`: {}",
-                    r.backend,
-                    self.device_summary(),
-                    e.problem,
-                    r.reasons.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; ")
-                ));
+                self.warn_fallback(r, chosen, &e.problem);
             }
         }
         Ok(chosen)
+    }
+
+    /// Logs a fallback once per (backend, kinds of reason, device): a server whose lengths vary
+    /// logs each cause once, not once per shape.
+    fn warn_fallback(&self, r: &Rejection, chosen: BackendKind, problem: &Problem) {
+        let key = FallbackKey::of(r);
+        if self.inner.warned.read().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+            return;
+        }
+        if !self.inner.warned.write().unwrap_or_else(|e| e.into_inner()).insert(key.clone()) {
+            return;
+        }
+        let device = self.device_summary();
+        device::log_once_keyed(
+            log::Level::Warn,
+            format!("fallback {} {:?} on {device}", r.backend, key.kinds),
+            || {
+                format!(
+                    "attention: `{}` passed over on {device} for {problem}, falling back to `{chosen}`: {} \
+                     (logged once per backend and reason)",
+                    r.backend,
+                    r.reasons.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; ")
+                )
+            },
+        );
     }
 
     fn announce(&self, kind: BackendKind) {
@@ -519,18 +543,71 @@ impl Attention {
                 }
                 Err(RunError::Fatal(err)) => return Err(err),
                 Err(RunError::Recoverable(reason)) => {
+                    let class = KernelClass::of(&call.problem);
                     warn_once(format!(
-                        "attention: `{kind}` failed on {} and is taken out of the chain: {reason}",
+                        "attention: `{kind}` failed on {} and is taken out of the chain for {class}: {reason}",
                         self.device_summary()
                     ));
                     self.inner
                         .unusable
-                        .lock()
+                        .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(kind, Reason::Unusable { why: reason.to_string() });
+                        .insert((kind, class), Reason::Unusable { why: reason.to_string() });
                 }
             }
         }
+    }
+}
+
+/// What a run-time failure of a backend is scoped to: the properties of a problem that choose
+/// its kernel. A launch that failed for one class says nothing about another (a different
+/// head_dim runs a different kernel), so only the class that failed is taken out of the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct KernelClass {
+    dtype: crate::dtype::DType,
+    head_dim: usize,
+    varlen: bool,
+    masked: bool,
+    softcap: bool,
+    vector_aligned: bool,
+}
+
+impl KernelClass {
+    fn of(p: &Problem) -> Self {
+        KernelClass {
+            dtype: p.dtype,
+            head_dim: p.head_dim,
+            varlen: p.varlen,
+            masked: p.causal || p.window != (None, None),
+            softcap: p.softcap.is_some(),
+            vector_aligned: p.vector_aligned,
+        }
+    }
+}
+
+impl fmt::Display for KernelClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} head_dim {}", self.dtype.name(), self.head_dim)?;
+        for (on, what) in [(self.varlen, "varlen"), (self.masked, "masked"), (self.softcap, "softcap"), (!self.vector_aligned, "unaligned")] {
+            if on {
+                write!(f, " {what}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What makes two fallbacks the same for logging: the backend and the kinds of its reasons
+/// (not their values, which name shapes).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FallbackKey {
+    backend: BackendKind,
+    kinds: Vec<std::mem::Discriminant<Reason>>,
+}
+
+impl FallbackKey {
+    fn of(r: &Rejection) -> Self {
+        FallbackKey { backend: r.backend, kinds: r.reasons.iter().map(std::mem::discriminant).collect() }
     }
 }
 
@@ -586,7 +663,8 @@ mod tests {
                 host_caps: DeviceCaps::simulated(SimulatedGpu::H100),
                 no_device: None,
                 chain: vec![Box::new(first), Box::new(CpuBackend::new(2))],
-                unusable: Mutex::new(HashMap::new()),
+                unusable: RwLock::new(HashMap::new()),
+                warned: RwLock::new(HashSet::new()),
                 announced: Mutex::new(Vec::new()),
             }),
         }
@@ -625,6 +703,30 @@ mod tests {
         // Marked once: the next call does not try it again.
         run(&attn).0.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Only for what failed: another head_dim runs another kernel and is still tried.
+        let other = Problem::new(crate::DType::F32, 1, 4, 4, 2, 2, 16).on_host();
+        assert!(attn.reasons(BackendKind::Naive, &other).is_empty());
+        let bf16 = Problem::new(crate::DType::BF16, 1, 4, 4, 2, 2, 8).on_host();
+        assert!(attn.reasons(BackendKind::Naive, &bf16).is_empty());
+    }
+
+    #[test]
+    fn fallbacks_are_logged_once_per_backend_and_reason_kind_not_per_shape() {
+        let attn = handle(
+            Scripted { reasons: vec![Reason::HeadDim { max: 4, found: 8 }], fail: || unreachable!(), calls: Arc::new(AtomicUsize::new(0)) },
+            false,
+        );
+        let rej = |reasons| Rejection { backend: BackendKind::Naive, reasons };
+        let (a, b) = (rej(vec![Reason::HeadDim { max: 4, found: 8 }]), rej(vec![Reason::HeadDim { max: 4, found: 96 }]));
+        assert_eq!(FallbackKey::of(&a), FallbackKey::of(&b));
+        assert_ne!(FallbackKey::of(&a), FallbackKey::of(&rej(vec![Reason::Unaligned])));
+        // Many shapes, one cause: one entry, however many calls.
+        for n in 1..50 {
+            let p = Problem::new(crate::DType::F32, 1, n, n, 2, 2, 8).on_host();
+            attn.warn_fallback(&a, BackendKind::Cpu, &p);
+        }
+        run(&attn).0.unwrap();
+        assert_eq!(attn.inner.warned.read().unwrap().len(), 1);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! through an `unsafe` constructor, raw device pointers from candle, PyTorch or elsewhere).
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
-use cudarc::driver::{sys::CUstream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{result, sys::CUstream, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use crate::dtype::Element;
 use crate::error::Error;
@@ -13,57 +14,31 @@ use crate::layout::Layout;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
 
-/// Device memory borrowed for the duration of a view.
-struct DeviceRef<'a> {
+/// Device memory owned elsewhere (candle, PyTorch): a pointer, a length, and for outputs the
+/// stream to write on. Nothing orders it; the caller's `unsafe` contract does.
+#[derive(Clone, Copy)]
+struct RawDevice {
     ptr: u64,
     len: usize,
-    ordinal: Option<usize>,
     stream: CUstream,
-    /// cudarc's stream-ordering guard: held until the view drops, so the read/write events it
-    /// records cover the kernels launched while the view was alive.
-    _guard: Option<SyncOnDrop<'a>>,
 }
 
-impl<'a> DeviceRef<'a> {
-    /// A cudarc slice as an input: its read event is recorded until the view drops.
-    fn reading<T, S: DevicePtr<T>>(slice: &'a S) -> Self {
-        let stream = slice.stream();
-        let (ptr, guard) = slice.device_ptr(stream);
-        DeviceRef {
-            ptr,
-            len: slice.len(),
-            ordinal: Some(stream.context().ordinal()),
-            stream: stream.cu_stream(),
-            _guard: Some(guard),
-        }
-    }
-
-    /// Device memory owned elsewhere: no ordinal known (the range check finds it), no guard.
-    fn raw(ptr: u64, len: usize, stream: CUstream) -> Self {
-        DeviceRef { ptr, len, ordinal: None, stream, _guard: None }
-    }
+/// Where a read-only view's elements live.
+enum InMem<'a, T> {
+    Host(&'a [T]),
+    Raw(RawDevice),
+    /// A cudarc slice, kept as the slice (not a pointer) so the call can order it on the stream
+    /// the kernels actually run on, which is only known once the output is seen.
+    Cuda(&'a dyn DevicePtr<T>),
 }
 
-/// A cudarc slice as an output: kernels run on the slice's own stream.
-fn writable<'a, T, S: DevicePtrMut<T>>(slice: &'a mut S) -> DeviceRef<'a> {
-    let len = slice.len();
-    let stream = slice.stream().clone();
-    let (ptr, guard) = slice.device_ptr_mut(&stream);
-    // cudarc ties the write guard to a borrow of the stream handle cloned here, which cannot
-    // outlive this function; the kernels are ordered on that same stream, so dropping the
-    // guard (it records a write event in multi-stream mode) is all that is lost.
-    drop(guard);
-    DeviceRef { ptr, len, ordinal: Some(stream.context().ordinal()), stream: stream.cu_stream(), _guard: None }
-}
-
-enum InMem<'a> {
-    Host(&'a [u8]),
-    Device(DeviceRef<'a>),
-}
-
-enum OutMem<'a> {
-    Host(&'a mut [u8]),
-    Device(DeviceRef<'a>),
+/// Where an output view's elements live.
+enum OutMem<'a, T> {
+    Host(&'a mut [T]),
+    Raw(RawDevice),
+    /// A cudarc slice and its stream, which becomes the launch stream (for the output) or is
+    /// waited on there (for the lse).
+    Cuda { slice: &'a mut dyn DevicePtrMut<T>, stream: Arc<CudaStream> },
 }
 
 /// A read-only input (q, k or v): `[batch, seqlen, heads, head_dim]` elements of `T`.
@@ -75,39 +50,34 @@ enum OutMem<'a> {
 /// assert_eq!(q.layout().heads(), 2);
 /// ```
 pub struct Tensor<'a, T: Element> {
-    mem: InMem<'a>,
+    mem: InMem<'a, T>,
     layout: Layout,
-    _t: PhantomData<&'a [T]>,
 }
 
 /// The output: `[batch, seqlen_q, heads, head_dim]` elements of `T`, fully written by a
 /// successful call and left untouched by a failed one.
 pub struct TensorMut<'a, T: Element> {
-    mem: OutMem<'a>,
+    mem: OutMem<'a, T>,
     layout: Layout,
-    _t: PhantomData<&'a mut [T]>,
 }
 
 /// The optional log-sum-exp output: f32, contiguous `[batch, heads, seqlen_q]`, natural log,
 /// `-inf` for rows that see no key.
 pub struct LseMut<'a> {
-    mem: OutMem<'a>,
+    mem: OutMem<'a, f32>,
 }
 
 impl<'a, T: Element> Tensor<'a, T> {
     /// A view of host memory.
     pub fn host(data: &'a [T], layout: Layout) -> Self {
-        Tensor {
-            mem: InMem::Host(bytemuck::cast_slice(data)),
-            layout,
-            _t: PhantomData,
-        }
+        Tensor { mem: InMem::Host(data), layout }
     }
 
-    /// A view of a cudarc device slice (`CudaSlice`, `CudaView`). Work is ordered on the
-    /// slice's stream through cudarc's events while the view is alive.
+    /// A view of a cudarc device slice (`CudaSlice`, `CudaView`). With cudarc's multi-stream
+    /// event tracking, the kernels' stream (the output's) waits for the slice's pending writes
+    /// and the read is recorded there after the launch, whatever stream the slice belongs to.
     pub fn cuda<S: DevicePtr<T>>(slice: &'a S, layout: Layout) -> Self {
-        Tensor { mem: InMem::Device(DeviceRef::reading(slice)), layout, _t: PhantomData }
+        Tensor { mem: InMem::Cuda(slice), layout }
     }
 
     /// A view of device memory owned elsewhere (candle, PyTorch's `data_ptr()`, ...).
@@ -117,7 +87,7 @@ impl<'a, T: Element> Tensor<'a, T> {
     /// CUDA context's device (the primary context, which PyTorch and cudarc share), readable
     /// on the stream the output runs on, and stay valid until the work launched on it completes.
     pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout) -> Self {
-        Tensor { mem: InMem::Device(DeviceRef::raw(ptr, len, std::ptr::null_mut())), layout, _t: PhantomData }
+        Tensor { mem: InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }), layout }
     }
 
     /// The view's layout.
@@ -129,16 +99,15 @@ impl<'a, T: Element> Tensor<'a, T> {
 impl<'a, T: Element> TensorMut<'a, T> {
     /// A view of host memory to write.
     pub fn host(data: &'a mut [T], layout: Layout) -> Self {
-        TensorMut {
-            mem: OutMem::Host(bytemuck::cast_slice_mut(data)),
-            layout,
-            _t: PhantomData,
-        }
+        TensorMut { mem: OutMem::Host(data), layout }
     }
 
-    /// A view of a cudarc device slice to write. The kernels run on this slice's stream.
+    /// A view of a cudarc device slice to write. The kernels run on this slice's stream; with
+    /// cudarc's event tracking they wait there for the slice's pending reads and writes, and
+    /// the write is recorded after the launch, so a consumer on another stream waits for it.
     pub fn cuda<S: DevicePtrMut<T>>(slice: &'a mut S, layout: Layout) -> Self {
-        TensorMut { mem: OutMem::Device(writable(slice)), layout, _t: PhantomData }
+        let stream = slice.stream().clone();
+        TensorMut { mem: OutMem::Cuda { slice, stream }, layout }
     }
 
     /// A view of device memory owned elsewhere, written on `stream` (null: the legacy default
@@ -148,7 +117,7 @@ impl<'a, T: Element> TensorMut<'a, T> {
     /// As [`Tensor::from_raw_device`], writable, and `stream` must be a live stream of the
     /// current context (or null).
     pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout, stream: CUstream) -> Self {
-        TensorMut { mem: OutMem::Device(DeviceRef::raw(ptr, len, stream)), layout, _t: PhantomData }
+        TensorMut { mem: OutMem::Raw(RawDevice { ptr, len, stream }), layout }
     }
 
     /// The view's layout.
@@ -160,14 +129,14 @@ impl<'a, T: Element> TensorMut<'a, T> {
 impl<'a> LseMut<'a> {
     /// Host memory for the log-sum-exp, `batch * heads * seqlen_q` floats.
     pub fn host(data: &'a mut [f32]) -> Self {
-        LseMut {
-            mem: OutMem::Host(bytemuck::cast_slice_mut(data)),
-        }
+        LseMut { mem: OutMem::Host(data) }
     }
 
-    /// A cudarc device slice for the log-sum-exp.
+    /// A cudarc device slice for the log-sum-exp, ordered on the output's stream like the
+    /// output itself.
     pub fn cuda<S: DevicePtrMut<f32>>(slice: &'a mut S) -> Self {
-        LseMut { mem: OutMem::Device(writable(slice)) }
+        let stream = slice.stream().clone();
+        LseMut { mem: OutMem::Cuda { slice, stream } }
     }
 
     /// Device memory owned elsewhere.
@@ -175,32 +144,175 @@ impl<'a> LseMut<'a> {
     /// # Safety
     /// As [`TensorMut::from_raw_device`], for `len` f32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
-        LseMut { mem: OutMem::Device(DeviceRef::raw(ptr, len, std::ptr::null_mut())) }
+        LseMut { mem: OutMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }) }
     }
+}
+
+/// The address, length in elements and memory of a view, read without ordering anything.
+fn peek_in<T>(mem: &InMem<'_, T>) -> (Addr, usize, MemoryKind) {
+    match mem {
+        InMem::Host(b) => (Addr::Host(b.as_ptr() as *const u8), b.len(), MemoryKind::Host),
+        InMem::Raw(r) => (Addr::Device(r.ptr), r.len, MemoryKind::Device { ordinal: usize::MAX }),
+        InMem::Cuda(slice) => {
+            let stream = slice.stream();
+            // The pointer comes with a guard; dropping it at once, on the slice's own stream,
+            // orders nothing new. The call orders the slice on the launch stream once valid.
+            let (ptr, _guard) = slice.device_ptr(stream);
+            (Addr::Device(ptr), slice.len(), MemoryKind::Device { ordinal: stream.context().ordinal() })
+        }
+    }
+}
+
+fn peek_out<T>(mem: &mut OutMem<'_, T>) -> (Addr, usize, MemoryKind) {
+    match mem {
+        OutMem::Host(b) => (Addr::Host(b.as_mut_ptr() as *const u8), b.len(), MemoryKind::Host),
+        OutMem::Raw(r) => (Addr::Device(r.ptr), r.len, MemoryKind::Device { ordinal: usize::MAX }),
+        OutMem::Cuda { slice, stream } => {
+            let len = slice.len();
+            let (ptr, _guard) = slice.device_ptr_mut(stream);
+            (Addr::Device(ptr), len, MemoryKind::Device { ordinal: stream.context().ordinal() })
+        }
+    }
+}
+
+/// Orders a valid call's cudarc operands on the stream its kernels run on, for as long as the
+/// call lives: the launch stream waits for each input's pending writes (and the outputs'
+/// pending reads and writes) before the kernels, and the reads and writes are recorded after
+/// them, when the call drops.
+///
+/// With a cudarc output, cudarc does both through its per-slice events on the output's stream.
+/// With a raw output stream, which cudarc cannot wrap, each cudarc operand's own stream is
+/// joined both ways with plain events: the launch stream waits for it before, and it waits for
+/// the launch stream after (so the read cudarc records there covers the kernels).
+pub(crate) struct StreamOrder<'c> {
+    /// Streams to make wait for the launch stream before their guards record.
+    joins: Vec<&'c CudaStream>,
+    /// The raw launch stream the joins wait for.
+    launch: CUstream,
+    /// cudarc's guards: each records its read or write event when dropped, after `drop` ran.
+    _guards: Vec<SyncOnDrop<'c>>,
+}
+
+impl StreamOrder<'_> {
+    fn none() -> Self {
+        StreamOrder { joins: Vec::new(), launch: std::ptr::null_mut(), _guards: Vec::new() }
+    }
+}
+
+impl Drop for StreamOrder<'_> {
+    fn drop(&mut self) {
+        if self.joins.is_empty() {
+            return;
+        }
+        // Errors here can only come from a broken context, which the next driver call reports;
+        // a drop cannot return them.
+        let done = (|| -> Result<(), result::DriverError> {
+            self.joins[0].context().bind_to_thread()?;
+            let event = result::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
+            // SAFETY: a live event and streams of the bound context; the event is destroyed
+            // after the waits are enqueued, which CUDA allows (it is released when they finish).
+            unsafe {
+                let mut r = result::event::record(event, self.launch);
+                for s in &self.joins {
+                    if r.is_ok() {
+                        r = result::stream::wait_event(s.cu_stream(), event, cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT);
+                    }
+                }
+                let _ = result::event::destroy(event);
+                r
+            }
+        })();
+        if let Err(e) = done {
+            log::warn!("attention: could not order an input's stream after the kernels: {e}");
+        }
+    }
+}
+
+/// Builds the ordering of a valid call (see [`StreamOrder`]). `launch` is the output's cudarc
+/// stream, or `raw_launch` when the output is raw memory.
+fn order_on_launch_stream<'c, T: Element>(
+    inputs: [&'c InMem<'_, T>; 3],
+    seqlens: [Option<&'c InMem<'_, i32>>; 2],
+    out: &'c mut OutMem<'_, T>,
+    lse: Option<&'c mut OutMem<'_, f32>>,
+    raw_launch: CUstream,
+) -> Result<StreamOrder<'c>, Error> {
+    let mut order = StreamOrder::none();
+    order.launch = raw_launch;
+    let (out_slice, launch): (Option<&'c mut dyn DevicePtrMut<T>>, Option<&'c CudaStream>) = match out {
+        OutMem::Cuda { slice, stream } => (Some(&mut **slice), Some(&**stream)),
+        _ => (None, None),
+    };
+    let mut read = |ptr: Option<(&'c CudaStream, SyncOnDrop<'c>)>| -> Result<(), Error> {
+        if let Some((own, guard)) = ptr {
+            order._guards.push(guard);
+            if launch.is_none() && own.cu_stream() != raw_launch {
+                join_before(own, raw_launch)?;
+                order.joins.push(own);
+            }
+        }
+        Ok(())
+    };
+    for m in inputs {
+        if let InMem::Cuda(slice) = m {
+            let on = launch.unwrap_or(slice.stream());
+            read(Some((slice.stream(), slice.device_ptr(on).1)))?;
+        }
+    }
+    for m in seqlens.into_iter().flatten() {
+        if let InMem::Cuda(slice) = m {
+            let on = launch.unwrap_or(slice.stream());
+            read(Some((slice.stream(), slice.device_ptr(on).1)))?;
+        }
+    }
+    if let Some(OutMem::Cuda { slice, stream }) = lse {
+        let on: &'c CudaStream = launch.unwrap_or(stream);
+        let guard = slice.device_ptr_mut(on).1;
+        read(Some((stream, guard)))?;
+    }
+    if let (Some(slice), Some(stream)) = (out_slice, launch) {
+        // The launch stream is this one: cudarc orders it and records the write on drop.
+        order._guards.push(slice.device_ptr_mut(stream).1);
+    }
+    Ok(order)
+}
+
+/// Makes `launch` wait for everything enqueued on `own` so far.
+fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Error> {
+    let cuda = |op: &'static str| move |e: result::DriverError| crate::gpu::device::cuda_error(op, e.0);
+    let event = own.record_event(None).map_err(cuda("cuEventRecord"))?;
+    // SAFETY: a live event of the stream's context and a stream the caller vouched for; the
+    // event may be destroyed (when `event` drops) once the wait is enqueued.
+    unsafe {
+        result::stream::wait_event(launch, event.cu_event(), cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+    }
+    .map_err(cuda("cuStreamWaitEvent"))
 }
 
 /// The sequence boundaries of a packed variable-length batch: `batch + 1` int32 prefix sums
 /// (`cu_seqlens` in FlashAttention's varlen API and vLLM). Sequence `b` is rows
 /// `cu[b]..cu[b + 1]` of the packed tensor.
 ///
-/// Host prefix sums are checked in full before anything runs. Device prefix sums are not read
-/// on the host (that would synchronise the stream and break CUDA-graph capture): the kernels
-/// clamp every entry to the tensors and every length to the stated maximum, so malformed ones
-/// give wrong rows, never an access outside the caller's buffers. Validate them on the host
-/// with [`SeqLens::check_host`] when unsure.
+/// Host prefix sums are checked in full before anything runs: they start at 0, never decrease,
+/// end at the packed tensor's row count and keep each length within the stated maximum. Device
+/// prefix sums are not read on the host (that would synchronise the stream and break CUDA-graph
+/// capture): the kernels clamp every entry to the tensors and every length to the stated
+/// maximum, so malformed ones give wrong rows, never an access outside the caller's buffers,
+/// and rows of `out` outside every sequence (before `cu[0]`, after `cu[batch]`) are left as
+/// they were. Validate them on the host with [`SeqLens::check_host`] when unsure.
 pub struct SeqLens<'a> {
-    mem: InMem<'a>,
+    mem: InMem<'a, i32>,
 }
 
 impl<'a> SeqLens<'a> {
     /// Prefix sums in host memory (for host tensors: the CPU backend).
     pub fn host(cu_seqlens: &'a [i32]) -> Self {
-        SeqLens { mem: InMem::Host(bytemuck::cast_slice(cu_seqlens)) }
+        SeqLens { mem: InMem::Host(cu_seqlens) }
     }
 
     /// Prefix sums in a cudarc device slice.
     pub fn cuda<S: DevicePtr<i32>>(slice: &'a S) -> Self {
-        SeqLens { mem: InMem::Device(DeviceRef::reading(slice)) }
+        SeqLens { mem: InMem::Cuda(slice) }
     }
 
     /// Prefix sums in device memory owned elsewhere (a PyTorch int32 tensor's `data_ptr()`).
@@ -208,14 +320,15 @@ impl<'a> SeqLens<'a> {
     /// # Safety
     /// As [`Tensor::from_raw_device`], for `len` i32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
-        SeqLens { mem: InMem::Device(DeviceRef::raw(ptr, len, std::ptr::null_mut())) }
+        SeqLens { mem: InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }) }
     }
 
     /// Number of prefix sums (`batch + 1`).
     fn len(&self) -> usize {
         match &self.mem {
-            InMem::Host(b) => b.len() / std::mem::size_of::<i32>(),
-            InMem::Device(d) => d.len,
+            InMem::Host(b) => b.len(),
+            InMem::Raw(r) => r.len,
+            InMem::Cuda(slice) => slice.len(),
         }
     }
 
@@ -225,11 +338,30 @@ impl<'a> SeqLens<'a> {
     }
 
     /// Checks host prefix sums against a packed tensor of `total` rows and a maximum length:
-    /// non-decreasing, within `0..=total`, each length at most `max_seqlen`. The error names
-    /// `arg`, the first bad entry and what is accepted.
+    /// starting at 0, non-decreasing, ending at `total` (so every row of the packed tensor
+    /// belongs to a sequence and a successful call writes all of `out`), each length at most
+    /// `max_seqlen`. The error names `arg`, the first bad entry and what is accepted.
+    ///
+    /// ```
+    /// use attention::SeqLens;
+    /// assert!(SeqLens::check_host(&[0, 3, 8], 8, 5, "cu_seqlens_q").is_ok());
+    /// // Rows 8..10 would belong to no sequence and never be written.
+    /// assert!(SeqLens::check_host(&[0, 3, 8], 10, 5, "cu_seqlens_q").is_err());
+    /// ```
     pub fn check_host(cu: &[i32], total: usize, max_seqlen: usize, arg: &'static str) -> Result<(), Error> {
         if cu.len() < 2 {
             return Err(Error::invalid(arg, format!("{} entries", cu.len()), "batch + 1 >= 2 prefix sums"));
+        }
+        if cu[0] != 0 {
+            return Err(Error::invalid(arg, format!("entry 0 = {}", cu[0]), "prefix sums starting at 0"));
+        }
+        let last = cu[cu.len() - 1];
+        if last < 0 || last as usize != total {
+            return Err(Error::invalid(
+                arg,
+                format!("last entry {} = {last}", cu.len() - 1),
+                format!("the packed tensor's row count {total}: every row belongs to a sequence"),
+            ));
         }
         for (i, &x) in cu.iter().enumerate() {
             if x < 0 || x as usize > total {
@@ -348,6 +480,8 @@ pub(crate) struct Call<'a> {
     pub allow_tf32: bool,
     /// The stream device work is launched on (null for host calls or the legacy stream).
     pub stream: CUstream,
+    /// Keeps the cudarc operands ordered on `stream` until the call drops (after the launch).
+    _order: StreamOrder<'a>,
     _borrows: PhantomData<&'a mut ()>,
 }
 
@@ -392,21 +526,20 @@ pub(crate) struct HostSlices<'c, T> {
     pub lse: Option<&'c mut [f32]>,
 }
 
-/// The largest size the kernels index with 32-bit integers.
-const MAX_DIM: usize = i32::MAX as usize;
+/// The largest dimension accepted. Kernels index rows, heads and batches in 32-bit integers and
+/// add a tile (at most a few hundred rows) to a row index before comparing it with the length;
+/// the margin keeps every such sum below `i32::MAX` for any accepted shape.
+pub(crate) const MAX_DIM: usize = (i32::MAX as usize) - (1 << 16);
+
+use crate::options::MAX_SOFTMAX_SCALE;
 
 fn shape_str(l: &Layout) -> String {
     format!("{:?}", l.shape())
 }
 
-/// Checks one tensor on its own: sizes, bounds, overlap, alignment.
-fn check_operand(
-    name: &'static str,
-    layout: &Layout,
-    len: usize,
-    addr: Addr,
-    elem_size: usize,
-) -> Result<(), Error> {
+/// Checks one tensor on its own: sizes, bounds, alignment, and for an output, no overlap.
+fn check_operand(name: &'static str, o: &Operand, elem_size: usize, output: bool) -> Result<(), Error> {
+    let layout = &o.layout;
     let shape = layout.shape();
     if shape.contains(&0) {
         return Err(Error::invalid(
@@ -419,35 +552,45 @@ fn check_operand(
         return Err(Error::invalid(
             name,
             format!("dimension {big} in shape {}", shape_str(layout)),
-            format!("every dimension at most {MAX_DIM}"),
+            format!("every dimension at most {MAX_DIM} (kernels index with 32-bit integers)"),
         ));
     }
-    let span = layout.span().ok_or_else(|| {
-        Error::invalid(
-            name,
-            format!("strides {:?} for shape {}", layout.strides(), shape_str(layout)),
-            "strides whose largest offset fits in usize",
-        )
-    })?;
-    if span > len {
+    if layout.checked_numel().is_none() {
         return Err(Error::invalid(
             name,
-            format!(
-                "a buffer of {len} elements for shape {} with strides {:?}",
-                shape_str(layout),
-                layout.strides()
-            ),
+            format!("shape {}", shape_str(layout)),
+            "a shape whose element count fits in usize",
+        ));
+    }
+    // The span in bytes must fit in isize: no allocation is larger, and it keeps every stride
+    // and offset representable in the kernels' 64-bit signed arithmetic.
+    let span = layout
+        .span()
+        .filter(|&n| n.checked_mul(elem_size).is_some_and(|b| b <= isize::MAX as usize))
+        .ok_or_else(|| {
+            Error::invalid(
+                name,
+                format!("strides {:?} for shape {}", layout.strides(), shape_str(layout)),
+                "strides whose largest byte offset fits in isize",
+            )
+        })?;
+    if span > o.len {
+        return Err(Error::invalid(
+            name,
+            format!("a buffer of {} elements for shape {} with strides {:?}", o.len, shape_str(layout), layout.strides()),
             format!("a buffer of at least {span} elements (the layout's largest offset + 1)"),
         ));
     }
-    if layout.overlaps() {
+    // Inputs are only read, so they may alias themselves (zero-stride broadcast K/V, views
+    // into one packed QKV buffer); only an output must give every element its own address.
+    if output && layout.overlaps() {
         return Err(Error::invalid(
             name,
             format!("strides {:?} for shape {}", layout.strides(), shape_str(layout)),
-            "strides under which no two elements share memory (each of batch, seq, head steps over the ones inside it)",
+            "strides under which no two output elements share memory",
         ));
     }
-    if let Addr::Device(p) = addr {
+    if let Addr::Device(p) = o.addr {
         if p == 0 {
             return Err(Error::invalid(name, "a null device pointer", "a device allocation"));
         }
@@ -462,38 +605,10 @@ fn check_operand(
     Ok(())
 }
 
-fn in_operand<T: Element>(t: &Tensor<'_, T>) -> (Operand, MemoryKind, CUstream) {
-    match &t.mem {
-        InMem::Host(b) => (
-            Operand {
-                addr: Addr::Host(b.as_ptr()),
-                len: b.len() / std::mem::size_of::<T>(),
-                layout: t.layout,
-            },
-            MemoryKind::Host,
-            std::ptr::null_mut(),
-        ),
-        InMem::Device(d) => (
-            Operand { addr: Addr::Device(d.ptr), len: d.len, layout: t.layout },
-            MemoryKind::Device { ordinal: d.ordinal.unwrap_or(usize::MAX) },
-            d.stream,
-        ),
-    }
-}
-
-fn out_operand(mem: &mut OutMem<'_>, elem: usize, layout: Layout) -> (Operand, MemoryKind, CUstream) {
-    match mem {
-        OutMem::Host(b) => (
-            Operand { addr: Addr::Host(b.as_mut_ptr()), len: b.len() / elem, layout },
-            MemoryKind::Host,
-            std::ptr::null_mut(),
-        ),
-        OutMem::Device(d) => (
-            Operand { addr: Addr::Device(d.ptr), len: d.len, layout },
-            MemoryKind::Device { ordinal: d.ordinal.unwrap_or(usize::MAX) },
-            d.stream,
-        ),
-    }
+fn operand(addr: Addr, len: usize, layout: Layout) -> Operand {
+    // Canonical strides: a size-1 dimension's stride (which may be anything) never reaches
+    // a kernel or an alignment check.
+    Operand { addr, len, layout: layout.canonical() }
 }
 
 fn same_memory(a: MemoryKind, b: MemoryKind) -> bool {
@@ -521,41 +636,72 @@ fn vector_aligned(o: &Operand, elem: usize) -> bool {
         Addr::Device(p) => p as usize,
         Addr::Host(p) => p as usize,
     };
+    // Strides are canonical and their byte offsets fit in isize (checked): no overflow.
     base % 16 == 0 && o.layout.strides().iter().all(|s| (s * elem) % 16 == 0)
 }
 
-/// Byte range a device operand covers.
+/// Byte range `[start, end)` a device operand covers (checked operands only).
 fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
     match o.addr {
         Addr::Device(p) => {
-            let span = o.layout.span()? as u64 * elem as u64;
-            Some((p, p + span))
+            let bytes = o.layout.span()? as u64 * elem as u64;
+            Some((p, p.saturating_add(bytes)))
         }
         Addr::Host(_) => None,
     }
 }
 
+/// Rejects a device output that shares bytes with another device operand of the call: kernels
+/// read the inputs after writing the output, and write the output and lse in any order.
+fn check_disjoint(out: (&'static str, Option<(u64, u64)>), others: &[(&'static str, Option<(u64, u64)>)]) -> Result<(), Error> {
+    let (name, Some((o0, o1))) = out else { return Ok(()) };
+    for &(other, range) in others {
+        if let Some((a0, a1)) = range {
+            if a0 < o1 && o0 < a1 {
+                return Err(Error::invalid(
+                    name,
+                    format!("device memory {o0:#x}..{o1:#x} overlapping {other} at {a0:#x}..{a1:#x}"),
+                    format!("a buffer separate from {other}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Validates a call: one check per constraint, each error naming the argument, the value and
-/// what is accepted. Nothing is written before this passes.
+/// what is accepted. Nothing is written before this passes; once it has, the cudarc operands
+/// are ordered on the launch stream for as long as the call lives.
 pub(crate) fn validate<'c, T: Element>(
     q: &'c Tensor<'_, T>,
     k: &'c Tensor<'_, T>,
     v: &'c Tensor<'_, T>,
     out: &'c mut TensorMut<'_, T>,
-    lse: Option<&'c mut LseMut<'_>>,
+    mut lse: Option<&'c mut LseMut<'_>>,
     varlen: Option<&'c VarLen<'_>>,
     opts: &Options,
 ) -> Result<Call<'c>, Error> {
     let elem = std::mem::size_of::<T>();
-    let (qo, qm, _) = in_operand(q);
-    let (ko, km, _) = in_operand(k);
-    let (vo, vm, _) = in_operand(v);
-    let out_layout = out.layout;
-    let (oo, om, stream) = out_operand(&mut out.mem, elem, out_layout);
-    check_operand("q", &qo.layout, qo.len, qo.addr, elem)?;
-    check_operand("k", &ko.layout, ko.len, ko.addr, elem)?;
-    check_operand("v", &vo.layout, vo.len, vo.addr, elem)?;
-    check_operand("out", &oo.layout, oo.len, oo.addr, elem)?;
+    let in_op = |t: &Tensor<'_, T>| {
+        let (addr, len, m) = peek_in(&t.mem);
+        (operand(addr, len, t.layout), m)
+    };
+    let (qo, qm) = in_op(q);
+    let (ko, km) = in_op(k);
+    let (vo, vm) = in_op(v);
+    let (oo, om) = {
+        let (addr, len, m) = peek_out(&mut out.mem);
+        (operand(addr, len, out.layout), m)
+    };
+    let raw_stream = match &out.mem {
+        OutMem::Raw(r) => r.stream,
+        OutMem::Cuda { stream, .. } => stream.cu_stream(),
+        OutMem::Host(_) => std::ptr::null_mut(),
+    };
+    check_operand("q", &qo, elem, false)?;
+    check_operand("k", &ko, elem, false)?;
+    check_operand("v", &vo, elem, false)?;
+    check_operand("out", &oo, elem, true)?;
 
     let [b, sq, h, d] = qo.layout.shape();
     let [kb, sk, hk, kd] = ko.layout.shape();
@@ -602,10 +748,12 @@ pub(crate) fn validate<'c, T: Element>(
             ));
         }
     }
-    let lse_op = match lse {
+    let lse_op = match lse.as_deref_mut() {
         None => None,
         Some(l) => {
-            let (lo, lm, _) = out_operand(&mut l.mem, 4, Layout::contiguous(b, sq, h, 1));
+            let (addr, len, lm) = peek_out(&mut l.mem);
+            let lo = Operand { addr, len, layout: Layout::contiguous(b, sq, h, 1) };
+            // b·h·sq fits: it is q's element count divided by head_dim.
             let want = b * h * sq;
             if lo.len != want {
                 return Err(Error::invalid(
@@ -629,31 +777,9 @@ pub(crate) fn validate<'c, T: Element>(
             Some(lo)
         }
     };
-    // The output must not share memory with an input: kernels read q, k, v after writing out.
-    // (Host slices cannot alias: the borrow checker forbids it.)
-    if let Some((o0, o1)) = byte_range(&oo, elem) {
-        for (name, op) in [("q", &qo), ("k", &ko), ("v", &vo)] {
-            if let Some((a0, a1)) = byte_range(op, elem) {
-                if a0 < o1 && o0 < a1 {
-                    return Err(Error::invalid(
-                        "out",
-                        format!("device memory {o0:#x}..{o1:#x} overlapping {name} at {a0:#x}..{a1:#x}"),
-                        "an output buffer separate from q, k and v",
-                    ));
-                }
-            }
-        }
-        if let Some(lo) = &lse_op {
-            if let Some((l0, l1)) = byte_range(lo, 4) {
-                if l0 < o1 && o0 < l1 {
-                    return Err(Error::invalid("lse", "memory overlapping out", "a buffer separate from out"));
-                }
-            }
-        }
-    }
     if let Some(s) = opts.softmax_scale {
-        if !s.is_finite() {
-            return Err(Error::invalid("options.softmax_scale", s, "a finite number"));
+        if !(0.0..=MAX_SOFTMAX_SCALE).contains(&s) {
+            return Err(Error::invalid("options.softmax_scale", s, format!("a number from 0 to {MAX_SOFTMAX_SCALE:e}")));
         }
     }
     if let Some(c) = opts.softcap {
@@ -672,6 +798,29 @@ pub(crate) fn validate<'c, T: Element>(
         None => None,
         Some(vl) => Some(check_varlen(vl, &qo.layout, &ko.layout, qm)?),
     };
+    // Device outputs must not share bytes with anything else the kernels touch. (Host slices
+    // cannot alias: the borrow checker forbids it.)
+    let ranges = [
+        ("q", byte_range(&qo, elem)),
+        ("k", byte_range(&ko, elem)),
+        ("v", byte_range(&vo, elem)),
+    ];
+    let lse_range = lse_op.as_ref().and_then(|l| byte_range(l, 4));
+    let seqlen_ranges = match (&packed, varlen) {
+        (Some(p), Some(vl)) => {
+            let n = (vl.batch() as u64 + 1) * 4;
+            let r = |a: Addr| match a {
+                Addr::Device(x) => Some((x, x.saturating_add(n))),
+                Addr::Host(_) => None,
+            };
+            [("cu_seqlens_q", r(p.cu_seqlens_q)), ("cu_seqlens_k", r(p.cu_seqlens_k))]
+        }
+        _ => [("cu_seqlens_q", None), ("cu_seqlens_k", None)],
+    };
+    let out_range = byte_range(&oo, elem);
+    check_disjoint(("out", out_range), &[ranges[0], ranges[1], ranges[2], ("lse", lse_range), seqlen_ranges[0], seqlen_ranges[1]])?;
+    check_disjoint(("lse", lse_range), &[ranges[0], ranges[1], ranges[2], seqlen_ranges[0], seqlen_ranges[1]])?;
+
     let memory = match qm {
         MemoryKind::Device { ordinal: usize::MAX } => [km, vm, om]
             .into_iter()
@@ -691,6 +840,13 @@ pub(crate) fn validate<'c, T: Element>(
     problem.softcap = opts.softcap;
     problem.memory = memory;
     problem.vector_aligned = [&qo, &ko, &vo, &oo].iter().all(|o| vector_aligned(o, elem));
+    let order = order_on_launch_stream(
+        [&q.mem, &k.mem, &v.mem],
+        [varlen.map(|vl| &vl.cu_seqlens_q.mem), varlen.map(|vl| &vl.cu_seqlens_k.mem)],
+        &mut out.mem,
+        lse.map(|l| &mut l.mem),
+        raw_stream,
+    )?;
     Ok(Call {
         problem,
         scale: opts.scale_for(d),
@@ -703,16 +859,15 @@ pub(crate) fn validate<'c, T: Element>(
         lse: lse_op,
         varlen: packed,
         allow_tf32: opts.allow_tf32,
-        stream,
+        stream: raw_stream,
+        _order: order,
         _borrows: PhantomData,
     })
 }
 
 fn seqlens_addr(s: &SeqLens<'_>) -> (Addr, MemoryKind) {
-    match &s.mem {
-        InMem::Host(b) => (Addr::Host(b.as_ptr()), MemoryKind::Host),
-        InMem::Device(d) => (Addr::Device(d.ptr), MemoryKind::Device { ordinal: d.ordinal.unwrap_or(usize::MAX) }),
-    }
+    let (addr, _, m) = peek_in(&s.mem);
+    (addr, m)
 }
 
 /// Checks a packed batch against the q and k layouts: one check per constraint.
@@ -751,8 +906,8 @@ fn check_varlen(vl: &VarLen<'_>, q: &Layout, k: &Layout, qm: MemoryKind) -> Resu
             return Err(Error::invalid(arg, describe(m), format!("{} like q", describe(qm))));
         }
         match (&s.mem, addr) {
-            (InMem::Host(b), _) => SeqLens::check_host(bytemuck::cast_slice(b), total, max, arg)?,
-            (InMem::Device(_), Addr::Device(p)) if p == 0 || p % 4 != 0 => {
+            (InMem::Host(cu), _) => SeqLens::check_host(cu, total, max, arg)?,
+            (_, Addr::Device(p)) if p == 0 || p % 4 != 0 => {
                 return Err(Error::invalid(arg, format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"));
             }
             _ => {}

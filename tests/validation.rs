@@ -118,15 +118,21 @@ fn heads_not_divisible() {
 
 #[test]
 fn strides_that_overlap() {
+    // Inputs are only read: heads 4 elements apart with head_dim 8 share memory, and that is
+    // allowed (as zero-stride broadcast K/V is).
     let mut c = Case::good();
-    // Heads 4 elements apart with head_dim 8: neighbouring heads share memory.
     c.q = Layout::strided([2, 5, 4, 8], [200, 40, 4]);
     c.lens[0] = 400;
-    expect(c, "q", &["strides [200, 40, 4]", "no two elements share memory"]);
+    c.run().unwrap();
 
+    // An output must give each element its own address.
     let mut c = Case::good();
     c.out = Layout::strided([2, 5, 4, 8], [0, 32, 8]);
-    expect(c, "out", &["strides [0, 32, 8]"]);
+    expect(c, "out", &["strides [0, 32, 8]", "no two output elements share memory"]);
+    let mut c = Case::good();
+    c.out = Layout::strided([2, 5, 4, 8], [200, 40, 4]);
+    c.lens[3] = 400;
+    expect(c, "out", &["strides [200, 40, 4]"]);
 }
 
 #[test]
@@ -145,7 +151,25 @@ fn strides_past_the_buffer_and_buffers_too_small() {
 
     let mut c = Case::good();
     c.q = Layout::strided([2, 5, 4, 8], [usize::MAX, 32, 8]);
-    expect(c, "q", &["fits in usize"]);
+    expect(c, "q", &["fits in isize"]);
+}
+
+#[test]
+fn element_counts_that_overflow_are_rejected() {
+    // 2^64 elements: the product wraps to 0 in unchecked arithmetic, which once read as an
+    // empty tensor that fits any buffer.
+    let huge = Layout::contiguous(1 << 16, 1 << 16, 1 << 16, 1 << 16);
+    for (i, arg) in ["q", "k", "v", "out"].into_iter().enumerate() {
+        let mut c = Case::good();
+        match i {
+            0 => c.q = huge,
+            1 => c.k = huge,
+            2 => c.v = huge,
+            _ => c.out = huge,
+        }
+        c.lens[i] = 0;
+        expect(c, arg, &["element count fits in usize"]);
+    }
 }
 
 #[test]
@@ -156,11 +180,16 @@ fn lse_of_the_wrong_size() {
 }
 
 #[test]
-fn non_finite_scale() {
-    for s in [f32::NAN, f32::INFINITY] {
+fn scale_outside_the_documented_range() {
+    for s in [f32::NAN, f32::INFINITY, -1.0, -1e37, 1e37, 1.0000001e6] {
         let mut c = Case::good();
         c.opts = Options::default().scale(s);
-        expect(c, "options.softmax_scale", &["finite"]);
+        expect(c, "options.softmax_scale", &["from 0 to 1e6"]);
+    }
+    for s in [0.0, 1e6] {
+        let mut c = Case::good();
+        c.opts = Options::default().scale(s);
+        c.run().unwrap();
     }
 }
 
@@ -220,9 +249,66 @@ fn varlen_prefix_sums_are_checked_one_constraint_at_a_time() {
     expect_error(varlen_run(1, &[0], &[0], (6, 5), None), "cu_seqlens_q", &["1 entries", "batch + 1"]);
     expect_error(varlen_run(1, &good_q, &[0, 5, 12], (6, 7), None), "cu_seqlens_k", &["3 entries", "as many as cu_seqlens_q (4)"]);
     expect_error(varlen_run(1, &[0, 6, 4, 10], &good_k, (6, 5), None), "cu_seqlens_q", &["entries 1..2 = 6, 4", "non-decreasing"]);
-    expect_error(varlen_run(1, &[0, 4, 4, 11], &good_k, (7, 5), None), "cu_seqlens_q", &["entry 3 = 11", "10 rows"]);
+    expect_error(varlen_run(1, &[0, 4, 4, 11], &good_k, (7, 5), None), "cu_seqlens_q", &["entry 3 = 11", "row count 10"]);
     expect_error(varlen_run(1, &good_q, &[-1, 5, 7, 12], (6, 6), None), "cu_seqlens_k", &["entry 0 = -1"]);
+    // Rows outside every sequence would never be written: the sums must cover the tensor.
+    expect_error(varlen_run(1, &[2, 4, 4, 10], &good_k, (6, 5), None), "cu_seqlens_q", &["entry 0 = 2", "starting at 0"]);
+    expect_error(varlen_run(1, &[0, 4, 4, 8], &good_k, (6, 5), None), "cu_seqlens_q", &["last entry 3 = 8", "row count 10"]);
+    expect_error(varlen_run(1, &good_q, &[0, 5, 7, 9], (6, 5), None), "cu_seqlens_k", &["last entry 3 = 9", "row count 12"]);
     expect_error(varlen_run(1, &good_q, &good_k, (5, 5), None), "cu_seqlens_q", &["sequence 2 of length 6", "maximum 5"]);
     expect_error(varlen_run(1, &good_q, &good_k, (0, 5), None), "max_seqlen_q", &["0", "longest"]);
     expect_error(varlen_run(1, &good_q, &good_k, (6, 5), Some(3 * 2 * 10)), "lse", &["60 elements", "20"]);
+}
+
+/// Device views with made-up addresses: validation runs before anything touches the device,
+/// so overlaps are rejected here even on a machine without a GPU.
+#[test]
+fn device_outputs_may_not_overlap_inputs_lse_or_prefix_sums() {
+    let attn = cpu();
+    let l = Layout::contiguous(1, 8, 2, 8); // 128 f32 = 512 bytes
+    let base = 0x7f00_0000_0000u64;
+    let (q, k, v, out) = (base, base + 0x1000, base + 0x2000, base + 0x3000);
+    // SAFETY: validation rejects each call before any pointer is used.
+    unsafe {
+        let (tq, tk, tv) = (
+            Tensor::<f32>::from_raw_device(q, 128, l),
+            Tensor::<f32>::from_raw_device(k, 128, l),
+            Tensor::<f32>::from_raw_device(v, 128, l),
+        );
+        // lse (2·8 f32) starting inside v.
+        let mut o = TensorMut::<f32>::from_raw_device(out, 128, l, std::ptr::null_mut());
+        let mut lse = LseMut::from_raw_device(v + 64, 16);
+        let r = attn.forward_with_lse(&tq, &tk, &tv, &mut o, &mut lse, &Options::default()).map(|_| ());
+        expect_error(r, "lse", &["overlapping v"]);
+        // cu_seqlens_q inside out.
+        let cu = attention::SeqLens::from_raw_device(out + 256, 2);
+        let cu_k = attention::SeqLens::from_raw_device(base + 0x5000, 2);
+        let varlen = attention::VarLen::new(cu, cu_k, 8, 8);
+        let mut o = TensorMut::<f32>::from_raw_device(out, 128, l, std::ptr::null_mut());
+        let r = attn.forward_varlen(&tq, &tk, &tv, &mut o, &varlen, &Options::default()).map(|_| ());
+        expect_error(r, "out", &["overlapping cu_seqlens_q"]);
+    }
+}
+
+/// A size-1 dimension's stride is never used, so any value (even usize::MAX) is accepted and
+/// changes nothing; it once overflowed a debug build's alignment arithmetic.
+#[test]
+fn any_stride_on_a_size_one_dimension() {
+    let attn = cpu();
+    let (dense, odd) = (Layout::contiguous(2, 5, 1, 8), Layout::strided([2, 5, 1, 8], [40, 8, usize::MAX]));
+    let x: Vec<f32> = (0..80).map(|i| (i as f32 * 0.7).sin()).collect();
+    let mut a = vec![f32::NAN; 80];
+    let mut b = vec![f32::NAN; 80];
+    attn.forward(&Tensor::host(&x, dense), &Tensor::host(&x, dense), &Tensor::host(&x, dense), &mut TensorMut::host(&mut a, dense), &Options::default()).unwrap();
+    attn.forward(&Tensor::host(&x, odd), &Tensor::host(&x, odd), &Tensor::host(&x, odd), &mut TensorMut::host(&mut b, odd), &Options::default()).unwrap();
+    assert_eq!(a, b);
+}
+
+/// Dimensions past 2^31 − 2^16 would let a kernel's row + tile sum overflow i32: rejected.
+#[test]
+fn dimensions_near_i32_max_are_rejected() {
+    let mut c = Case::good();
+    let n = (1usize << 31) - (1 << 16) + 1;
+    c.q = Layout::strided([2, n, 4, 8], [0, 0, 8]);
+    expect(c, "q", &[&format!("dimension {n}"), "at most 2147418111"]);
 }

@@ -21,7 +21,7 @@ use crate::problem::Problem;
 use crate::settings::JitMode;
 use crate::tensor::Call;
 
-/// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 152).
+/// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 160).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct NaiveParams {
@@ -29,12 +29,13 @@ struct NaiveParams {
     k_stride: [i64; 3],
     v_stride: [i64; 3],
     o_stride: [i64; 3],
+    /// 64-bit: batch·heads may exceed `i32::MAX` although each factor fits.
+    bh_start: i64,
     heads: i32,
     kv_group: i32,
     seqlen_q: i32,
     seqlen_k: i32,
     head_dim: i32,
-    bh_start: i32,
     bh_count: i32,
     row_start: i32,
     row_count: i32,
@@ -45,11 +46,12 @@ struct NaiveParams {
     softcap: f32,
 }
 const _: () = {
-    assert!(std::mem::size_of::<NaiveParams>() == 152);
-    assert!(std::mem::offset_of!(NaiveParams, softcap) == 148);
-    assert!(std::mem::offset_of!(NaiveParams, heads) == 96);
-    assert!(std::mem::offset_of!(NaiveParams, scale) == 132);
-    assert!(std::mem::offset_of!(NaiveParams, causal) == 136);
+    assert!(std::mem::size_of::<NaiveParams>() == 160);
+    assert!(std::mem::offset_of!(NaiveParams, bh_start) == 96);
+    assert!(std::mem::offset_of!(NaiveParams, heads) == 104);
+    assert!(std::mem::offset_of!(NaiveParams, scale) == 136);
+    assert!(std::mem::offset_of!(NaiveParams, causal) == 140);
+    assert!(std::mem::offset_of!(NaiveParams, softcap) == 152);
 };
 
 const MODULE: &str = "naive";
@@ -180,7 +182,7 @@ impl Backend for NaiveBackend {
         let mut outcome = Ok(());
         'chunks: for bh0 in (0..bh_total).step_by(bh_chunk) {
             for r0 in (0..p.seqlen_q).step_by(rows) {
-                params.bh_start = bh0 as i32;
+                params.bh_start = bh0 as i64; // bh0 < batch·heads ≤ numel(q) ≤ isize::MAX
                 params.bh_count = bh_chunk.min(bh_total - bh0) as i32;
                 params.row_start = r0 as i32;
                 params.row_count = rows.min(p.seqlen_q - r0) as i32;
