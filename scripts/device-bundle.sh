@@ -32,7 +32,7 @@ if [ -n "${QUICK:-}" ]; then
   strip "$out"/test-* "$out"/bench 2>/dev/null || true
   ls -la "$out"; exit 0
 fi
-cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit,gpu_mem_efficient |
+cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit,gpu_mem_efficient,gpu_hardening |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
 cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done

@@ -2,89 +2,62 @@
 
 use crate::backend::{Backend, BackendKind, Reason, RunError};
 use crate::caps::DeviceCaps;
+use crate::cpu::{HostIn, Seqs, Threads};
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::problem::{MemoryKind, Problem};
-use crate::layout::Layout;
 use crate::tensor::{Addr, Call};
 
-/// Runs attention on host memory with all cores (online softmax, f32 accumulation).
+/// Runs attention on host memory (online softmax, f32 accumulation) on a rayon pool.
 pub(crate) struct CpuBackend {
-    threads: usize,
+    threads: Threads,
 }
 
 impl CpuBackend {
-    pub(crate) fn new(threads: usize) -> Self {
-        CpuBackend { threads: threads.max(1) }
+    /// `threads`: `None` runs on rayon's global pool (or the rayon pool of the calling task);
+    /// `Some(n)` on `n` threads of a pool of this backend's own, started by the first call
+    /// that needs more than one and reused after (0 counts as 1, and more than
+    /// [`crate::cpu::MAX_THREADS`] as that many). A plain `usize` means `Some`.
+    pub(crate) fn new(threads: impl Into<Option<usize>>) -> Self {
+        CpuBackend { threads: Threads::new(threads.into()) }
     }
 
     fn run<T: crate::Element>(&self, call: &mut Call<'_>) -> Result<(), RunError> {
         let (scale, mask, softcap) = (call.scale, call.mask, call.softcap);
         let (ql, kl, vl, ol) = (call.q.layout, call.k.layout, call.v.layout, call.out.layout);
         let (varlen, batch) = (call.varlen, call.problem.batch);
-        let (max_q, max_k) = (call.problem.seqlen_q, call.problem.seqlen_k);
         // SAFETY: `check` accepted only host memory, and `call` comes from `validate`.
         let s = unsafe { call.host_slices::<T>() }.ok_or_else(|| {
             RunError::Fatal(Error::invalid("q", "device memory", "host memory for the CPU backend"))
         })?;
-        if let Some(packed) = varlen {
-            let (Addr::Host(cq), Addr::Host(ck)) = (packed.cu_seqlens_q, packed.cu_seqlens_k) else {
-                return Err(RunError::Fatal(Error::invalid("cu_seqlens_q", "device memory", "host memory for the CPU backend")));
-            };
-            // SAFETY: `validate` checked both are host slices of `batch + 1` i32 values, borrowed
-            // for as long as `call` lives.
-            let (cq, ck) = unsafe {
-                (std::slice::from_raw_parts(cq as *const i32, batch + 1), std::slice::from_raw_parts(ck as *const i32, batch + 1))
-            };
-            let heads = ql.heads();
-            let mut lse = s.lse;
-            let mut seq_lse = Vec::new();
-            for b in 0..batch {
-                // `validate` checked the prefix sums: in range, non-decreasing, within the maxima.
-                let (q0, q1) = (cq[b] as usize, cq[b + 1] as usize);
-                let (k0, k1) = (ck[b] as usize, ck[b + 1] as usize);
-                debug_assert!(q1 - q0 <= max_q && k1 - k0 <= max_k);
-                if q1 == q0 {
-                    continue;
-                }
-                let sub = |l: Layout, rows: usize| Layout::strided([1, rows, l.heads(), l.head_dim()], l.strides());
-                let (qo, ko, vo, oo) = (q0 * ql.strides()[1], k0 * kl.strides()[1], k0 * vl.strides()[1], q0 * ol.strides()[1]);
-                seq_lse.resize(if lse.is_some() { heads * (q1 - q0) } else { 0 }, 0.0);
-                crate::cpu::forward(
-                    crate::cpu::HostIn { data: &s.q[qo..], layout: sub(ql, q1 - q0) },
-                    crate::cpu::HostIn { data: &s.k[ko..], layout: sub(kl, k1 - k0) },
-                    crate::cpu::HostIn { data: &s.v[vo..], layout: sub(vl, k1 - k0) },
-                    &mut s.out[oo..],
-                    sub(ol, q1 - q0),
-                    lse.is_some().then_some(&mut seq_lse[..]),
-                    scale,
-                    mask,
-                    softcap,
-                    self.threads,
-                );
-                // The packed lse is [heads, total_q]; this sequence's is [heads, rows].
-                if let Some(l) = lse.as_deref_mut() {
-                    let total_q = ql.seqlen();
-                    for (h, row) in seq_lse.chunks(q1 - q0).enumerate() {
-                        l[h * total_q + q0..h * total_q + q1].copy_from_slice(row);
-                    }
-                }
+        let seqs = match varlen {
+            None => Seqs::Dense,
+            Some(packed) => {
+                let (Addr::Host(cq), Addr::Host(ck)) = (packed.cu_seqlens_q, packed.cu_seqlens_k) else {
+                    return Err(RunError::Fatal(Error::invalid("cu_seqlens_q", "device memory", "host memory for the CPU backend")));
+                };
+                // SAFETY: `validate` checked both are host slices of `batch + 1` i32 values
+                // (in range, non-decreasing), borrowed for as long as `call` lives.
+                let (cu_q, cu_k) = unsafe {
+                    (std::slice::from_raw_parts(cq as *const i32, batch + 1), std::slice::from_raw_parts(ck as *const i32, batch + 1))
+                };
+                Seqs::Packed { cu_q, cu_k }
             }
-            return Ok(());
-        }
+        };
         crate::cpu::forward(
-            crate::cpu::HostIn { data: s.q, layout: ql },
-            crate::cpu::HostIn { data: s.k, layout: kl },
-            crate::cpu::HostIn { data: s.v, layout: vl },
+            HostIn { data: s.q, layout: ql },
+            HostIn { data: s.k, layout: kl },
+            HostIn { data: s.v, layout: vl },
             s.out,
             ol,
             s.lse,
+            seqs,
             scale,
             mask,
             softcap,
-            self.threads,
-        );
-        Ok(())
+            &self.threads,
+        )
+        .map_err(RunError::Fatal)
     }
 }
 
@@ -106,5 +79,40 @@ impl Backend for CpuBackend {
             DType::BF16 => self.run::<half::bf16>(call),
             DType::F32 => self.run::<f32>(call),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Options;
+    use crate::tensor::{validate, Tensor, TensorMut};
+    use crate::Layout;
+
+    /// A handle asked for a million threads gets at most `MAX_THREADS`, and finishes a small
+    /// call (many heads, little work each) quickly on the calling thread, starting none.
+    #[test]
+    fn a_million_threads_is_clamped_and_small_calls_start_none() {
+        let backend = CpuBackend::new(1_000_000);
+        assert_eq!(backend.threads.count(), Some(crate::cpu::MAX_THREADS));
+        let l = Layout::contiguous(1, 2, 256, 8);
+        let x: Vec<f32> = (0..l.numel()).map(|i| (i as f32 * 0.1).sin()).collect();
+        let mut out = vec![f32::NAN; l.numel()];
+        let (q, k, v) = (Tensor::host(&x, l), Tensor::host(&x, l), Tensor::host(&x, l));
+        let mut o = TensorMut::host(&mut out, l);
+        let start = std::time::Instant::now();
+        for _ in 0..3 {
+            let mut call = validate(&q, &k, &v, &mut o, None, None, &Options::default()).unwrap();
+            assert!(backend.forward(&mut call).is_ok());
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "took {:?}", start.elapsed());
+        assert!(out.iter().all(|o| o.is_finite()));
+    }
+
+    #[test]
+    fn thread_settings_map_to_the_kernel() {
+        assert_eq!(CpuBackend::new(None).threads.count(), None);
+        assert_eq!(CpuBackend::new(Some(4)).threads.count(), Some(4));
+        assert_eq!(CpuBackend::new(0).threads.count(), Some(1));
     }
 }

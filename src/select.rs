@@ -90,14 +90,17 @@ impl Selector {
         self.settings.cache_dir = Some(dir.into());
         self
     }
-    /// Cap on the naive backend's score workspace, MiB (at least 1).
+    /// Cap on the naive backend's score workspace, MiB (1 to
+    /// [`crate::settings::MAX_NAIVE_WORKSPACE_MB`], as `ATTN_NAIVE_WORKSPACE_MB`; checked by
+    /// [`Selector::select`]).
     pub fn naive_workspace_mb(mut self, mb: usize) -> Self {
-        self.settings.naive_workspace_mb = mb.max(1);
+        self.settings.naive_workspace_mb = mb;
         self
     }
-    /// Threads of the CPU backend.
+    /// Threads of the CPU backend (1 to [`crate::settings::MAX_CPU_THREADS`], as
+    /// `ATTN_CPU_THREADS`; checked by [`Selector::select`]).
     pub fn cpu_threads(mut self, threads: usize) -> Self {
-        self.settings.cpu_threads = Some(threads.max(1));
+        self.settings.cpu_threads = Some(threads);
         self
     }
     /// Run every kernel as code for the older `arch` (testing only; see
@@ -120,7 +123,25 @@ impl Selector {
 
     /// Probes the device (once per process) and builds the handle. Never panics; with no
     /// usable GPU it returns a handle whose only runnable backend is the CPU, and logs why.
-    pub fn select(self) -> Result<Attention, Error> {
+    /// Values set in code are held to the rules of the variables they mirror (an error names
+    /// the variable), and unknown `ATTN_*` variables are warned about once.
+    pub fn select(mut self) -> Result<Attention, Error> {
+        if let Err(e) = self.settings.validate() {
+            match e {
+                // Nobody chose the default directory: a file in its place costs the cache, not
+                // the handle.
+                Error::InvalidSetting { var: "ATTN_CACHE_DIR", .. }
+                    if self.settings.cache_dir == Settings::default_cache_dir() =>
+                {
+                    warn_once(format!("attention: JIT cache disabled: {e}"));
+                    self.settings.cache_dir = None;
+                }
+                e => return Err(e),
+            }
+        }
+        for w in crate::settings::unknown_variable_warnings() {
+            warn_once(format!("attention: {w}"));
+        }
         let s = &self.settings;
         let (device, caps, no_device) = match self.simulated.clone() {
             Some(caps) => (None, Some(caps), None),
@@ -161,15 +182,13 @@ impl Selector {
                 }
             }
         };
-        let threads = s.cpu_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        });
         // Ranked fastest first. Only backends that exist in this version are registered.
         let chain: Vec<Box<dyn Backend>> = vec![
             Box::new(FlashBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.flash_hopper, s.flash_tma)),
             Box::new(MemEfficientBackend::new(device.clone(), s.jit, s.cache_dir.clone())),
             Box::new(NaiveBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)),
-            Box::new(CpuBackend::new(threads)),
+            // Unset: rayon's global pool (shared with candle, gemm and the caller's own tasks).
+            Box::new(CpuBackend::new(s.cpu_threads)),
         ];
         Ok(Attention {
             inner: Arc::new(Inner {

@@ -206,3 +206,34 @@ fn naive_indexes_batch_times_heads_past_2_pow_31() {
     assert_eq!(bad, 0, "{bad} of {} output rows differ from v", got.len());
     println!("naive: {} (batch, head) pairs, every row exact", b * h);
 }
+
+/// Read-only inputs may alias: K/V broadcast over the batch with a zero batch stride (one
+/// shared prefix, say), on every GPU backend that takes the problem, against the reference on
+/// materialised copies.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn zero_stride_broadcast_kv_on_the_gpu() {
+    for kind in [BackendKind::Flash, BackendKind::MemEfficient, BackendKind::Naive] {
+        let (attn, ctx) = handle(Some(kind));
+        let stream = ctx.default_stream();
+        let mut rng = Rng::seed(0xb0ad);
+        let (b, sq, sk, h, hk, d) = (3, 130, 200, 8, 2, 128);
+        let lq = Layout::contiguous(b, sq, h, d);
+        let one = Layout::contiguous(1, sk, hk, d);
+        let lk = Layout::strided([b, sk, hk, d], [0, hk * d, d]);
+        let q = random::<bf16>(&mut rng, lq.numel());
+        let (k, v) = (random::<bf16>(&mut rng, one.numel()), random::<bf16>(&mut rng, one.numel()));
+        let (dq, dk, dv) = (stream.clone_htod(&q).unwrap(), stream.clone_htod(&k).unwrap(), stream.clone_htod(&v).unwrap());
+        let mut out: CudaSlice<bf16> = stream.clone_htod(&vec![bf16::NAN; lq.numel()]).unwrap();
+        let ran = attn
+            .forward(&Tensor::cuda(&dq, lq), &Tensor::cuda(&dk, lk), &Tensor::cuda(&dv, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default().causal(true))
+            .unwrap();
+        assert_eq!(ran, kind);
+        let got: Vec<f64> = stream.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f64()).collect();
+        let rep = |x: &[bf16]| x.iter().copied().cycle().take(x.len() * b).collect::<Vec<_>>();
+        let want = reference(&q, &rep(&k), &rep(&v), lq, Layout::contiguous(b, sk, hk, d), true);
+        let err = rel_err(&got, &want);
+        assert!(err < tolerance(attention::DType::BF16), "{kind}: rel. error {err:.3e}");
+        println!("{kind}: broadcast K/V, rel. error {err:.2e}");
+    }
+}

@@ -24,8 +24,8 @@ pub(crate) struct TensorMap(pub sys::CUtensorMap);
 /// expect. Rows past the operand's seqlen and columns past its head_dim read as zeros.
 ///
 /// Fails (with the driver's code) where the copy engine cannot address the operand: a base or
-/// stride that is not a multiple of 16 bytes, a stride of 2^40 bytes or more, or an empty
-/// dimension. The caller then runs a kernel that loads with cp.async instead.
+/// stride that is not a multiple of 16 bytes, a stride of 2^40 bytes or more, a zero stride
+/// (broadcast), or an empty dimension. The caller then runs a kernel that loads with cp.async instead.
 pub(crate) fn tile_map(op: &Operand, dtype: DType, box_rows: u32) -> Result<TensorMap, CUresult> {
     let [batch, seqlen, heads, head_dim] = op.layout.shape();
     let data_type = match dtype {
@@ -40,6 +40,11 @@ pub(crate) fn tile_map(op: &Operand, dtype: DType, box_rows: u32) -> Result<Tens
     let stride = |n: usize, s: usize| if n <= 1 { 16 } else { s as u64 * elem };
     let dims: [u64; 4] = [head_dim as u64, seqlen as u64, heads as u64, batch as u64];
     let strides: [u64; 3] = [stride(seqlen, s_seq), stride(heads, s_head), stride(batch, s_batch)];
+    // A zero stride on a real dimension (K/V broadcast over the batch or heads) is valid input
+    // but not a layout the driver documents for tensor maps: leave it to the cp.async kernel.
+    if strides.contains(&0) {
+        return Err(CUresult::CUDA_ERROR_INVALID_VALUE);
+    }
     let boxes: [u32; 4] = [BOX_COLS, box_rows, 1, 1];
     let element_strides: [u32; 4] = [1; 4];
     let mut map = TensorMap(sys::CUtensorMap { opaque: [0; 16] });
