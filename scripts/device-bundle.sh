@@ -20,6 +20,10 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' "$@"
 }
 export NVCC ATTN_DENY_SPILLS=1 ATTN_REQUIRE_NVCC=1
+# cudarc picks its bindings from the nvcc on PATH: the device's driver is CUDA 13.0, like it.
+export PATH="$(dirname "$NVCC"):$PATH"
+# The anchors script lives beside the checkout (../shared), or where SHARED points.
+shared="${SHARED:-$(cd .. && pwd)/shared}"
 if [ -n "${QUICK:-}" ]; then
   # Iterating on a kernel: the gpu tests and the bench, built for sm_90a only, in a target of
   # their own (a different arch list would rebuild the main target's kernels).
@@ -28,18 +32,20 @@ if [ -n "${QUICK:-}" ]; then
     while read -r name exe; do cp "$exe" "$out/test-$name"; done
   cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
     while read -r name exe; do cp "$exe" "$out/bench"; done
-  cp ../shared/anchors/torch_sdpa.py "$out/"
+  cp "$shared/anchors/torch_sdpa.py" "$out/"
   strip "$out"/test-* "$out"/bench 2>/dev/null || true
   ls -la "$out"; exit 0
 fi
-cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit,gpu_mem_efficient,gpu_hardening |
+cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit,gpu_mem_efficient,gpu_hardening,gpu_decode |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
 cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done
 cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
   while read -r name exe; do cp "$exe" "$out/bench"; done
+cargo bench --no-run --message-format=json 2>/dev/null | pick decode bench |
+  while read -r name exe; do cp "$exe" "$out/bench-decode"; done
 ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
   pick gpu | while read -r name exe; do cp "$exe" "$out/test-gpu-sm80"; done
-cp ../shared/anchors/torch_sdpa.py "$out/"
-strip "$out"/test-* "$out"/doctor "$out"/bench 2>/dev/null || true
+cp "$shared/anchors/torch_sdpa.py" "$out/"
+strip "$out"/test-* "$out"/doctor "$out"/bench* 2>/dev/null || true
 ls -la "$out"; du -sh "$out"

@@ -19,12 +19,14 @@ step "unit tests"; [ -x $c/test-attention ] && run unit $c/test-attention || ech
 # Several tests at once: the f64 references on the host dominate the run time.
 step "gpu tests (AOT build)"; run gpu-aot $c/test-gpu --include-ignored --nocapture --test-threads=${THREADS:-8} ${GPU_FILTER:-}
 step "mem_efficient gpu tests"; run gpu-me $c/test-gpu_mem_efficient --include-ignored --nocapture --test-threads=${THREADS:-8}
+step "decode gpu tests"; TAIL=20 run gpu-decode $c/test-gpu_decode --include-ignored --nocapture --test-threads=4
 step "hardening gpu tests"; TAIL=30 run gpu-hard $c/test-gpu_hardening --include-ignored --nocapture --test-threads=1
 step "gpu tests (sm_80-only build: JIT repair)"; ATTN_TEST_EXPECT_NO_IMAGE=1 run gpu-sm80 $c/test-gpu-sm80 --include-ignored --nocapture --test-threads=1 build_without
 step "jit tests"; run jit $c/test-jit --include-ignored
 # API errors are expected here: the raw-pointer test hands the driver a host address on purpose.
-step "compute-sanitizer memcheck"; TAIL=8 run memcheck sh -c "compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace flash_small malformed_device_seqlens && compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu_mem_efficient --include-ignored --test-threads=1 small_cases && compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu_hardening --include-ignored --test-threads=1 nan_inputs zero_stride"
-step "compute-sanitizer racecheck"; TAIL=8 run racecheck sh -c "compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 flash_small && compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu_mem_efficient --include-ignored --test-threads=1 small_cases"
+step "compute-sanitizer memcheck"; TAIL=8 run memcheck sh -c "compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 raw_pointers tiny_workspace flash_small malformed_device_seqlens && compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu_mem_efficient --include-ignored --test-threads=1 small_cases && compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu_hardening --include-ignored --test-threads=1 nan_inputs zero_stride && compute-sanitizer --tool memcheck --error-exitcode 9 $c/test-gpu_decode --include-ignored --test-threads=1 small_cases dense_decode"
+step "compute-sanitizer racecheck"; TAIL=8 run racecheck sh -c "compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu --include-ignored --test-threads=1 flash_small && compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu_mem_efficient --include-ignored --test-threads=1 small_cases && compute-sanitizer --tool racecheck --error-exitcode 9 $c/test-gpu_decode --include-ignored --test-threads=1 small_cases"
 step "bench"; TAIL=60 ATTN_BENCH_SKIP_CPU=1 run bench $c/bench --bench ${BENCH_FILTER:-}
+step "decode bench"; TAIL=20 run bench-decode $c/bench-decode --bench
 step "anchors"; TAIL=60 PYTHONUNBUFFERED=1 run anchors python3 $c/torch_sdpa.py ${ANCHORS_ARGS:-}
 exit $status

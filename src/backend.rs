@@ -16,8 +16,12 @@ use crate::problem::{MemoryKind, Problem};
 /// assert!("fast".parse::<BackendKind>().unwrap_err().to_string().contains("flash, mem_efficient"));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum BackendKind {
-    /// FlashAttention-style tiled tensor-core kernel (sm_80+). Not built yet in this version.
+    /// FlashDecoding-style kernels for a few query rows against long keys (sm_75+): decode,
+    /// speculative decoding, KV-cache and paged-KV calls. GQA-packed, split-KV.
+    Decode,
+    /// FlashAttention-style tiled tensor-core kernels (sm_80+; FlashAttention-3-style on sm_90).
     Flash,
     /// xFormers-style memory-efficient kernel (sm_75+): tiled online softmax, f16/bf16 on tensor
     /// cores (bf16 on sm_80+), f32 on SIMT, any head_dim up to 512, unaligned tensors accepted.
@@ -30,7 +34,8 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// Every kind, in rank order (fastest first).
-    pub const ALL: [BackendKind; 4] = [
+    pub const ALL: [BackendKind; 5] = [
+        BackendKind::Decode,
         BackendKind::Flash,
         BackendKind::MemEfficient,
         BackendKind::Naive,
@@ -40,6 +45,7 @@ impl BackendKind {
     /// The documented name (`flash`, `mem_efficient`, `naive`, `cpu`).
     pub const fn name(self) -> &'static str {
         match self {
+            BackendKind::Decode => "decode",
             BackendKind::Flash => "flash",
             BackendKind::MemEfficient => "mem_efficient",
             BackendKind::Naive => "naive",
@@ -53,7 +59,7 @@ impl BackendKind {
     }
 
     /// The accepted spellings, for error messages.
-    pub const VALID_NAMES: &'static str = "flash, mem_efficient (alias xformers), naive, cpu";
+    pub const VALID_NAMES: &'static str = "decode, flash, mem_efficient (alias xformers), naive, cpu";
 }
 
 impl fmt::Display for BackendKind {
@@ -66,6 +72,7 @@ impl FromStr for BackendKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
         match s.trim().to_ascii_lowercase().as_str() {
+            "decode" | "flash_decoding" => Ok(BackendKind::Decode),
             "flash" | "flash_attention" => Ok(BackendKind::Flash),
             "mem_efficient" | "xformers" | "efficient" => Ok(BackendKind::MemEfficient),
             "naive" => Ok(BackendKind::Naive),
@@ -163,6 +170,15 @@ pub enum Reason {
         /// What went wrong.
         why: String,
     },
+    /// Too many query rows for the decode kernels: a prefill, which the tiled backends run.
+    NotADecode {
+        /// The problem's query rows per sequence.
+        seqlen_q: usize,
+        /// The most the decode kernels take.
+        max: usize,
+    },
+    /// A KV-cache call (per-sequence lengths, pages): only `decode` and `cpu` run those.
+    KvCache,
     /// The tensors are in host memory; GPU backends need device memory.
     HostMemory,
     /// The tensors are in device memory; the CPU backend never copies device memory silently.
@@ -199,6 +215,8 @@ impl Reason {
             | Reason::ComputeCapability { .. }
             | Reason::HostMemory
             | Reason::DeviceMemory
+            | Reason::NotADecode { .. }
+            | Reason::KvCache
             | Reason::OtherDevice { .. } => ReasonScope::NotApplicable,
             Reason::HeadDim { .. }
             | Reason::HeadDimMultiple { .. }
@@ -234,6 +252,15 @@ impl fmt::Display for Reason {
             Reason::Unaligned => write!(
                 f,
                 "a base pointer or stride is not 16-byte aligned (make the tensors contiguous or pad strides to 16 bytes)"
+            ),
+            Reason::NotADecode { seqlen_q, max } => write!(
+                f,
+                "{seqlen_q} query rows per sequence is a prefill (the decode kernels take at most {max}); \
+                 flash and mem_efficient run it"
+            ),
+            Reason::KvCache => write!(
+                f,
+                "a KV-cache call (per-sequence lengths, paged keys) runs on decode (GPU) or cpu (host memory)"
             ),
             Reason::VarLen => write!(
                 f,
@@ -321,6 +348,11 @@ pub(crate) trait Backend: Send + Sync {
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason>;
     /// Runs a problem `check` accepted.
     fn forward(&self, call: &mut crate::tensor::Call<'_>) -> Result<(), RunError>;
+    /// Whether it runs KV-cache calls (per-sequence lengths, paged keys). The selector answers
+    /// [`Reason::KvCache`] for the backends that do not, so their checks stay prefill-only.
+    fn runs_kv_cache(&self) -> bool {
+        false
+    }
 }
 
 /// The largest grid y/z dimension a launch may have.

@@ -34,6 +34,7 @@ impl fmt::Display for ComputeCapability {
 
 /// How this build of the crate carries its kernels.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct KernelBuild {
     /// nvcc compiled fatbins ahead of time (else only sources are embedded, for NVRTC).
     pub built_with_nvcc: bool,
@@ -120,6 +121,7 @@ impl Nvrtc {
 /// assert_eq!(t4.cc.to_string(), "7.5");
 /// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct DeviceCaps {
     /// CUDA device ordinal (after `CUDA_VISIBLE_DEVICES`).
     pub ordinal: usize,
@@ -244,12 +246,14 @@ impl DeviceCaps {
     }
 
     /// Replace the kernel build (e.g. [`KernelBuild::nvcc`]`("8.0")`) of a simulated device.
+    #[must_use]
     pub fn with_kernels(mut self, kernels: KernelBuild) -> Self {
         self.kernels = kernels;
         self
     }
 
     /// Replace the NVRTC availability of a simulated device.
+    #[must_use]
     pub fn with_nvrtc(mut self, nvrtc: Nvrtc) -> Self {
         self.nvrtc = nvrtc;
         self

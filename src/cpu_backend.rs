@@ -73,7 +73,18 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn runs_kv_cache(&self) -> bool {
+        true
+    }
+
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
+        if call.kv.is_some() {
+            return match call.problem.dtype {
+                DType::F16 => crate::cpu_kvcache::forward::<half::f16>(call),
+                DType::BF16 => crate::cpu_kvcache::forward::<half::bf16>(call),
+                DType::F32 => crate::cpu_kvcache::forward::<f32>(call),
+            };
+        }
         match call.problem.dtype {
             DType::F16 => self.run::<half::f16>(call),
             DType::BF16 => self.run::<half::bf16>(call),

@@ -3,6 +3,9 @@
 use std::fmt;
 
 /// The element type of a tensor, as the kernels see it.
+///
+/// Frozen: exactly the three [`Element`] types (the trait is sealed to them), so matching on
+/// all three variants is supported. A new element type would be a new major version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE half precision (`half::f16`).

@@ -16,6 +16,18 @@ pub enum MemoryKind {
     },
 }
 
+/// How the keys and values of a KV-cache call are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvCacheKind {
+    /// `[batch, max_len, kv_heads, head_dim]`, any strides.
+    Contiguous,
+    /// Pages `[num_pages, page_size, kv_heads, head_dim]` reached through a block table.
+    Paged {
+        /// Key rows per page.
+        page_size: usize,
+    },
+}
+
 /// One attention problem: what `check` and `explain` look at. `forward` builds it from the
 /// tensors; build one by hand to ask [`crate::Attention::explain`] about a call you have not
 /// made yet.
@@ -58,6 +70,9 @@ pub struct Problem {
     /// Every base pointer is 16-byte aligned and every stride a multiple of 16 bytes, so
     /// kernels can move 16-byte vectors (true for problems built by hand).
     pub vector_aligned: bool,
+    /// A KV-cache call ([`crate::Attention::forward_kvcache`]): `seqlen_k` is the cache's
+    /// capacity per sequence, each sequence's real length is on the device.
+    pub kv_cache: Option<KvCacheKind>,
 }
 
 impl Problem {
@@ -86,35 +101,47 @@ impl Problem {
             memory: MemoryKind::Device { ordinal: 0 },
             varlen: false,
             vector_aligned: true,
+            kv_cache: None,
         }
     }
+    /// Make it a KV-cache call over keys stored as `kind`.
+    pub fn kv_cache(mut self, kind: KvCacheKind) -> Self {
+        self.kv_cache = Some(kind);
+        self
+    }
     /// Set the causal mask.
+    #[must_use]
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
     /// Request the log-sum-exp output.
+    #[must_use]
     pub fn with_lse(mut self, lse: bool) -> Self {
         self.with_lse = lse;
         self
     }
     /// Describe a packed variable-length batch (see [`crate::VarLen`]).
+    #[must_use]
     pub fn varlen(mut self, varlen: bool) -> Self {
         self.varlen = varlen;
         self
     }
     /// Put the tensors in host memory.
+    #[must_use]
     pub fn on_host(mut self) -> Self {
         self.memory = MemoryKind::Host;
         self
     }
     /// Put the tensors in the memory of device `ordinal`.
+    #[must_use]
     pub fn on_device(mut self, ordinal: usize) -> Self {
         self.memory = MemoryKind::Device { ordinal };
         self
     }
-    /// Floating-point operations of the forward pass (4·b·h·sq·sk·d, halved when causal and
-    /// square), the figure benchmarks report throughput against.
+    /// Floating-point operations of the forward pass: 4·b·h·sq·sk·d, halved whenever the
+    /// problem is causal (exact for square problems, an approximation otherwise), the
+    /// figure benchmarks report throughput against.
     pub fn flops(&self) -> f64 {
         let f = 4.0
             * self.batch as f64
@@ -151,7 +178,12 @@ impl fmt::Display for Problem {
                     l.map(|x| x.to_string()).unwrap_or_else(|| "inf".into()),
                     r.map(|x| x.to_string()).unwrap_or_else(|| "inf".into())
                 ),
-            } + &self.softcap.map(|c| format!(" softcap={c}")).unwrap_or_default(),
+            } + &self.softcap.map(|c| format!(" softcap={c}")).unwrap_or_default()
+                + match self.kv_cache {
+                    None => "",
+                    Some(KvCacheKind::Contiguous) => " kv-cache",
+                    Some(KvCacheKind::Paged { .. }) => " paged kv-cache",
+                },
             match self.memory {
                 MemoryKind::Host => "host memory".to_string(),
                 MemoryKind::Device { ordinal } => format!("device {ordinal} memory"),

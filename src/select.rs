@@ -15,10 +15,12 @@ use crate::error::{Error, Rejection};
 use crate::gpu::device::{self, warn_once, GpuDevice};
 use crate::gpu::flash::FlashBackend;
 use crate::gpu::mem_efficient::MemEfficientBackend;
+use crate::gpu::decode::DecodeBackend;
 use crate::gpu::naive::NaiveBackend;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
 use crate::settings::{JitMode, Settings};
+use crate::kvcache::KvCache;
 use crate::tensor::{validate, LseMut, Tensor, TensorMut, VarLen};
 
 /// Configures selection in code. It starts from the environment (`ATTN_*`); every explicit
@@ -184,6 +186,7 @@ impl Selector {
         };
         // Ranked fastest first. Only backends that exist in this version are registered.
         let chain: Vec<Box<dyn Backend>> = vec![
+            Box::new(DecodeBackend::new(device.clone(), s.jit, s.cache_dir.clone())),
             Box::new(FlashBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.flash_hopper, s.flash_tma)),
             Box::new(MemEfficientBackend::new(device.clone(), s.jit, s.cache_dir.clone())),
             Box::new(NaiveBackend::new(device.clone(), s.jit, s.cache_dir.clone(), s.naive_workspace_mb)),
@@ -327,6 +330,7 @@ impl Attention {
             BackendKind::MemEfficient => {
                 MemEfficientBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone()).image_description()
             }
+            BackendKind::Decode => DecodeBackend::new(Some(dev.clone()), s.jit, s.cache_dir.clone()).image_description(),
             _ => None,
         }
     }
@@ -344,6 +348,9 @@ impl Attention {
         }
         if let Some((_, by)) = inner.disabled_by.iter().find(|(k, _)| *k == kind) {
             return vec![Reason::Disabled { by }];
+        }
+        if problem.kv_cache.is_some() && !backend.runs_kv_cache() {
+            return vec![Reason::KvCache];
         }
         let mut reasons = Vec::new();
         if let Some(r) = inner.unusable.read().unwrap_or_else(|e| e.into_inner()).get(&(kind, KernelClass::of(problem))) {
@@ -537,7 +544,35 @@ impl Attention {
         varlen: Option<&VarLen<'_>>,
         opts: &Options,
     ) -> Result<BackendKind, Error> {
-        let mut call = validate(q, k, v, out, lse, varlen, opts)?;
+        let call = validate(q, k, v, out, lse, varlen, opts)?;
+        self.dispatch(call)
+    }
+
+    /// Attention of `q` over a KV cache (see [`KvCache`]): decode (one query row per
+    /// sequence), speculative decoding (a few), or a chunk of a prefill against what is cached.
+    /// q and out are `[batch, q_len, heads, head_dim]`; query row `i` of sequence `b` is at
+    /// position `lens[b] - q_len + i` of its cache, so causal masks and windows align
+    /// bottom-right against each sequence's own length. `lse`, if given, is f32 `[batch,
+    /// heads, q_len]`. Nothing is allocated on the host or read back: with device lengths and
+    /// block tables the call can be captured in a CUDA graph and replayed with new ones.
+    ///
+    /// The cache must already hold the rows of this call's keys and values (write them with
+    /// your own append, e.g. vLLM's `reshape_and_cache`, first).
+    pub fn forward_kvcache<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        cache: &KvCache<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        lse: Option<&mut LseMut<'_>>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        let call = crate::kvcache::validate_kvcache(q, cache, out, lse, opts)?;
+        self.dispatch(call)
+    }
+
+    /// Runs a validated call on the best backend that takes it, falling back past recoverable
+    /// run-time failures.
+    fn dispatch(&self, mut call: crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
         call.allow_tf32 |= self.inner.settings.allow_tf32;
         // Raw device pointers carry no ordinal: they are on this handle's device or rejected
         // by the range check.
@@ -589,6 +624,7 @@ struct KernelClass {
     masked: bool,
     softcap: bool,
     vector_aligned: bool,
+    kv_cache: Option<crate::problem::KvCacheKind>,
 }
 
 impl KernelClass {
@@ -600,6 +636,7 @@ impl KernelClass {
             masked: p.causal || p.window != (None, None),
             softcap: p.softcap.is_some(),
             vector_aligned: p.vector_aligned,
+            kv_cache: p.kv_cache,
         }
     }
 }

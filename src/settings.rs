@@ -166,6 +166,17 @@ const BUILD_AND_TEST_VARIABLES: [&str; 7] = [
     "ATTN_FUZZ_*",
 ];
 
+/// Variables of CUDA, the loader and rayon that [`Settings::report_environment`] shows.
+const REPORT_VARIABLES: [&str; 7] = [
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "CUDARC_CUDA_VERSION",
+    "RAYON_NUM_THREADS",
+];
+
 /// Names of the variables this module reads, for diagnostics.
 pub const VARIABLES: [&str; 13] = [
     "ATTN_BACKEND",
@@ -252,7 +263,8 @@ impl Settings {
             None => crate::gpu::cache::default_cache_dir(
                 lookup("XDG_CACHE_HOME").as_deref(),
                 lookup("HOME").as_deref(),
-            ),
+            )
+            .or_else(crate::gpu::cache::platform_cache_dir),
         };
         if let Some(v) = get("ATTN_NAIVE_WORKSPACE_MB")? {
             s.naive_workspace_mb = parse_count(
@@ -339,6 +351,16 @@ impl Settings {
             std::env::var_os("XDG_CACHE_HOME").as_deref(),
             std::env::var_os("HOME").as_deref(),
         )
+        .or_else(crate::gpu::cache::platform_cache_dir)
+    }
+
+    /// Variables outside the crate's own that decide what it finds (devices, libraries,
+    /// threads), with their values (`None`: unset), for [`crate::report()`].
+    pub fn report_environment() -> Vec<(&'static str, Option<String>)> {
+        REPORT_VARIABLES
+            .iter()
+            .map(|&v| (v, std::env::var_os(v).map(|x| x.to_string_lossy().into_owned())))
+            .collect()
     }
 
     /// The variables that are set, with their values, for diagnostics (`doctor`).

@@ -17,14 +17,14 @@ use crate::problem::{MemoryKind, Problem};
 /// Device memory owned elsewhere (candle, PyTorch): a pointer, a length, and for outputs the
 /// stream to write on. Nothing orders it; the caller's `unsafe` contract does.
 #[derive(Clone, Copy)]
-struct RawDevice {
-    ptr: u64,
-    len: usize,
-    stream: CUstream,
+pub(crate) struct RawDevice {
+    pub(crate) ptr: u64,
+    pub(crate) len: usize,
+    pub(crate) stream: CUstream,
 }
 
 /// Where a read-only view's elements live.
-enum InMem<'a, T> {
+pub(crate) enum InMem<'a, T> {
     Host(&'a [T]),
     Raw(RawDevice),
     /// A cudarc slice, kept as the slice (not a pointer) so the call can order it on the stream
@@ -33,7 +33,7 @@ enum InMem<'a, T> {
 }
 
 /// Where an output view's elements live.
-enum OutMem<'a, T> {
+pub(crate) enum OutMem<'a, T> {
     Host(&'a mut [T]),
     Raw(RawDevice),
     /// A cudarc slice and its stream, which becomes the launch stream (for the output) or is
@@ -50,21 +50,21 @@ enum OutMem<'a, T> {
 /// assert_eq!(q.layout().heads(), 2);
 /// ```
 pub struct Tensor<'a, T: Element> {
-    mem: InMem<'a, T>,
-    layout: Layout,
+    pub(crate) mem: InMem<'a, T>,
+    pub(crate) layout: Layout,
 }
 
 /// The output: `[batch, seqlen_q, heads, head_dim]` elements of `T`, fully written by a
 /// successful call and left untouched by a failed one.
 pub struct TensorMut<'a, T: Element> {
-    mem: OutMem<'a, T>,
-    layout: Layout,
+    pub(crate) mem: OutMem<'a, T>,
+    pub(crate) layout: Layout,
 }
 
 /// The optional log-sum-exp output: f32, contiguous `[batch, heads, seqlen_q]`, natural log,
 /// `-inf` for rows that see no key.
 pub struct LseMut<'a> {
-    mem: OutMem<'a, f32>,
+    pub(crate) mem: OutMem<'a, f32>,
 }
 
 impl<'a, T: Element> Tensor<'a, T> {
@@ -149,7 +149,7 @@ impl<'a> LseMut<'a> {
 }
 
 /// The address, length in elements and memory of a view, read without ordering anything.
-fn peek_in<T>(mem: &InMem<'_, T>) -> (Addr, usize, MemoryKind) {
+pub(crate) fn peek_in<T>(mem: &InMem<'_, T>) -> (Addr, usize, MemoryKind) {
     match mem {
         InMem::Host(b) => (Addr::Host(b.as_ptr() as *const u8), b.len(), MemoryKind::Host),
         InMem::Raw(r) => (Addr::Device(r.ptr), r.len, MemoryKind::Device { ordinal: usize::MAX }),
@@ -163,7 +163,7 @@ fn peek_in<T>(mem: &InMem<'_, T>) -> (Addr, usize, MemoryKind) {
     }
 }
 
-fn peek_out<T>(mem: &mut OutMem<'_, T>) -> (Addr, usize, MemoryKind) {
+pub(crate) fn peek_out<T>(mem: &mut OutMem<'_, T>) -> (Addr, usize, MemoryKind) {
     match mem {
         OutMem::Host(b) => (Addr::Host(b.as_mut_ptr() as *const u8), b.len(), MemoryKind::Host),
         OutMem::Raw(r) => (Addr::Device(r.ptr), r.len, MemoryKind::Device { ordinal: usize::MAX }),
@@ -230,7 +230,7 @@ impl Drop for StreamOrder<'_> {
 
 /// Builds the ordering of a valid call (see [`StreamOrder`]). `launch` is the output's cudarc
 /// stream, or `raw_launch` when the output is raw memory.
-fn order_on_launch_stream<'c, T: Element>(
+pub(crate) fn order_on_launch_stream<'c, T: Element>(
     inputs: [&'c InMem<'_, T>; 3],
     seqlens: [Option<&'c InMem<'_, i32>>; 2],
     out: &'c mut OutMem<'_, T>,
@@ -480,9 +480,27 @@ pub(crate) struct Call<'a> {
     pub allow_tf32: bool,
     /// The stream device work is launched on (null for host calls or the legacy stream).
     pub stream: CUstream,
+    /// A KV-cache call: where each sequence's length and pages are.
+    pub kv: Option<KvPart>,
     /// Keeps the cudarc operands ordered on `stream` until the call drops (after the launch).
-    _order: StreamOrder<'a>,
-    _borrows: PhantomData<&'a mut ()>,
+    pub(crate) _order: StreamOrder<'a>,
+    pub(crate) _borrows: PhantomData<&'a mut ()>,
+}
+
+/// The validated KV-cache part of a call. For a contiguous cache k/v are `[batch, max_len,
+/// kv_heads, d]`; for a paged one they are the pages `[num_pages, page_size, kv_heads, d]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KvPart {
+    /// int32 `[batch]`: keys in each sequence's cache, the new rows included.
+    pub lens: Addr,
+    /// Paged: int32 page ids, `batch` rows `table_stride` apart, `pages_per_seq` used per row.
+    pub table: Option<Addr>,
+    pub table_stride: usize,
+    pub pages_per_seq: usize,
+    pub page_size: usize,
+    pub num_pages: usize,
+    /// Most keys a sequence can hold: lengths are clamped to it.
+    pub max_len: usize,
 }
 
 impl Call<'_> {
@@ -533,12 +551,12 @@ pub(crate) const MAX_DIM: usize = (i32::MAX as usize) - (1 << 16);
 
 use crate::options::MAX_SOFTMAX_SCALE;
 
-fn shape_str(l: &Layout) -> String {
+pub(crate) fn shape_str(l: &Layout) -> String {
     format!("{:?}", l.shape())
 }
 
 /// Checks one tensor on its own: sizes, bounds, alignment, and for an output, no overlap.
-fn check_operand(name: &'static str, o: &Operand, elem_size: usize, output: bool) -> Result<(), Error> {
+pub(crate) fn check_operand(name: &'static str, o: &Operand, elem_size: usize, output: bool) -> Result<(), Error> {
     let layout = &o.layout;
     let shape = layout.shape();
     if shape.contains(&0) {
@@ -605,13 +623,13 @@ fn check_operand(name: &'static str, o: &Operand, elem_size: usize, output: bool
     Ok(())
 }
 
-fn operand(addr: Addr, len: usize, layout: Layout) -> Operand {
+pub(crate) fn operand(addr: Addr, len: usize, layout: Layout) -> Operand {
     // Canonical strides: a size-1 dimension's stride (which may be anything) never reaches
     // a kernel or an alignment check.
     Operand { addr, len, layout: layout.canonical() }
 }
 
-fn same_memory(a: MemoryKind, b: MemoryKind) -> bool {
+pub(crate) fn same_memory(a: MemoryKind, b: MemoryKind) -> bool {
     match (a, b) {
         (MemoryKind::Host, MemoryKind::Host) => true,
         // usize::MAX: a raw pointer whose device is not known yet (checked by the GPU backend).
@@ -622,7 +640,7 @@ fn same_memory(a: MemoryKind, b: MemoryKind) -> bool {
     }
 }
 
-fn describe(m: MemoryKind) -> String {
+pub(crate) fn describe(m: MemoryKind) -> String {
     match m {
         MemoryKind::Host => "host memory".into(),
         MemoryKind::Device { ordinal: usize::MAX } => "device memory".into(),
@@ -631,7 +649,7 @@ fn describe(m: MemoryKind) -> String {
 }
 
 /// Whether 16-byte vector loads and stores of an operand's rows are aligned.
-fn vector_aligned(o: &Operand, elem: usize) -> bool {
+pub(crate) fn vector_aligned(o: &Operand, elem: usize) -> bool {
     let base = match o.addr {
         Addr::Device(p) => p as usize,
         Addr::Host(p) => p as usize,
@@ -641,7 +659,7 @@ fn vector_aligned(o: &Operand, elem: usize) -> bool {
 }
 
 /// Byte range `[start, end)` a device operand covers (checked operands only).
-fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
+pub(crate) fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
     match o.addr {
         Addr::Device(p) => {
             let bytes = o.layout.span()? as u64 * elem as u64;
@@ -653,7 +671,7 @@ fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
 
 /// Rejects a device output that shares bytes with another device operand of the call: kernels
 /// read the inputs after writing the output, and write the output and lse in any order.
-fn check_disjoint(out: (&'static str, Option<(u64, u64)>), others: &[(&'static str, Option<(u64, u64)>)]) -> Result<(), Error> {
+pub(crate) fn check_disjoint(out: (&'static str, Option<(u64, u64)>), others: &[(&'static str, Option<(u64, u64)>)]) -> Result<(), Error> {
     let (name, Some((o0, o1))) = out else { return Ok(()) };
     for &(other, range) in others {
         if let Some((a0, a1)) = range {
@@ -667,6 +685,37 @@ fn check_disjoint(out: (&'static str, Option<(u64, u64)>), others: &[(&'static s
         }
     }
     Ok(())
+}
+
+/// Checks the options every call takes: scale, soft-cap, window.
+pub(crate) fn check_options(opts: &Options) -> Result<(), Error> {
+    if let Some(s) = opts.softmax_scale {
+        if !(0.0..=MAX_SOFTMAX_SCALE).contains(&s) {
+            return Err(Error::invalid("options.softmax_scale", s, format!("a number from 0 to {MAX_SOFTMAX_SCALE:e}")));
+        }
+    }
+    if let Some(c) = opts.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::invalid("options.softcap", c, "a finite number above 0"));
+        }
+    }
+    for (arg, w) in [("options.window_left", opts.window_left), ("options.window_right", opts.window_right)] {
+        if let Some(w) = w {
+            if w > MAX_DIM {
+                return Err(Error::invalid(arg, w, format!("at most {MAX_DIM}, or None for unlimited")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stream a call's kernels run on: the output's (null for host memory or the legacy stream).
+pub(crate) fn launch_stream<T>(out: &OutMem<'_, T>) -> CUstream {
+    match out {
+        OutMem::Raw(r) => r.stream,
+        OutMem::Cuda { stream, .. } => stream.cu_stream(),
+        OutMem::Host(_) => std::ptr::null_mut(),
+    }
 }
 
 /// Validates a call: one check per constraint, each error naming the argument, the value and
@@ -693,11 +742,7 @@ pub(crate) fn validate<'c, T: Element>(
         let (addr, len, m) = peek_out(&mut out.mem);
         (operand(addr, len, out.layout), m)
     };
-    let raw_stream = match &out.mem {
-        OutMem::Raw(r) => r.stream,
-        OutMem::Cuda { stream, .. } => stream.cu_stream(),
-        OutMem::Host(_) => std::ptr::null_mut(),
-    };
+    let raw_stream = launch_stream(&out.mem);
     check_operand("q", &qo, elem, false)?;
     check_operand("k", &ko, elem, false)?;
     check_operand("v", &vo, elem, false)?;
@@ -777,23 +822,7 @@ pub(crate) fn validate<'c, T: Element>(
             Some(lo)
         }
     };
-    if let Some(s) = opts.softmax_scale {
-        if !(0.0..=MAX_SOFTMAX_SCALE).contains(&s) {
-            return Err(Error::invalid("options.softmax_scale", s, format!("a number from 0 to {MAX_SOFTMAX_SCALE:e}")));
-        }
-    }
-    if let Some(c) = opts.softcap {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::invalid("options.softcap", c, "a finite number above 0"));
-        }
-    }
-    for (arg, w) in [("options.window_left", opts.window_left), ("options.window_right", opts.window_right)] {
-        if let Some(w) = w {
-            if w > MAX_DIM {
-                return Err(Error::invalid(arg, w, format!("at most {MAX_DIM}, or None for unlimited")));
-            }
-        }
-    }
+    check_options(opts)?;
     let packed = match varlen {
         None => None,
         Some(vl) => Some(check_varlen(vl, &qo.layout, &ko.layout, qm)?),
@@ -860,6 +889,7 @@ pub(crate) fn validate<'c, T: Element>(
         varlen: packed,
         allow_tf32: opts.allow_tf32,
         stream: raw_stream,
+        kv: None,
         _order: order,
         _borrows: PhantomData,
     })

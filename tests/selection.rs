@@ -11,6 +11,11 @@ fn handle(caps: DeviceCaps, settings: Settings) -> attention::Attention {
     Selector::from_settings(settings).simulate(caps).select().unwrap()
 }
 
+/// The reasons `kind` was passed over (the explanation lists every higher-ranked backend).
+fn rejected(e: &attention::Explanation, kind: BackendKind) -> &[Reason] {
+    &e.rejected.iter().find(|r| r.backend == kind).unwrap_or_else(|| panic!("{kind} not rejected: {e}")).reasons
+}
+
 fn device_problem() -> Problem {
     Problem::new(DType::BF16, 2, 512, 512, 16, 4, 128).causal(true)
 }
@@ -95,8 +100,7 @@ fn flash_rejects_what_it_cannot_run() {
     for (p, reason) in cases {
         let e = attn.explain(&p);
         assert_eq!(e.chosen, Some(BackendKind::MemEfficient), "{e}");
-        assert_eq!(e.rejected[0].backend, BackendKind::Flash);
-        assert_eq!(e.rejected[0].reasons, vec![reason]);
+        assert_eq!(rejected(&e, BackendKind::Flash), vec![reason]);
     }
     // A device without enough shared memory for the d=256 kernel.
     let mut small = DeviceCaps::simulated(SimulatedGpu::A10);
@@ -104,7 +108,7 @@ fn flash_rejects_what_it_cannot_run() {
     let mut d256 = base.clone();
     d256.head_dim = 256;
     let e = handle(small, Settings::default()).explain(&d256);
-    assert_eq!(e.rejected[0].reasons, vec![Reason::SharedMemory { needed: 90112, available: 65536 }]);
+    assert_eq!(rejected(&e, BackendKind::Flash), vec![Reason::SharedMemory { needed: 90112, available: 65536 }]);
 }
 
 /// A build without nvcc compiles at first use on every device NVRTC 13 can target.
@@ -131,7 +135,7 @@ fn missing_arch_is_repaired_by_jit_or_explained() {
     let never = Settings { jit: JitMode::Never, ..Settings::default() };
     let e = handle(caps.clone(), never).explain(&device_problem());
     assert_eq!(e.chosen, None);
-    let r = &e.rejected[0].reasons[0];
+    let r = &rejected(&e, BackendKind::Flash)[0];
     assert!(matches!(r, Reason::NoKernelImage { built_for, device, .. } if built_for == "8.0" && device == "sm_90"), "{r:?}");
     let text = r.to_string();
     for needle in ["[8.0]", "sm_90", "ATTN_CUDA_ARCH_LIST", "9.0", "ATTN_JIT"] {
@@ -151,10 +155,10 @@ fn jit_always_needs_nvrtc() {
     let always = Settings { jit: JitMode::Always, ..Settings::default() };
     let e = handle(caps.clone(), always).explain(&device_problem());
     assert_eq!(e.chosen, None);
-    assert!(matches!(&e.rejected[0].reasons[0], Reason::Jit { why } if why.contains("ATTN_JIT=always") && why.contains("not installed")));
+    assert!(matches!(&rejected(&e, BackendKind::Flash)[0], Reason::Jit { why } if why.contains("ATTN_JIT=always") && why.contains("not installed")));
     // A JIT-only build without NVRTC has no image at all.
     let e = handle(caps.with_kernels(KernelBuild::jit_only()), Settings::default()).explain(&device_problem());
-    assert!(matches!(&e.rejected[0].reasons[0], Reason::NoKernelImage { built_for, jit, .. } if built_for.is_empty() && jit.contains("NVRTC is unavailable")));
+    assert!(matches!(&rejected(&e, BackendKind::Flash)[0], Reason::NoKernelImage { built_for, jit, .. } if built_for.is_empty() && jit.contains("NVRTC is unavailable")));
 }
 
 #[test]
@@ -172,13 +176,13 @@ fn disabled_and_forced_backends_say_which_setting() {
     let disabled = Settings { disabled: vec![BackendKind::Naive], ..Settings::default() };
     let disabled = Settings { disabled: vec![BackendKind::Flash, BackendKind::MemEfficient], ..disabled };
     let e = handle(caps.clone(), disabled).explain(&device_problem());
-    assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
-    assert_eq!(e.rejected[1].reasons, vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
-    assert!(e.rejected[0].reasons[0].to_string().contains("ATTN_DISABLE"));
+    assert_eq!(rejected(&e, BackendKind::Flash), vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
+    assert_eq!(rejected(&e, BackendKind::MemEfficient), vec![Reason::Disabled { by: "ATTN_DISABLE" }]);
+    assert!(rejected(&e, BackendKind::Flash)[0].to_string().contains("ATTN_DISABLE"));
 
     let attn = Selector::from_settings(Settings::default()).disable(BackendKind::Flash).simulate(caps.clone()).select().unwrap();
     let e = attn.explain(&device_problem());
-    assert_eq!(e.rejected[0].reasons, vec![Reason::Disabled { by: "Selector::disable" }]);
+    assert_eq!(rejected(&e, BackendKind::Flash), vec![Reason::Disabled { by: "Selector::disable" }]);
     assert_eq!(e.chosen, Some(BackendKind::MemEfficient));
 
     let forced = Settings { backend: Some(BackendKind::Cpu), ..Settings::default() };
@@ -309,9 +313,9 @@ fn turing_runs_mem_efficient_with_flash_explained() {
             p.head_dim = head_dim;
             let e = attn.explain(&p);
             assert_eq!(e.chosen, Some(BackendKind::MemEfficient), "{e}");
-            assert_eq!(e.rejected[0].backend, BackendKind::Flash);
-            assert_eq!(e.rejected[0].reasons, vec![Reason::ComputeCapability { needed: ComputeCapability::new(8, 0), found: turing }]);
-            assert!(!e.rejected[0].is_fallback(), "{e}");
+            let flash = e.rejected.iter().find(|r| r.backend == BackendKind::Flash).unwrap();
+            assert_eq!(flash.reasons, vec![Reason::ComputeCapability { needed: ComputeCapability::new(8, 0), found: turing }]);
+            assert!(!flash.is_fallback(), "{e}");
         }
     }
     let e = attn.explain(&device_problem());
@@ -323,4 +327,34 @@ fn turing_runs_mem_efficient_with_flash_explained() {
     wide.dtype = DType::F16;
     wide.head_dim = 640;
     assert_eq!(attn.reasons(BackendKind::MemEfficient, &wide), vec![Reason::HeadDim { max: 512, found: 640 }]);
+}
+
+/// Decode shapes (a few query rows against long keys) rank the decode backend first on every
+/// arch it serves (bf16 included on Turing: it needs no tensor cores); prefills pass it by
+/// without a fallback warning; KV-cache calls run on decode or, in host memory, cpu.
+#[test]
+fn decode_shapes_run_on_the_decode_backend() {
+    let decode = Problem::new(DType::BF16, 4, 1, 8192, 32, 8, 128);
+    for gpu in [SimulatedGpu::T4, SimulatedGpu::A100, SimulatedGpu::H100, SimulatedGpu::B200] {
+        let attn = handle(DeviceCaps::simulated(gpu), Settings::default());
+        let e = attn.explain(&decode);
+        assert_eq!(e.chosen, Some(BackendKind::Decode), "{gpu:?}: {e}");
+        let e = attn.explain(&device_problem());
+        let r = e.rejected.iter().find(|r| r.backend == BackendKind::Decode).unwrap();
+        assert_eq!(r.reasons, vec![Reason::NotADecode { seqlen_q: 512, max: 16 }]);
+        assert!(!r.is_fallback(), "a prefill is not a fallback from decode");
+        let kv = decode.clone().kv_cache(attention::KvCacheKind::Paged { page_size: 16 });
+        assert_eq!(attn.explain(&kv).chosen, Some(BackendKind::Decode), "{gpu:?}");
+    }
+    // Without decode, a KV-cache call on the device has no backend: the prefill kernels say
+    // why, and the CPU never copies device memory.
+    let attn = Selector::from_settings(Settings::default()).disable(BackendKind::Decode).simulate(DeviceCaps::simulated(SimulatedGpu::H100)).select().unwrap();
+    let kv = decode.kv_cache(attention::KvCacheKind::Contiguous);
+    let e = attn.explain(&kv);
+    assert_eq!(e.chosen, None);
+    assert_eq!(rejected(&e, BackendKind::Flash), vec![Reason::KvCache]);
+    // Too wide a head for one warp's row of 16-byte loads: a typed reason, then flash.
+    let wide = Problem::new(DType::F32, 1, 1, 4096, 8, 8, 256);
+    let e = handle(DeviceCaps::simulated(SimulatedGpu::H100), Settings::default()).explain(&wide);
+    assert_eq!(rejected(&e, BackendKind::Decode), vec![Reason::HeadDim { max: 128, found: 256 }]);
 }

@@ -19,18 +19,18 @@
 //!   [`DiskCache::get_or_compile`] still returns the freshly compiled image together with the
 //!   store error, so the caller can warn once and go on without caching.
 //!
-//! # Entry file format (version 1)
+//! # Entry file format (version 2)
 //!
 //! One file per key, named `<file_stem>.bin` (see [`CacheKey::file_stem`]). All integers are
 //! little-endian.
 //!
 //! | bytes             | content                                                       |
 //! |-------------------|---------------------------------------------------------------|
-//! | 26                | magic and format version line: `b"attention kernel cache v1\n"` |
+//! | 26                | magic and format version line: `b"attention kernel cache v2\n"` |
 //! | 8                 | `key_len`: length of the key text in bytes (u64)              |
 //! | `key_len`         | key text, UTF-8, exactly [`CacheKey::text`]                   |
 //! | 8                 | `payload_len`: length of the image in bytes (u64)             |
-//! | 8                 | checksum: [`fnv1a64`] of the payload (u64)                    |
+//! | 8                 | checksum: [`payload_checksum`] (CRC-32) of the payload, as u64 (u64)  |
 //! | `payload_len`     | the compiled image                                            |
 //!
 //! The file must end exactly after the payload; trailing bytes are corruption too. The key
@@ -59,7 +59,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// First line of every entry file. Bump the version when the layout changes: older files
 /// are then reported as corrupt ("unsupported format version") and recompiled.
-const MAGIC: &[u8] = b"attention kernel cache v1\n";
+const MAGIC: &[u8] = b"attention kernel cache v2\n";
 /// The part of [`MAGIC`] before the version number, to tell "other version" from "garbage".
 const MAGIC_PREFIX: &[u8] = b"attention kernel cache v";
 /// Suffix of entry files.
@@ -76,9 +76,17 @@ const MAX_STEM_NAME: usize = 48;
 /// Key field whose value, if present, prefixes the file name (for humans listing the dir).
 const MODULE_FIELD: &str = "module";
 
+/// The payload checksum: CRC-32 (IEEE) from `crc32fast`, which uses the CPU's carry-less
+/// multiply (PCLMULQDQ, ARMv8 CRC) where present, widened to the header's u64 field. Format
+/// version 1 used [`fnv1a64`], one byte at a time; its entries now read as another version
+/// and are rebuilt.
+pub(crate) fn payload_checksum(payload: &[u8]) -> u64 {
+    u64::from(crc32fast::hash(payload))
+}
+
 /// 64-bit FNV-1a hash of `bytes`.
 ///
-/// Used for entry file names, payload checksums, and by callers to hash kernel sources into
+/// Used for entry file names and by callers to hash kernel sources into
 /// a [`CacheKey`]. It is not cryptographic: the cache defends against collisions by storing
 /// and comparing the full key text, and against corruption, not against an attacker who can
 /// write to the cache directory (such an attacker could write any image anyway).
@@ -578,7 +586,7 @@ fn encode_entry(key_text: &str, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&(key_text.len() as u64).to_le_bytes());
     out.extend_from_slice(key_text.as_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&fnv1a64(payload).to_le_bytes());
+    out.extend_from_slice(&payload_checksum(payload).to_le_bytes());
     out.extend_from_slice(payload);
     out
 }
@@ -616,7 +624,7 @@ fn parse_entry(bytes: &[u8]) -> Result<Entry<'_>, String> {
             rest.len()
         ));
     }
-    let actual = fnv1a64(rest);
+    let actual = payload_checksum(rest);
     if actual != checksum {
         return Err(format!(
             "checksum mismatch: stored {checksum:016x}, computed {actual:016x}"
@@ -768,6 +776,20 @@ pub(crate) fn default_cache_dir(
         return Some(xdg.join("attention"));
     }
     absolute(home).map(|home| home.join(".cache").join("attention"))
+}
+
+/// The platform's cache directory where `XDG_CACHE_HOME` and `HOME` give none: on Windows
+/// `%LOCALAPPDATA%\attention` (through the `dirs` crate). `None` on Unix, where the XDG rule
+/// above is the convention.
+pub(crate) fn platform_cache_dir() -> Option<PathBuf> {
+    #[cfg(not(unix))]
+    {
+        dirs::cache_dir().filter(|p| p.is_absolute()).map(|d| d.join("attention"))
+    }
+    #[cfg(unix)]
+    {
+        None
+    }
 }
 
 #[cfg(test)]

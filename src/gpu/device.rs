@@ -2,12 +2,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
-use once_cell::sync::Lazy;
 
 use super::{embedded, nvrtc};
 use crate::backend::{Reason, RunError};
@@ -121,8 +120,7 @@ type ModuleResult = Result<Arc<LoadedModule>, Reason>;
 /// A probe's outcome per ordinal.
 type ProbeResult = Result<Arc<GpuDevice>, String>;
 
-static DEVICES: Lazy<Mutex<HashMap<usize, ProbeResult>>> =
-    Lazy::new(|| Mutex::new(HashMap::new()));
+static DEVICES: LazyLock<Mutex<HashMap<usize, ProbeResult>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Probes device `ordinal` once per process; later calls return the same result.
 /// The error says why no GPU is usable (no driver, no device, bad ordinal...).
@@ -140,7 +138,7 @@ pub(crate) fn probe(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
 fn probe_uncached(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
     // cudarc panics when libcuda is missing: check first.
     // SAFETY: only tries to dlopen the driver library by its known names.
-    if !unsafe { sys::is_culib_present() } {
+    if !crate::report::driver_library_present() {
         return Err("libcuda.so (the NVIDIA driver) was not found".into());
     }
     result::init().map_err(|e| format!("cuInit failed: {}", driver_error_text(e.0)))?;
@@ -253,7 +251,7 @@ fn is_missing_image(code: CUresult) -> bool {
 }
 
 /// Warnings that must appear once per process, not once per call.
-static WARNED: Lazy<Mutex<HashSet<String>>> = Lazy::new(|| Mutex::new(HashSet::new()));
+static WARNED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
 
 /// Logs `msg` at warn level the first time it is seen in this process.
 pub(crate) fn warn_once(msg: String) {
@@ -402,6 +400,17 @@ impl GpuDevice {
         }
         if let Some(l) = &call.lse {
             self.check_range("lse", device_addr(l), l.len as u64 * 4)?;
+        }
+        if let Some(kv) = &call.kv {
+            let lens = (call.problem.batch as u64) * 4;
+            let table = ((call.problem.batch as u64 - 1) * kv.table_stride as u64 + kv.pages_per_seq as u64) * 4;
+            for (name, a, bytes) in [("cache_lens", Some(kv.lens), lens), ("block_table", kv.table, table)] {
+                match a {
+                    None => {}
+                    Some(Addr::Device(p)) => self.check_range(name, p, bytes)?,
+                    Some(Addr::Host(_)) => return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q"))),
+                }
+            }
         }
         if let Some(v) = &call.varlen {
             let bytes = (call.problem.batch as u64 + 1) * 4;

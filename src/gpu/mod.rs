@@ -1,6 +1,7 @@
 //! Everything that touches the CUDA driver: probing, kernel images (embedded or JIT), backends.
 
 pub(crate) mod cache;
+pub(crate) mod decode;
 pub(crate) mod device;
 pub(crate) mod embedded;
 pub(crate) mod flash;

@@ -17,8 +17,8 @@ use crate::caps::{ComputeCapability, Nvrtc};
 /// Whether libnvrtc can be loaded, and its version. Never panics: cudarc panics when the
 /// library is missing, so presence is checked first and the calls are fenced.
 pub(crate) fn probe() -> Nvrtc {
-    // SAFETY: only tries to dlopen the library by its known names.
-    if !unsafe { sys::is_culib_present() } {
+    // Only tries to dlopen the library by its known names, in every cudarc loading mode.
+    if !crate::report::nvrtc_library_present() {
         return Nvrtc::Missing(
             "libnvrtc.so was not found on the library path (install the CUDA toolkit or the \
              nvidia-cuda-nvrtc wheel and add its lib directory to LD_LIBRARY_PATH)"

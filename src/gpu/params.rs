@@ -147,7 +147,8 @@ pub(crate) fn launch_persistent(
     launch(func, call, (blocks, 1, 1), threads, smem, &mut args)
 }
 
-fn launch(
+/// Launches `func` on the call's stream with `args` (one pointer per kernel parameter).
+pub(crate) fn launch(
     func: &CudaFunction,
     call: &Call<'_>,
     grid: (u32, u32, u32),

@@ -5,5 +5,6 @@
 #![allow(dead_code)]
 
 pub mod gpu;
+pub mod kv;
 pub mod reference;
 pub mod rng;

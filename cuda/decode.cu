@@ -1,0 +1,344 @@
+// attention: min-arch 7.5
+// Attention over a KV cache (decode, speculative decoding, short chunks): a few query rows per
+// sequence against a long cache, contiguous or paged. FlashDecoding's structure:
+//
+//  * GQA packing: one block takes the query heads of one KV head (times the query positions),
+//    so every K/V row is read from memory once per KV head, not once per query head.
+//  * Split-KV: when batch x kv_heads cannot fill the GPU, gridDim.x blocks share a sequence's
+//    keys; each writes a partial (normalised output and its log-sum-exp) to a workspace and
+//    attn_decode_combine merges them. The host fixes the split count (the grid) from an upper
+//    bound; each block decides on the device, from the sequence's real length, which keys are
+//    its own, so one grid (one CUDA graph) serves every length.
+//  * Memory-bound: no tensor cores. A K/V row is 16-byte vectors, LPK lanes per row, 32/LPK
+//    rows per warp step, U steps in flight per warp; scores reduce across a row's lanes with
+//    shuffles; the online softmax runs per lane group and merges across groups and warps.
+//
+// Launch: block DEC_WARPS * 32 threads; grid (splits, kv_heads * row_groups, batch);
+// attn_decode_combine: block 128 threads, grid (batch * heads * q_len).
+#include "common.cuh"
+#include "mma.cuh"
+
+#define DEC_WARPS 4
+// log2(e) and ln(2): scores run in base 2 (ex2.approx) and the lse is reported in base e.
+#define DEC_LOG2E 1.4426950408889634f
+#define DEC_LN2 0.6931471805599453f
+
+// Must match `DecodeParams` (#[repr(C)]) in src/gpu/decode.rs exactly.
+struct DecodeParams {
+    long long q_stride[3];  // [batch, q row, head]
+    long long k_stride[3];  // contiguous: [batch, position, kv head]; paged: [page, slot, kv head]
+    long long v_stride[3];
+    long long o_stride[3];  // [batch, q row, head]
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    float* lse;              // null, or [batch, heads, q_len]
+    const int* lens;         // null (every sequence max_len long), or [batch]: keys in each sequence's cache
+    const int* block_table;  // null (contiguous cache), or [batch] rows of `table_stride` page ids
+    float* part_o;           // splits > 1: [splits, batch, heads, q_len, head_dim] f32
+    float* part_lse;         // splits > 1: [splits, batch, heads, q_len]
+    long long table_stride;  // elements between block-table rows
+    int batch;
+    int heads;
+    int kv_group;   // heads / kv_heads: query head h reads kv head h / kv_group
+    int q_len;      // query rows per sequence: the last q_len positions of its cache
+    int head_dim;
+    int max_len;    // capacity: lens are clamped to it (contiguous: the cache's seqlen; paged: pages per row x page size)
+    int page_size;  // paged: slots per page
+    int num_pages;  // paged: page ids are clamped below it
+    int splits;     // gridDim.x
+    int min_chunk;  // fewest keys a split takes: short sequences use fewer splits
+    int window_left;   // < 0: unlimited
+    int window_right;  // < 0: unlimited
+    int causal;        // bottom-right against each sequence's length
+    float scale;
+    float softcap;  // <= 0: off
+    int rows_per_block;
+};
+// (NVRTC has no offsetof: the Rust side checks the offsets; here only the size.)
+static_assert(sizeof(DecodeParams) == 240, "DecodeParams must match the Rust #[repr(C)] struct");
+
+// 16 bytes from global memory through the non-coherent (read-only) path.
+__device__ __forceinline__ void dec_load16(const void* p, unsigned (&r)[4]) {
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "l"(p));
+}
+
+// Widens one 16-byte vector of storage elements to floats: VEC = 8 for 16-bit types, 4 for f32.
+template <class D, int VEC>
+__device__ __forceinline__ void dec_widen(const unsigned (&r)[4], float (&x)[VEC]) {
+    if (VEC == 4) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[i] = __uint_as_float(r[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            x[2 * i] = D::to_f32((typename D::storage)(r[i] & 0xffffu));
+            x[2 * i + 1] = D::to_f32((typename D::storage)(r[i] >> 16));
+        }
+    }
+}
+
+__device__ __forceinline__ float dec_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Merges online-softmax state (m, l, acc) with another (mo, lo, acco); m in base-2 units.
+// A side with no key (m = -inf) weighs 0; NaN propagates through attn_max.
+template <int VEC>
+__device__ __forceinline__ void dec_merge(float& m, float& l, float (&acc)[VEC], float mo, float lo, const float (&acco)[VEC]) {
+    const float mn = attn_max(m, mo);
+    const float base = mn == attn_neg_inf() ? 0.f : mn;
+    const float a = dec_exp2(m - base), b = dec_exp2(mo - base);
+    l = l * a + lo * b;
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) acc[c] = acc[c] * a + acco[c] * b;
+    m = mn;
+}
+
+// Where key j of sequence b lives, in elements from the tensor's base (head offset excluded).
+__device__ __forceinline__ long long dec_row(const DecodeParams& p, const long long (&stride)[3], int b, int j) {
+    if (p.block_table == nullptr) return (long long)b * stride[0] + (long long)j * stride[1];
+    int page = p.block_table[(long long)b * p.table_stride + j / p.page_size];
+    page = page < 0 ? 0 : (page >= p.num_pages ? p.num_pages - 1 : page);  // clamp: never outside the pages
+    return (long long)page * stride[0] + (long long)(j % p.page_size) * stride[1];
+}
+
+template <class D, int HD, int ROWS>
+__device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
+    typedef typename D::storage T;
+    constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte vector
+    constexpr int LPK = HD / VEC;             // lanes per key row
+    constexpr int KPW = 32 / LPK;             // key rows per warp step
+    static_assert(LPK <= 32 && 32 % LPK == 0, "a K/V row must fit one warp");
+    constexpr int STEP = DEC_WARPS * KPW;     // key rows per block step
+    // K/V rows in flight per lane: more hide more latency, but each costs 8 registers and
+    // eight rows' queries and accumulators already hold most of them.
+    constexpr int DEC_UNROLL = ROWS * VEC > 32 ? 2 : 4;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int grp = lane / LPK, sub = lane % LPK;
+    const int b = blockIdx.z;
+    const int kv_heads = p.heads / p.kv_group;
+    const int hk = blockIdx.y % kv_heads;
+    const int row0 = (blockIdx.y / kv_heads) * p.rows_per_block;  // first packed row: qi * kv_group + g
+    const int rows_total = p.q_len * p.kv_group;
+    const int nrows = min(p.rows_per_block, rows_total - row0);
+    const int col = sub * VEC;
+    const bool col_ok = col < p.head_dim;
+
+    // Dense K/V (no length array): every sequence holds max_len keys.
+    int len = p.lens == nullptr ? p.max_len : p.lens[b];
+    len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
+
+    // The keys any row of this block can see (bottom-right: query row qi sits at position
+    // len - q_len + qi), then this split's share of them.
+    const int qi_lo = row0 / p.kv_group, qi_hi = (row0 + nrows - 1) / p.kv_group;
+    long long lo = 0, hi = len;
+    const long long diag_lo = (long long)len - p.q_len + qi_lo, diag_hi = (long long)len - p.q_len + qi_hi;
+    if (p.causal) hi = min(hi, diag_hi + 1);
+    if (p.window_right >= 0) hi = min(hi, diag_hi + p.window_right + 1);
+    if (p.window_left >= 0) lo = max(lo, diag_lo - p.window_left);
+    if (lo < 0) lo = 0;
+    const long long span = hi > lo ? hi - lo : 0;
+    long long chunk = (span + p.splits - 1) / p.splits;
+    if (chunk < p.min_chunk) chunk = p.min_chunk;
+    const long long k_begin = lo + (long long)blockIdx.x * chunk;
+    const long long k_end = min(hi, k_begin + chunk);
+
+    // This lane's slice of each row's query, pre-scaled into base-2 logits (unless soft-capped,
+    // where the cap applies to the scaled logit first).
+    const float qscale = p.softcap > 0.f ? p.scale : p.scale * DEC_LOG2E;
+    float q[ROWS][VEC];
+    int qrow[ROWS], qhead[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int pr = row0 + (r < nrows ? r : 0);
+        qrow[r] = pr / p.kv_group;
+        qhead[r] = hk * p.kv_group + pr % p.kv_group;
+        unsigned raw[4] = {0u, 0u, 0u, 0u};
+        if (col_ok && r < nrows) {
+            const T* qp = (const T*)p.q + (long long)b * p.q_stride[0] + (long long)qrow[r] * p.q_stride[1] +
+                          (long long)qhead[r] * p.q_stride[2] + col;
+            dec_load16(qp, raw);
+        }
+        dec_widen<D, VEC>(raw, q[r]);
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) q[r][c] *= qscale;
+    }
+
+    float m[ROWS], l[ROWS], acc[ROWS][VEC];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        m[r] = attn_neg_inf();
+        l[r] = 0.f;
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) acc[r][c] = 0.f;
+    }
+
+    const T* kbase = (const T*)p.k + (long long)hk * p.k_stride[2] + col;
+    const T* vbase = (const T*)p.v + (long long)hk * p.v_stride[2] + col;
+    for (long long j0 = k_begin + warp * KPW + grp; j0 < k_end; j0 += (long long)STEP * DEC_UNROLL) {
+        // Issue every load of the step first: U rows of K and of V in flight per lane.
+        unsigned kr[DEC_UNROLL][4], vr[DEC_UNROLL][4];
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            const long long j = j0 + (long long)u * STEP;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) kr[u][i] = vr[u][i] = 0u;
+            if (j < k_end && col_ok) {
+                dec_load16(kbase + dec_row(p, p.k_stride, b, (int)j), kr[u]);
+                dec_load16(vbase + dec_row(p, p.v_stride, b, (int)j), vr[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            const long long j = j0 + (long long)u * STEP;
+            float kx[VEC], vx[VEC];
+            dec_widen<D, VEC>(kr[u], kx);
+            dec_widen<D, VEC>(vr[u], vx);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float s = 0.f;
+#pragma unroll
+                for (int c = 0; c < VEC; ++c) s = fmaf(q[r][c], kx[c], s);
+#pragma unroll
+                for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (p.softcap > 0.f) s = p.softcap * attn_tanh(s / p.softcap) * DEC_LOG2E;
+                const bool seen = r < nrows && j < k_end &&
+                                  attn_key_visible(qrow[r], j, p.q_len, len, p.causal, p.window_left, p.window_right);
+                if (!seen) s = attn_neg_inf();
+                // Online softmax, one key at a time per lane group; the rescale is skipped
+                // (exactly 1) once the row's maximum has settled.
+                const float mn = attn_max(m[r], s);
+                const float base = mn == attn_neg_inf() ? 0.f : mn;
+                const float pj = dec_exp2(s - base);
+                if (mn != m[r]) {
+                    const float a = dec_exp2(m[r] - base);
+                    l[r] *= a;
+#pragma unroll
+                    for (int c = 0; c < VEC; ++c) acc[r][c] *= a;
+                    m[r] = mn;
+                }
+                l[r] += pj;
+                // A masked key has pj = 0; its V (zeroed when out of range) adds nothing.
+                if (seen) {
+#pragma unroll
+                    for (int c = 0; c < VEC; ++c) acc[r][c] = fmaf(pj, vx[c], acc[r][c]);
+                }
+            }
+        }
+    }
+
+    // Merge the lane groups of each warp (lanes sub, sub + LPK, ... hold the same columns).
+#pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float acco[VEC];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) acco[c] = __shfl_xor_sync(0xffffffffu, acc[r][c], o);
+            const float mo = __shfl_xor_sync(0xffffffffu, m[r], o), lo_ = __shfl_xor_sync(0xffffffffu, l[r], o);
+            dec_merge<VEC>(m[r], l[r], acc[r], mo, lo_, acco);
+        }
+    }
+
+    // Merge the warps through shared memory: warp w's group 0 writes its rows.
+    __shared__ float s_acc[DEC_WARPS][ROWS][HD];
+    __shared__ float s_ml[DEC_WARPS][ROWS][2];
+    if (grp == 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) s_acc[warp][r][col + c] = acc[r][c];
+            if (sub == 0) {
+                s_ml[warp][r][0] = m[r];
+                s_ml[warp][r][1] = l[r];
+            }
+        }
+    }
+    __syncthreads();
+
+    // One thread per (row, column): merge the warps, normalise, store.
+    for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += DEC_WARPS * 32) {
+        const int r = idx / p.head_dim, c = idx % p.head_dim;
+        float mm = attn_neg_inf();
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) mm = attn_max(mm, s_ml[w][r][0]);
+        const float base = mm == attn_neg_inf() ? 0.f : mm;
+        float ll = 0.f, aa = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) {
+            const float e = dec_exp2(s_ml[w][r][0] - base);
+            ll += s_ml[w][r][1] * e;
+            aa += s_acc[w][r][c] * e;
+        }
+        const int pr = row0 + r, qi = pr / p.kv_group, h = hk * p.kv_group + pr % p.kv_group;
+        // A row that saw no key: zeros and -inf (ll == 0); NaN stays NaN.
+        const float out = ll == 0.f ? 0.f : aa / ll;
+        const float lse = ll == 0.f ? attn_neg_inf() : (mm + __log2f(ll)) * DEC_LN2;
+        const long long bhq = ((long long)b * p.heads + h) * p.q_len + qi;
+        if (p.splits == 1) {
+            T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
+            op[c] = D::from_f32(out);
+            if (c == 0 && p.lse != nullptr) p.lse[bhq] = lse;
+        } else {
+            const long long slot = (long long)blockIdx.x * p.batch * p.heads * p.q_len + bhq;
+            p.part_o[slot * p.head_dim + c] = out;
+            if (c == 0) p.part_lse[slot] = lse;
+        }
+    }
+}
+
+// Merges the splits of one (batch, head, query row): out = sum_s w_s o_s / sum_s w_s with
+// w_s = exp(lse_s - max lse); splits that saw no key have lse = -inf and weigh nothing.
+template <class D>
+__device__ __forceinline__ void dec_combine(const DecodeParams& p) {
+    typedef typename D::storage T;
+    const long long bhq = blockIdx.x;  // ((b * heads) + h) * q_len + qi
+    const long long per_split = (long long)p.batch * p.heads * p.q_len;
+    float mx = attn_neg_inf();
+    for (int s = 0; s < p.splits; ++s) mx = attn_max(mx, p.part_lse[s * per_split + bhq]);
+    const float base = mx == attn_neg_inf() ? 0.f : mx;
+    float wsum = 0.f;
+    for (int s = 0; s < p.splits; ++s) wsum += __expf(p.part_lse[s * per_split + bhq] - base);
+    const int qi = (int)(bhq % p.q_len), h = (int)((bhq / p.q_len) % p.heads), b = (int)(bhq / ((long long)p.q_len * p.heads));
+    T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
+    for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < p.splits; ++s) {
+            const float w = __expf(p.part_lse[s * per_split + bhq] - base);
+            const float o = p.part_o[(s * per_split + bhq) * p.head_dim + c];
+            if (w != 0.f || o != o) acc += w * o;  // skip empty splits' zeros; keep NaN
+        }
+        op[c] = D::from_f32(wsum == 0.f ? 0.f : acc / wsum);
+    }
+    if (threadIdx.x == 0 && p.lse != nullptr) p.lse[bhq] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
+}
+
+#define DEC_ENTRY(SUFFIX, D, HD, ROWS)                                                                       \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_##SUFFIX##_d##HD##_r##ROWS( \
+        DecodeParams p) {                                                                                    \
+        dec_kernel<D, HD, ROWS>(p);                                                                          \
+    }
+#define DEC_COMBINE(SUFFIX, D) \
+    extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_##SUFFIX(DecodeParams p) { dec_combine<D>(p); }
+// A K/V row must fit one warp: 256 16-bit columns are 32 lanes of 16 bytes; f32 stops at 128.
+#define DEC_ENTRIES_UP_TO_128(SUFFIX, D) \
+    DEC_ENTRY(SUFFIX, D, 64, 4)          \
+    DEC_ENTRY(SUFFIX, D, 64, 8)          \
+    DEC_ENTRY(SUFFIX, D, 128, 4)         \
+    DEC_ENTRY(SUFFIX, D, 128, 8)         \
+    DEC_COMBINE(SUFFIX, D)
+
+DEC_ENTRIES_UP_TO_128(f16, AttnF16)
+DEC_ENTRY(f16, AttnF16, 256, 4)
+DEC_ENTRY(f16, AttnF16, 256, 8)
+DEC_ENTRIES_UP_TO_128(bf16, AttnBF16)
+DEC_ENTRY(bf16, AttnBF16, 256, 4)
+DEC_ENTRY(bf16, AttnBF16, 256, 8)
+DEC_ENTRIES_UP_TO_128(f32, AttnF32)

@@ -1,0 +1,346 @@
+//! The decode backend: FlashDecoding-style kernels (cuda/decode.cu) for a few query rows per
+//! sequence against long keys, the main inference workload. GQA-packed (the query heads of a KV
+//! head share every K/V read), split-KV with a log-sum-exp combine when batch × kv_heads cannot
+//! fill the GPU, contiguous or paged caches with per-sequence lengths read only on the device.
+//! Memory-bound, so plain 16-byte loads and f32 FMAs on every arch from sm_75: no tensor cores.
+//!
+//! It ranks first: every problem with at most [`MAX_QUERY_ROWS`] query rows per sequence runs
+//! here, `forward` (dense K/V, every sequence `seqlen_k` long) as well as `forward_kvcache`.
+
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::result;
+use cudarc::driver::sys::CUresult;
+
+use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels};
+use super::params::{launch, strides, window_arg};
+use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError, MAX_GRID_YZ};
+use crate::caps::{ComputeCapability, DeviceCaps};
+use crate::dtype::DType;
+use crate::problem::Problem;
+use crate::settings::JitMode;
+use crate::tensor::{Addr, Call};
+
+/// The most query rows per sequence the decode kernels take (speculative decoding sends up to
+/// about 16); longer queries are prefills, which the tiled backends run.
+pub(crate) const MAX_QUERY_ROWS: usize = 16;
+/// The largest head_dim a kernel is specialised for: a K/V row is one warp's 16-byte loads at
+/// most, 256 columns of a 16-bit type, 128 of f32.
+fn max_head_dim(dtype: DType) -> usize {
+    32 * vector_elems(dtype)
+}
+/// Threads per block (`DEC_WARPS * 32` in cuda/decode.cu).
+const THREADS: usize = 128;
+/// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
+const MIN_CHUNK: usize = 64;
+/// Most splits of one sequence (bounds the workspace and the combine's loop).
+const MAX_SPLITS: usize = 128;
+/// Blocks per SM the split count aims for: enough loads in flight to cover memory latency.
+const BLOCKS_PER_SM: usize = 4;
+
+const MODULE: &str = "decode";
+/// Every entry point of cuda/decode.cu: `attn_decode_<dtype>_d<head_dim>_r<rows>` and a
+/// combine per dtype.
+const FUNCTIONS: [&str; 19] = [
+    "attn_decode_f16_d64_r4",
+    "attn_decode_f16_d64_r8",
+    "attn_decode_f16_d128_r4",
+    "attn_decode_f16_d128_r8",
+    "attn_decode_f16_d256_r4",
+    "attn_decode_f16_d256_r8",
+    "attn_decode_combine_f16",
+    "attn_decode_bf16_d64_r4",
+    "attn_decode_bf16_d64_r8",
+    "attn_decode_bf16_d128_r4",
+    "attn_decode_bf16_d128_r8",
+    "attn_decode_bf16_d256_r4",
+    "attn_decode_bf16_d256_r8",
+    "attn_decode_combine_bf16",
+    "attn_decode_f32_d64_r4",
+    "attn_decode_f32_d64_r8",
+    "attn_decode_f32_d128_r4",
+    "attn_decode_f32_d128_r8",
+    "attn_decode_combine_f32",
+];
+
+/// Mirrors `struct DecodeParams` in cuda/decode.cu (the kernel checks its size is 240).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DecodeParams {
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    o_stride: [i64; 3],
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    lens: u64,
+    block_table: u64,
+    part_o: u64,
+    part_lse: u64,
+    table_stride: i64,
+    batch: i32,
+    heads: i32,
+    kv_group: i32,
+    q_len: i32,
+    head_dim: i32,
+    max_len: i32,
+    page_size: i32,
+    num_pages: i32,
+    splits: i32,
+    min_chunk: i32,
+    window_left: i32,
+    window_right: i32,
+    causal: i32,
+    scale: f32,
+    softcap: f32,
+    rows_per_block: i32,
+}
+const _: () = {
+    assert!(std::mem::size_of::<DecodeParams>() == 240);
+    assert!(std::mem::offset_of!(DecodeParams, lse) == 128);
+    assert!(std::mem::offset_of!(DecodeParams, table_stride) == 168);
+    assert!(std::mem::offset_of!(DecodeParams, batch) == 176);
+    assert!(std::mem::offset_of!(DecodeParams, scale) == 228);
+    assert!(std::mem::offset_of!(DecodeParams, rows_per_block) == 236);
+};
+
+/// How one problem runs: the kernel and its grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// The head_dim the kernel is built for (64, 128, 256; smaller ones run zero-filled).
+    head_dim: usize,
+    /// Packed rows (query heads of a KV head × query positions) per block: 4 or 8.
+    rows: usize,
+    /// Blocks along the rows of one KV head.
+    row_groups: usize,
+    /// Blocks sharing one sequence's keys (1: no workspace, no combine).
+    splits: usize,
+}
+
+impl Plan {
+    /// The plan for a problem on a device with `sm_count` SMs.
+    pub(crate) fn of(p: &Problem, sm_count: usize) -> Plan {
+        let head_dim = [64, 128, 256].into_iter().find(|&d| d >= p.head_dim).unwrap_or(max_head_dim(p.dtype));
+        let packed = (p.heads / p.kv_heads.max(1)) * p.seqlen_q;
+        let rows = if packed <= 4 { 4 } else { 8 };
+        let row_groups = packed.div_ceil(rows).max(1);
+        let blocks = p.batch * p.kv_heads * row_groups;
+        let wanted = (sm_count * BLOCKS_PER_SM).div_ceil(blocks.max(1));
+        let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, MAX_SPLITS);
+        Plan { head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
+    }
+
+    fn function(&self, dtype: DType) -> String {
+        format!("attn_decode_{}_d{}_r{}", dtype.name(), self.head_dim, self.rows)
+    }
+
+    /// Workspace bytes: a normalised f32 partial output and an lse per split and row.
+    fn workspace_bytes(&self, p: &Problem) -> usize {
+        if self.splits == 1 {
+            return 0;
+        }
+        self.splits * p.batch * p.heads * p.seqlen_q * (p.head_dim + 1) * 4
+    }
+}
+
+/// Elements per 16-byte vector: the head_dim must be a multiple of it.
+fn vector_elems(dtype: DType) -> usize {
+    16 / dtype.size_bytes()
+}
+
+/// The decode backend on one device.
+pub(crate) struct DecodeBackend {
+    kernels: Kernels,
+}
+
+impl DecodeBackend {
+    pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>) -> Self {
+        DecodeBackend { kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir) }
+    }
+
+    /// How the module was (or would be) loaded on the device, for diagnostics.
+    pub(crate) fn image_description(&self) -> Option<String> {
+        self.kernels.image_description()
+    }
+}
+
+impl Backend for DecodeBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Decode
+    }
+
+    fn runs_kv_cache(&self) -> bool {
+        true
+    }
+
+    /// One check per constraint; a prefill is not a fallback from here (not applicable).
+    fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
+        let mut reasons = gpu_memory_reasons(caps, problem);
+        if problem.seqlen_q > MAX_QUERY_ROWS {
+            reasons.push(Reason::NotADecode { seqlen_q: problem.seqlen_q, max: MAX_QUERY_ROWS });
+            return reasons;
+        }
+        let needed = ComputeCapability::new(7, 5);
+        if caps.cc < needed {
+            reasons.push(Reason::ComputeCapability { needed, found: caps.cc });
+            return reasons;
+        }
+        if problem.varlen {
+            reasons.push(Reason::VarLen);
+        }
+        if problem.head_dim > max_head_dim(problem.dtype) {
+            reasons.push(Reason::HeadDim { max: max_head_dim(problem.dtype), found: problem.head_dim });
+        } else if problem.head_dim % vector_elems(problem.dtype) != 0 {
+            reasons.push(Reason::HeadDimMultiple { multiple: vector_elems(problem.dtype), found: problem.head_dim });
+        }
+        if !problem.vector_aligned {
+            reasons.push(Reason::Unaligned);
+        }
+        let plan = Plan::of(problem, caps.sm_count as usize);
+        for (dim, found) in [("batch", problem.batch), ("kv heads x row groups", problem.kv_heads * plan.row_groups)] {
+            if found > MAX_GRID_YZ {
+                reasons.push(Reason::GridLimit { dim, found, max: MAX_GRID_YZ });
+            }
+        }
+        reasons.extend(self.kernels.unavailable(caps));
+        reasons
+    }
+
+    fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
+        let (dev, module) = self.kernels.loaded()?;
+        dev.prepare(call)?;
+        let p = &call.problem;
+        let plan = Plan::of(p, dev.caps.sm_count as usize);
+        let main = module.launchable(&plan.function(p.dtype))?;
+        let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?;
+        let dev_addr = |a: Addr| match a {
+            Addr::Device(x) => x,
+            Addr::Host(_) => 0,
+        };
+        let (lens, table, table_stride, page_size, num_pages, max_len) = match &call.kv {
+            Some(kv) => (dev_addr(kv.lens), kv.table.map(dev_addr).unwrap_or(0), kv.table_stride, kv.page_size, kv.num_pages, kv.max_len),
+            // Dense K/V: every sequence is seqlen_k long (no length array).
+            None => (0, 0, 0, p.seqlen_k, 0, p.seqlen_k),
+        };
+        let mut params = DecodeParams {
+            q_stride: strides(&call.q),
+            k_stride: strides(&call.k),
+            v_stride: strides(&call.v),
+            o_stride: strides(&call.out),
+            q: device_addr(&call.q),
+            k: device_addr(&call.k),
+            v: device_addr(&call.v),
+            o: device_addr(&call.out),
+            lse: call.lse.as_ref().map(device_addr).unwrap_or(0),
+            lens,
+            block_table: table,
+            part_o: 0,
+            part_lse: 0,
+            table_stride: table_stride as i64,
+            batch: p.batch as i32,
+            heads: p.heads as i32,
+            kv_group: (p.heads / p.kv_heads) as i32,
+            q_len: p.seqlen_q as i32,
+            head_dim: p.head_dim as i32,
+            max_len: max_len as i32,
+            page_size: page_size as i32,
+            num_pages: num_pages as i32,
+            splits: plan.splits as i32,
+            min_chunk: MIN_CHUNK as i32,
+            window_left: window_arg(call.mask.left),
+            window_right: window_arg(call.mask.right),
+            causal: p.causal as i32,
+            scale: call.scale,
+            softcap: call.softcap.unwrap_or(0.0),
+            rows_per_block: plan.rows as i32,
+        };
+        let stream = call.stream;
+        let bytes = plan.workspace_bytes(p);
+        let workspace = if bytes == 0 {
+            None
+        } else {
+            // SAFETY: stream-ordered allocation on the call's stream, freed below on it after
+            // the kernels that use it (capturable in a CUDA graph as allocation nodes).
+            match unsafe { result::malloc_async(stream, bytes) } {
+                Ok(ptr) => Some(ptr),
+                Err(e) if is_sticky(e.0) => return Err(RunError::Fatal(cuda_error("cuMemAllocAsync", e.0))),
+                Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                    return Err(RunError::Recoverable(Reason::Unusable {
+                        why: format!("split-KV workspace of {bytes} bytes: {}", driver_error_text(e.0)),
+                    }))
+                }
+                Err(e) => return Err(RunError::Fatal(cuda_error("cuMemAllocAsync", e.0))),
+            }
+        };
+        if let Some(ws) = workspace {
+            let per_row = plan.splits * p.batch * p.heads * p.seqlen_q;
+            params.part_o = ws;
+            params.part_lse = ws + (per_row * p.head_dim * 4) as u64;
+        }
+        let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
+        let mut args = [&mut params as *mut DecodeParams as *mut c_void];
+        let mut outcome = launch(main, call, grid, THREADS, 0, &mut args);
+        if outcome.is_ok() && plan.splits > 1 {
+            let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
+            outcome = launch(combine, call, grid, THREADS, 0, &mut args);
+        }
+        if let Some(ws) = workspace {
+            // SAFETY: allocated above on this stream; the kernels using it are ordered before.
+            if let Err(e) = unsafe { result::free_async(ws, stream) } {
+                return Err(outcome.err().unwrap_or(RunError::Fatal(cuda_error("cuMemFreeAsync", e.0))));
+            }
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_split_only_when_the_grid_is_small() {
+        // Batch 1, GQA 32/8, one token: 8 blocks before splitting; 132 SMs want ~528.
+        let p = Problem::new(DType::BF16, 1, 1, 131072, 32, 8, 128);
+        let plan = Plan::of(&p, 132);
+        assert_eq!((plan.head_dim, plan.rows, plan.row_groups), (128, 4, 1));
+        assert_eq!(plan.splits, 66);
+        // Short keys cap the split count at one split per MIN_CHUNK keys.
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 1, 1, 100, 32, 8, 128), 132).splits, 2);
+        // A large batch fills the GPU without splitting.
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 128, 1, 8192, 32, 8, 128), 132).splits, 1);
+        // Speculative decoding: 4 heads x 5 rows = 20 packed rows, 3 groups of 8.
+        let plan = Plan::of(&Problem::new(DType::F16, 2, 5, 4096, 32, 8, 64), 132);
+        assert_eq!((plan.rows, plan.row_groups, plan.head_dim), (8, 3, 64));
+    }
+
+    #[test]
+    fn every_plan_names_a_kernel_of_the_module() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            for d in (vector_elems(dtype)..=max_head_dim(dtype)).step_by(vector_elems(dtype)) {
+                for (h, hk, sq) in [(32, 8, 1), (8, 8, 16), (64, 1, 16)] {
+                    let plan = Plan::of(&Problem::new(dtype, 1, sq, 1000, h, hk, d), 80);
+                    assert!(FUNCTIONS.contains(&plan.function(dtype).as_str()), "{dtype} d={d}");
+                    assert!(plan.head_dim >= d);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prefills_are_not_applicable_not_fallbacks() {
+        use crate::caps::SimulatedGpu;
+        let be = DecodeBackend::new(None, JitMode::Auto, None);
+        let h100 = DeviceCaps::simulated(SimulatedGpu::H100);
+        let r = be.check(&h100, &Problem::new(DType::BF16, 1, 1024, 1024, 8, 8, 128));
+        assert_eq!(r, vec![Reason::NotADecode { seqlen_q: 1024, max: MAX_QUERY_ROWS }]);
+        assert!(!crate::select::is_fallback(&r));
+        let r = be.check(&h100, &Problem::new(DType::F16, 1, 1, 1024, 8, 8, 100));
+        assert!(r.contains(&Reason::HeadDimMultiple { multiple: 8, found: 100 }));
+    }
+}

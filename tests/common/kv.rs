@@ -1,0 +1,171 @@
+//! KV-cache test cases shared by the CPU (tests/kvcache.rs) and GPU (tests/gpu_decode.rs)
+//! suites: a cache in one of the layouts engines use, filled with fresh random values, each
+//! sequence's keys scattered over pages in random order, and the f64 reference computed on a
+//! dense copy of each sequence.
+
+use attention::{Element, Layout};
+
+use super::reference::{attention_f64_masked, RefInput, RefMask};
+use super::rng::Rng;
+
+/// How the cache is stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Store {
+    /// `[batch, capacity, kv_heads, d]` dense.
+    Contiguous,
+    /// `[batch, kv_heads, capacity, d]` (heads first, as PyTorch keeps it).
+    ContiguousHeadsFirst,
+    /// vLLM: pages `[num_pages, page_size, kv_heads, d]`, K and V two views of one
+    /// `(2, num_pages, page_size, kv_heads, d)` buffer.
+    PagedVllm { page_size: usize },
+    /// FlashInfer HND: pages `[num_pages, kv_heads, page_size, d]`.
+    PagedHnd { page_size: usize },
+}
+
+/// One KV-cache problem and its data.
+pub struct KvCase<T> {
+    pub store: Store,
+    pub batch: usize,
+    pub q_len: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    /// Keys each sequence holds (some 0: padding slots).
+    pub lens: Vec<i32>,
+    pub mask: RefMask,
+    pub q: Vec<T>,
+    pub lq: Layout,
+    /// K and V storage: for vLLM one buffer holding both (V at `v_offset`).
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    pub v_offset: usize,
+    pub lk: Layout,
+    /// Paged: block table `[batch, pages_per_seq]`, rows `table_stride` apart.
+    pub table: Vec<i32>,
+    pub pages_per_seq: usize,
+    pub table_stride: usize,
+    /// Contiguous: capacity per sequence.
+    pub capacity: usize,
+    pub ref_out: Vec<f64>,
+    pub ref_lse: Vec<f64>,
+}
+
+impl<T: Element> KvCase<T> {
+    /// A random case; `max_len` bounds the lengths (at least one sequence gets exactly it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(rng: &mut Rng, store: Store, batch: usize, q_len: usize, heads: usize, kv_heads: usize, d: usize, max_len: usize, mask: RefMask) -> Self {
+        let mut lens: Vec<i32> = (0..batch).map(|_| rng.below(max_len as u64 + 1) as i32).collect();
+        lens[0] = max_len as i32;
+        if batch > 2 {
+            lens[batch - 1] = 0; // a padding slot
+        }
+        let rand = |rng: &mut Rng, n: usize| {
+            let mut v = vec![T::from_f32(0.0); n];
+            rng.fill(&mut v, T::from_f32);
+            v
+        };
+        let lq = Layout::contiguous(batch, q_len, heads, d);
+        let q = rand(rng, lq.numel());
+        let (lk, capacity, pages_per_seq, num_pages) = match store {
+            Store::Contiguous => (Layout::contiguous(batch, max_len.max(1), kv_heads, d), max_len.max(1), 0, 0),
+            Store::ContiguousHeadsFirst => (Layout::heads_first(batch, max_len.max(1), kv_heads, d), max_len.max(1), 0, 0),
+            Store::PagedVllm { page_size } | Store::PagedHnd { page_size } => {
+                let pps = max_len.div_ceil(page_size).max(1);
+                // A few spare pages so ids are not simply 0..n.
+                let pages = batch * pps + 3;
+                let l = match store {
+                    Store::PagedVllm { .. } => Layout::contiguous(pages, page_size, kv_heads, d),
+                    _ => Layout::heads_first(pages, page_size, kv_heads, d),
+                };
+                (l, 0, pps, pages)
+            }
+        };
+        let n = lk.numel();
+        let (k, v, v_offset) = match store {
+            Store::PagedVllm { .. } => {
+                let both = rand(rng, 2 * n);
+                (both.clone(), both, n)
+            }
+            _ => (rand(rng, n), rand(rng, n), 0),
+        };
+        // Pages dealt out in a random order.
+        let table_stride = pages_per_seq + 2;
+        let mut table = vec![-1i32; batch.saturating_sub(1) * table_stride + pages_per_seq];
+        if pages_per_seq > 0 {
+            let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            for s in 0..batch {
+                for p in 0..pages_per_seq {
+                    table[s * table_stride + p] = ids[s * pages_per_seq + p];
+                }
+            }
+        }
+        let mut case = KvCase {
+            store, batch, q_len, heads, kv_heads, d, lens, mask, q, lq, k, v, v_offset, lk, table, pages_per_seq, table_stride,
+            capacity, ref_out: vec![], ref_lse: vec![],
+        };
+        (case.ref_out, case.ref_lse) = case.reference();
+        case
+    }
+
+    /// The reference output for the case's current lengths and table (after editing them).
+    pub fn recompute(c: &KvCase<T>) -> Vec<f64> {
+        c.reference().0
+    }
+
+    /// Element offset of key `j`, head `kh` of sequence `s` in k (or in v, plus `v_offset`).
+    pub fn key_offset(&self, s: usize, j: usize, kh: usize) -> usize {
+        match self.store {
+            Store::Contiguous | Store::ContiguousHeadsFirst => self.lk.offset(s, j, kh),
+            Store::PagedVllm { page_size } | Store::PagedHnd { page_size } => {
+                let page = self.table[s * self.table_stride + j / page_size] as usize;
+                self.lk.offset(page, j % page_size, kh)
+            }
+        }
+    }
+
+    fn reference(&self) -> (Vec<f64>, Vec<f64>) {
+        let (b, sq, h, hk, d) = (self.batch, self.q_len, self.heads, self.kv_heads, self.d);
+        let mut ref_out = vec![0.0; b * sq * h * d];
+        let mut ref_lse = vec![f64::NEG_INFINITY; b * h * sq];
+        for s in 0..b {
+            let len = self.lens[s] as usize;
+            let (mut kd, mut vd) = (Vec::with_capacity(len * hk * d), Vec::with_capacity(len * hk * d));
+            for j in 0..len {
+                for kh in 0..hk {
+                    let o = self.key_offset(s, j, kh);
+                    kd.extend_from_slice(&self.k[o..o + d]);
+                    vd.extend_from_slice(&self.v[self.v_offset + o..self.v_offset + o + d]);
+                }
+            }
+            let qs = &self.q[s * sq * h * d..(s + 1) * sq * h * d];
+            let scale = 1.0 / (d as f64).sqrt();
+            let (o, l) = attention_f64_masked(
+                RefInput { data: qs, shape: [1, sq, h, d], strides: [sq * h * d, h * d, d] },
+                RefInput { data: &kd, shape: [1, len, hk, d], strides: [len * hk * d, hk * d, d] },
+                RefInput { data: &vd, shape: [1, len, hk, d], strides: [len * hk * d, hk * d, d] },
+                |x: T| x.to_f32() as f64,
+                scale,
+                self.mask,
+            );
+            ref_out[s * sq * h * d..(s + 1) * sq * h * d].copy_from_slice(&o);
+            for hh in 0..h {
+                for i in 0..sq {
+                    ref_lse[(s * h + hh) * sq + i] = l[hh * sq + i];
+                }
+            }
+        }
+        (ref_out, ref_lse)
+    }
+
+    /// The options matching the mask.
+    pub fn options(&self) -> attention::Options {
+        let mut o = attention::Options::default().causal(self.mask.causal).window(self.mask.left, self.mask.right);
+        if let Some(c) = self.mask.softcap {
+            o = o.softcap(c as f32);
+        }
+        o
+    }
+}

@@ -1,0 +1,239 @@
+//! GPU tests of the decode backend: KV-cache calls (contiguous and paged, page sizes 1 to 256,
+//! vLLM and FlashInfer layouts, GQA, 1 to 16 query rows, masks, soft-cap, lse, padding slots of
+//! length 0, split and unsplit grids), dense decode-shaped `forward` calls, and a CUDA graph
+//! replayed with new lengths and block tables. They need a CUDA device, so they are
+//! `#[ignore]`d without one (CI) and run on the GPU machine with `--include-ignored`; run there
+//! without a device they fail (never pass by skipping).
+
+mod common;
+
+use std::sync::Arc;
+
+use attention::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use attention::{
+    Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Selector, Tensor, TensorMut,
+};
+use common::gpu::{lse_error, random, tolerance};
+use common::kv::{KvCase, Store};
+use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
+use common::rng::Rng;
+use half::{bf16, f16};
+
+fn gpu() -> (Attention, Arc<CudaStream>) {
+    let attn = Selector::from_env().unwrap().select().unwrap();
+    let caps = attn.device_caps().unwrap_or_else(|| panic!("no CUDA device: {}", attn.no_device_reason().unwrap_or("?")));
+    let ctx = CudaContext::new(caps.ordinal).unwrap();
+    (attn, ctx.default_stream())
+}
+
+/// Device copies of a case's buffers.
+struct Dev<T> {
+    q: CudaSlice<T>,
+    kv: CudaSlice<T>,
+    v_sep: Option<CudaSlice<T>>,
+    table: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+}
+
+fn upload<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> Dev<T> {
+    let table = if c.table.is_empty() { vec![0] } else { c.table.clone() };
+    Dev {
+        q: s.clone_htod(&c.q).unwrap(),
+        kv: s.clone_htod(&c.k).unwrap(),
+        v_sep: (c.v_offset == 0).then(|| s.clone_htod(&c.v).unwrap()),
+        table: s.clone_htod(&table).unwrap(),
+        lens: s.clone_htod(&c.lens).unwrap(),
+    }
+}
+
+/// Runs a case through `forward_kvcache` on the device; (backend, rel. error, lse error).
+fn run<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &KvCase<T>) -> (BackendKind, f64, f64) {
+    let d = upload(s, c);
+    let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); c.lq.numel()]).unwrap();
+    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; c.batch * c.heads * c.q_len]).unwrap();
+    let n = c.lk.numel();
+    let kview = d.kv.slice(0..n);
+    let vview = match &d.v_sep {
+        Some(v) => v.slice(0..n),
+        None => d.kv.slice(c.v_offset..c.v_offset + n),
+    };
+    let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
+    let lens = CacheLens::cuda(&d.lens);
+    let cache = match c.store {
+        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
+        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
+    };
+    let ran = attn
+        .forward_kvcache(&Tensor::cuda(&d.q, c.lq), &cache, &mut TensorMut::cuda(&mut out, c.lq), Some(&mut LseMut::cuda(&mut lse)), &c.options())
+        .unwrap();
+    let got: Vec<f64> = s.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f32() as f64).collect();
+    let l = s.clone_dtoh(&lse).unwrap();
+    (ran, rel_err(&got, &c.ref_out), lse_error(l.iter().map(|&x| x as f64), c.ref_lse.iter().copied()))
+}
+
+fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
+    let (attn, s) = gpu();
+    let mut rng = Rng::fresh();
+    let seed = rng.get_seed();
+    let stores = [
+        Store::Contiguous,
+        Store::ContiguousHeadsFirst,
+        Store::PagedVllm { page_size: 1 },
+        Store::PagedVllm { page_size: 16 },
+        Store::PagedHnd { page_size: 32 },
+        Store::PagedVllm { page_size: 64 },
+        Store::PagedHnd { page_size: 256 },
+    ];
+    let masks = [
+        RefMask::default(),
+        RefMask { causal: true, ..RefMask::default() },
+        RefMask { causal: true, left: Some(100), ..RefMask::default() },
+        RefMask { softcap: Some(20.0), causal: true, ..RefMask::default() },
+    ];
+    let mut n = 0;
+    for (i, &store) in stores.iter().enumerate() {
+        for &d in dims {
+            for (batch, h, hk) in [(1, 32, 8), (3, 8, 8), (5, 16, 2), (2, 8, 1)] {
+                for q_len in [1, 2, 5, 16] {
+                    let mask = masks[(i + q_len + h) % masks.len()];
+                    // Short, tile-ragged and long (split) caches.
+                    let max_len = [1, 77, 1000, 5000][(i + n) % 4];
+                    let c = KvCase::<T>::new(&mut rng, store, batch, q_len, h, hk, d, max_len, mask);
+                    let (ran, err, lse) = run(&attn, &s, &c);
+                    assert_eq!(ran, BackendKind::Decode);
+                    assert!(
+                        err < tolerance(dtype) && lse < 2e-3,
+                        "{dtype} {store:?} b={batch} h={h}/{hk} d={d} q_len={q_len} lens={:?} {mask:?}: rel {err:.2e}, lse {lse:.2e} (seed {seed:#x})",
+                        c.lens
+                    );
+                    n += 1;
+                }
+            }
+        }
+    }
+    println!("{dtype}: {n} KV-cache cases on the decode kernels match the reference (seed {seed:#x})");
+    n
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kv_cache_bf16_matches_reference() {
+    sweep::<bf16>(DType::BF16, &[128, 64, 256]);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kv_cache_f16_and_f32_match_reference() {
+    sweep::<f16>(DType::F16, &[128, 40]);
+    sweep::<f32>(DType::F32, &[128, 36]);
+}
+
+/// Dense decode-shaped `forward` calls (q_len ≤ 16) run on the decode kernels: GQA, MQA,
+/// heads-first (PyTorch's) layout, causal.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dense_decode_shapes_run_on_the_decode_backend() {
+    let (attn, s) = gpu();
+    let mut rng = Rng::fresh();
+    for (b, sq, sk, h, hk, d, causal) in
+        [(1, 1, 8192, 32, 8, 128, false), (16, 1, 1000, 32, 8, 128, true), (4, 4, 3000, 8, 1, 64, true), (2, 16, 300, 16, 16, 256, true)]
+    {
+        let (lq, lk) = (Layout::heads_first(b, sq, h, d), Layout::heads_first(b, sk, hk, d));
+        let (q, k, v) = (random::<bf16>(&mut rng, lq.numel()), random::<bf16>(&mut rng, lk.numel()), random::<bf16>(&mut rng, lk.numel()));
+        let (dq, dk, dv) = (s.clone_htod(&q).unwrap(), s.clone_htod(&k).unwrap(), s.clone_htod(&v).unwrap());
+        let mut out: CudaSlice<bf16> = s.clone_htod(&vec![bf16::NAN; lq.numel()]).unwrap();
+        let ran = attn
+            .forward(&Tensor::cuda(&dq, lq), &Tensor::cuda(&dk, lk), &Tensor::cuda(&dv, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default().causal(causal))
+            .unwrap();
+        assert_eq!(ran, BackendKind::Decode);
+        let (want, _) = attention_f64_masked(
+            RefInput { data: &q, shape: lq.shape(), strides: lq.strides() },
+            RefInput { data: &k, shape: lk.shape(), strides: lk.strides() },
+            RefInput { data: &v, shape: lk.shape(), strides: lk.strides() },
+            |x: bf16| x.to_f64(),
+            1.0 / (d as f64).sqrt(),
+            RefMask { causal, ..RefMask::default() },
+        );
+        let out = s.clone_dtoh(&out).unwrap();
+        let mut got = Vec::with_capacity(want.len());
+        for bi in 0..b {
+            for i in 0..sq {
+                for hh in 0..h {
+                    let o = lq.offset(bi, i, hh);
+                    got.extend(out[o..o + d].iter().map(|x| x.to_f64()));
+                }
+            }
+        }
+        let err = rel_err(&got, &want);
+        assert!(err < tolerance(DType::BF16), "b={b} sq={sq} sk={sk} h={h}/{hk} d={d}: rel {err:.2e}");
+    }
+    println!("dense decode shapes: decode backend, all within tolerance");
+}
+
+/// A paged decode captured once in a CUDA graph and replayed with new lengths (padding slots of
+/// length 0 included) and new block tables: every replay matches the reference.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn paged_decode_graph_replays_with_new_lengths_and_tables() {
+    use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let (attn, default_stream) = gpu();
+    // SAFETY: every slice below lives on this one stream (see tests/gpu.rs's graph test).
+    unsafe { default_stream.context().disable_event_tracking() };
+    let s = default_stream.context().new_stream().unwrap();
+    let mut rng = Rng::fresh();
+    let mut c = KvCase::<bf16>::new(&mut rng, Store::PagedVllm { page_size: 16 }, 4, 1, 32, 8, 128, 3000, RefMask::default());
+    let d = upload(&s, &c);
+    let (mut lens_dev, mut table_dev) = (d.lens, d.table);
+    let mut out: CudaSlice<bf16> = s.alloc_zeros(c.lq.numel()).unwrap();
+    let n = c.lk.numel();
+    let run = |lens: &CudaSlice<i32>, table: &CudaSlice<i32>, out: &mut CudaSlice<bf16>| {
+        let (kv, vv) = (d.kv.slice(0..n), d.kv.slice(c.v_offset..c.v_offset + n));
+        let cache = KvCache::paged(Tensor::cuda(&kv, c.lk), Tensor::cuda(&vv, c.lk), BlockTable::cuda(table, c.pages_per_seq, c.table_stride), CacheLens::cuda(lens));
+        attn.forward_kvcache(&Tensor::cuda(&d.q, c.lq), &cache, &mut TensorMut::cuda(out, c.lq), None, &Options::default())
+    };
+    run(&lens_dev, &table_dev, &mut out).unwrap();
+    s.synchronize().unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = run(&lens_dev, &table_dev, &mut out);
+    let graph = s.end_capture(CUgraphInstantiate_flags(0)).unwrap();
+    assert_eq!(captured.unwrap(), BackendKind::Decode);
+    let graph = graph.expect("the capture recorded the call");
+    for step in 0..4 {
+        // New lengths (one padding slot), the same pages in a new order.
+        c.lens = (0..c.batch).map(|i| if i == step % c.batch { 0 } else { 1 + rng.below(3000) as i32 }).collect();
+        let mut rows: Vec<Vec<i32>> = (0..c.batch).map(|b| c.table[b * c.table_stride..b * c.table_stride + c.pages_per_seq].to_vec()).collect();
+        rows.rotate_left(1);
+        for (b, r) in rows.iter().enumerate() {
+            c.table[b * c.table_stride..b * c.table_stride + c.pages_per_seq].copy_from_slice(r);
+        }
+        let fresh = KvCase::<bf16>::recompute(&c);
+        s.memcpy_htod(&c.lens, &mut lens_dev).unwrap();
+        s.memcpy_htod(&c.table, &mut table_dev).unwrap();
+        s.memcpy_htod(&vec![bf16::NAN; c.lq.numel()], &mut out).unwrap();
+        graph.launch().unwrap();
+        s.synchronize().unwrap();
+        let got: Vec<f64> = s.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f64()).collect();
+        let err = rel_err(&got, &fresh);
+        assert!(err < tolerance(DType::BF16), "replay {step} lens {:?}: rel {err:.2e}", c.lens);
+    }
+    println!("paged decode graph: 4 replays with new lengths and tables, all within tolerance");
+}
+
+/// A few small cases for compute-sanitizer (memcheck, racecheck): paged with 1- and 16-key
+/// pages, contiguous, split and unsplit grids, 1 and 5 query rows, a padding slot.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kv_cache_small_cases_for_sanitizers() {
+    let (attn, s) = gpu();
+    let mut rng = Rng::fresh();
+    for (store, batch, q_len, max_len) in [
+        (Store::PagedVllm { page_size: 1 }, 3, 1, 300),
+        (Store::PagedHnd { page_size: 16 }, 1, 5, 2000),
+        (Store::Contiguous, 4, 2, 90),
+    ] {
+        let c = KvCase::<bf16>::new(&mut rng, store, batch, q_len, 8, 2, 128, max_len, RefMask { causal: true, ..RefMask::default() });
+        let (ran, err, lse) = run(&attn, &s, &c);
+        assert_eq!(ran, BackendKind::Decode);
+        assert!(err < tolerance(DType::BF16) && lse < 2e-3, "{store:?}: rel {err:.2e} lse {lse:.2e}");
+    }
+}

@@ -1,0 +1,135 @@
+//! KV-cache calls on the CPU backend (host memory): contiguous and paged caches in the layouts
+//! engines use, page sizes 1 to 256, GQA, 1 to 16 query rows, masks, soft-cap, lse, sequences
+//! of length 0, against the f64 reference on a dense copy of each sequence.
+
+mod common;
+
+use attention::{BackendKind, BlockTable, CacheLens, Error, KvCache, Layout, LseMut, Selector, Settings, Tensor, TensorMut};
+use common::gpu::tolerance;
+use common::kv::{KvCase, Store};
+use common::reference::{rel_err, RefMask};
+use common::rng::Rng;
+use half::{bf16, f16};
+
+fn cpu() -> attention::Attention {
+    Selector::from_settings(Settings::default()).select().unwrap()
+}
+
+/// Runs a case on host memory; returns (rel. error of out, max |lse - ref|).
+fn run<T: attention::Element>(attn: &attention::Attention, c: &KvCase<T>) -> Result<(f64, f64), Error> {
+    let mut out = vec![T::from_f32(f32::NAN); c.lq.numel()];
+    let mut lse = vec![f32::NAN; c.batch * c.heads * c.q_len];
+    let (kbuf, vbuf) = (&c.k[..], &c.v[c.v_offset..]);
+    let lens = CacheLens::host(&c.lens);
+    let cache = match c.store {
+        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(Tensor::host(kbuf, c.lk), Tensor::host(vbuf, c.lk), lens),
+        _ => KvCache::paged(
+            Tensor::host(kbuf, c.lk),
+            Tensor::host(vbuf, c.lk),
+            BlockTable::host(&c.table, c.pages_per_seq, c.table_stride),
+            lens,
+        ),
+    };
+    let ran = attn.forward_kvcache(&Tensor::host(&c.q, c.lq), &cache, &mut TensorMut::host(&mut out, c.lq), Some(&mut LseMut::host(&mut lse)), &c.options())?;
+    assert_eq!(ran, BackendKind::Cpu);
+    let got: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
+    let lse_err = common::gpu::lse_error(lse.iter().map(|&x| x as f64), c.ref_lse.iter().copied());
+    Ok((rel_err(&got, &c.ref_out), lse_err))
+}
+
+fn sweep<T: attention::Element>(dtype: attention::DType) {
+    let attn = cpu();
+    let mut rng = Rng::fresh();
+    let stores = [
+        Store::Contiguous,
+        Store::ContiguousHeadsFirst,
+        Store::PagedVllm { page_size: 1 },
+        Store::PagedVllm { page_size: 16 },
+        Store::PagedHnd { page_size: 32 },
+        Store::PagedVllm { page_size: 64 },
+        Store::PagedHnd { page_size: 256 },
+    ];
+    let masks = [
+        RefMask::default(),
+        RefMask { causal: true, ..RefMask::default() },
+        RefMask { causal: true, left: Some(7), ..RefMask::default() },
+        RefMask { softcap: Some(5.0), ..RefMask::default() },
+    ];
+    let mut n = 0;
+    for (i, &store) in stores.iter().enumerate() {
+        for (h, hk) in [(8, 2), (4, 4), (6, 1)] {
+            for q_len in [1, 3, 16] {
+                let mask = masks[(i + q_len) % masks.len()];
+                let max_len = [1, 37, 300][(i + h) % 3];
+                let c = KvCase::<T>::new(&mut rng, store, 3, q_len, h, hk, 16, max_len, mask);
+                let (err, lse) = run(&attn, &c).unwrap();
+                assert!(err < tolerance(dtype) && lse < 1e-3, "{dtype} {store:?} h={h}/{hk} q_len={q_len} len={:?} {mask:?}: rel {err:.2e}, lse {lse:.2e} (seed {:#x})", c.lens, rng.get_seed());
+                n += 1;
+            }
+        }
+    }
+    println!("{dtype}: {n} KV-cache cases match the reference");
+}
+
+#[test]
+fn kv_cache_on_the_cpu_matches_the_reference_f32() {
+    sweep::<f32>(attention::DType::F32);
+}
+
+#[test]
+fn kv_cache_on_the_cpu_matches_the_reference_half() {
+    sweep::<f16>(attention::DType::F16);
+    sweep::<bf16>(attention::DType::BF16);
+}
+
+#[test]
+fn kv_cache_arguments_are_checked() {
+    let attn = cpu();
+    let mut rng = Rng::seed(7);
+    let c = KvCase::<f32>::new(&mut rng, Store::PagedVllm { page_size: 4 }, 2, 1, 4, 2, 8, 10, RefMask::default());
+    let mut out = vec![0f32; c.lq.numel()];
+    let q = Tensor::host(&c.q, c.lq);
+    let k = || Tensor::host(&c.k[..], c.lk);
+    let v = || Tensor::host(&c.v[c.v_offset..], c.lk);
+    let expect = |r: Result<BackendKind, Error>, arg: &str, needle: &str| match r {
+        Err(Error::InvalidArgument { arg: a, .. }) if a == arg => {
+            let t = r.unwrap_err().to_string();
+            assert!(t.contains(needle), "{t}");
+        }
+        other => panic!("expected InvalidArgument({arg}), got {other:?}"),
+    };
+    // A length past the capacity (3 pages of 4 keys).
+    let lens = [13, 2];
+    let cache = KvCache::paged(k(), v(), BlockTable::host(&c.table, c.pages_per_seq, c.table_stride), CacheLens::host(&lens));
+    expect(attn.forward_kvcache(&q, &cache, &mut TensorMut::host(&mut out, c.lq), None, &c.options()), "cache_lens", "entry 0 = 13");
+    // A page id outside the pages.
+    let mut table = c.table.clone();
+    table[0] = 10_000;
+    let cache = KvCache::paged(k(), v(), BlockTable::host(&table, c.pages_per_seq, c.table_stride), CacheLens::host(&c.lens));
+    expect(attn.forward_kvcache(&q, &cache, &mut TensorMut::host(&mut out, c.lq), None, &c.options()), "block_table", "page 10000");
+    // One length per sequence.
+    let cache = KvCache::paged(k(), v(), BlockTable::host(&c.table, c.pages_per_seq, c.table_stride), CacheLens::host(&c.lens[..1]));
+    expect(attn.forward_kvcache(&q, &cache, &mut TensorMut::host(&mut out, c.lq), None, &c.options()), "cache_lens", "1 entries");
+    // A table too short for the batch.
+    let cache = KvCache::paged(k(), v(), BlockTable::host(&c.table[..2], c.pages_per_seq, c.table_stride), CacheLens::host(&c.lens));
+    expect(attn.forward_kvcache(&q, &cache, &mut TensorMut::host(&mut out, c.lq), None, &c.options()), "block_table", "entries");
+    // A contiguous cache with the wrong batch.
+    let lc = Layout::contiguous(3, 10, 2, 8);
+    let buf = vec![0f32; lc.numel()];
+    let cache = KvCache::contiguous(Tensor::host(&buf, lc), Tensor::host(&buf, lc), CacheLens::host(&c.lens));
+    expect(attn.forward_kvcache(&q, &cache, &mut TensorMut::host(&mut out, c.lq), None, &c.options()), "k_cache", "batch 3");
+    assert!(out.iter().all(|&x| x == 0.0), "a failed call wrote the output");
+}
+
+/// What runs a KV-cache call: `explain` names decode (GPU) and cpu, and says why the prefill
+/// backends are not candidates.
+#[test]
+fn kv_cache_problems_are_explained() {
+    use attention::{DType, KvCacheKind, Problem};
+    let attn = cpu();
+    let p = Problem::new(DType::BF16, 4, 1, 4096, 32, 8, 128).kv_cache(KvCacheKind::Paged { page_size: 16 }).on_host();
+    let e = attn.explain(&p);
+    assert_eq!(e.chosen, Some(BackendKind::Cpu));
+    let text = e.to_string();
+    assert!(text.contains("KV-cache call"), "{text}");
+}
