@@ -182,7 +182,10 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
 
     const T* kbase = (const T*)p.k + (long long)hk * p.k_stride[2] + col;
     const T* vbase = (const T*)p.v + (long long)hk * p.v_stride[2] + col;
-    for (long long j0 = k_begin + warp * KPW + grp; j0 < k_end; j0 += (long long)STEP * DEC_UNROLL) {
+    // The trip count is the warp's, not the lane group's: the score reduction shuffles across
+    // the whole warp, so every lane must run every iteration (rows past k_end are masked).
+    for (long long jw = k_begin + warp * KPW; jw < k_end; jw += (long long)STEP * DEC_UNROLL) {
+        const long long j0 = jw + grp;
         // Issue every load of the step first: U rows of K and of V in flight per lane.
         unsigned kr[DEC_UNROLL][4], vr[DEC_UNROLL][4];
 #pragma unroll

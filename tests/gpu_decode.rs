@@ -97,7 +97,7 @@ fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
                 for q_len in [1, 2, 5, 16] {
                     let mask = masks[(i + q_len + h) % masks.len()];
                     // Short, tile-ragged and long (split) caches.
-                    let max_len = [1, 77, 1000, 5000][(i + n) % 4];
+                    let max_len = [1, 77, 1000, 3000][(i + n) % 4];
                     let c = KvCase::<T>::new(&mut rng, store, batch, q_len, h, hk, d, max_len, mask);
                     let (ran, err, lse) = run(&attn, &s, &c);
                     assert_eq!(ran, BackendKind::Decode);
