@@ -180,60 +180,95 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
         for (int c = 0; c < VEC; ++c) acc[r][c] = 0.f;
     }
 
+    // The keys each row sees within this split: [jlo, jhi). Row r sits at position
+    // len - q_len + qi (bottom-right), as attn_key_visible states it; rows past nrows see none.
+    int jlo[ROWS], jhi[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const long long diag = (long long)len - p.q_len + qrow[r];
+        long long rlo = k_begin, rhi = k_end;
+        if (p.causal) rhi = min(rhi, diag + 1);
+        if (p.window_right >= 0) rhi = min(rhi, diag + p.window_right + 1);
+        if (p.window_left >= 0) rlo = max(rlo, diag - p.window_left);
+        jlo[r] = (int)rlo;
+        jhi[r] = r < nrows ? (int)max(rhi, rlo) : (int)rlo;
+    }
+
     const T* kbase = (const T*)p.k + (long long)hk * p.k_stride[2] + col;
     const T* vbase = (const T*)p.v + (long long)hk * p.v_stride[2] + col;
+    const int kend = (int)k_end;
     // The trip count is the warp's, not the lane group's: the score reduction shuffles across
     // the whole warp, so every lane must run every iteration (rows past k_end are masked).
-    for (long long jw = k_begin + warp * KPW; jw < k_end; jw += (long long)STEP * DEC_UNROLL) {
-        const long long j0 = jw + grp;
+    for (int jw = (int)k_begin + warp * KPW; jw < kend; jw += STEP * DEC_UNROLL) {
+        const int j0 = jw + grp;
         // Issue every load of the step first: U rows of K and of V in flight per lane.
         unsigned kr[DEC_UNROLL][4], vr[DEC_UNROLL][4];
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
-            const long long j = j0 + (long long)u * STEP;
+            const int j = j0 + u * STEP;
 #pragma unroll
             for (int i = 0; i < 4; ++i) kr[u][i] = vr[u][i] = 0u;
-            if (j < k_end && col_ok) {
-                dec_load16(kbase + dec_row(p, p.k_stride, b, (int)j), kr[u]);
-                dec_load16(vbase + dec_row(p, p.v_stride, b, (int)j), vr[u]);
+            if (j < kend && col_ok) {
+                dec_load16(kbase + dec_row(p, p.k_stride, b, j), kr[u]);
+                dec_load16(vbase + dec_row(p, p.v_stride, b, j), vr[u]);
+            }
+        }
+        // Scores of the step's U keys for every row: partial dot products, then one reduction
+        // across each key's lanes with all U x ROWS shuffles independent (latency overlaps).
+        float s[DEC_UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            float kx[VEC];
+            dec_widen<D, VEC>(kr[u], kx);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float acc_s = 0.f;
+#pragma unroll
+                for (int c = 0; c < VEC; ++c) acc_s = fmaf(q[r][c], kx[c], acc_s);
+                s[u][r] = acc_s;
             }
         }
 #pragma unroll
+        for (int o = LPK / 2; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u)
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) s[u][r] += __shfl_xor_sync(0xffffffffu, s[u][r], o);
+        // Online softmax, once per step and row: the new maximum over the U keys, one rescale.
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float mx = m[r];
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                const int j = j0 + u * STEP;
+                float x = s[u][r];
+                if (p.softcap > 0.f) x = p.softcap * attn_tanh(x / p.softcap) * DEC_LOG2E;
+                x = (j >= jlo[r] && j < jhi[r]) ? x : attn_neg_inf();
+                s[u][r] = x;
+                mx = attn_max(mx, x);
+            }
+            const float base = mx == attn_neg_inf() ? 0.f : mx;
+            const float a = dec_exp2(m[r] - base);  // 0 on the first keys (m = -inf)
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                s[u][r] = dec_exp2(s[u][r] - base);  // masked: exp2(-inf) = 0
+                sum += s[u][r];
+            }
+            l[r] = l[r] * a + sum;
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) acc[r][c] *= a;
+        }
+        // O += P·V over the step's keys (rows out of range were loaded as zeros).
+#pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
-            const long long j = j0 + (long long)u * STEP;
-            float kx[VEC], vx[VEC];
-            dec_widen<D, VEC>(kr[u], kx);
+            float vx[VEC];
             dec_widen<D, VEC>(vr[u], vx);
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                float s = 0.f;
+            for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-                for (int c = 0; c < VEC; ++c) s = fmaf(q[r][c], kx[c], s);
-#pragma unroll
-                for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-                if (p.softcap > 0.f) s = p.softcap * attn_tanh(s / p.softcap) * DEC_LOG2E;
-                const bool seen = r < nrows && j < k_end &&
-                                  attn_key_visible(qrow[r], j, p.q_len, len, p.causal, p.window_left, p.window_right);
-                if (!seen) s = attn_neg_inf();
-                // Online softmax, one key at a time per lane group; the rescale is skipped
-                // (exactly 1) once the row's maximum has settled.
-                const float mn = attn_max(m[r], s);
-                const float base = mn == attn_neg_inf() ? 0.f : mn;
-                const float pj = dec_exp2(s - base);
-                if (mn != m[r]) {
-                    const float a = dec_exp2(m[r] - base);
-                    l[r] *= a;
-#pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[r][c] *= a;
-                    m[r] = mn;
-                }
-                l[r] += pj;
-                // A masked key has pj = 0; its V (zeroed when out of range) adds nothing.
-                if (seen) {
-#pragma unroll
-                    for (int c = 0; c < VEC; ++c) acc[r][c] = fmaf(pj, vx[c], acc[r][c]);
-                }
-            }
+                for (int c = 0; c < VEC; ++c) acc[r][c] = fmaf(s[u][r], vx[c], acc[r][c]);
         }
     }
 
