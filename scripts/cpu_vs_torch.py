@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""The CPU backend beside PyTorch's CPU scaled_dot_product_attention, shape by shape, in one run.
+
+For each thread count, each shape is timed with our criterion bench (`benches/attention.rs`, group
+`cpu`, with ATTN_CPU_THREADS=n) and then with torch (torch.set_num_threads(n)), alternately, so
+both see the same machine load. Decode shapes (one query token, GQA 32/8, d128, 4k-32k cache) are
+reported with the K/V read rate beside the streaming read bandwidth measured by the same bench.
+
+    python3 -m venv /tmp/torchcpu && /tmp/torchcpu/bin/pip install torch
+    /tmp/torchcpu/bin/python scripts/cpu_vs_torch.py --threads 1,2 [--quick] [--filter bf16/d64]
+
+Prints a markdown table; --json FILE also writes the raw numbers.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+
+
+def prefill_shapes(dtypes):
+    for dt in dtypes:
+        for d in (64, 128):
+            for causal in (False, True):
+                for seq in (512, 1024, 2048):
+                    yield dict(kind="prefill", dtype=dt, d=d, causal=causal, seq=seq,
+                               id=f"{dt}/d{d}/{'causal' if causal else 'full'}/seq{seq}")
+
+
+def decode_shapes(caches):
+    # Ours twice: heads-first cache (as torch gets it) and seq-major ([1, cache, 8, 128]).
+    for suffix in ("", "/seq-major"):
+        for cache in caches:
+            yield dict(kind="decode", dtype="bf16", d=128, cache=cache, id=f"decode/bf16/gqa32-8/d128/kv{cache}{suffix}")
+
+
+def flops(s):
+    if s["kind"] == "prefill":
+        f = 4.0 * 16 * s["seq"] * s["seq"] * s["d"]
+        return f / 2 if s["causal"] else f
+    return 4.0 * 32 * s["cache"] * s["d"]
+
+
+def kv_bytes(s):
+    return 2 * s["cache"] * 8 * s["d"] * torch.tensor([], dtype=DTYPES[s["dtype"]]).element_size()
+
+
+def bench_binary():
+    out = subprocess.run(["cargo", "bench", "--bench", "attention", "--no-run", "--message-format=json"],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "attention" \
+                and "bench" in msg["target"]["kind"] and msg.get("executable"):
+            return msg["executable"]
+    sys.exit("could not find the bench executable")
+
+
+UNIT = {"ps": 1e-12, "ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def ours(exe, bench_id, threads, secs):
+    env = dict(os.environ, ATTN_CPU_THREADS=str(threads), ATTN_BENCH_SKIP_GPU="1")
+    dt = bench_id.split("/")[1] if bench_id.startswith("decode/") else bench_id.split("/")[0]
+    env["ATTN_BENCH_CPU_DTYPES"] = dt if dt in DTYPES else "bf16"
+    r = subprocess.run([exe, "--bench", "--noplot", "--measurement-time", str(secs), "--warm-up-time", "0.3",
+                        "--sample-size", "10", f"^cpu/{re.escape(bench_id)}$"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    m = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", r.stdout)
+    if not m:
+        sys.exit(f"no timing for {bench_id}:\n{r.stdout}\n{r.stderr}")
+    return float(m.group(1)) * UNIT[m.group(2)]
+
+
+def torch_time(s, secs):
+    dt = DTYPES[s["dtype"]]
+    g = torch.Generator().manual_seed(0)
+    if s["kind"] == "prefill":
+        shape = (1, 16, s["seq"], s["d"])
+        q, k, v = (torch.rand(shape, generator=g).mul(2).sub(1).to(dt) for _ in range(3))
+        call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=s["causal"])
+    else:
+        q = torch.rand((1, 32, 1, s["d"]), generator=g).to(dt)
+        # As in our bench: several cache copies, together beyond the last-level cache.
+        copies = max(1, min(16, -(-(512 << 20) // kv_bytes(s))))
+        kvs = [(torch.rand((1, 8, s["cache"], s["d"]), generator=g).to(dt),
+                torch.rand((1, 8, s["cache"], s["d"]), generator=g).to(dt)) for _ in range(copies)]
+        it = [0]
+
+        def call():
+            k, v = kvs[it[0] % copies]
+            it[0] += 1
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            call()
+        times = []
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < secs or len(times) < 10:
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--dtypes", default="bf16,f16,f32")
+    ap.add_argument("--decode", default="4096,8192,16384,32768")
+    ap.add_argument("--secs", type=float, default=1.5)
+    ap.add_argument("--filter", default="")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    exe = bench_binary()
+    shapes = list(prefill_shapes(a.dtypes.split(","))) + list(decode_shapes([int(c) for c in a.decode.split(",") if c]))
+    shapes = [s for s in shapes if a.filter in s["id"]]
+    rows = []
+    for n in [int(t) for t in a.threads.split(",")]:
+        torch.set_num_threads(n)
+        bw = None
+        if any(s["kind"] == "decode" for s in shapes):
+            bw = (256 << 20) / ours(exe, "read_bandwidth/256MiB", n, a.secs)
+        for s in shapes:
+            t_ours = ours(exe, s["id"], n, a.secs)
+            t_torch = torch_time(s, a.secs)
+            row = dict(threads=n, id=s["id"], ours_s=t_ours, torch_s=t_torch, ratio=t_torch / t_ours)
+            if s["kind"] == "prefill":
+                row.update(ours_gflops=flops(s) / t_ours / 1e9, torch_gflops=flops(s) / t_torch / 1e9)
+            else:
+                row.update(ours_gbs=kv_bytes(s) / t_ours / 1e9, torch_gbs=kv_bytes(s) / t_torch / 1e9,
+                           read_bw_gbs=bw / 1e9)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    print("| threads | shape | ours | torch | ours/torch |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        if "ours_gflops" in r:
+            print(f"| {r['threads']} | {r['id']} | {r['ours_gflops']:.1f} GFLOP/s | {r['torch_gflops']:.1f} GFLOP/s | {r['ratio']:.2f}× |")
+        else:
+            print(f"| {r['threads']} | {r['id']} | {r['ours_s']*1e6:.0f} µs, {r['ours_gbs']:.1f} GB/s "
+                  f"({100*r['ours_gbs']/r['read_bw_gbs']:.0f}% of {r['read_bw_gbs']:.1f} GB/s read) | "
+                  f"{r['torch_s']*1e6:.0f} µs, {r['torch_gbs']:.1f} GB/s | {r['ratio']:.2f}× |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
