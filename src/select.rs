@@ -55,7 +55,10 @@ impl Selector {
         Selector { settings, backend_by: "ATTN_BACKEND", disabled_by, simulated: None }
     }
 
-    /// Which CUDA device to use (ordinal after `CUDA_VISIBLE_DEVICES`).
+    /// Which CUDA device to use (ordinal after `CUDA_VISIBLE_DEVICES`), as `ATTN_DEVICE`. An
+    /// ordinal that no visible device has is an [`Error::InvalidSetting`] at
+    /// [`Selector::select`] naming `ATTN_DEVICE`, the ordinal and how many devices are visible;
+    /// only ordinal 0 (the default) on a machine without a GPU gives the CPU-only handle.
     pub fn device(mut self, ordinal: usize) -> Self {
         self.settings.device = ordinal;
         self
@@ -125,6 +128,8 @@ impl Selector {
 
     /// Probes the device (once per process) and builds the handle. Never panics; with no
     /// usable GPU it returns a handle whose only runnable backend is the CPU, and logs why.
+    /// A device ordinal ([`Selector::device`], `ATTN_DEVICE`) other than 0 that no visible
+    /// device has is an [`Error::InvalidSetting`] naming `ATTN_DEVICE` and the visible count.
     /// Values set in code are held to the rules of the variables they mirror (an error names
     /// the variable), and unknown `ATTN_*` variables are warned about once.
     pub fn select(mut self) -> Result<Attention, Error> {
@@ -147,19 +152,27 @@ impl Selector {
         let s = &self.settings;
         let (device, caps, no_device) = match self.simulated.clone() {
             Some(caps) => (None, Some(caps), None),
-            None => match device::probe(s.device) {
-                Ok(dev) => {
-                    let caps = dev.caps.clone();
-                    (Some(dev), Some(caps), None)
-                }
-                Err(why) => {
+            None => {
+                let no_gpu = |why: String| {
                     warn_once(format!(
                         "attention: no usable CUDA device ({why}); using the CPU backend. \
                          Install the NVIDIA driver or check CUDA_VISIBLE_DEVICES / ATTN_DEVICE"
                     ));
                     (None, None, Some(why))
+                };
+                // An ordinal no visible device has is an error (0 without a GPU: CPU only).
+                let visible = device::visible_device_count();
+                match device::check_ordinal(s.device, visible, device::cuda_visible_devices().as_deref())? {
+                    device::DeviceRequest::CpuOnly(why) => no_gpu(why),
+                    device::DeviceRequest::Probe => match device::probe(s.device) {
+                        Ok(dev) => {
+                            let caps = dev.caps.clone();
+                            (Some(dev), Some(caps), None)
+                        }
+                        Err(why) => no_gpu(why),
+                    },
                 }
-            },
+            }
         };
         let (device, caps) = match s.emulate_arch {
             None => (device, caps),

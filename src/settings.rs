@@ -7,7 +7,7 @@
 //! | `ATTN_STRICT` | `0`/`1` (`true`/`false`, `yes`/`no`, `on`/`off`) | `0` | falling back below the best backend for the device is an error |
 //! | `ATTN_JIT` | `auto`, `always`, `never` | `auto` | when NVRTC compiles kernels (see [`JitMode`]) |
 //! | `ATTN_CACHE_DIR` | an absolute directory path (need not exist; not an existing file; any bytes but NUL) | `$XDG_CACHE_HOME/attention` or `~/.cache/attention` | where JIT-compiled kernels are cached |
-//! | `ATTN_DEVICE` | a CUDA device ordinal | `0` | which GPU `select()` probes (after `CUDA_VISIBLE_DEVICES`) |
+//! | `ATTN_DEVICE` | a CUDA device ordinal | `0` | which GPU `select()` probes (after `CUDA_VISIBLE_DEVICES`); an ordinal no visible device has is an error at `select()`, except `0` on a machine without a GPU (CPU-only handle) |
 //! | `ATTN_NAIVE_WORKSPACE_MB` | an integer from 1 to [`MAX_NAIVE_WORKSPACE_MB`] (1 TiB) | `256` | cap on the naive backend's score workspace |
 //! | `ATTN_CPU_THREADS` | an integer from 1 to [`MAX_CPU_THREADS`] (1024) | all cores | threads of the CPU backend |
 //! | `ATTN_ALLOW_TF32` | `0`/`1` | `0` (or `1` when `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`) | f32 inputs may run on TF32 tensor cores, as PyTorch's `allow_tf32`; [`crate::Options::allow_tf32`] sets it per call |

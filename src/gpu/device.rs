@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaModule};
@@ -130,12 +130,25 @@ pub(crate) fn probe(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
         .entry(ordinal)
         .or_insert_with(|| {
             std::panic::catch_unwind(|| probe_uncached(ordinal))
-                .unwrap_or_else(|_| Err("the CUDA driver library lacks an expected symbol (driver too old?)".into()))
+                .unwrap_or_else(|_| Err(DRIVER_TOO_OLD.into()))
         })
         .clone()
 }
 
-fn probe_uncached(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
+/// Why no device can be had when the driver library itself misbehaves (cudarc panics).
+const DRIVER_TOO_OLD: &str = "the CUDA driver library lacks an expected symbol (driver too old?)";
+
+/// How many CUDA devices the driver shows this process (after `CUDA_VISIBLE_DEVICES`), asked
+/// once per process (the driver reads `CUDA_VISIBLE_DEVICES` once, at `cuInit`); the error
+/// says why it cannot say (no driver library, `cuInit` failed).
+pub(crate) fn visible_device_count() -> Result<usize, String> {
+    static COUNT: OnceLock<Result<usize, String>> = OnceLock::new();
+    COUNT
+        .get_or_init(|| std::panic::catch_unwind(count_uncached).unwrap_or_else(|_| Err(DRIVER_TOO_OLD.into())))
+        .clone()
+}
+
+fn count_uncached() -> Result<usize, String> {
     // cudarc panics when libcuda is missing: check first.
     // SAFETY: only tries to dlopen the driver library by its known names.
     if !crate::report::driver_library_present() {
@@ -143,10 +156,70 @@ fn probe_uncached(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
     }
     result::init().map_err(|e| format!("cuInit failed: {}", driver_error_text(e.0)))?;
     let count = CudaContext::device_count().map_err(|e| driver_error_text(e.0))?;
-    if count <= 0 {
+    Ok(count.max(0) as usize)
+}
+
+/// `CUDA_VISIBLE_DEVICES` as the process sees it, for messages about device ordinals.
+pub(crate) fn cuda_visible_devices() -> Option<String> {
+    std::env::var_os("CUDA_VISIBLE_DEVICES").map(|v| v.to_string_lossy().into_owned())
+}
+
+/// What `select()` does with the device ordinal it was given.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum DeviceRequest {
+    /// A visible device has the ordinal: probe it.
+    Probe,
+    /// Ordinal 0 on a machine with no usable device: a CPU-only handle, for this reason.
+    CpuOnly(String),
+}
+
+/// The rule for the ordinal of `ATTN_DEVICE` / `Selector::device`, a pure function of the
+/// ordinal, the driver's device count (or why there is none) and `CUDA_VISIBLE_DEVICES`:
+///
+/// - an ordinal below the count is probed;
+/// - ordinal 0 (the default; an explicit 0 cannot be told from it) with no device or no driver
+///   gives the CPU-only handle, as on any machine without a GPU;
+/// - any other ordinal names a device that does not exist: an [`Error::InvalidSetting`]
+///   naming `ATTN_DEVICE`, the ordinal, how many devices are visible and
+///   `CUDA_VISIBLE_DEVICES`. Whoever asked for device 1 (a second shard, a pipeline stage)
+///   meant that GPU; a CPU handle in its place would run the shard on the host or fail
+///   later, far from the cause.
+pub(crate) fn check_ordinal(
+    ordinal: usize,
+    visible: Result<usize, String>,
+    cuda_visible_devices: Option<&str>,
+) -> Result<DeviceRequest, Error> {
+    match (&visible, ordinal) {
+        (Ok(n), o) if o < *n => return Ok(DeviceRequest::Probe),
+        (Ok(_), 0) => {
+            return Ok(DeviceRequest::CpuOnly("the driver reports no CUDA device (check CUDA_VISIBLE_DEVICES)".into()))
+        }
+        (Err(why), 0) => return Ok(DeviceRequest::CpuOnly(why.clone())),
+        _ => {}
+    }
+    let env = match cuda_visible_devices {
+        Some(v) => format!("CUDA_VISIBLE_DEVICES={v:?}"),
+        None => "CUDA_VISIBLE_DEVICES unset".into(),
+    };
+    let seen = match visible {
+        Ok(0) => format!("the driver reports no visible device ({env})"),
+        Ok(1) => format!("1 device is visible, ordinal 0 ({env})"),
+        Ok(n) => format!("{n} devices are visible, ordinals 0 to {} ({env})", n - 1),
+        Err(why) => format!("no device can be counted: {why} ({env})"),
+    };
+    Err(Error::InvalidSetting {
+        var: "ATTN_DEVICE",
+        value: ordinal.to_string(),
+        expected: format!("the ordinal of a visible CUDA device (ATTN_DEVICE or Selector::device): {seen}"),
+    })
+}
+
+fn probe_uncached(ordinal: usize) -> Result<Arc<GpuDevice>, String> {
+    let count = visible_device_count()?;
+    if count == 0 {
         return Err("the driver reports no CUDA device (check CUDA_VISIBLE_DEVICES)".into());
     }
-    if ordinal >= count as usize {
+    if ordinal >= count {
         return Err(format!(
             "device {ordinal} was requested (ATTN_DEVICE) but only {count} device(s) are visible (CUDA_VISIBLE_DEVICES)"
         ));
@@ -461,5 +534,60 @@ impl GpuDevice {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(ordinal: usize, visible: Result<usize, String>, env: Option<&str>) -> String {
+        match check_ordinal(ordinal, visible, env) {
+            Err(Error::InvalidSetting { var: "ATTN_DEVICE", value, expected }) => {
+                assert_eq!(value, ordinal.to_string());
+                assert!(expected.contains("ATTN_DEVICE") && expected.contains("Selector::device"), "{expected}");
+                assert!(expected.contains("CUDA_VISIBLE_DEVICES"), "{expected}");
+                expected
+            }
+            other => panic!("ordinal {ordinal}: expected an ATTN_DEVICE setting error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn visible_ordinals_are_probed() {
+        assert_eq!(check_ordinal(0, Ok(1), None).unwrap(), DeviceRequest::Probe);
+        assert_eq!(check_ordinal(1, Ok(2), Some("0,1")).unwrap(), DeviceRequest::Probe);
+        assert_eq!(check_ordinal(7, Ok(8), None).unwrap(), DeviceRequest::Probe);
+    }
+
+    #[test]
+    fn default_ordinal_without_a_gpu_is_a_cpu_handle() {
+        match check_ordinal(0, Ok(0), Some("")).unwrap() {
+            DeviceRequest::CpuOnly(why) => assert!(why.contains("no CUDA device") && why.contains("CUDA_VISIBLE_DEVICES"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let why = "libcuda.so (the NVIDIA driver) was not found".to_string();
+        assert_eq!(check_ordinal(0, Err(why.clone()), None).unwrap(), DeviceRequest::CpuOnly(why));
+    }
+
+    #[test]
+    fn missing_ordinal_is_an_attn_device_error_naming_the_count() {
+        let e = rejected(1, Ok(1), None);
+        assert!(e.contains("1 device is visible, ordinal 0") && e.contains("CUDA_VISIBLE_DEVICES unset"), "{e}");
+        let e = rejected(2, Ok(2), Some("3,5"));
+        assert!(e.contains("2 devices are visible, ordinals 0 to 1") && e.contains("CUDA_VISIBLE_DEVICES=\"3,5\""), "{e}");
+        let e = rejected(1, Ok(0), Some(""));
+        assert!(e.contains("no visible device") && e.contains("CUDA_VISIBLE_DEVICES=\"\""), "{e}");
+        let e = rejected(3, Err("cuInit failed: CUDA_ERROR_NO_DEVICE".into()), None);
+        assert!(e.contains("no device can be counted: cuInit failed: CUDA_ERROR_NO_DEVICE"), "{e}");
+        let e = rejected(usize::MAX, Ok(8), None);
+        assert!(e.contains("8 devices are visible, ordinals 0 to 7"), "{e}");
+        // The whole error as the user sees it.
+        let shown = check_ordinal(1, Ok(1), Some("0")).unwrap_err().to_string();
+        assert_eq!(
+            shown,
+            "invalid setting ATTN_DEVICE=\"1\": expected the ordinal of a visible CUDA device (ATTN_DEVICE or \
+             Selector::device): 1 device is visible, ordinal 0 (CUDA_VISIBLE_DEVICES=\"0\")"
+        );
     }
 }
