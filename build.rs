@@ -27,11 +27,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-const ENV_VARS: [&str; 8] = [
+/// Variables that change the build. `PATH` is not one of them: it matters only through the
+/// nvcc found on it, which `find_nvcc` registers itself (see there).
+const ENV_VARS: [&str; 7] = [
     "NVCC",
     "CUDA_HOME",
     "CUDA_PATH",
-    "PATH",
     "ATTN_CUDA_ARCH_LIST",
     "TORCH_CUDA_ARCH_LIST",
     "ATTN_REQUIRE_NVCC",
@@ -162,7 +163,16 @@ fn run() -> Result<(), String> {
         }
     })?;
 
-    let nvcc = match find_nvcc()? {
+    let found = find_nvcc()?;
+    match &found {
+        // Rebuild when the compiler itself changes, not whenever PATH does (activating a venv
+        // would otherwise rebuild every kernel). To switch toolkits through PATH alone, set
+        // NVCC or CUDA_HOME instead.
+        Some(nvcc) => println!("cargo:rerun-if-changed={}", nvcc.path.display()),
+        // Without nvcc a PATH change may bring one; rebuilding without it costs seconds.
+        None => println!("cargo:rerun-if-env-changed=PATH"),
+    }
+    let nvcc = match found {
         Some(nvcc) => nvcc,
         None => {
             if env_flag("ATTN_REQUIRE_NVCC") {

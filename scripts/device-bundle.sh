@@ -38,7 +38,7 @@ if [ -n "${QUICK:-}" ]; then
 fi
 cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit,gpu_mem_efficient,gpu_hardening,gpu_decode |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
-cargo build --release --example doctor --message-format=json 2>/dev/null | pick doctor |
+cargo build --release --bin attention-doctor --message-format=json 2>/dev/null | pick attention-doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done
 cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
   while read -r name exe; do cp "$exe" "$out/bench"; done

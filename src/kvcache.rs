@@ -13,13 +13,14 @@ use crate::options::Options;
 use crate::problem::{KvCacheKind, MemoryKind, Problem};
 use crate::tensor::{
     byte_range, check_disjoint, check_operand, describe, operand, order_on_launch_stream, peek_in, peek_out, same_memory,
-    shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, RawDevice, Tensor, TensorMut, MAX_DIM,
+    shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, Tensor, TensorMut, MAX_DIM,
 };
 
 /// Each sequence's cache length: int32 `[batch]`, the number of keys of that sequence in the
 /// cache, the rows of this call's queries included (vLLM's `seq_lens`). Device lengths are
 /// never read on the host (no synchronisation: CUDA-graph replays may change them); the kernels
 /// clamp them to the cache's capacity.
+#[derive(Debug)]
 pub struct CacheLens<'a> {
     pub(crate) mem: InMem<'a, i32>,
 }
@@ -38,14 +39,10 @@ impl<'a> CacheLens<'a> {
     /// # Safety
     /// As [`Tensor::from_raw_device`], for `len` i32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
-        CacheLens { mem: InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }) }
+        CacheLens { mem: InMem::raw(ptr, len) }
     }
     fn len(&self) -> usize {
-        match &self.mem {
-            InMem::Host(b) => b.len(),
-            InMem::Raw(r) => r.len,
-            InMem::Cuda(s) => s.len(),
-        }
+        self.mem.len()
     }
 }
 
@@ -53,6 +50,7 @@ impl<'a> CacheLens<'a> {
 /// `row_stride` elements apart (vLLM's `block_tables`). Sequence `b`'s key `j` is in page
 /// `table[b * row_stride + j / page_size]`, slot `j % page_size`. Device tables are never read
 /// on the host; the kernels clamp page ids to the pages given.
+#[derive(Debug)]
 pub struct BlockTable<'a> {
     pub(crate) mem: InMem<'a, i32>,
     pub(crate) pages_per_seq: usize,
@@ -73,14 +71,10 @@ impl<'a> BlockTable<'a> {
     /// # Safety
     /// As [`Tensor::from_raw_device`], for `len` i32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize, pages_per_seq: usize, row_stride: usize) -> Self {
-        BlockTable { mem: InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }), pages_per_seq, row_stride }
+        BlockTable { mem: InMem::raw(ptr, len), pages_per_seq, row_stride }
     }
     fn len(&self) -> usize {
-        match &self.mem {
-            InMem::Host(b) => b.len(),
-            InMem::Raw(r) => r.len,
-            InMem::Cuda(s) => s.len(),
-        }
+        self.mem.len()
     }
 }
 
@@ -104,6 +98,7 @@ impl<'a> BlockTable<'a> {
 /// attn.forward_kvcache(&Tensor::host(&q, lq), &cache, &mut TensorMut::host(&mut out, lq), None, &Options::default())
 ///     .unwrap();
 /// ```
+#[derive(Debug)]
 pub struct KvCache<'a, T: Element> {
     pub(crate) k: Tensor<'a, T>,
     pub(crate) v: Tensor<'a, T>,

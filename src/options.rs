@@ -53,11 +53,15 @@ impl Options {
         Self::default()
     }
     /// Set the causal mask (bottom-right aligned).
+    #[must_use]
+
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
     /// Set the softmax scale applied to `q·k` before the softmax.
+    #[must_use]
+
     pub fn scale(mut self, scale: f32) -> Self {
         self.softmax_scale = Some(scale);
         self
@@ -66,17 +70,23 @@ impl Options {
     /// iff `d - left <= j <= d + right`, where `d = i + seqlen_k - seqlen_q` is the row's
     /// diagonal key (bottom-right aligned, like `causal`); `None` leaves a side unlimited.
     /// `window(Some(w), Some(0))` is causal attention over the last `w + 1` keys.
+    #[must_use]
+
     pub fn window(mut self, left: Option<usize>, right: Option<usize>) -> Self {
         self.window_left = left;
         self.window_right = right;
         self
     }
     /// Logit soft-capping (Gemma 2): each scaled logit `x` becomes `cap · tanh(x / cap)`.
+    #[must_use]
+
     pub fn softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
         self
     }
     /// Let f32 inputs run on TF32 tensor cores (see the field).
+    #[must_use]
+
     pub fn allow_tf32(mut self, allow: bool) -> Self {
         self.allow_tf32 = allow;
         self

@@ -59,38 +59,52 @@ impl Selector {
     /// ordinal that no visible device has is an [`Error::InvalidSetting`] at
     /// [`Selector::select`] naming `ATTN_DEVICE`, the ordinal and how many devices are visible;
     /// only ordinal 0 (the default) on a machine without a GPU gives the CPU-only handle.
+    #[must_use]
+
     pub fn device(mut self, ordinal: usize) -> Self {
         self.settings.device = ordinal;
         self
     }
     /// Use only this backend; a problem it cannot run is an error with its reasons.
+    #[must_use]
+
     pub fn backend(mut self, kind: BackendKind) -> Self {
         self.settings.backend = Some(kind);
         self.backend_by = "Selector::backend";
         self
     }
     /// Go back to ranked selection, whatever `ATTN_BACKEND` says.
+    #[must_use]
+
     pub fn any_backend(mut self) -> Self {
         self.settings.backend = None;
         self
     }
     /// Take a backend out of the chain.
+    #[must_use]
+
     pub fn disable(mut self, kind: BackendKind) -> Self {
         self.disabled_by.retain(|(k, _)| *k != kind);
         self.disabled_by.push((kind, "Selector::disable"));
         self
     }
     /// Falling back below the best backend for the device becomes an error.
+    #[must_use]
+
     pub fn strict(mut self, strict: bool) -> Self {
         self.settings.strict = strict;
         self
     }
     /// When NVRTC compiles kernels.
+    #[must_use]
+
     pub fn jit(mut self, mode: JitMode) -> Self {
         self.settings.jit = mode;
         self
     }
     /// Where JIT-compiled kernels are cached.
+    #[must_use]
+
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.settings.cache_dir = Some(dir.into());
         self
@@ -98,24 +112,32 @@ impl Selector {
     /// Cap on the naive backend's score workspace, MiB (1 to
     /// [`crate::settings::MAX_NAIVE_WORKSPACE_MB`], as `ATTN_NAIVE_WORKSPACE_MB`; checked by
     /// [`Selector::select`]).
+    #[must_use]
+
     pub fn naive_workspace_mb(mut self, mb: usize) -> Self {
         self.settings.naive_workspace_mb = mb;
         self
     }
     /// Threads of the CPU backend (1 to [`crate::settings::MAX_CPU_THREADS`], as
     /// `ATTN_CPU_THREADS`; checked by [`Selector::select`]).
+    #[must_use]
+
     pub fn cpu_threads(mut self, threads: usize) -> Self {
         self.settings.cpu_threads = Some(threads);
         self
     }
     /// Run every kernel as code for the older `arch` (testing only; see
     /// [`Settings::emulate_arch`]), e.g. `ComputeCapability::new(7, 5)` for a T4's code path.
+    #[must_use]
+
     pub fn emulate_arch(mut self, arch: crate::caps::ComputeCapability) -> Self {
         self.settings.emulate_arch = Some(arch);
         self
     }
     /// Selects for a simulated device instead of probing one: `explain` then answers what
     /// would run there. GPU backends cannot run on it (there is no device behind it).
+    #[must_use]
+
     pub fn simulate(mut self, caps: DeviceCaps) -> Self {
         self.simulated = Some(caps);
         self

@@ -32,6 +32,22 @@ pub(crate) enum InMem<'a, T> {
     Cuda(&'a dyn DevicePtr<T>),
 }
 
+impl<T> InMem<'_, T> {
+    /// Device memory owned elsewhere, read on the launch stream (no stream of its own).
+    pub(crate) fn raw(ptr: u64, len: usize) -> Self {
+        InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() })
+    }
+
+    /// Number of elements.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            InMem::Host(b) => b.len(),
+            InMem::Raw(r) => r.len,
+            InMem::Cuda(slice) => slice.len(),
+        }
+    }
+}
+
 /// Where an output view's elements live.
 pub(crate) enum OutMem<'a, T> {
     Host(&'a mut [T]),
@@ -87,7 +103,7 @@ impl<'a, T: Element> Tensor<'a, T> {
     /// CUDA context's device (the primary context, which PyTorch and cudarc share), readable
     /// on the stream the output runs on, and stay valid until the work launched on it completes.
     pub unsafe fn from_raw_device(ptr: u64, len: usize, layout: Layout) -> Self {
-        Tensor { mem: InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }), layout }
+        Tensor { mem: InMem::raw(ptr, len), layout }
     }
 
     /// The view's layout.
@@ -145,6 +161,44 @@ impl<'a> LseMut<'a> {
     /// As [`TensorMut::from_raw_device`], for `len` f32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
         LseMut { mem: OutMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }) }
+    }
+}
+
+impl<T> std::fmt::Debug for InMem<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InMem::Host(b) => write!(f, "host[{}]", b.len()),
+            InMem::Raw(r) => write!(f, "device {:#x}[{}] (raw)", r.ptr, r.len),
+            InMem::Cuda(s) => write!(f, "device {}[{}] (cudarc)", s.stream().context().ordinal(), s.len()),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for OutMem<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutMem::Host(b) => write!(f, "host[{}]", b.len()),
+            OutMem::Raw(r) => write!(f, "device {:#x}[{}] (raw)", r.ptr, r.len),
+            OutMem::Cuda { slice, .. } => write!(f, "device {}[{}] (cudarc)", slice.stream().context().ordinal(), slice.len()),
+        }
+    }
+}
+
+impl<T: Element> std::fmt::Debug for Tensor<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor").field("dtype", &T::DTYPE).field("mem", &self.mem).field("layout", &self.layout).finish()
+    }
+}
+
+impl<T: Element> std::fmt::Debug for TensorMut<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorMut").field("dtype", &T::DTYPE).field("mem", &self.mem).field("layout", &self.layout).finish()
+    }
+}
+
+impl std::fmt::Debug for LseMut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LseMut").field("mem", &self.mem).finish()
     }
 }
 
@@ -300,6 +354,7 @@ fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Error> {
 /// maximum, so malformed ones give wrong rows, never an access outside the caller's buffers,
 /// and rows of `out` outside every sequence (before `cu[0]`, after `cu[batch]`) are left as
 /// they were. Validate them on the host with [`SeqLens::check_host`] when unsure.
+#[derive(Debug)]
 pub struct SeqLens<'a> {
     mem: InMem<'a, i32>,
 }
@@ -320,16 +375,12 @@ impl<'a> SeqLens<'a> {
     /// # Safety
     /// As [`Tensor::from_raw_device`], for `len` i32 values.
     pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
-        SeqLens { mem: InMem::Raw(RawDevice { ptr, len, stream: std::ptr::null_mut() }) }
+        SeqLens { mem: InMem::raw(ptr, len) }
     }
 
     /// Number of prefix sums (`batch + 1`).
     fn len(&self) -> usize {
-        match &self.mem {
-            InMem::Host(b) => b.len(),
-            InMem::Raw(r) => r.len,
-            InMem::Cuda(slice) => slice.len(),
-        }
+        self.mem.len()
     }
 
     /// Number of sequences (`len - 1`).
@@ -413,6 +464,7 @@ impl<'a> SeqLens<'a> {
 ///                     &mut TensorMut::host(&mut out, l), &varlen, &Options::default().causal(true))
 ///     .unwrap();
 /// ```
+#[derive(Debug)]
 pub struct VarLen<'a> {
     cu_seqlens_q: SeqLens<'a>,
     cu_seqlens_k: SeqLens<'a>,

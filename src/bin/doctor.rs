@@ -1,4 +1,4 @@
-//! `cargo run --release --example doctor`: prints [`attention::report()`], everything a bug
+//! `cargo run --release --bin attention-doctor`: prints [`attention::report()`], everything a bug
 //! report needs (like `vllm collect-env`), ending with a warm, checked attention run. Your
 //! program can log the same report (`attention::report()`, or `.to_json()`); it reflects that
 //! program's build: its features, arch list and nvcc. `--json` prints the JSON instead.
