@@ -10,7 +10,14 @@
 //!   `arch::DEFAULT_ARCH_LIST` (empty values count as unset).
 //! * `ATTN_REQUIRE_NVCC=1`: fail instead of deferring to NVRTC when nvcc is
 //!   missing. `ATTN_DENY_SPILLS=1`: fail when ptxas reports register spills
-//!   or tensor-core code it had to serialise (C7508, C7514, C7515...).
+//!   or tensor-core code it had to serialise (C7508, C7514, C7515...). Both
+//!   take the spellings of `src/flag.rs` (as at run time); another value fails
+//!   the build, an empty one counts as unset.
+//!
+//! nvcc processes run in parallel, each in a slot of cargo's jobserver (the
+//! build script's own token, then tokens acquired from cargo), so `cargo build
+//! -jN` never runs more than N jobs at once. Without a jobserver, up to
+//! `NUM_JOBS` at once.
 //!
 //! A `.cu` file whose first line is `// attention: min-arch X.Y` is only built
 //! for the entries of the arch list at or above compute capability X.Y.
@@ -19,13 +26,16 @@
 #[path = "src/arch.rs"]
 mod arch;
 
+#[path = "src/flag.rs"]
+mod flag;
+
 use arch::{ArchSpec, ArchSuffix};
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::mpsc;
 
 /// Variables that change the build. `PATH` is not one of them: it matters only through the
 /// nvcc found on it, which `find_nvcc` registers itself (see there).
@@ -46,7 +56,12 @@ compiled at first use by NVRTC. Set NVCC or CUDA_HOME to build them ahead of tim
 const MARKER: &str = "// attention:";
 
 fn main() {
-    if let Err(msg) = run() {
+    // Cargo's jobserver, taken first thing: on Unix it is a pair of inherited file descriptors
+    // (or a fifo), best claimed before this process opens any file of its own. `check_pipe`
+    // refuses descriptors that are no longer pipes (not inherited, numbers reused).
+    // SAFETY: called once, before anything else in this process opens a file descriptor.
+    let jobserver = unsafe { jobserver::Client::from_env_ext(true) }.client.ok();
+    if let Err(msg) = run(jobserver) {
         eprintln!("error: {msg}");
         std::process::exit(1);
     }
@@ -97,7 +112,7 @@ struct Compiled {
     resources: Vec<(String, String, Resources)>,
 }
 
-fn run() -> Result<(), String> {
+fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
     let manifest_dir =
         PathBuf::from(env_var("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
     let out_dir = PathBuf::from(env_var("OUT_DIR").ok_or("OUT_DIR is not set")?);
@@ -105,10 +120,14 @@ fn run() -> Result<(), String> {
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/arch.rs");
+    println!("cargo:rerun-if-changed=src/flag.rs");
     println!("cargo:rerun-if-changed=cuda");
     for var in ENV_VARS {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    // Checked up front, whether or not the build comes to need them, as settings are at run time.
+    let require_nvcc = env_flag("ATTN_REQUIRE_NVCC")?;
+    let deny_spills = env_flag("ATTN_DENY_SPILLS")?;
 
     // Every .cu/.cuh file under cuda/, sorted by name.
     let mut sources: Vec<(String, PathBuf)> = Vec::new();
@@ -175,7 +194,7 @@ fn run() -> Result<(), String> {
     let nvcc = match found {
         Some(nvcc) => nvcc,
         None => {
-            if env_flag("ATTN_REQUIRE_NVCC") {
+            if require_nvcc {
                 return Err(
                     "ATTN_REQUIRE_NVCC is set but nvcc was not found (looked in NVCC, CUDA_HOME, CUDA_PATH, PATH). \
                      Set NVCC to the path of nvcc, or CUDA_HOME to a CUDA toolkit, or unset ATTN_REQUIRE_NVCC to \
@@ -199,7 +218,7 @@ fn run() -> Result<(), String> {
 
     archs = check_archs(&nvcc, &out_dir, list_source, archs)?;
 
-    let compiled = compile_all(&nvcc, &out_dir, &modules, &archs)?;
+    let compiled = compile_all(&nvcc, &out_dir, &modules, &archs, jobserver)?;
     let report = ptxas_report(&nvcc, &archs, &modules, &compiled);
     let report_path = out_dir.join("ptxas_report.txt");
     fs::write(&report_path, &report)
@@ -224,7 +243,7 @@ fn run() -> Result<(), String> {
             spills.join(", "),
             report_path.display()
         );
-        if env_flag("ATTN_DENY_SPILLS") {
+        if deny_spills {
             return Err(format!("{msg} (ATTN_DENY_SPILLS is set)\n\n{report}"));
         }
         println!("cargo:warning={msg}");
@@ -247,14 +266,18 @@ fn env_var(name: &str) -> Option<String> {
     env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// A boolean environment variable: set to anything but `0`/`false`/`no`/`off`.
-fn env_flag(name: &str) -> bool {
-    env_var(name).is_some_and(|v| {
-        !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "0" | "false" | "no" | "off"
-        )
-    })
+/// A boolean environment variable, spelt as `flag::parse_flag` accepts (the run-time settings'
+/// parser); unset or empty is false, any other value an error.
+fn env_flag(name: &str) -> Result<bool, String> {
+    match env_var(name) {
+        None => Ok(false),
+        Some(v) => flag::parse_flag(&v).ok_or_else(|| {
+            format!(
+                "invalid build setting {name}={v:?}: expected {} (empty counts as unset)",
+                flag::FLAG_FORMS
+            )
+        }),
+    }
 }
 
 /// Parses the optional first-line marker of a `.cu` file.
@@ -474,39 +497,136 @@ fn check_archs(
     Ok(kept)
 }
 
-/// Compiles every module, several at a time (NUM_JOBS, from cargo).
+/// The slot one nvcc process runs in.
+enum Slot {
+    /// The token cargo gave this build script by starting it.
+    Implicit,
+    /// A token acquired from cargo's jobserver: held, never read; dropping it releases it.
+    Token(#[allow(dead_code)] jobserver::Acquired),
+    /// No jobserver: a slot of our own pool of `NUM_JOBS`.
+    Own,
+}
+
+/// What the scheduler in `compile_all` waits for.
+enum Event {
+    /// The jobserver's helper thread acquired a token (or failed to).
+    Token(std::io::Result<jobserver::Acquired>),
+    /// Module `i` finished, in this slot.
+    Done(usize, Result<Compiled, String>, Slot),
+}
+
+/// Compiles every module, several at a time: with cargo's jobserver, one nvcc in the build
+/// script's own slot plus one per token acquired from it; without, up to NUM_JOBS (from cargo)
+/// at once. Either way at most NUM_JOBS, and no more than there are modules.
 fn compile_all(
     nvcc: &Nvcc,
     out_dir: &Path,
     modules: &[Module],
     archs: &[ArchSpec],
+    jobserver: Option<jobserver::Client>,
 ) -> Result<Vec<Compiled>, String> {
     let jobs = env_var("NUM_JOBS")
         .and_then(|j| j.parse::<usize>().ok())
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
         .clamp(1, modules.len().max(1));
-    let next = Mutex::new(0usize);
-    let results: Mutex<Vec<Option<Result<Compiled, String>>>> =
-        Mutex::new(modules.iter().map(|_| None).collect());
+    let (tx, rx) = mpsc::channel::<Event>();
+    // Tokens come through a helper thread, so that waiting for one never stops this thread
+    // from seeing a module finish (a blocking acquire could wait forever under `-j1`).
+    let mut helper = None;
+    let own_pool = match jobserver {
+        None => true,
+        Some(_) if jobs == 1 => false,
+        Some(client) => {
+            let tx = tx.clone();
+            match client.into_helper_thread(move |token| {
+                let _ = tx.send(Event::Token(token));
+            }) {
+                Ok(h) => helper = Some(h),
+                Err(e) => println!(
+                    "cargo:warning=cannot start a thread to take tokens from cargo's jobserver \
+                     ({e}); compiling the CUDA modules one at a time"
+                ),
+            }
+            false
+        }
+    };
+
+    let mut results: Vec<Option<Result<Compiled, String>>> = modules.iter().map(|_| None).collect();
+    let mut next = 0; // the first module not started
+    let mut running = 0; // nvcc processes running, in every kind of slot
+    let mut implicit_free = true;
+    let mut requested = 0; // tokens asked of the helper and not yet received
     std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            scope.spawn(|| loop {
-                let i = {
-                    let mut n = next.lock().unwrap();
-                    let i = *n;
-                    *n += 1;
-                    i
-                };
-                let Some(module) = modules.get(i) else { break };
-                let result = compile_module(nvcc, out_dir, module, archs);
-                results.lock().unwrap()[i] = Some(result);
+        let start = |i: usize, slot: Slot| {
+            let tx = tx.clone();
+            let module = &modules[i];
+            scope.spawn(move || {
+                // A panic must still report back, or the loop below would wait for it forever.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    compile_module(nvcc, out_dir, module, archs)
+                }))
+                .unwrap_or_else(|_| Err(format!("compiling {} panicked", module.path.display())));
+                let _ = tx.send(Event::Done(i, result, slot));
             });
+        };
+        loop {
+            if own_pool {
+                while next < modules.len() && running < jobs {
+                    start(next, Slot::Own);
+                    next += 1;
+                    running += 1;
+                }
+            } else {
+                if implicit_free && next < modules.len() {
+                    start(next, Slot::Implicit);
+                    implicit_free = false;
+                    next += 1;
+                    running += 1;
+                }
+                if let Some(helper) = &helper {
+                    let in_tokens = running - usize::from(!implicit_free);
+                    while requested < modules.len() - next && requested + in_tokens < jobs - 1 {
+                        helper.request_token();
+                        requested += 1;
+                    }
+                }
+            }
+            if running == 0 {
+                // Nothing runs, so the implicit slot (or the own pool) is free: all started.
+                break;
+            }
+            match rx.recv().expect("this thread holds a sender") {
+                Event::Token(Ok(token)) => {
+                    requested -= 1;
+                    if next < modules.len() {
+                        start(next, Slot::Token(token));
+                        next += 1;
+                        running += 1;
+                    } // else dropped: released to cargo at once
+                }
+                Event::Token(Err(e)) => {
+                    requested -= 1;
+                    if helper.take().is_some() {
+                        println!(
+                            "cargo:warning=cannot take a token from cargo's jobserver ({e}); \
+                             compiling the remaining CUDA modules one at a time"
+                        );
+                    }
+                }
+                Event::Done(i, result, slot) => {
+                    results[i] = Some(result);
+                    running -= 1;
+                    if let Slot::Implicit = slot {
+                        implicit_free = true;
+                    } // a token is released as `slot` drops
+                }
+            }
         }
     });
+    // Stops the helper (a token it acquires meanwhile is released with the channel).
+    drop(helper);
     results
-        .into_inner()
-        .unwrap()
         .into_iter()
         .map(|r| r.expect("every module compiled"))
         .collect()

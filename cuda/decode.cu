@@ -118,7 +118,7 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
     constexpr int STEP = DEC_WARPS * KPW;     // key rows per block step
     // K/V rows in flight per lane: more hide more latency, but each costs 8 registers and
     // eight rows' queries and accumulators already hold most of them.
-    constexpr int DEC_UNROLL = ROWS * VEC > 32 ? 2 : 4;
+    constexpr int DEC_UNROLL = ROWS >= 8 ? 2 : 4;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane / LPK, sub = lane % LPK;

@@ -21,6 +21,32 @@
 //! assert_eq!(best_image(&built, (7, 5)), ImageMatch::None);
 //! ```
 
+/// A CUDA compute capability, e.g. 8.0 for the A100.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ComputeCapability {
+    /// Major version.
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+}
+
+impl ComputeCapability {
+    /// `ComputeCapability::new(9, 0)` is sm_90.
+    pub const fn new(major: u32, minor: u32) -> Self {
+        ComputeCapability { major, minor }
+    }
+    /// `sm_90`.
+    pub fn sm(&self) -> String {
+        format!("sm_{}{}", self.major, self.minor)
+    }
+}
+
+impl std::fmt::Display for ComputeCapability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
 use std::fmt;
 use std::str::FromStr;
 

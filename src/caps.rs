@@ -3,32 +3,36 @@
 use std::fmt;
 
 use crate::arch::{self, ArchSpec, ImageMatch};
-use crate::backend::Reason;
-use crate::settings::JitMode;
+pub use crate::arch::ComputeCapability;
+use crate::reason::Reason;
 
-/// A CUDA compute capability, e.g. 8.0 for the A100.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ComputeCapability {
-    /// Major version.
-    pub major: u32,
-    /// Minor version.
-    pub minor: u32,
+/// When kernels are compiled at run time with NVRTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum JitMode {
+    /// Use the kernels nvcc embedded at build time; compile with NVRTC only when they hold no
+    /// image for the device (or were not built at all).
+    #[default]
+    Auto,
+    /// Always compile with NVRTC for the device's exact arch, ignoring embedded images.
+    Always,
+    /// Never compile at run time: a device without an embedded image gets no GPU backend.
+    Never,
 }
 
-impl ComputeCapability {
-    /// `ComputeCapability::new(9, 0)` is sm_90.
-    pub const fn new(major: u32, minor: u32) -> Self {
-        ComputeCapability { major, minor }
-    }
-    /// `sm_90`.
-    pub fn sm(&self) -> String {
-        format!("sm_{}{}", self.major, self.minor)
+impl JitMode {
+    /// The setting's spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            JitMode::Auto => "auto",
+            JitMode::Always => "always",
+            JitMode::Never => "never",
+        }
     }
 }
 
-impl fmt::Display for ComputeCapability {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
+impl std::fmt::Display for JitMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -1314,12 +1314,12 @@ mod tests {
                 let ctx = format!("{} {c:?} threads {threads:?} seed {seed:#x}", T::DTYPE);
                 assert_eq!(
                     bytemuck::cast_slice::<T, u8>(&o),
-                    bytemuck::cast_slice(&o1),
+                    bytemuck::cast_slice::<T, u8>(&o1),
                     "{ctx}"
                 );
                 assert_eq!(
                     bytemuck::cast_slice::<f32, u32>(&l),
-                    bytemuck::cast_slice(&l1),
+                    bytemuck::cast_slice::<f32, u32>(&l1),
                     "{ctx}"
                 );
             }
@@ -1510,7 +1510,7 @@ mod tests {
         assert!(lse.is_none());
         assert_eq!(
             bytemuck::cast_slice::<f32, u32>(&out),
-            bytemuck::cast_slice(&with)
+            bytemuck::cast_slice::<f32, u32>(&with)
         );
     }
 

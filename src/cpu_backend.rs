@@ -6,7 +6,7 @@ use crate::cpu::{HostIn, Seqs, Threads};
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::problem::{MemoryKind, Problem};
-use crate::tensor::{Addr, Call};
+use crate::call::{Addr, Call};
 
 /// Runs attention on host memory (online softmax, f32 accumulation) on a rayon pool.
 pub(crate) struct CpuBackend {

@@ -11,7 +11,7 @@ use crate::backend::RunError;
 use crate::dtype::Element;
 use crate::error::Error;
 use crate::options::Mask;
-use crate::tensor::{Addr, Call};
+use crate::call::{Addr, Call};
 
 /// NaN-propagating maximum (`f32::max` drops NaN, which would hide a NaN input).
 #[inline]

@@ -1,6 +1,15 @@
 //! The crate's error type: every failure names what was wrong, the value, and what is accepted.
 
-use crate::backend::{BackendKind, Reason};
+use crate::reason::{BackendKind, Reason};
+
+// Parsing a backend name fails with the crate's error, so the impl lives beside the error
+// (the names themselves are vocabulary, in `reason`, which imports nothing above it).
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        BackendKind::from_name(s).ok_or_else(|| Error::UnknownBackend { name: s.to_string(), valid: BackendKind::VALID_NAMES })
+    }
+}
 
 /// A backend and the reasons it was passed over.
 #[derive(Clone, Debug, PartialEq)]
@@ -16,7 +25,7 @@ impl Rejection {
     /// error under `ATTN_STRICT=1`), as opposed to one that was never for this device or
     /// memory, or that a setting took out.
     pub fn is_fallback(&self) -> bool {
-        crate::select::is_fallback(&self.reasons)
+        crate::reason::is_fallback(&self.reasons)
     }
 }
 
@@ -124,6 +133,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed driver call, with the driver's name and description of the code.
+    pub(crate) fn cuda(op: &'static str, code: cudarc::driver::sys::CUresult) -> Self {
+        let e = cudarc::driver::DriverError(code);
+        Error::Cuda {
+            op,
+            code: code as i32,
+            name: e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            message: e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
+    }
+
     pub(crate) fn invalid(arg: &'static str, value: impl ToString, expected: impl ToString) -> Self {
         Error::InvalidArgument {
             arg,

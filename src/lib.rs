@@ -3,6 +3,8 @@
 
 pub mod arch;
 mod backend;
+mod call;
+mod reason;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod caps;
@@ -11,8 +13,10 @@ mod cpu_backend;
 mod cpu_kvcache;
 pub mod dtype;
 mod error;
+mod flag;
 mod gpu;
 mod kvcache;
+mod log_once;
 pub mod layout;
 pub mod options;
 mod problem;
@@ -22,7 +26,7 @@ pub mod settings;
 mod tensor;
 pub mod testing;
 
-pub use backend::{BackendKind, Reason};
+pub use reason::{BackendKind, Reason};
 /// The cudarc version this crate is built against: use it to allocate device tensors.
 pub use cudarc;
 /// The `half` crate this crate's `f16`/`bf16` element types come from (half 2): use

@@ -262,39 +262,6 @@ fn simd_features() -> String {
     }
 }
 
-/// Whether the driver library (libcuda / nvcuda) can be loaded. Unlike cudarc's
-/// `sys::is_culib_present`, this exists in every cudarc loading mode (`dynamic-loading`,
-/// `fallback-dynamic-loading`, `dynamic-linking`, `static-linking`).
-pub(crate) fn driver_library_present() -> bool {
-    library_present("cuda", &["nvcuda"])
-}
-
-/// Whether libnvrtc can be loaded (every cudarc loading mode; see [`driver_library_present`]).
-pub(crate) fn nvrtc_library_present() -> bool {
-    library_present("nvrtc", &[])
-}
-
-/// cudarc's candidate names for `name` (its `get_lib_name_candidates`, for the bindings'
-/// version and the older majors it also accepts), tried with `dlopen`.
-fn library_present(name: &str, extra: &[&str]) -> bool {
-    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
-    let v = cudarc::driver::sys::CUDA_VERSION;
-    let (major, minor) = (v / 1000, v % 1000 / 10);
-    let mut names = Vec::new();
-    for lib in std::iter::once(name).chain(extra.iter().copied()) {
-        names.push(format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}"));
-        names.push(format!("{DLL_PREFIX}{lib}64{DLL_SUFFIX}"));
-        for m in [format!("{major}"), format!("{major}{minor}"), format!("{major}{minor}_0"), format!("{major}0_{minor}"), format!("{major}0_0"), "12".into(), "11".into(), "10".into(), "9".into()] {
-            names.push(format!("{DLL_PREFIX}{lib}64_{m}{DLL_SUFFIX}"));
-        }
-        for m in [major.to_string(), "12".into(), "11".into(), "10".into(), "9".into(), "1".into()] {
-            names.push(format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.{m}"));
-        }
-    }
-    // SAFETY: loading the CUDA driver or NVRTC runs no user-visible initialisers; the handle
-    // is closed again (the library stays loaded if cudarc holds it).
-    names.iter().any(|n| unsafe { libloading::Library::new(n) }.is_ok())
-}
 
 /// The CUDA libraries mapped into this process, from `/proc/self/maps` (Linux).
 fn loaded_cuda_libraries() -> Vec<String> {
@@ -317,7 +284,7 @@ fn loaded_cuda_libraries() -> Vec<String> {
 
 /// Every visible GPU: `ordinal: name, sm_XY, memory`. Only after the probe found the driver.
 fn visible_gpus() -> Result<Vec<String>, String> {
-    if !driver_library_present() {
+    if !crate::gpu::libs::driver_library_present() {
         return Err("libcuda (the NVIDIA driver) was not found".into());
     }
     std::panic::catch_unwind(|| {
@@ -385,7 +352,7 @@ fn cuda_section(attn: Option<&Attention>) -> Vec<(String, String)> {
         },
     ));
     let yes = |b: bool| if b { "yes" } else { "no" };
-    v.push(kv("loadable", format!("libcuda: {}, libnvrtc: {}", yes(driver_library_present()), yes(nvrtc_library_present()))));
+    v.push(kv("loadable", format!("libcuda: {}, libnvrtc: {}", yes(crate::gpu::libs::driver_library_present()), yes(crate::gpu::libs::nvrtc_library_present()))));
     let libs = loaded_cuda_libraries();
     v.push(kv("loaded libraries", if libs.is_empty() { "none".into() } else { libs.join(", ") }));
     for (name, value) in crate::settings::Settings::report_environment() {

@@ -7,12 +7,14 @@ use std::path::PathBuf;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::backend::{Backend, BackendKind, Reason, ReasonScope, RunError};
+use crate::reason::is_fallback;
+use crate::backend::{Backend, BackendKind, Reason, RunError};
 use crate::caps::DeviceCaps;
 use crate::cpu_backend::CpuBackend;
 use crate::dtype::Element;
 use crate::error::{Error, Rejection};
-use crate::gpu::device::{self, warn_once, GpuDevice};
+use crate::gpu::device::{self, GpuDevice};
+use crate::log_once::{log_once, log_once_keyed, warn_once};
 use crate::gpu::flash::FlashBackend;
 use crate::gpu::mem_efficient::MemEfficientBackend;
 use crate::gpu::decode::DecodeBackend;
@@ -211,7 +213,7 @@ impl Selector {
                     (Some(dev), _) => {
                         let dev = dev.emulating(arch).ok_or_else(newer)?;
                         let caps = dev.caps.clone();
-                        device::log_once(log::Level::Warn, format!("attention: ATTN_EMULATE_ARCH={arch}: running {}", caps.name));
+                        log_once(log::Level::Warn, format!("attention: ATTN_EMULATE_ARCH={arch}: running {}", caps.name));
                         (Some(dev), Some(caps))
                     }
                     (None, Some(c)) => (None, Some(c.emulating(arch).ok_or_else(newer)?)),
@@ -473,7 +475,7 @@ impl Attention {
             return;
         }
         let device = self.device_summary();
-        device::log_once_keyed(
+        log_once_keyed(
             log::Level::Warn,
             format!("fallback {} {:?} on {device}", r.backend, key.kinds),
             || {
@@ -493,7 +495,7 @@ impl Attention {
         if !seen.contains(&kind) {
             seen.push(kind);
             let on = if kind.is_gpu() { self.device_summary() } else { "the CPU".into() };
-            device::log_once(log::Level::Info, format!("attention: using {kind} attention on {on}"));
+            log_once(log::Level::Info, format!("attention: using {kind} attention on {on}"));
         }
     }
 
@@ -702,11 +704,6 @@ impl FallbackKey {
     }
 }
 
-/// A rejection is a fallback when every reason is one the device should not have had: a
-/// backend that was disabled, or never applied to this device or memory, was not "fallen from".
-pub(crate) fn is_fallback(reasons: &[Reason]) -> bool {
-    !reasons.is_empty() && reasons.iter().all(|x| x.scope() == ReasonScope::Fallback)
-}
 
 // The handle is shared across model threads.
 const _: () = {

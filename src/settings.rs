@@ -26,42 +26,15 @@
 //! are not warned about.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use crate::backend::BackendKind;
+use crate::reason::BackendKind;
 use crate::error::Error;
+use crate::flag::{parse_flag, FLAG_FORMS};
 
-/// When kernels are compiled at run time with NVRTC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum JitMode {
-    /// Use the kernels nvcc embedded at build time; compile with NVRTC only when they hold no
-    /// image for the device (or were not built at all).
-    #[default]
-    Auto,
-    /// Always compile with NVRTC for the device's exact arch, ignoring embedded images.
-    Always,
-    /// Never compile at run time: a device without an embedded image gets no GPU backend.
-    Never,
-}
-
-impl JitMode {
-    /// The setting's spelling.
-    pub const fn name(self) -> &'static str {
-        match self {
-            JitMode::Auto => "auto",
-            JitMode::Always => "always",
-            JitMode::Never => "never",
-        }
-    }
-}
-
-impl std::fmt::Display for JitMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::caps::JitMode;
 
 /// The default cap on the naive backend's f32 score workspace, in MiB.
 pub const DEFAULT_NAIVE_WORKSPACE_MB: usize = 256;
@@ -260,11 +233,11 @@ impl Settings {
                 check_cache_dir_form(&dir)?;
                 Some(dir)
             }
-            None => crate::gpu::cache::default_cache_dir(
+            None => default_cache_dir_from(
                 lookup("XDG_CACHE_HOME").as_deref(),
                 lookup("HOME").as_deref(),
             )
-            .or_else(crate::gpu::cache::platform_cache_dir),
+            .or_else(platform_cache_dir),
         };
         if let Some(v) = get("ATTN_NAIVE_WORKSPACE_MB")? {
             s.naive_workspace_mb = parse_count(
@@ -347,11 +320,11 @@ impl Settings {
     /// `HOME`: a bad default (a file in its place) degrades to no cache rather than failing
     /// `select()`, since nobody chose it.
     pub(crate) fn default_cache_dir() -> Option<PathBuf> {
-        crate::gpu::cache::default_cache_dir(
+        default_cache_dir_from(
             std::env::var_os("XDG_CACHE_HOME").as_deref(),
             std::env::var_os("HOME").as_deref(),
         )
-        .or_else(crate::gpu::cache::platform_cache_dir)
+        .or_else(platform_cache_dir)
     }
 
     /// Variables outside the crate's own that decide what it finds (devices, libraries,
@@ -421,15 +394,11 @@ fn parse_backend(var: &'static str, v: &str) -> Result<BackendKind, Error> {
 }
 
 pub(crate) fn parse_bool(var: &'static str, v: &str) -> Result<bool, Error> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(Error::InvalidSetting {
-            var,
-            value: quoted(v),
-            expected: "1 or 0 (also true/false, yes/no, on/off)".into(),
-        }),
-    }
+    parse_flag(v).ok_or_else(|| Error::InvalidSetting {
+        var,
+        value: quoted(v),
+        expected: FLAG_FORMS.into(),
+    })
 }
 
 pub(crate) fn parse_jit(v: &str) -> Result<JitMode, Error> {
@@ -607,6 +576,41 @@ fn edit_distance(a: &[u8], b: &[u8]) -> usize {
         std::mem::swap(&mut last, &mut row);
     }
     last[b.len()]
+}
+
+
+/// Default cache directory, resolved from the values of `XDG_CACHE_HOME` and `HOME` (the
+/// caller reads the environment, so this stays pure and testable).
+///
+/// `$XDG_CACHE_HOME/attention` if that variable is set to an absolute path (the XDG spec
+/// says relative values are invalid and must be ignored), else `$HOME/.cache/attention` if
+/// `HOME` is an absolute path, else `None`. Relative paths are refused rather than resolved
+/// against the current directory, which would scatter caches wherever programs run.
+pub(crate) fn default_cache_dir_from(
+    xdg_cache_home: Option<&OsStr>,
+    home: Option<&OsStr>,
+) -> Option<PathBuf> {
+    fn absolute(value: Option<&OsStr>) -> Option<&Path> {
+        value.map(Path::new).filter(|p| p.is_absolute())
+    }
+    if let Some(xdg) = absolute(xdg_cache_home) {
+        return Some(xdg.join("attention"));
+    }
+    absolute(home).map(|home| home.join(".cache").join("attention"))
+}
+
+/// The platform's cache directory where `XDG_CACHE_HOME` and `HOME` give none: on Windows
+/// `%LOCALAPPDATA%\attention` (through the `dirs` crate). `None` on Unix, where the XDG rule
+/// above is the convention.
+pub(crate) fn platform_cache_dir() -> Option<PathBuf> {
+    #[cfg(not(unix))]
+    {
+        dirs::cache_dir().filter(|p| p.is_absolute()).map(|d| d.join("attention"))
+    }
+    #[cfg(unix)]
+    {
+        None
+    }
 }
 
 #[cfg(test)]

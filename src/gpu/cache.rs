@@ -49,7 +49,6 @@
 //! entry (a directory, a FIFO, a symlink) is removed and rebuilt; a symlink is removed as a
 //! link, never followed.
 
-use std::ffi::OsStr;
 use std::fmt::{self, Display};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -756,40 +755,6 @@ fn log_removal(path: &Path, reason: &str, removed: io::Result<bool>) {
         "kernel cache: corrupt entry {} ({reason}): {what}",
         path.display()
     );
-}
-
-/// Default cache directory, resolved from the values of `XDG_CACHE_HOME` and `HOME` (the
-/// caller reads the environment, so this stays pure and testable).
-///
-/// `$XDG_CACHE_HOME/attention` if that variable is set to an absolute path (the XDG spec
-/// says relative values are invalid and must be ignored), else `$HOME/.cache/attention` if
-/// `HOME` is an absolute path, else `None`. Relative paths are refused rather than resolved
-/// against the current directory, which would scatter caches wherever programs run.
-pub(crate) fn default_cache_dir(
-    xdg_cache_home: Option<&OsStr>,
-    home: Option<&OsStr>,
-) -> Option<PathBuf> {
-    fn absolute(value: Option<&OsStr>) -> Option<&Path> {
-        value.map(Path::new).filter(|p| p.is_absolute())
-    }
-    if let Some(xdg) = absolute(xdg_cache_home) {
-        return Some(xdg.join("attention"));
-    }
-    absolute(home).map(|home| home.join(".cache").join("attention"))
-}
-
-/// The platform's cache directory where `XDG_CACHE_HOME` and `HOME` give none: on Windows
-/// `%LOCALAPPDATA%\attention` (through the `dirs` crate). `None` on Unix, where the XDG rule
-/// above is the convention.
-pub(crate) fn platform_cache_dir() -> Option<PathBuf> {
-    #[cfg(not(unix))]
-    {
-        dirs::cache_dir().filter(|p| p.is_absolute()).map(|d| d.join("attention"))
-    }
-    #[cfg(unix)]
-    {
-        None
-    }
 }
 
 #[cfg(test)]
@@ -1513,24 +1478,24 @@ mod tests {
 
     #[test]
     fn default_cache_dir_resolution() {
-        let os = |s: &'static str| Some(OsStr::new(s));
+        let os = |s: &'static str| Some(std::ffi::OsStr::new(s));
         assert_eq!(
-            default_cache_dir(os("/xdg"), os("/home/u")),
+            crate::settings::default_cache_dir_from(os("/xdg"), os("/home/u")),
             Some(PathBuf::from("/xdg/attention"))
         );
         // Relative or empty XDG_CACHE_HOME is ignored, per the XDG spec.
         for xdg in [os("relative/cache"), os(""), None] {
             assert_eq!(
-                default_cache_dir(xdg, os("/home/u")),
+                crate::settings::default_cache_dir_from(xdg, os("/home/u")),
                 Some(PathBuf::from("/home/u/.cache/attention")),
                 "{xdg:?}"
             );
         }
-        assert_eq!(default_cache_dir(None, None), None);
-        assert_eq!(default_cache_dir(os(""), os("")), None);
-        assert_eq!(default_cache_dir(None, os("relative/home")), None);
+        assert_eq!(crate::settings::default_cache_dir_from(None, None), None);
+        assert_eq!(crate::settings::default_cache_dir_from(os(""), os("")), None);
+        assert_eq!(crate::settings::default_cache_dir_from(None, os("relative/home")), None);
         assert_eq!(
-            default_cache_dir(os("/xdg"), None),
+            crate::settings::default_cache_dir_from(os("/xdg"), None),
             Some(PathBuf::from("/xdg/attention"))
         );
     }

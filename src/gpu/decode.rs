@@ -21,7 +21,7 @@ use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::{Addr, Call};
+use crate::call::{Addr, Call};
 
 /// The most query rows per sequence the decode kernels take (speculative decoding sends up to
 /// about 16); longer queries are prefills, which the tiled backends run.
@@ -339,7 +339,7 @@ mod tests {
         let h100 = DeviceCaps::simulated(SimulatedGpu::H100);
         let r = be.check(&h100, &Problem::new(DType::BF16, 1, 1024, 1024, 8, 8, 128));
         assert_eq!(r, vec![Reason::NotADecode { seqlen_q: 1024, max: MAX_QUERY_ROWS }]);
-        assert!(!crate::select::is_fallback(&r));
+        assert!(!crate::reason::is_fallback(&r));
         let r = be.check(&h100, &Problem::new(DType::F16, 1, 1, 1024, 8, 8, 100));
         assert!(r.contains(&Reason::HeadDimMultiple { multiple: 8, found: 100 }));
     }

@@ -1,6 +1,6 @@
 //! One CUDA device: probed once, its kernel modules loaded once per context.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
@@ -10,9 +10,10 @@ use cudarc::nvrtc::Ptx;
 
 use super::{embedded, nvrtc};
 use crate::backend::{Reason, RunError};
-use crate::tensor::{Addr, Call, Operand};
+use crate::call::{Addr, Call, Operand};
 use crate::caps::{DeviceCaps, ImageSource, KernelBuild, Nvrtc};
 use crate::error::Error;
+use crate::log_once::warn_once;
 use crate::settings::JitMode;
 
 /// A loaded kernel module and where its image came from.
@@ -151,7 +152,7 @@ pub(crate) fn visible_device_count() -> Result<usize, String> {
 fn count_uncached() -> Result<usize, String> {
     // cudarc panics when libcuda is missing: check first.
     // SAFETY: only tries to dlopen the driver library by its known names.
-    if !crate::report::driver_library_present() {
+    if !super::libs::driver_library_present() {
         return Err("libcuda.so (the NVIDIA driver) was not found".into());
     }
     result::init().map_err(|e| format!("cuInit failed: {}", driver_error_text(e.0)))?;
@@ -261,13 +262,7 @@ pub(crate) fn driver_error_text(code: CUresult) -> String {
 
 /// A failed driver call as the crate's error.
 pub(crate) fn cuda_error(op: &'static str, code: CUresult) -> Error {
-    let e = result::DriverError(code);
-    Error::Cuda {
-        op,
-        code: code as i32,
-        name: e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-        message: e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-    }
+    Error::cuda(op, code)
 }
 
 /// Errors after which the context is corrupt: they must reach the caller, never be hidden by
@@ -324,27 +319,6 @@ fn is_missing_image(code: CUresult) -> bool {
 }
 
 /// Warnings that must appear once per process, not once per call.
-static WARNED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
-
-/// Logs `msg` at warn level the first time it is seen in this process.
-pub(crate) fn warn_once(msg: String) {
-    log_once(log::Level::Warn, msg);
-}
-
-/// Logs `msg` at `level` the first time it is seen in this process (not once per handle, so
-/// every `select()` of a long-running server does not repeat it).
-pub(crate) fn log_once(level: log::Level, msg: String) {
-    log_once_keyed(level, msg.clone(), || msg);
-}
-
-/// Logs `msg()` at `level` the first time `key` is seen in this process: messages that differ
-/// only in details (a shape) share a key, so the set stays as small as the set of causes.
-pub(crate) fn log_once_keyed(level: log::Level, key: String, msg: impl FnOnce() -> String) {
-    let mut seen = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if seen.insert(key) {
-        log::log!(level, "{}", msg());
-    }
-}
 
 impl GpuDevice {
     /// The module `name` (a `cuda/<name>.cu` file), loaded once per (context, JIT mode), with

@@ -17,11 +17,11 @@ pub(crate) fn source(file: &str) -> Option<&'static str> {
 }
 
 /// The minimum arch of a module (from its `// attention: min-arch X.Y` marker).
-pub(crate) fn min_arch(module: &str) -> crate::caps::ComputeCapability {
+pub(crate) fn min_arch(module: &str) -> crate::arch::ComputeCapability {
     let (major, minor) = MIN_ARCH
         .iter()
         .find(|(m, _)| *m == module)
         .map(|(_, a)| *a)
         .unwrap_or((0, 0));
-    crate::caps::ComputeCapability::new(major, minor)
+    crate::arch::ComputeCapability::new(major, minor)
 }

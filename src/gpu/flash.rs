@@ -15,7 +15,7 @@ use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::Call;
+use crate::call::Call;
 
 const MODULE: &str = "flash";
 const FUNCTIONS: [&str; 6] = [

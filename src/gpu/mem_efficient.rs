@@ -17,7 +17,7 @@ use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::Call;
+use crate::call::Call;
 
 const MODULE: &str = "mem_efficient";
 /// Every entry point of cuda/mem_efficient.cu (`_a`: 16-byte aligned loads, `_u`: element-wise).

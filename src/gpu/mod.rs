@@ -4,6 +4,7 @@ pub(crate) mod cache;
 pub(crate) mod decode;
 pub(crate) mod device;
 pub(crate) mod embedded;
+pub(crate) mod libs;
 pub(crate) mod flash;
 pub(crate) mod mem_efficient;
 pub(crate) mod naive;

@@ -19,7 +19,7 @@ use crate::caps::DeviceCaps;
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
-use crate::tensor::Call;
+use crate::call::Call;
 
 /// Mirrors `struct NaiveParams` in cuda/common.cuh (the kernel checks its size is 160).
 #[repr(C)]

@@ -9,7 +9,7 @@ use cudarc::nvrtc::sys;
 use std::path::PathBuf;
 
 use super::cache::{fnv1a64, CacheKey, DiskCache, Outcome};
-use super::device::warn_once;
+use crate::log_once::warn_once;
 use super::embedded;
 use crate::backend::Reason;
 use crate::caps::{ComputeCapability, Nvrtc};
@@ -18,7 +18,7 @@ use crate::caps::{ComputeCapability, Nvrtc};
 /// library is missing, so presence is checked first and the calls are fenced.
 pub(crate) fn probe() -> Nvrtc {
     // Only tries to dlopen the library by its known names, in every cudarc loading mode.
-    if !crate::report::nvrtc_library_present() {
+    if !super::libs::nvrtc_library_present() {
         return Nvrtc::Missing(
             "libnvrtc.so was not found on the library path (install the CUDA toolkit or the \
              nvidia-cuda-nvrtc wheel and add its lib directory to LD_LIBRARY_PATH)"

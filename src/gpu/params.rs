@@ -8,7 +8,7 @@ use cudarc::driver::{result, CudaFunction};
 use super::device::{device_addr, launch_failure};
 use super::tma::TensorMap;
 use crate::backend::RunError;
-use crate::tensor::{Addr, Call, Operand};
+use crate::call::{Addr, Call, Operand};
 
 /// Mirrors `struct AttnParams` in cuda/common.cuh (the kernel side checks its size is 208).
 #[repr(C)]

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{
 
 use super::device::device_addr;
 use crate::dtype::DType;
-use crate::tensor::Operand;
+use crate::call::Operand;
 
 /// Columns per box: 64 16-bit values, one 128-byte swizzle span.
 pub(crate) const BOX_COLS: u32 = 64;
