@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
 
 use crate::reason::is_fallback;
 use crate::backend::{Backend, BackendKind, Reason, RunError};
@@ -244,7 +245,8 @@ impl Selector {
                 chain,
                 unusable: RwLock::new(HashMap::new()),
                 warned: RwLock::new(HashSet::new()),
-                announced: Mutex::new(Vec::new()),
+                announced: AtomicU32::new(0),
+                decisions: RwLock::new(HashMap::new()),
             }),
         })
     }
@@ -275,8 +277,13 @@ struct Inner {
     /// Fallbacks already logged by this handle: (backend, reason kinds). Read on every call
     /// that falls back, so a read lock, and the global once-per-process log only on first sight.
     warned: RwLock<HashSet<FallbackKey>>,
-    /// Backends already announced at info level.
-    announced: Mutex<Vec<BackendKind>>,
+    /// Backends already announced at info level: one bit per `BackendKind::ALL` index, so the
+    /// hot path reads an atomic instead of taking a lock.
+    announced: AtomicU32,
+    /// Which backend each problem shape ran on, so a call seen before skips every backend's
+    /// `check` (the hot path is a read lock and a lookup). Cleared when a backend fails at run
+    /// time; bounded by [`DECISIONS_CAP`].
+    decisions: RwLock<HashMap<ShapeKey, BackendKind>>,
 }
 
 /// The handle model code keeps: cheap to clone, `Send + Sync`.
@@ -490,13 +497,28 @@ impl Attention {
     }
 
     fn announce(&self, kind: BackendKind) {
-        // A cheap per-handle check first, so the hot path takes no global lock after the first call.
-        let mut seen = self.inner.announced.lock().unwrap_or_else(|e| e.into_inner());
-        if !seen.contains(&kind) {
-            seen.push(kind);
+        // A per-handle bit first, so the hot path takes no lock after the first call.
+        let bit = 1u32 << BackendKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
+        if self.inner.announced.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
             let on = if kind.is_gpu() { self.device_summary() } else { "the CPU".into() };
             log_once(log::Level::Info, format!("attention: using {kind} attention on {on}"));
         }
+    }
+
+    /// The backend for a problem: the cached decision for its shape, or a full explanation
+    /// (every backend's `check`, fallback warnings, strict and forced settings) on first sight.
+    fn choose(&self, problem: &Problem) -> Result<BackendKind, Error> {
+        let key = ShapeKey::of(problem);
+        if let Some(&kind) = self.inner.decisions.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(kind);
+        }
+        let kind = self.decide(&self.explain(problem))?;
+        let mut decisions = self.inner.decisions.write().unwrap_or_else(|e| e.into_inner());
+        if decisions.len() >= DECISIONS_CAP {
+            decisions.clear(); // many shapes: start over rather than grow without bound
+        }
+        decisions.insert(key, kind);
+        Ok(kind)
     }
 
     /// Computes `out = softmax(scale · q kᵀ + mask) v` and returns the backend that ran it.
@@ -619,8 +641,7 @@ impl Attention {
             };
         }
         loop {
-            let e = self.explain(&call.problem);
-            let kind = self.decide(&e)?;
+            let kind = self.choose(&call.problem)?;
             let backend = self
                 .inner
                 .chain
@@ -644,6 +665,8 @@ impl Attention {
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert((kind, class), Reason::Unusable { why: reason.to_string() });
+                    // Decisions made before the failure may name the backend that failed.
+                    self.inner.decisions.write().unwrap_or_else(|e| e.into_inner()).clear();
                 }
             }
         }
@@ -687,6 +710,41 @@ impl fmt::Display for KernelClass {
             }
         }
         Ok(())
+    }
+}
+
+/// Most problem shapes a handle remembers decisions for before it starts over.
+const DECISIONS_CAP: usize = 4096;
+
+/// Everything about a problem that a backend's `check` reads: the key of a cached decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ShapeKey {
+    dtype: crate::dtype::DType,
+    dims: [usize; 6],
+    causal: bool,
+    with_lse: bool,
+    window: (Option<usize>, Option<usize>),
+    softcap: Option<u32>,
+    memory: MemoryKind,
+    varlen: bool,
+    vector_aligned: bool,
+    kv_cache: Option<crate::problem::KvCacheKind>,
+}
+
+impl ShapeKey {
+    fn of(p: &Problem) -> Self {
+        ShapeKey {
+            dtype: p.dtype,
+            dims: [p.batch, p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.head_dim],
+            causal: p.causal,
+            with_lse: p.with_lse,
+            window: p.window,
+            softcap: p.softcap.map(f32::to_bits),
+            memory: p.memory,
+            varlen: p.varlen,
+            vector_aligned: p.vector_aligned,
+            kv_cache: p.kv_cache,
+        }
     }
 }
 
@@ -753,7 +811,8 @@ mod tests {
                 chain: vec![Box::new(first), Box::new(CpuBackend::new(2))],
                 unusable: RwLock::new(HashMap::new()),
                 warned: RwLock::new(HashSet::new()),
-                announced: Mutex::new(Vec::new()),
+                announced: AtomicU32::new(0),
+                decisions: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -796,6 +855,36 @@ mod tests {
         assert!(attn.reasons(BackendKind::Naive, &other).is_empty());
         let bf16 = Problem::new(crate::DType::BF16, 1, 4, 4, 2, 2, 8).on_host();
         assert!(attn.reasons(BackendKind::Naive, &bf16).is_empty());
+    }
+
+    /// A backend that counts how often it is checked and never runs.
+    struct Counting(Arc<AtomicUsize>);
+    impl Backend for Counting {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Naive
+        }
+        fn check(&self, _: &DeviceCaps, _: &Problem) -> Vec<Reason> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            vec![Reason::HeadDim { max: 4, found: 8 }]
+        }
+        fn forward(&self, _: &mut Call<'_>) -> Result<(), RunError> {
+            unreachable!("always rejected")
+        }
+    }
+
+    #[test]
+    fn a_shape_seen_before_skips_every_check() {
+        let checks = Arc::new(AtomicUsize::new(0));
+        let mut attn = handle(Scripted { reasons: vec![], fail: || unreachable!(), calls: Arc::new(AtomicUsize::new(0)) }, false);
+        Arc::get_mut(&mut attn.inner).unwrap().chain[0] = Box::new(Counting(checks.clone()));
+        for _ in 0..5 {
+            assert_eq!(run(&attn).0.unwrap(), BackendKind::Cpu);
+        }
+        assert_eq!(checks.load(Ordering::SeqCst), 1, "checked on first sight only");
+        // explain always answers in full.
+        let p = Problem::new(crate::DType::F32, 1, 4, 4, 2, 2, 8).on_host();
+        attn.explain(&p);
+        assert_eq!(checks.load(Ordering::SeqCst), 2);
     }
 
     #[test]
