@@ -3,7 +3,8 @@
 
 pub(crate) use crate::reason::{BackendKind, Reason};
 
-use crate::caps::DeviceCaps;
+use crate::caps::{ComputeCapability, DeviceCaps};
+use crate::dtype::DType;
 use crate::error::Error;
 use crate::problem::{MemoryKind, Problem};
 
@@ -35,6 +36,86 @@ pub(crate) trait Backend: Send + Sync {
     /// [`Reason::KvCache`] for the backends that do not, so their checks stay prefill-only.
     fn runs_kv_cache(&self) -> bool {
         false
+    }
+}
+
+/// What a GPU backend declares it supports, checked by one named predicate per constraint,
+/// each with the reason that says what would change it (PyTorch `sdp_utils`' `check_*`
+/// functions, xFormers' `supports`). A backend adds only what is its own (shared memory of the
+/// kernel it would pick, its module's availability, its grid shape).
+pub(crate) struct Capabilities {
+    /// Oldest device the kernels run on; below it nothing else is checked.
+    pub min_cc: ComputeCapability,
+    /// Element types and the oldest device each runs on, and how to say so in a reason.
+    pub dtypes: &'static [(DType, ComputeCapability)],
+    pub dtypes_text: &'static str,
+    /// Largest head_dim, per element type.
+    pub max_head_dim: fn(DType) -> usize,
+    /// head_dim must be a multiple of this (per element type; 1: any).
+    pub head_dim_multiple: fn(DType) -> usize,
+    /// 16-byte aligned bases and strides are required.
+    pub needs_alignment: bool,
+    /// Packed variable-length batches are supported.
+    pub varlen: bool,
+    /// Most query rows per sequence (`None`: any): a problem past it is not for this backend
+    /// (not a fallback), and nothing else is checked.
+    pub max_query_rows: Option<usize>,
+    /// The launch grid is (tiles, heads, batch): heads and batch must fit a grid dimension.
+    pub heads_and_batch_on_the_grid: bool,
+}
+
+impl Capabilities {
+    /// Every reason the declared capabilities rule `problem` out on `caps`, in a fixed order.
+    pub(crate) fn reasons(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
+        let mut reasons = gpu_memory_reasons(caps, problem);
+        if let Some(max) = self.max_query_rows {
+            if problem.seqlen_q > max {
+                reasons.push(Reason::NotADecode { seqlen_q: problem.seqlen_q, max });
+                return reasons;
+            }
+        }
+        if caps.cc < self.min_cc {
+            // Nothing else matters on a device the kernels cannot run on.
+            reasons.push(Reason::ComputeCapability { needed: self.min_cc, found: caps.cc });
+            return reasons;
+        }
+        reasons.extend(self.check_dtype(caps, problem));
+        reasons.extend(self.check_varlen(problem));
+        reasons.extend(self.check_head_dim(problem));
+        reasons.extend(self.check_alignment(problem));
+        if self.heads_and_batch_on_the_grid {
+            reasons.extend(grid_reasons(problem));
+        }
+        reasons
+    }
+
+    fn check_dtype(&self, caps: &DeviceCaps, problem: &Problem) -> Option<Reason> {
+        let runs = self.dtypes.iter().any(|&(d, cc)| d == problem.dtype && caps.cc >= cc);
+        (!runs).then_some(Reason::DType { found: problem.dtype, supported: self.dtypes_text })
+    }
+
+    fn check_varlen(&self, problem: &Problem) -> Option<Reason> {
+        (problem.varlen && !self.varlen).then_some(Reason::VarLen)
+    }
+
+    fn check_head_dim(&self, problem: &Problem) -> Option<Reason> {
+        let (max, multiple) = ((self.max_head_dim)(problem.dtype), (self.head_dim_multiple)(problem.dtype));
+        if problem.head_dim > max {
+            Some(Reason::HeadDim { max, found: problem.head_dim })
+        } else if problem.head_dim % multiple != 0 {
+            Some(Reason::HeadDimMultiple { multiple, found: problem.head_dim })
+        } else {
+            None
+        }
+    }
+
+    fn check_alignment(&self, problem: &Problem) -> Option<Reason> {
+        (self.needs_alignment && !problem.vector_aligned).then_some(Reason::Unaligned)
+    }
+
+    /// Whether `reasons` already rule out the head_dim (so nothing sized by it is checked).
+    pub(crate) fn head_dim_rejected(reasons: &[Reason]) -> bool {
+        reasons.iter().any(|r| matches!(r, Reason::HeadDim { .. } | Reason::HeadDimMultiple { .. } | Reason::ComputeCapability { .. } | Reason::NotADecode { .. }))
     }
 }
 

@@ -16,7 +16,7 @@ use cudarc::driver::sys::CUresult;
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels};
 use super::params::{launch, strides, window_arg};
-use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError, MAX_GRID_YZ};
+use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -169,6 +169,25 @@ impl DecodeBackend {
     }
 }
 
+/// What decode runs: at most [`MAX_QUERY_ROWS`] query rows per sequence, every arch from sm_75
+/// and every dtype (16-byte loads and f32 FMAs, no tensor cores), head_dim a multiple of one
+/// 16-byte vector and at most one warp's worth of them, 16-byte aligned tensors.
+const CAPABILITIES: Capabilities = Capabilities {
+    min_cc: ComputeCapability::new(7, 5),
+    dtypes: &[
+        (DType::F16, ComputeCapability::new(7, 5)),
+        (DType::BF16, ComputeCapability::new(7, 5)),
+        (DType::F32, ComputeCapability::new(7, 5)),
+    ],
+    dtypes_text: "f16, bf16, f32",
+    max_head_dim: max_head_dim,
+    head_dim_multiple: vector_elems,
+    needs_alignment: true,
+    varlen: false,
+    max_query_rows: Some(MAX_QUERY_ROWS),
+    heads_and_batch_on_the_grid: false,
+};
+
 impl Backend for DecodeBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Decode
@@ -180,27 +199,11 @@ impl Backend for DecodeBackend {
 
     /// One check per constraint; a prefill is not a fallback from here (not applicable).
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
-        let mut reasons = gpu_memory_reasons(caps, problem);
-        if problem.seqlen_q > MAX_QUERY_ROWS {
-            reasons.push(Reason::NotADecode { seqlen_q: problem.seqlen_q, max: MAX_QUERY_ROWS });
-            return reasons;
+        let mut reasons = CAPABILITIES.reasons(caps, problem);
+        if reasons.iter().any(|r| matches!(r, Reason::NotADecode { .. } | Reason::ComputeCapability { .. })) {
+            return reasons; // not for this problem or device: nothing else applies
         }
-        let needed = ComputeCapability::new(7, 5);
-        if caps.cc < needed {
-            reasons.push(Reason::ComputeCapability { needed, found: caps.cc });
-            return reasons;
-        }
-        if problem.varlen {
-            reasons.push(Reason::VarLen);
-        }
-        if problem.head_dim > max_head_dim(problem.dtype) {
-            reasons.push(Reason::HeadDim { max: max_head_dim(problem.dtype), found: problem.head_dim });
-        } else if problem.head_dim % vector_elems(problem.dtype) != 0 {
-            reasons.push(Reason::HeadDimMultiple { multiple: vector_elems(problem.dtype), found: problem.head_dim });
-        }
-        if !problem.vector_aligned {
-            reasons.push(Reason::Unaligned);
-        }
+        // The grid is (splits, kv heads x row groups, batch).
         let plan = Plan::of(problem, caps.sm_count as usize);
         for (dim, found) in [("batch", problem.batch), ("kv heads x row groups", problem.kv_heads * plan.row_groups)] {
             if found > MAX_GRID_YZ {

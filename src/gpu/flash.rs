@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::device::{GpuDevice, Kernels, LoadedModule};
 use super::params::{launch_fused, launch_persistent};
 use super::tma::{tile_map, TensorMap};
-use crate::backend::{gpu_memory_reasons, grid_reasons, Backend, BackendKind, Reason, RunError};
+use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -233,6 +233,20 @@ impl FlashBackend {
     }
 }
 
+/// What flash runs: sm_80+ tensor cores, 16-bit types, head_dim a multiple of 8 up to
+/// [`MAX_HEAD_DIM`], 16-byte vector loads.
+const CAPABILITIES: Capabilities = Capabilities {
+    min_cc: ComputeCapability::new(8, 0),
+    dtypes: &[(DType::F16, ComputeCapability::new(8, 0)), (DType::BF16, ComputeCapability::new(8, 0))],
+    dtypes_text: "f16, bf16",
+    max_head_dim: |_| MAX_HEAD_DIM,
+    head_dim_multiple: |_| 8,
+    needs_alignment: true,
+    varlen: true,
+    max_query_rows: None,
+    heads_and_batch_on_the_grid: true,
+};
+
 impl Backend for FlashBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Flash
@@ -240,34 +254,20 @@ impl Backend for FlashBackend {
 
     /// One check per constraint, as PyTorch SDPA does, each reason naming what would change it.
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
-        let mut reasons = gpu_memory_reasons(caps, problem);
-        let needed = ComputeCapability::new(8, 0);
-        if caps.cc < needed {
-            // Nothing else matters on a device the kernel cannot run on.
-            reasons.push(Reason::ComputeCapability { needed, found: caps.cc });
+        let mut reasons = CAPABILITIES.reasons(caps, problem);
+        if caps.cc < CAPABILITIES.min_cc {
             return reasons;
-        }
-        if problem.dtype == DType::F32 {
-            reasons.push(Reason::DType { found: problem.dtype, supported: "f16, bf16" });
         }
         // On a real device the module is loaded here (once per process), and it decides the
         // family forward will run; a simulated sm_90 is assumed to have the Hopper image.
         let module = self.kernels.availability(caps);
-        if problem.head_dim > MAX_HEAD_DIM {
-            reasons.push(Reason::HeadDim { max: MAX_HEAD_DIM, found: problem.head_dim });
-        } else if problem.head_dim % 8 != 0 {
-            reasons.push(Reason::HeadDimMultiple { multiple: 8, found: problem.head_dim });
-        } else {
+        if !Capabilities::head_dim_rejected(&reasons) {
             let loaded = module.as_ref().ok().and_then(|m| m.as_deref());
             let needed = self.spec_for(caps, loaded, problem).shared_bytes();
             if needed > caps.smem_per_block_optin {
                 reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
             }
         }
-        if !problem.vector_aligned {
-            reasons.push(Reason::Unaligned);
-        }
-        reasons.extend(grid_reasons(problem));
         reasons.extend(module.err());
         reasons
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::device::{GpuDevice, Kernels};
 use super::params::launch_fused;
-use crate::backend::{gpu_memory_reasons, grid_reasons, Backend, BackendKind, Reason, RunError};
+use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
@@ -139,6 +139,24 @@ impl MemEfficientBackend {
     }
 }
 
+/// What mem_efficient runs: sm_75+, f16 and f32 everywhere, bf16 from sm_80 (its tensor-core
+/// MMA), any head_dim up to [`MAX_HEAD_DIM`], any alignment, packed batches.
+const CAPABILITIES: Capabilities = Capabilities {
+    min_cc: ComputeCapability::new(7, 5),
+    dtypes: &[
+        (DType::F16, ComputeCapability::new(7, 5)),
+        (DType::BF16, ComputeCapability::new(8, 0)),
+        (DType::F32, ComputeCapability::new(7, 5)),
+    ],
+    dtypes_text: "f16, f32 (bf16 needs sm_80)",
+    max_head_dim: |_| MAX_HEAD_DIM,
+    head_dim_multiple: |_| 1,
+    needs_alignment: false,
+    varlen: true,
+    max_query_rows: None,
+    heads_and_batch_on_the_grid: true,
+};
+
 impl Backend for MemEfficientBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::MemEfficient
@@ -146,25 +164,16 @@ impl Backend for MemEfficientBackend {
 
     /// One check per constraint, as PyTorch SDPA does, each reason naming what would change it.
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
-        let mut reasons = gpu_memory_reasons(caps, problem);
-        let needed = ComputeCapability::new(7, 5);
-        if caps.cc < needed {
-            // Nothing else matters on a device the kernel cannot run on.
-            reasons.push(Reason::ComputeCapability { needed, found: caps.cc });
+        let mut reasons = CAPABILITIES.reasons(caps, problem);
+        if caps.cc < CAPABILITIES.min_cc {
             return reasons;
         }
-        if problem.dtype == DType::BF16 && caps.cc < ComputeCapability::new(8, 0) {
-            reasons.push(Reason::DType { found: problem.dtype, supported: "f16, f32 (bf16 needs sm_80)" });
-        }
-        if problem.head_dim > MAX_HEAD_DIM {
-            reasons.push(Reason::HeadDim { max: MAX_HEAD_DIM, found: problem.head_dim });
-        } else {
+        if !Capabilities::head_dim_rejected(&reasons) {
             let needed = specialisation(problem.dtype, problem.head_dim).shared_bytes();
             if needed > caps.smem_per_block_optin {
                 reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
             }
         }
-        reasons.extend(grid_reasons(problem));
         reasons.extend(self.kernels.unavailable(caps));
         reasons
     }

@@ -14,8 +14,8 @@ use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, Kernels};
 use super::params::{strides, window_arg};
-use crate::backend::{gpu_memory_reasons, Backend, BackendKind, Reason, RunError, MAX_GRID_YZ};
-use crate::caps::DeviceCaps;
+use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
+use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
@@ -109,18 +109,32 @@ fn dtype_suffix(d: DType) -> &'static str {
     d.name()
 }
 
+/// What naive runs: every arch the crate carries, every dtype and head_dim, any alignment; not
+/// packed batches (the workspace is sized per (batch, head) from fixed lengths, and a packed
+/// batch's lengths live on the device, never read on the host).
+const CAPABILITIES: Capabilities = Capabilities {
+    min_cc: ComputeCapability::new(0, 0),
+    dtypes: &[
+        (DType::F16, ComputeCapability::new(0, 0)),
+        (DType::BF16, ComputeCapability::new(0, 0)),
+        (DType::F32, ComputeCapability::new(0, 0)),
+    ],
+    dtypes_text: "f16, bf16, f32",
+    max_head_dim: |_| usize::MAX,
+    head_dim_multiple: |_| 1,
+    needs_alignment: false,
+    varlen: false,
+    max_query_rows: None,
+    heads_and_batch_on_the_grid: false,
+};
+
 impl Backend for NaiveBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Naive
     }
 
     fn check(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
-        let mut reasons = gpu_memory_reasons(caps, problem);
-        // The workspace is sized per (batch, head) from fixed lengths; a packed batch's lengths
-        // live on the device and are never read on the host.
-        if problem.varlen {
-            reasons.push(Reason::VarLen);
-        }
+        let mut reasons = CAPABILITIES.reasons(caps, problem);
         reasons.extend(self.kernels.unavailable(caps));
         reasons
     }
