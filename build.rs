@@ -653,7 +653,7 @@ fn compile_module(
     }
     let fatbin = out_dir.join(format!("{}.fatbin", module.stem));
     let mut cmd = Command::new(&nvcc.path);
-    cmd.args(["-fatbin", "-O3", "--std=c++17", "-Xptxas", "-v"]);
+    cmd.args(["-fatbin", "-O3", "-Xptxas", "-v"]).args(arch::KERNEL_COMPILE_FLAGS);
     for spec in &archs {
         cmd.args(gencode(spec));
     }

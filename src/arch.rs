@@ -21,6 +21,12 @@
 //! assert_eq!(best_image(&built, (7, 5)), ImageMatch::None);
 //! ```
 
+/// The language and math options every kernel is compiled with, by nvcc at build time and by
+/// NVRTC at run time: one list, so an embedded image and a JIT image compute the same values.
+/// No fast-math: the kernels call the approximate instructions they want explicitly
+/// (`ex2.approx`, `tanh.approx`), and everything else keeps IEEE semantics on both paths.
+pub const KERNEL_COMPILE_FLAGS: [&str; 1] = ["--std=c++17"];
+
 /// A CUDA compute capability, e.g. 8.0 for the A100.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ComputeCapability {

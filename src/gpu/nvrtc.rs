@@ -61,11 +61,9 @@ impl JitTarget {
 
 /// The options every JIT compile uses (part of the cache key).
 pub(crate) fn options(target: JitTarget) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={}", target.arch()),
-        "--std=c++17".into(),
-        "--use_fast_math".into(),
-    ]
+    std::iter::once(format!("--gpu-architecture={}", target.arch()))
+        .chain(crate::arch::KERNEL_COMPILE_FLAGS.iter().map(|f| f.to_string()))
+        .collect()
 }
 
 /// The `.cu` file of a module and every header under `cuda/`, which NVRTC resolves by name.
