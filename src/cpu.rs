@@ -1494,6 +1494,12 @@ mod tests {
                 let mut x = inputs::<f32>(&c, &mut Rng::fresh());
                 let (row, head) = (65, 0);
                 x.q[x.ql.offset(0, row, head)] = inf;
+                // Keys of both signs in column 0, so every row sees a +inf logit whichever sign
+                // the infinity has. (A row whose every logit is -inf is the case no kernel can
+                // tell from a fully masked row: it gives zeros, on the GPU too.)
+                for j in 0..c.sk {
+                    x.k[x.kl.offset(0, j, 0)] = if j % 2 == 0 { 0.5 } else { -0.5 };
+                }
                 let (out, lse) = check_non_finite(&c, &x, mask);
                 assert!(row_is(&out, &c, row, head, f64::is_nan), "{mask:?} {inf}: row not NaN");
                 assert!(lse[head * c.sq + row].is_nan(), "{mask:?} {inf}: lse not NaN");
