@@ -84,6 +84,13 @@ pub(crate) enum Seqs<'a> {
         /// `batch + 1` prefix sums over k's rows: non-decreasing, within `0..=total_k`.
         cu_k: &'a [i32],
     },
+    /// A KV cache: batch entry `b` of q against the first `lens[b]` keys of batch entry `b` of
+    /// the K/V rows (clamped to `0..=seqlen_k`), masks aligned to that length; lse is
+    /// `[batch, heads, seqlen_q]` as for `Dense`.
+    Cache {
+        /// One length per batch entry.
+        lens: &'a [i32],
+    },
 }
 
 /// The threads the kernel runs on: the rayon pool the caller is in, the calling thread alone,
@@ -466,22 +473,44 @@ pub(crate) fn forward<T: Element>(
     softcap: Option<f32>,
     threads: &Threads,
 ) -> Result<(), Error> {
-    let [b, sq, h, d] = q.layout.shape();
+    let [b, _, _, d] = q.layout.shape();
     let [_, sk, hk, _] = k.layout.shape();
-    debug_assert_eq!(out_layout.shape(), q.layout.shape());
     debug_assert_eq!(k.layout.shape(), v.layout.shape());
     debug_assert_eq!(k.layout.batch(), b);
     debug_assert_eq!(k.layout.head_dim(), d);
-    debug_assert!(h == 0 || (hk > 0 && h % hk == 0));
-    debug_assert!(q.layout.span().is_some_and(|s| s <= q.data.len()));
     debug_assert!(k.layout.span().is_some_and(|s| s <= k.data.len()));
     debug_assert!(v.layout.span().is_some_and(|s| s <= v.data.len()));
+    forward_rows(q, StridedKv { k, v }, sk, hk, out, out_layout, lse, seqs, scale, mask, softcap, threads)
+}
+
+/// [`forward`] over K/V rows of any storage (`kv`, e.g. pages through a block table): `sk` keys
+/// per batch entry at most (a `Seqs::Cache` call shortens each), `hk` kv heads, every row
+/// `kv` returns `head_dim` long. The preconditions on q, out and lse are `forward`'s.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_rows<T: Element, R: KvRows<T>>(
+    q: HostIn<'_, T>,
+    kv: R,
+    sk: usize,
+    hk: usize,
+    out: &mut [T],
+    out_layout: Layout,
+    lse: Option<&mut [f32]>,
+    seqs: Seqs<'_>,
+    scale: f32,
+    mask: Mask,
+    softcap: Option<f32>,
+    threads: &Threads,
+) -> Result<(), Error> {
+    let [b, sq, h, d] = q.layout.shape();
+    debug_assert_eq!(out_layout.shape(), q.layout.shape());
+    debug_assert!(h == 0 || (hk > 0 && h % hk == 0));
+    debug_assert!(q.layout.span().is_some_and(|s| s <= q.data.len()));
     debug_assert!(out_layout.span().is_some_and(|s| s <= out.len()));
     // An empty tensor has no two elements at all (`overlaps` can still say yes for it, since
     // dense strides of an empty tensor are 0).
     debug_assert!(out_layout.numel() == 0 || !out_layout.overlaps());
     debug_assert!(lse.as_ref().map_or(true, |l| l.len() == b * h * sq));
-    debug_assert!(matches!(seqs, Seqs::Dense) || b == 1);
+    debug_assert!(!matches!(seqs, Seqs::Packed { .. }) || b == 1);
 
     if b == 0 || h == 0 || sq == 0 {
         return Ok(()); // no rows, so no output and no lse element exists
@@ -517,7 +546,7 @@ pub(crate) fn forward<T: Element>(
 
     let problem = Problem {
         q,
-        kv: StridedKv { k, v },
+        kv,
         out: OutPtr(out.as_mut_ptr()),
         out_layout,
         scale,
@@ -573,6 +602,11 @@ fn work_items<'l>(
             list.try_reserve_exact(b).map_err(|_| work_list_error(b))?;
             list.extend((0..b).map(|batch| Seq { batch, q_base: 0, sq, k_base: 0, sk }));
         }
+        Seqs::Cache { lens } => {
+            list.try_reserve_exact(b).map_err(|_| work_list_error(b))?;
+            let len = |batch: usize| lens.get(batch).map_or(0, |&l| (l.max(0) as usize).min(sk));
+            list.extend((0..b).map(|batch| Seq { batch, q_base: 0, sq, k_base: 0, sk: len(batch) }));
+        }
         Seqs::Packed { cu_q, cu_k } => {
             let n = cu_q.len().min(cu_k.len()).saturating_sub(1);
             list.try_reserve_exact(n).map_err(|_| work_list_error(n))?;
@@ -597,7 +631,7 @@ fn work_items<'l>(
         runs.resize_with(n, || None);
         match seqs {
             // lse is [batch, heads, seqlen_q]: one run of sq values per (batch, head).
-            Seqs::Dense => {
+            Seqs::Dense | Seqs::Cache { .. } => {
                 for (run, slot) in lse.chunks_mut(sq).zip(runs.iter_mut()) {
                     *slot = Some(run);
                 }

@@ -80,9 +80,9 @@ impl Backend for CpuBackend {
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
         if call.kv.is_some() {
             return match call.problem.dtype {
-                DType::F16 => crate::cpu_kvcache::forward::<half::f16>(call),
-                DType::BF16 => crate::cpu_kvcache::forward::<half::bf16>(call),
-                DType::F32 => crate::cpu_kvcache::forward::<f32>(call),
+                DType::F16 => crate::cpu_kvcache::forward::<half::f16>(call, &self.threads),
+                DType::BF16 => crate::cpu_kvcache::forward::<half::bf16>(call, &self.threads),
+                DType::F32 => crate::cpu_kvcache::forward::<f32>(call, &self.threads),
             };
         }
         match call.problem.dtype {
