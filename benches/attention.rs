@@ -117,6 +117,7 @@ fn bench_cpu(c: &mut Criterion) {
         }
     }
     bench_cpu_decode::<bf16>(&mut group, &attn);
+    bench_cpu_decode_paged::<bf16>(&mut group, &attn);
     bench_read_bandwidth(&mut group);
     group.finish();
 }
@@ -177,6 +178,38 @@ fn bench_cpu_decode<T: Element>(group: &mut criterion::BenchmarkGroup<'_, criter
                 })
             });
         }
+    }
+}
+
+/// Decode over a paged KV cache (`forward_kvcache`): vLLM's layout, pages `[n, 16, 8, 128]`
+/// (`cpu/decode/<dtype>/gqa32-8/d128/kv<S>/paged16`), the same lengths and copies as above.
+fn bench_cpu_decode_paged<T: Element>(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, attn: &attention::Attention) {
+    use attention::{BlockTable, CacheLens, KvCache};
+    let (h, hk, d, page) = (32usize, 8usize, 128usize, 16usize);
+    for cache in CPU_DECODE_CACHE {
+        let ql = Layout::contiguous(1, 1, h, d);
+        let pages = cache / page;
+        let pl = Layout::contiguous(pages, page, hk, d);
+        let kv_bytes = 2 * pl.numel() * std::mem::size_of::<T>();
+        let copies = (512usize << 20).div_ceil(kv_bytes).clamp(1, 16);
+        group.throughput(Throughput::Bytes(kv_bytes as u64));
+        let id = format!("decode/{}/gqa{h}-{hk}/d{d}/kv{cache}/paged{page}", T::DTYPE);
+        let mut next = 0;
+        group.bench_function(BenchmarkId::from_parameter(id), |bencher| {
+            let q = random::<T>(ql.numel(), 1);
+            let kv: Vec<(Vec<T>, Vec<T>)> = (0..copies)
+                .map(|i| (random::<T>(pl.numel(), 2 + 2 * i as u64), random::<T>(pl.numel(), 3 + 2 * i as u64)))
+                .collect();
+            let table: Vec<i32> = (0..pages as i32).collect();
+            let lens = [cache as i32];
+            let mut out = vec![T::from_f32(0.0); ql.numel()];
+            bencher.iter(|| {
+                let (k, v) = &kv[next % copies];
+                next += 1;
+                let cache = KvCache::paged(Tensor::host(k, pl), Tensor::host(v, pl), BlockTable::host(&table, pages, pages), CacheLens::host(&lens));
+                attn.forward_kvcache(&Tensor::host(&q, ql), &cache, &mut TensorMut::host(&mut out, ql), None, &Options::default()).unwrap()
+            })
+        });
     }
 }
 
