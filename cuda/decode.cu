@@ -81,19 +81,13 @@ __device__ __forceinline__ void dec_widen(const unsigned (&r)[4], float (&x)[VEC
     }
 }
 
-__device__ __forceinline__ float dec_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // Merges online-softmax state (m, l, acc) with another (mo, lo, acco); m in base-2 units.
 // A side with no key (m = -inf) weighs 0; NaN propagates through attn_max.
 template <int VEC>
 __device__ __forceinline__ void dec_merge(float& m, float& l, float (&acc)[VEC], float mo, float lo, const float (&acco)[VEC]) {
     const float mn = attn_max(m, mo);
     const float base = mn == attn_neg_inf() ? 0.f : mn;
-    const float a = dec_exp2(m - base), b = dec_exp2(mo - base);
+    const float a = attn_exp2(m - base), b = attn_exp2(mo - base);
     l = l * a + lo * b;
 #pragma unroll
     for (int c = 0; c < VEC; ++c) acc[c] = acc[c] * a + acco[c] * b;
@@ -248,12 +242,12 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
                 mx = attn_max(mx, x);
             }
             const float base = mx == attn_neg_inf() ? 0.f : mx;
-            const float a = dec_exp2(m[r] - base);  // 0 on the first keys (m = -inf)
+            const float a = attn_exp2(m[r] - base);  // 0 on the first keys (m = -inf)
             m[r] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int u = 0; u < DEC_UNROLL; ++u) {
-                s[u][r] = dec_exp2(s[u][r] - base);  // masked: exp2(-inf) = 0
+                s[u][r] = attn_exp2(s[u][r] - base);  // masked: exp2(-inf) = 0
                 sum += s[u][r];
             }
             l[r] = l[r] * a + sum;
@@ -311,7 +305,7 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
         float ll = 0.f, aa = 0.f;
 #pragma unroll
         for (int w = 0; w < DEC_WARPS; ++w) {
-            const float e = dec_exp2(s_ml[w][r][0] - base);
+            const float e = attn_exp2(s_ml[w][r][0] - base);
             ll += s_ml[w][r][1] * e;
             aa += s_acc[w][r][c] * e;
         }

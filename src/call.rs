@@ -29,6 +29,16 @@ pub(crate) enum Addr {
     Device(u64),
 }
 
+impl Addr {
+    /// The device address as kernels take it; 0 for host memory, which no kernel is given.
+    pub(crate) fn device_or_null(self) -> u64 {
+        match self {
+            Addr::Device(p) => p,
+            Addr::Host(_) => 0,
+        }
+    }
+}
+
 /// One validated operand of a call: address, length in elements, layout.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Operand {
@@ -72,10 +82,11 @@ pub(crate) struct Call<'a> {
 pub(crate) struct KvPart {
     /// int32 `[batch]`: keys in each sequence's cache, the new rows included.
     pub lens: Addr,
-    /// Paged: int32 page ids, `batch` rows `table_stride` apart, `pages_per_seq` used per row.
+    /// Paged: int32 page ids, `batch` rows `table_stride` apart, `table_entries` in all (the
+    /// validated `(batch - 1) * table_stride + pages_per_seq`).
     pub table: Option<Addr>,
     pub table_stride: usize,
-    pub pages_per_seq: usize,
+    pub table_entries: usize,
     pub page_size: usize,
     pub num_pages: usize,
     /// Most keys a sequence can hold: lengths are clamped to it.
@@ -111,6 +122,19 @@ impl Call<'_> {
             out,
             lse,
         })
+    }
+}
+
+/// `n` i32 values at a host address of a validated call (prefix sums, cache lengths, block
+/// tables), for the CPU backend; device memory is an error naming `arg`.
+///
+/// # Safety
+/// The address must come from a call built by validation that checked at least `n` values
+/// there, and the borrow it came from must outlive the slice (it does while the call lives).
+pub(crate) unsafe fn host_i32s<'a>(addr: Addr, n: usize, arg: &'static str) -> Result<&'a [i32], crate::error::Error> {
+    match addr {
+        Addr::Host(p) => Ok(std::slice::from_raw_parts(p as *const i32, n)),
+        Addr::Device(_) => Err(crate::error::Error::invalid(arg, "device memory", "host memory for the CPU backend")),
     }
 }
 

@@ -6,7 +6,7 @@ use crate::cpu::{HostIn, Seqs, Threads};
 use crate::dtype::DType;
 use crate::error::Error;
 use crate::problem::{MemoryKind, Problem};
-use crate::call::{Addr, Call};
+use crate::call::{host_i32s, Call};
 
 /// Runs attention on host memory (online softmax, f32 accumulation) on a rayon pool.
 pub(crate) struct CpuBackend {
@@ -33,13 +33,10 @@ impl CpuBackend {
         let seqs = match varlen {
             None => Seqs::Dense,
             Some(packed) => {
-                let (Addr::Host(cq), Addr::Host(ck)) = (packed.cu_seqlens_q, packed.cu_seqlens_k) else {
-                    return Err(RunError::Fatal(Error::invalid("cu_seqlens_q", "device memory", "host memory for the CPU backend")));
-                };
-                // SAFETY: `validate` checked both are host slices of `batch + 1` i32 values
-                // (in range, non-decreasing), borrowed for as long as `call` lives.
+                // SAFETY: `validate` checked both are `batch + 1` i32 values (in range,
+                // non-decreasing), borrowed for as long as `call` lives.
                 let (cu_q, cu_k) = unsafe {
-                    (std::slice::from_raw_parts(cq as *const i32, batch + 1), std::slice::from_raw_parts(ck as *const i32, batch + 1))
+                    (host_i32s(packed.cu_seqlens_q, batch + 1, "cu_seqlens_q")?, host_i32s(packed.cu_seqlens_k, batch + 1, "cu_seqlens_k")?)
                 };
                 Seqs::Packed { cu_q, cu_k }
             }

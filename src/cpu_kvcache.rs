@@ -6,7 +6,7 @@
 //! SIMD kernels, GQA-shared K/V tiles and thread pool as dense attention.
 
 use crate::backend::RunError;
-use crate::call::{Addr, Call};
+use crate::call::{host_i32s, Call};
 use crate::cpu::{forward_rows, HostIn, KvRows, Seqs, StridedKv, Threads};
 use crate::dtype::Element;
 use crate::error::Error;
@@ -49,16 +49,12 @@ impl<T: Element> KvRows<T> for PagedKv<'_, T> {
 /// Runs a validated host KV-cache call on `threads`.
 pub(crate) fn forward<T: Element>(call: &mut Call<'_>, threads: &Threads) -> Result<(), RunError> {
     let kv = call.kv.ok_or_else(|| RunError::Fatal(Error::invalid("cache", "no KV cache", "a KV-cache call")))?;
-    let host = |a: Addr, n: usize, what: &'static str| match a {
-        // SAFETY: `validate_kvcache` checked this is host memory of at least `n` i32 values
-        // (lens: batch; table: (batch - 1) * stride + pages_per_seq), borrowed while `call` lives.
-        Addr::Host(p) => Ok(unsafe { std::slice::from_raw_parts(p as *const i32, n) }),
-        Addr::Device(_) => Err(RunError::Fatal(Error::invalid(what, "device memory", "host memory for the CPU backend"))),
-    };
     let p = call.problem.clone();
-    let lens = host(kv.lens, p.batch, "cache_lens")?;
+    // SAFETY: `validate_kvcache` checked `batch` lengths and the table's validated entry count,
+    // borrowed while `call` lives.
+    let lens = unsafe { host_i32s(kv.lens, p.batch, "cache_lens")? };
     let table = match kv.table {
-        Some(t) => Some(host(t, (p.batch - 1) * kv.table_stride + kv.pages_per_seq, "block_table")?),
+        Some(t) => Some(unsafe { host_i32s(t, kv.table_entries, "block_table")? }),
         None => None,
     };
     let (scale, mask, softcap) = (call.scale, call.mask, call.softcap);

@@ -8,12 +8,12 @@ use cudarc::driver::DevicePtr;
 
 use crate::dtype::Element;
 use crate::error::Error;
-use crate::layout::Layout;
 use crate::options::Options;
-use crate::problem::{KvCacheKind, MemoryKind, Problem};
+use crate::problem::{KvCacheKind, Problem};
 use crate::tensor::{
-    byte_range, check_disjoint, check_operand, describe, operand, order_on_launch_stream, peek_in, peek_out, same_memory,
-    shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, Tensor, TensorMut, MAX_DIM,
+    byte_range, call_memory, check_disjoint, check_f32_or_i32_pointer, check_memory_like_q, check_operand, check_options,
+    four_byte_range, lse_operand, operand, order_on_launch_stream, peek_in, peek_out, shape_str, vector_aligned, Call,
+    InMem, KvPart, LseMut, Tensor, TensorMut, MAX_DIM,
 };
 
 /// Each sequence's cache length: int32 `[batch]`, the number of keys of that sequence in the
@@ -154,19 +154,15 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
         return Err(Error::invalid("k_cache", format!("{hk} heads"), format!("a number of key/value heads that divides q's {h} heads")));
     }
     for (name, m) in [("k_cache", km), ("v_cache", vm)] {
-        if !same_memory(qm, m) {
-            return Err(Error::invalid(name, describe(m), format!("{} like q", describe(qm))));
-        }
+        check_memory_like_q(name, m, qm)?;
     }
     // Lengths: one per sequence, in q's memory; host ones are checked in full.
     let (la, _, lm) = peek_in(&cache.lens.mem);
     if cache.lens.len() != b {
         return Err(Error::invalid("cache_lens", format!("{} entries", cache.lens.len()), format!("one per sequence: q's batch {b}")));
     }
-    if !same_memory(qm, lm) {
-        return Err(Error::invalid("cache_lens", describe(lm), format!("{} like q", describe(qm))));
-    }
-    let (kind, max_len, table, table_stride, pages_per_seq) = match &cache.table {
+    check_memory_like_q("cache_lens", lm, qm)?;
+    let (kind, max_len, table, table_stride, table_entries) = match &cache.table {
         None => {
             if kb != b {
                 return Err(Error::invalid("k_cache", format!("batch {kb}"), format!("q's batch {b} (a contiguous cache has one row per sequence)")));
@@ -175,9 +171,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
         }
         Some(t) => {
             let (ta, _, tm) = peek_in(&t.mem);
-            if !same_memory(qm, tm) {
-                return Err(Error::invalid("block_table", describe(tm), format!("{} like q", describe(qm))));
-            }
+            check_memory_like_q("block_table", tm, qm)?;
             if t.pages_per_seq == 0 || t.row_stride < t.pages_per_seq {
                 return Err(Error::invalid(
                     "block_table",
@@ -186,13 +180,16 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
                 ));
             }
             let need = (b - 1).checked_mul(t.row_stride).and_then(|x| x.checked_add(t.pages_per_seq));
-            if need.map_or(true, |n| n > t.len()) {
-                return Err(Error::invalid(
-                    "block_table",
-                    format!("{} entries", t.len()),
-                    format!("(batch - 1) * row_stride + pages_per_seq = {} entries", need.map_or("overflow".into(), |n| n.to_string())),
-                ));
-            }
+            let entries = match need {
+                Some(n) if n <= t.len() => n,
+                _ => {
+                    return Err(Error::invalid(
+                        "block_table",
+                        format!("{} entries", t.len()),
+                        format!("(batch - 1) * row_stride + pages_per_seq = {} entries", need.map_or("overflow".into(), |n| n.to_string())),
+                    ))
+                }
+            };
             let max_len = t.pages_per_seq.checked_mul(ks).filter(|&n| n <= MAX_DIM).ok_or_else(|| {
                 Error::invalid("block_table", format!("{} pages of {ks} keys", t.pages_per_seq), format!("at most {MAX_DIM} keys per sequence"))
             })?;
@@ -212,7 +209,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
                     }
                 }
             }
-            (KvCacheKind::Paged { page_size: ks }, max_len, Some(ta), t.row_stride, t.pages_per_seq)
+            (KvCacheKind::Paged { page_size: ks }, max_len, Some(ta), t.row_stride, entries)
         }
     };
     if let InMem::Host(lens) = &cache.lens.mem {
@@ -226,46 +223,22 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     if oo.layout.shape() != qo.layout.shape() {
         return Err(Error::invalid("out", format!("shape {}", shape_str(&oo.layout)), format!("q's shape {}", shape_str(&qo.layout))));
     }
-    if !same_memory(qm, om) {
-        return Err(Error::invalid("out", describe(om), format!("{} like q", describe(qm))));
-    }
+    check_memory_like_q("out", om, qm)?;
     let lse_op = match lse.as_deref_mut() {
         None => None,
-        Some(l) => {
-            let (addr, len, lm) = peek_out(&mut l.mem);
-            let want = b * h * q_len;
-            if len != want {
-                return Err(Error::invalid("lse", format!("{len} elements"), format!("exactly batch*heads*q_len = {want} f32 values, [batch, heads, q_len]")));
-            }
-            if !same_memory(qm, lm) {
-                return Err(Error::invalid("lse", describe(lm), format!("{} like q", describe(qm))));
-            }
-            if let Addr::Device(p) = addr {
-                if p == 0 || p % 4 != 0 {
-                    return Err(Error::invalid("lse", format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"));
-                }
-            }
-            Some(crate::tensor::Operand { addr, len, layout: Layout::contiguous(b, q_len, h, 1) })
-        }
+        Some(l) => Some(lse_operand(l, (b, q_len, h), "q_len", qm)?),
     };
-    crate::tensor::check_options(opts)?;
-    for (name, a) in [("cache_lens", la), ("block_table", table.unwrap_or(la))] {
-        if let Addr::Device(p) = a {
-            if p == 0 || p % 4 != 0 {
-                return Err(Error::invalid(name, format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"));
-            }
-        }
+    check_options(opts)?;
+    check_f32_or_i32_pointer("cache_lens", la)?;
+    if let Some(t) = table {
+        check_f32_or_i32_pointer("block_table", t)?;
     }
-    let int_range = |a: Addr, n: usize| match a {
-        Addr::Device(x) => Some((x, x.saturating_add(n as u64 * 4))),
-        Addr::Host(_) => None,
-    };
     let others = [
         ("q", byte_range(&qo, elem)),
         ("k_cache", byte_range(&ko, elem)),
         ("v_cache", byte_range(&vo, elem)),
-        ("cache_lens", int_range(la, b)),
-        ("block_table", table.and_then(|t| int_range(t, (b - 1) * table_stride + pages_per_seq))),
+        ("cache_lens", four_byte_range(la, b)),
+        ("block_table", table.and_then(|t| four_byte_range(t, table_entries))),
     ];
     let lse_range = lse_op.as_ref().and_then(|l| byte_range(l, 4));
     let mut with_lse = others.to_vec();
@@ -273,13 +246,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     check_disjoint(("out", byte_range(&oo, elem)), &with_lse)?;
     check_disjoint(("lse", lse_range), &others)?;
 
-    let memory = match qm {
-        MemoryKind::Device { ordinal: usize::MAX } => [km, vm, om]
-            .into_iter()
-            .find(|m| !matches!(m, MemoryKind::Device { ordinal: usize::MAX }))
-            .unwrap_or(qm),
-        m => m,
-    };
+    let memory = call_memory(qm, [km, vm, om]);
     let mut problem = Problem::new(T::DTYPE, b, q_len, max_len, h, hk, d)
         .causal(opts.causal)
         .with_lse(lse_op.is_some())
@@ -313,7 +280,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
             lens: la,
             table,
             table_stride,
-            pages_per_seq,
+            table_entries,
             page_size: ks,
             num_pages: kb,
             max_len,

@@ -578,6 +578,70 @@ pub(crate) fn check_disjoint(out: (&'static str, Option<(u64, u64)>), others: &[
     Ok(())
 }
 
+/// Checks that an operand lives in the same memory as q (host, or q's device): an error naming
+/// `arg` otherwise.
+pub(crate) fn check_memory_like_q(arg: &'static str, m: MemoryKind, q: MemoryKind) -> Result<(), Error> {
+    if same_memory(q, m) {
+        Ok(())
+    } else {
+        Err(Error::invalid(arg, describe(m), format!("{} like q", describe(q))))
+    }
+}
+
+/// Checks a device pointer to f32 or i32 values (lse, prefix sums, lengths, block tables):
+/// non-null and 4-byte aligned. Host addresses pass.
+pub(crate) fn check_f32_or_i32_pointer(arg: &'static str, addr: Addr) -> Result<(), Error> {
+    match addr {
+        Addr::Device(p) if p == 0 || p % 4 != 0 => {
+            Err(Error::invalid(arg, format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Byte range `[start, end)` of `n` 4-byte values at a device address (`None` for host memory).
+pub(crate) fn four_byte_range(addr: Addr, n: usize) -> Option<(u64, u64)> {
+    match addr {
+        Addr::Device(x) => Some((x, x.saturating_add(n as u64 * 4))),
+        Addr::Host(_) => None,
+    }
+}
+
+/// The lse view of a call: exactly `batch * heads * rows` f32 values, `[batch, heads, rows]`,
+/// in q's memory. `rows` names the row dimension in the error (`seqlen_q`, `q_len`).
+pub(crate) fn lse_operand(
+    lse: &mut LseMut<'_>,
+    (b, rows, h): (usize, usize, usize),
+    rows_name: &str,
+    qm: MemoryKind,
+) -> Result<Operand, Error> {
+    let (addr, len, lm) = peek_out(&mut lse.mem);
+    // b·h·rows fits: it is q's element count divided by head_dim.
+    let want = b * h * rows;
+    if len != want {
+        return Err(Error::invalid(
+            "lse",
+            format!("{len} elements"),
+            format!("exactly batch*heads*{rows_name} = {want} f32 values, [batch, heads, {rows_name}]"),
+        ));
+    }
+    check_memory_like_q("lse", lm, qm)?;
+    check_f32_or_i32_pointer("lse", addr)?;
+    Ok(Operand { addr, len, layout: Layout::contiguous(b, rows, h, 1) })
+}
+
+/// The device a call runs on: q's, or when q is a raw pointer (device unknown) the first
+/// operand whose device is known.
+pub(crate) fn call_memory(q: MemoryKind, others: [MemoryKind; 3]) -> MemoryKind {
+    match q {
+        MemoryKind::Device { ordinal: usize::MAX } => others
+            .into_iter()
+            .find(|m| !matches!(m, MemoryKind::Device { ordinal: usize::MAX }))
+            .unwrap_or(q),
+        m => m,
+    }
+}
+
 /// Checks the options every call takes: scale, soft-cap, window.
 pub(crate) fn check_options(opts: &Options) -> Result<(), Error> {
     if let Some(s) = opts.softmax_scale {
@@ -686,32 +750,7 @@ pub(crate) fn validate<'c, T: Element>(
     }
     let lse_op = match lse.as_deref_mut() {
         None => None,
-        Some(l) => {
-            let (addr, len, lm) = peek_out(&mut l.mem);
-            let lo = Operand { addr, len, layout: Layout::contiguous(b, sq, h, 1) };
-            // b·h·sq fits: it is q's element count divided by head_dim.
-            let want = b * h * sq;
-            if lo.len != want {
-                return Err(Error::invalid(
-                    "lse",
-                    format!("{} elements", lo.len),
-                    format!("exactly batch*heads*seqlen_q = {want} f32 values, [batch, heads, seqlen_q]"),
-                ));
-            }
-            if !same_memory(qm, lm) {
-                return Err(Error::invalid("lse", describe(lm), format!("{} like q", describe(qm))));
-            }
-            if let Addr::Device(p) = lo.addr {
-                if p == 0 || p % 4 != 0 {
-                    return Err(Error::invalid(
-                        "lse",
-                        format!("device pointer {p:#x}"),
-                        "a non-null pointer aligned to 4 bytes",
-                    ));
-                }
-            }
-            Some(lo)
-        }
+        Some(l) => Some(lse_operand(l, (b, sq, h), "seqlen_q", qm)?),
     };
     check_options(opts)?;
     let packed = match varlen {
@@ -728,12 +767,8 @@ pub(crate) fn validate<'c, T: Element>(
     let lse_range = lse_op.as_ref().and_then(|l| byte_range(l, 4));
     let seqlen_ranges = match (&packed, varlen) {
         (Some(p), Some(vl)) => {
-            let n = (vl.batch() as u64 + 1) * 4;
-            let r = |a: Addr| match a {
-                Addr::Device(x) => Some((x, x.saturating_add(n))),
-                Addr::Host(_) => None,
-            };
-            [("cu_seqlens_q", r(p.cu_seqlens_q)), ("cu_seqlens_k", r(p.cu_seqlens_k))]
+            let n = vl.batch() + 1;
+            [("cu_seqlens_q", four_byte_range(p.cu_seqlens_q, n)), ("cu_seqlens_k", four_byte_range(p.cu_seqlens_k, n))]
         }
         _ => [("cu_seqlens_q", None), ("cu_seqlens_k", None)],
     };
@@ -741,13 +776,7 @@ pub(crate) fn validate<'c, T: Element>(
     check_disjoint(("out", out_range), &[ranges[0], ranges[1], ranges[2], ("lse", lse_range), seqlen_ranges[0], seqlen_ranges[1]])?;
     check_disjoint(("lse", lse_range), &[ranges[0], ranges[1], ranges[2], seqlen_ranges[0], seqlen_ranges[1]])?;
 
-    let memory = match qm {
-        MemoryKind::Device { ordinal: usize::MAX } => [km, vm, om]
-            .into_iter()
-            .find(|m| !matches!(m, MemoryKind::Device { ordinal: usize::MAX }))
-            .unwrap_or(qm),
-        m => m,
-    };
+    let memory = call_memory(qm, [km, vm, om]);
     let (pb, psq, psk) = match (varlen, &packed) {
         (Some(vl), Some(_)) => (vl.batch(), vl.max_seqlen_q, vl.max_seqlen_k),
         _ => (b, sq, sk),
@@ -823,15 +852,10 @@ fn check_varlen(vl: &VarLen<'_>, q: &Layout, k: &Layout, qm: MemoryKind) -> Resu
     .enumerate()
     {
         let (addr, m) = seqlens_addr(s);
-        if !same_memory(qm, m) {
-            return Err(Error::invalid(arg, describe(m), format!("{} like q", describe(qm))));
-        }
-        match (&s.mem, addr) {
-            (InMem::Host(cu), _) => SeqLens::check_host(cu, total, max, arg)?,
-            (_, Addr::Device(p)) if p == 0 || p % 4 != 0 => {
-                return Err(Error::invalid(arg, format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"));
-            }
-            _ => {}
+        check_memory_like_q(arg, m, qm)?;
+        match &s.mem {
+            InMem::Host(cu) => SeqLens::check_host(cu, total, max, arg)?,
+            _ => check_f32_or_i32_pointer(arg, addr)?,
         }
         addrs[i] = addr;
     }

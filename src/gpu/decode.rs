@@ -221,12 +221,8 @@ impl Backend for DecodeBackend {
         let plan = Plan::of(p, dev.caps.sm_count as usize);
         let main = module.launchable(&plan.function(p.dtype))?;
         let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?;
-        let dev_addr = |a: Addr| match a {
-            Addr::Device(x) => x,
-            Addr::Host(_) => 0,
-        };
         let (lens, table, table_stride, page_size, num_pages, max_len) = match &call.kv {
-            Some(kv) => (dev_addr(kv.lens), kv.table.map(dev_addr).unwrap_or(0), kv.table_stride, kv.page_size, kv.num_pages, kv.max_len),
+            Some(kv) => (kv.lens.device_or_null(), kv.table.map(Addr::device_or_null).unwrap_or(0), kv.table_stride, kv.page_size, kv.num_pages, kv.max_len),
             // Dense K/V: every sequence is seqlen_k long (no length array).
             None => (0, 0, 0, p.seqlen_k, 0, p.seqlen_k),
         };

@@ -298,10 +298,7 @@ pub(crate) fn launch_failure(code: CUresult, wrote_output: bool) -> RunError {
 /// The device address of a validated device operand (0 for host memory, which GPU backends
 /// never receive: their `check` rejects it).
 pub(crate) fn device_addr(o: &Operand) -> u64 {
-    match o.addr {
-        Addr::Device(p) => p,
-        Addr::Host(_) => 0,
-    }
+    o.addr.device_or_null()
 }
 
 /// Module-load errors that mean "this image cannot run here" (repairable by JIT).
@@ -450,7 +447,7 @@ impl GpuDevice {
         }
         if let Some(kv) = &call.kv {
             let lens = (call.problem.batch as u64) * 4;
-            let table = ((call.problem.batch as u64 - 1) * kv.table_stride as u64 + kv.pages_per_seq as u64) * 4;
+            let table = kv.table_entries as u64 * 4;
             for (name, a, bytes) in [("cache_lens", Some(kv.lens), lens), ("block_table", kv.table, table)] {
                 match a {
                     None => {}

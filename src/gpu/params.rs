@@ -8,7 +8,7 @@ use cudarc::driver::{result, CudaFunction};
 use super::device::{device_addr, launch_failure};
 use super::tma::TensorMap;
 use crate::backend::RunError;
-use crate::call::{Addr, Call, Operand};
+use crate::call::{Call, Operand};
 
 /// Mirrors `struct AttnParams` in cuda/common.cuh (the kernel side checks its size is 208).
 #[repr(C)]
@@ -61,19 +61,12 @@ pub(crate) fn strides(o: &Operand) -> [i64; 3] {
     o.layout.strides().map(|s| s as i64)
 }
 
-fn addr(a: Addr) -> u64 {
-    match a {
-        Addr::Device(p) => p,
-        Addr::Host(_) => 0,
-    }
-}
-
 impl AttnParams {
     /// The parameters of a validated device call (every size was checked to fit in i32).
     pub(crate) fn of(call: &Call<'_>) -> Self {
         let p = &call.problem;
         let (cu_q, cu_k, total_q, total_k) = match &call.varlen {
-            Some(v) => (addr(v.cu_seqlens_q), addr(v.cu_seqlens_k), v.total_q, v.total_k),
+            Some(v) => (v.cu_seqlens_q.device_or_null(), v.cu_seqlens_k.device_or_null(), v.total_q, v.total_k),
             None => (0, 0, p.seqlen_q, p.seqlen_k),
         };
         AttnParams {
