@@ -20,16 +20,30 @@ struct PagedKv<'a, T> {
     table: &'a [i32],
     stride: usize,
     page_size: usize,
+    /// `log2(page_size)` when it is a power of two (vLLM's 16, FlashInfer's, most engines'):
+    /// the kernel looks up four rows per key, and a shift and a mask cost a cycle each where a
+    /// 64-bit division costs tens.
+    page_shift: Option<u32>,
 }
 
-impl<T> PagedKv<'_, T> {
+impl<'a, T> PagedKv<'a, T> {
+    /// The pages, the table (`stride` entries per sequence) and the page size (at least 1).
+    fn new(k: HostIn<'a, T>, v: HostIn<'a, T>, table: &'a [i32], stride: usize, page_size: usize) -> Self {
+        let page_shift = page_size.is_power_of_two().then(|| page_size.trailing_zeros());
+        PagedKv { k, v, table, stride, page_size, page_shift }
+    }
+
     /// Element offset of (sequence, key, kv head) in a page layout. Page ids were checked
     /// against the pages for every key a length reaches; the clamp keeps even a wrong table
     /// inside the tensor.
     #[inline]
     fn offset(&self, layout: &Layout, batch: usize, key: usize, kv_head: usize) -> usize {
-        let page = self.table[batch * self.stride + key / self.page_size].max(0) as usize;
-        layout.offset(page.min(layout.batch() - 1), key % self.page_size, kv_head)
+        let (index, slot) = match self.page_shift {
+            Some(shift) => (key >> shift, key & (self.page_size - 1)),
+            None => (key / self.page_size, key % self.page_size),
+        };
+        let page = self.table[batch * self.stride + index].max(0) as usize;
+        layout.offset(page.min(layout.batch() - 1), slot, kv_head)
     }
 }
 
@@ -68,9 +82,49 @@ pub(crate) fn forward<T: Element>(call: &mut Call<'_>, threads: &Threads) -> Res
     let run = match table {
         None => forward_rows(q, StridedKv { k, v }, kv.max_len, p.kv_heads, s.out, ol, s.lse, seqs, scale, mask, softcap, threads),
         Some(table) => {
-            let paged = PagedKv { k, v, table, stride: kv.table_stride, page_size: kv.page_size };
+            let paged = PagedKv::new(k, v, table, kv.table_stride, kv.page_size);
             forward_rows(q, paged, kv.max_len, p.kv_heads, s.out, ol, s.lse, seqs, scale, mask, softcap, threads)
         }
     };
     run.map_err(RunError::Fatal)
+}
+
+/// Where the rows of a host append go.
+pub(crate) enum HostTarget<'a> {
+    /// Contiguous cache: row `i` of sequence `b` to position `lens[b] - new_len + i`.
+    Lens { lens: &'a [i32], max_len: usize },
+    /// Pages: token `t` to slot `slots[t]` (page `slot / page_size`, row `slot % page_size`).
+    Slots { slots: &'a [i64], page_size: usize, num_slots: usize },
+}
+
+/// Copies each (token, kv head) row of `src` (`[batch, new_len, kv_heads, d]`) to the row of
+/// `dst` (the cache) that `target` names: the host side of [`crate::Attention::append_kv`].
+/// Validation checked host lengths (`new_len..=max_len`) and slots (below `num_slots`; negative
+/// ones mark padding tokens); a destination outside the cache is skipped, as on the device.
+pub(crate) fn append_rows<T: Copy>(src: &[T], src_layout: Layout, dst: &mut [T], dst_layout: Layout, target: &HostTarget<'_>) {
+    let [batch, new_len, kv_heads, d] = src_layout.shape();
+    for b in 0..batch {
+        for i in 0..new_len {
+            let (page, row) = match *target {
+                HostTarget::Lens { lens, max_len } => {
+                    let pos = lens[b] as i64 - new_len as i64 + i as i64;
+                    if pos < 0 || pos >= max_len as i64 {
+                        continue;
+                    }
+                    (b, pos as usize)
+                }
+                HostTarget::Slots { slots, page_size, num_slots } => {
+                    let slot = slots[b * new_len + i];
+                    if slot < 0 || slot as u64 >= num_slots as u64 {
+                        continue;
+                    }
+                    (slot as usize / page_size, slot as usize % page_size)
+                }
+            };
+            for h in 0..kv_heads {
+                let (from, to) = (src_layout.offset(b, i, h), dst_layout.offset(page, row, h));
+                dst[to..to + d].copy_from_slice(&src[from..from + d]);
+            }
+        }
+    }
 }

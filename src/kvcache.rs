@@ -3,17 +3,22 @@
 //! `flash_attn_with_kvcache`, vLLM's paged attention).
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
-use cudarc::driver::DevicePtr;
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{result, CudaStream, DevicePtr, SyncOnDrop};
 
+use crate::cpu_kvcache::{append_rows, HostTarget};
 use crate::dtype::Element;
 use crate::error::Error;
+use crate::gpu::append::{AppendCall, AppendKernels, AppendTarget};
 use crate::options::Options;
-use crate::problem::{KvCacheKind, Problem};
+use crate::problem::{KvCacheKind, MemoryKind, Problem};
+use crate::reason::BackendKind;
 use crate::tensor::{
     byte_range, call_memory, check_disjoint, check_f32_or_i32_pointer, check_memory_like_q, check_operand, check_options,
-    four_byte_range, lse_operand, operand, order_on_launch_stream, peek_in, peek_out, shape_str, vector_aligned, Call,
-    InMem, KvPart, LseMut, Tensor, TensorMut, MAX_DIM,
+    describe, four_byte_range, launch_stream, lse_operand, operand, order_on_launch_stream, peek_in, peek_out, same_memory,
+    shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, Operand, OutMem, StreamOrder, Tensor, TensorMut, MAX_DIM,
 };
 
 /// Each sequence's cache length: int32 `[batch]`, the number of keys of that sequence in the
@@ -288,4 +293,519 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
         _order: order,
         _borrows: PhantomData,
     })
+}
+
+/// Where each new token of a paged append goes: int64 `[tokens]`, one entry per row of `k_new`
+/// in row-major `(batch, new_len)` order, `slot = page * page_size + row_in_page` (vLLM's
+/// `slot_mapping`). A negative slot marks a padding token: nothing is written for it.
+///
+/// Host slots are checked before anything is written (a slot at or past `num_pages *
+/// page_size` is an error naming its entry). Device slots are never read on the host (no
+/// synchronisation: a CUDA graph replays with new ones); the kernel skips a slot outside the
+/// pages, so a bad one leaves a row unwritten, never writes outside the cache.
+///
+/// ```
+/// use attention::SlotMapping;
+/// // Three tokens: page 2 row 5, a padding token, page 0 row 0 (16-row pages).
+/// let slots = [2 * 16 + 5, -1, 0i64];
+/// let slots = SlotMapping::host(&slots);
+/// # let _ = slots;
+/// ```
+#[derive(Debug)]
+pub struct SlotMapping<'a> {
+    pub(crate) mem: InMem<'a, i64>,
+}
+
+impl<'a> SlotMapping<'a> {
+    /// Slots in host memory (for host caches: the CPU path).
+    pub fn host(slots: &'a [i64]) -> Self {
+        SlotMapping { mem: InMem::Host(slots) }
+    }
+    /// Slots in a cudarc device slice.
+    pub fn cuda<S: DevicePtr<i64>>(slice: &'a S) -> Self {
+        SlotMapping { mem: InMem::Cuda(slice) }
+    }
+    /// Slots in device memory owned elsewhere (a PyTorch int64 tensor's `data_ptr()`).
+    ///
+    /// # Safety
+    /// As [`Tensor::from_raw_device`], for `len` i64 values.
+    pub unsafe fn from_raw_device(ptr: u64, len: usize) -> Self {
+        SlotMapping { mem: InMem::raw(ptr, len) }
+    }
+    fn len(&self) -> usize {
+        self.mem.len()
+    }
+}
+
+/// A KV cache to append to: [`Attention::append_kv`](crate::Attention::append_kv) writes new
+/// keys and values into it, [`Attention::forward_kvcache_append`](crate::Attention::forward_kvcache_append)
+/// writes them and attends over the result in one call.
+///
+/// - Contiguous, `[batch, max_len, kv_heads, head_dim]` (any strides): row `i` of sequence
+///   `b`'s new rows goes to position `lens[b] - new_len + i`. `lens` counts the keys of each
+///   sequence with the new rows included, as [`KvCache`] and `forward_kvcache` count them, so
+///   one lengths array serves the append and the attention.
+/// - Paged, pages `[num_pages, page_size, kv_heads, head_dim]` (any strides: vLLM's K and V
+///   views of one `(2, num_blocks, block_size, kv_heads, d)` tensor, FlashInfer's HND pages):
+///   token `t` goes to the slot [`SlotMapping`] gives it (vLLM's `reshape_and_cache`). For
+///   the fused call add the block table and lengths with [`KvCacheMut::with_block_table`].
+///
+/// ```
+/// use attention::{CacheLens, KvCacheMut, Layout, Tensor, TensorMut};
+/// // Two sequences, room for 8 keys each; each gets one new key, its 4th and 2nd.
+/// let (b, cap, hk, d) = (2, 8, 2, 16);
+/// let lc = Layout::contiguous(b, cap, hk, d);
+/// let (mut k_cache, mut v_cache) = (vec![0.0f32; lc.numel()], vec![0.0f32; lc.numel()]);
+/// let ln = Layout::contiguous(b, 1, hk, d);
+/// let k_new = vec![1.0f32; ln.numel()];
+/// let lens = [4, 2]; // the new key included
+/// let mut cache = KvCacheMut::contiguous(
+///     TensorMut::host(&mut k_cache, lc), TensorMut::host(&mut v_cache, lc), CacheLens::host(&lens));
+/// let attn = attention::select().unwrap();
+/// attn.append_kv(&Tensor::host(&k_new, ln), &Tensor::host(&k_new, ln), &mut cache).unwrap();
+/// drop(cache);
+/// assert_eq!(k_cache[lc.offset(0, 3, 1)], 1.0);
+/// assert_eq!(k_cache[lc.offset(1, 1, 0)], 1.0);
+/// assert_eq!(k_cache[lc.offset(0, 2, 0)], 0.0);
+/// ```
+#[derive(Debug)]
+pub struct KvCacheMut<'a, T: Element> {
+    pub(crate) k: TensorMut<'a, T>,
+    pub(crate) v: TensorMut<'a, T>,
+    /// Contiguous: where each sequence's new rows go. Paged: for the attention only.
+    pub(crate) lens: Option<CacheLens<'a>>,
+    /// Paged: where each new token goes.
+    pub(crate) slots: Option<SlotMapping<'a>>,
+    /// Paged: the block table the attention reads the pages through.
+    pub(crate) table: Option<BlockTable<'a>>,
+}
+
+impl<'a, T: Element> KvCacheMut<'a, T> {
+    /// A contiguous cache: k and v `[batch, max_len, kv_heads, head_dim]` (any strides) and each
+    /// sequence's length, the rows about to be appended included.
+    pub fn contiguous(k: TensorMut<'a, T>, v: TensorMut<'a, T>, lens: CacheLens<'a>) -> Self {
+        KvCacheMut { k, v, lens: Some(lens), slots: None, table: None }
+    }
+
+    /// A paged cache: k and v pages `[num_pages, page_size, kv_heads, head_dim]` (any strides)
+    /// and the slot of each new token.
+    pub fn paged(k_pages: TensorMut<'a, T>, v_pages: TensorMut<'a, T>, slots: SlotMapping<'a>) -> Self {
+        KvCacheMut { k: k_pages, v: v_pages, lens: None, slots: Some(slots), table: None }
+    }
+
+    /// Adds what attention over the pages reads: the block table and each sequence's length,
+    /// the new rows included (as [`KvCache::paged`] takes them). Needed by
+    /// [`Attention::forward_kvcache_append`](crate::Attention::forward_kvcache_append) on a paged
+    /// cache; a contiguous cache given one is an error naming `block_table`.
+    ///
+    /// ```
+    /// use attention::{BlockTable, CacheLens, KvCacheMut, Layout, Options, SlotMapping, Tensor, TensorMut};
+    /// // vLLM's layout: 4 pages of 2 keys; one sequence on pages 3 then 1, holding 2 keys
+    /// // before this step's new one, which lands in page 1, row 0.
+    /// let (pages, page, hk, h, d) = (4, 2, 1, 2, 8);
+    /// let lp = Layout::contiguous(pages, page, hk, d);
+    /// let mut kv = vec![0.5f32; 2 * lp.numel()];
+    /// let (k_pages, v_pages) = kv.split_at_mut(lp.numel());
+    /// let (table, lens, slots) = ([3, 1], [3], [1 * 2 + 0i64]);
+    /// let mut cache = KvCacheMut::paged(TensorMut::host(k_pages, lp), TensorMut::host(v_pages, lp), SlotMapping::host(&slots))
+    ///     .with_block_table(BlockTable::host(&table, 2, 2), CacheLens::host(&lens));
+    /// let ln = Layout::contiguous(1, 1, hk, d); // vLLM's [num_tokens, kv_heads, d]
+    /// let new = vec![1.0f32; ln.numel()];
+    /// let lq = Layout::contiguous(1, 1, h, d);
+    /// let (q, mut out) = (vec![0.1f32; lq.numel()], vec![0.0f32; lq.numel()]);
+    /// let attn = attention::select().unwrap();
+    /// attn.forward_kvcache_append(&Tensor::host(&q, lq), &Tensor::host(&new, ln), &Tensor::host(&new, ln), &mut cache,
+    ///     &mut TensorMut::host(&mut out, lq), None, &Options::default()).unwrap();
+    /// // Two keys of 0.5 and the new one of 1.0: values average between them.
+    /// assert!(out.iter().all(|&x| x > 0.5 && x < 1.0));
+    /// ```
+    #[must_use]
+    pub fn with_block_table(mut self, table: BlockTable<'a>, lens: CacheLens<'a>) -> Self {
+        self.table = Some(table);
+        self.lens = Some(lens);
+        self
+    }
+}
+
+/// The same view of read-only memory, borrowed for `'b`.
+fn reborrow<'b, U>(m: &'b InMem<'_, U>) -> InMem<'b, U> {
+    match m {
+        InMem::Host(s) => InMem::Host(s),
+        InMem::Raw(r) => InMem::Raw(*r),
+        InMem::Cuda(s) => InMem::Cuda(*s),
+    }
+}
+
+/// An 8-byte-per-entry range at a device address (`None` for host memory).
+fn eight_byte_range(addr: Addr, n: usize) -> Option<(u64, u64)> {
+    match addr {
+        Addr::Device(x) => Some((x, x.saturating_add(n as u64 * 8))),
+        Addr::Host(_) => None,
+    }
+}
+
+/// Checks that an operand of an append lives in the cache's memory.
+fn check_memory_like_cache(arg: &'static str, m: MemoryKind, cache: MemoryKind) -> Result<(), Error> {
+    if same_memory(cache, m) {
+        Ok(())
+    } else {
+        Err(Error::invalid(arg, describe(m), format!("{} like k_cache", describe(cache))))
+    }
+}
+
+/// Validates an append: one check per constraint, each naming the argument, the value and what
+/// is accepted. Nothing is ordered or written; the call's memory (host or a device) comes back
+/// with it.
+pub(crate) fn validate_append<T: Element>(
+    k_new: &Tensor<'_, T>,
+    v_new: &Tensor<'_, T>,
+    cache: &mut KvCacheMut<'_, T>,
+) -> Result<(AppendCall, MemoryKind), Error> {
+    let elem = std::mem::size_of::<T>();
+    let (kna, knn, knm) = peek_in(&k_new.mem);
+    let (vna, vnn, vnm) = peek_in(&v_new.mem);
+    let (kca, kcn, kcm) = peek_out(&mut cache.k.mem);
+    let (vca, vcn, vcm) = peek_out(&mut cache.v.mem);
+    let (kn, vn) = (operand(kna, knn, k_new.layout), operand(vna, vnn, v_new.layout));
+    let (kc, vc) = (operand(kca, kcn, cache.k.layout), operand(vca, vcn, cache.v.layout));
+    check_operand("k_new", &kn, elem, false)?;
+    check_operand("v_new", &vn, elem, false)?;
+    check_operand("k_cache", &kc, elem, true)?;
+    check_operand("v_cache", &vc, elem, true)?;
+    if vn.layout.shape() != kn.layout.shape() {
+        return Err(Error::invalid("v_new", format!("shape {}", shape_str(&vn.layout)), format!("k_new's shape {}", shape_str(&kn.layout))));
+    }
+    if vc.layout.shape() != kc.layout.shape() {
+        return Err(Error::invalid("v_cache", format!("shape {}", shape_str(&vc.layout)), format!("k_cache's shape {}", shape_str(&kc.layout))));
+    }
+    let [b, new_len, hk, d] = kn.layout.shape();
+    let [cb, cs, chk, cd] = kc.layout.shape();
+    if d != cd {
+        return Err(Error::invalid("k_new", format!("head_dim {d}"), format!("k_cache's head_dim {cd}")));
+    }
+    if hk != chk {
+        return Err(Error::invalid("k_new", format!("{hk} kv heads"), format!("k_cache's {chk} kv heads")));
+    }
+    for (name, m) in [("k_new", knm), ("v_new", vnm), ("v_cache", vcm)] {
+        check_memory_like_cache(name, m, kcm)?;
+    }
+    // batch * new_len rows: at most k_new's element count, which fits.
+    let tokens = b * new_len;
+    let (target, index_range) = match &cache.slots {
+        None => {
+            if cache.table.is_some() {
+                return Err(Error::invalid(
+                    "block_table",
+                    "a block table on a contiguous cache",
+                    "none: KvCacheMut::with_block_table is for paged caches (KvCacheMut::paged)",
+                ));
+            }
+            let lens = cache.lens.as_ref().ok_or_else(|| Error::invalid("cache_lens", "none", "one length per sequence"))?;
+            if b != cb {
+                return Err(Error::invalid("k_new", format!("batch {b}"), format!("k_cache's batch {cb} (a contiguous cache has one row per sequence)")));
+            }
+            if new_len > cs {
+                return Err(Error::invalid("k_new", format!("{new_len} new rows per sequence"), format!("at most k_cache's max_len {cs}")));
+            }
+            let (la, _, lm) = peek_in(&lens.mem);
+            if lens.len() != b {
+                return Err(Error::invalid("cache_lens", format!("{} entries", lens.len()), format!("one per sequence: k_new's batch {b}")));
+            }
+            check_memory_like_cache("cache_lens", lm, kcm)?;
+            match &lens.mem {
+                InMem::Host(l) => {
+                    if let Some((i, &l)) = l.iter().enumerate().find(|&(_, &l)| l < 0 || (l as usize) < new_len || l as usize > cs) {
+                        return Err(Error::invalid(
+                            "cache_lens",
+                            format!("entry {i} = {l}"),
+                            format!("lengths in {new_len}..={cs}: each sequence's keys with its {new_len} new rows included, within the cache's capacity"),
+                        ));
+                    }
+                }
+                _ => check_f32_or_i32_pointer("cache_lens", la)?,
+            }
+            (AppendTarget::Lens { lens: la, max_len: cs }, ("cache_lens", four_byte_range(la, b)))
+        }
+        Some(slots) => {
+            let (sa, _, sm) = peek_in(&slots.mem);
+            if slots.len() != tokens {
+                return Err(Error::invalid(
+                    "slot_mapping",
+                    format!("{} entries", slots.len()),
+                    format!("one per new token: k_new's batch x seqlen = {b} x {new_len} = {tokens}"),
+                ));
+            }
+            check_memory_like_cache("slot_mapping", sm, kcm)?;
+            // num_pages * page_size is at most the pages' element count, which fits.
+            let num_slots = cb * cs;
+            match &slots.mem {
+                InMem::Host(s) => {
+                    if let Some((i, &s)) = s.iter().enumerate().find(|&(_, &s)| s >= 0 && s as u64 >= num_slots as u64) {
+                        return Err(Error::invalid(
+                            "slot_mapping",
+                            format!("entry {i} = {s}"),
+                            format!("slots in 0..{num_slots} (num_pages {cb} x page_size {cs}), or negative for a padding token"),
+                        ));
+                    }
+                }
+                _ => {
+                    if let Addr::Device(p) = sa {
+                        if p == 0 || p % 8 != 0 {
+                            return Err(Error::invalid("slot_mapping", format!("device pointer {p:#x}"), "a non-null pointer aligned to 8 bytes"));
+                        }
+                    }
+                }
+            }
+            (AppendTarget::Slots { slots: sa, page_size: cs, num_pages: cb }, ("slot_mapping", eight_byte_range(sa, tokens)))
+        }
+    };
+    // What the kernel writes must share no byte with anything it reads or with each other.
+    let reads = [("k_new", byte_range(&kn, elem)), ("v_new", byte_range(&vn, elem)), index_range];
+    let vc_range = byte_range(&vc, elem);
+    check_disjoint(("k_cache", byte_range(&kc, elem)), &[reads[0], reads[1], reads[2], ("v_cache", vc_range)])?;
+    check_disjoint(("v_cache", vc_range), &reads)?;
+    let memory = call_memory(kcm, [vcm, knm, vnm]);
+    Ok((AppendCall { dtype: T::DTYPE, k_new: kn, v_new: vn, k_cache: kc, v_cache: vc, target, tokens }, memory))
+}
+
+/// Runs a validated append on host memory.
+fn append_host<T: Element>(k_new: &Tensor<'_, T>, v_new: &Tensor<'_, T>, cache: &mut KvCacheMut<'_, T>, call: &AppendCall) -> Result<(), Error> {
+    let host = |arg: &'static str| Error::invalid(arg, "device memory", "host memory like k_cache");
+    let target = match call.target {
+        AppendTarget::Lens { max_len, .. } => match cache.lens.as_ref().map(|l| &l.mem) {
+            Some(InMem::Host(lens)) => HostTarget::Lens { lens, max_len },
+            _ => return Err(host("cache_lens")),
+        },
+        AppendTarget::Slots { page_size, num_pages, .. } => match cache.slots.as_ref().map(|s| &s.mem) {
+            Some(InMem::Host(slots)) => HostTarget::Slots { slots, page_size, num_slots: num_pages * page_size },
+            _ => return Err(host("slot_mapping")),
+        },
+    };
+    for (src, src_op, dst, dst_op) in [(k_new, &call.k_new, &mut cache.k, &call.k_cache), (v_new, &call.v_new, &mut cache.v, &call.v_cache)] {
+        match (&src.mem, &mut dst.mem) {
+            (InMem::Host(s), OutMem::Host(d)) => append_rows(s, src_op.layout, d, dst_op.layout, &target),
+            _ => return Err(host("k_new")),
+        }
+    }
+    Ok(())
+}
+
+/// Makes `launch` wait for everything enqueued on `own` so far (as the attention calls' stream
+/// ordering does).
+fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Error> {
+    let cuda = |op: &'static str| move |e: result::DriverError| Error::cuda(op, e.0);
+    let event = own.record_event(None).map_err(cuda("cuEventRecord"))?;
+    // SAFETY: a live event of the stream's context and a stream the caller vouched for; the
+    // event may be destroyed (when `event` drops) once the wait is enqueued.
+    unsafe {
+        result::stream::wait_event(launch, event.cu_event(), cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+    }
+    .map_err(cuda("cuStreamWaitEvent"))
+}
+
+/// Builds a [`StreamOrder`] one cudarc operand at a time, under the rules of the attention
+/// calls: with a cudarc launch stream every operand is ordered on it (it waits for the pending
+/// writes of what is read, and the pending reads and writes of what is written; the accesses
+/// are recorded there when the order drops); with a raw one each operand's own stream is
+/// joined both ways.
+struct Orderer<'c> {
+    order: StreamOrder<'c>,
+    launch: Option<&'c CudaStream>,
+}
+
+impl<'c> Orderer<'c> {
+    fn new(launch: Option<&'c CudaStream>, raw_launch: CUstream) -> Self {
+        let mut order = StreamOrder::none();
+        order.launch = raw_launch;
+        Orderer { order, launch }
+    }
+
+    fn add(&mut self, own: &'c CudaStream, guard: SyncOnDrop<'c>) -> Result<(), Error> {
+        self.order.guards.push(guard);
+        if self.launch.is_none() && own.cu_stream() != self.order.launch {
+            join_before(own, self.order.launch)?;
+            self.order.joins.push(own);
+        }
+        Ok(())
+    }
+
+    fn read<U>(&mut self, m: &'c InMem<'_, U>) -> Result<(), Error> {
+        if let InMem::Cuda(slice) = m {
+            let own: &'c CudaStream = slice.stream();
+            let guard = slice.device_ptr(self.launch.unwrap_or(own)).1;
+            self.add(own, guard)?;
+        }
+        Ok(())
+    }
+
+    fn write<U>(&mut self, m: &'c mut OutMem<'_, U>) -> Result<(), Error> {
+        if let OutMem::Cuda { slice, stream } = m {
+            let own: &'c CudaStream = stream;
+            let guard = slice.device_ptr_mut(self.launch.unwrap_or(own)).1;
+            self.add(own, guard)?;
+        }
+        Ok(())
+    }
+}
+
+/// Orders a valid append's cudarc operands on the stream its kernel runs on, for as long as the
+/// returned order lives.
+#[allow(clippy::too_many_arguments)]
+fn order_append<'c, T: Element>(
+    k_new: &'c InMem<'_, T>,
+    v_new: &'c InMem<'_, T>,
+    lens: Option<&'c InMem<'_, i32>>,
+    slots: Option<&'c InMem<'_, i64>>,
+    k_cache: &'c mut OutMem<'_, T>,
+    v_cache: &'c mut OutMem<'_, T>,
+    launch: Option<&'c CudaStream>,
+    raw_launch: CUstream,
+) -> Result<StreamOrder<'c>, Error> {
+    let mut o = Orderer::new(launch, raw_launch);
+    o.read(k_new)?;
+    o.read(v_new)?;
+    if let Some(l) = lens {
+        o.read(l)?;
+    }
+    if let Some(s) = slots {
+        o.read(s)?;
+    }
+    o.write(k_cache)?;
+    o.write(v_cache)?;
+    Ok(o.order)
+}
+
+/// The cudarc stream a view is written on, if it is a cudarc slice.
+fn cudarc_stream<U>(m: &OutMem<'_, U>) -> Option<Arc<CudaStream>> {
+    match m {
+        OutMem::Cuda { stream, .. } => Some(stream.clone()),
+        _ => None,
+    }
+}
+
+/// [`crate::Attention::append_kv`]: validates, then copies on the host or launches the kernel
+/// on k_cache's stream.
+pub(crate) fn append<T: Element>(
+    kernels: &AppendKernels,
+    k_new: &Tensor<'_, T>,
+    v_new: &Tensor<'_, T>,
+    cache: &mut KvCacheMut<'_, T>,
+) -> Result<(), Error> {
+    let (call, memory) = validate_append(k_new, v_new, cache)?;
+    if memory == MemoryKind::Host {
+        return append_host(k_new, v_new, cache, &call);
+    }
+    let (dev, module) = kernels.loaded(&call)?;
+    let launch = cudarc_stream(&cache.k.mem);
+    let stream = launch_stream(&cache.k.mem);
+    let order = order_append(
+        &k_new.mem,
+        &v_new.mem,
+        cache.lens.as_ref().filter(|_| cache.slots.is_none()).map(|l| &l.mem),
+        cache.slots.as_ref().map(|s| &s.mem),
+        &mut cache.k.mem,
+        &mut cache.v.mem,
+        launch.as_deref(),
+        stream,
+    )?;
+    let ran = AppendKernels::launch(dev, &module, &call, stream);
+    drop(order);
+    ran
+}
+
+/// The cache as attention reads it: device memory as raw views at the validated addresses
+/// (ordered by the append's order, which outlives the attention's launch), host memory
+/// reborrowed.
+fn attention_view<'b, T: Element>(
+    k: InMem<'b, T>,
+    v: InMem<'b, T>,
+    call: &AppendCall,
+    lens: &'b Option<CacheLens<'_>>,
+    table: &'b Option<BlockTable<'_>>,
+) -> Result<KvCache<'b, T>, Error> {
+    let table = match call.target {
+        AppendTarget::Lens { .. } => None,
+        AppendTarget::Slots { .. } => Some(table.as_ref().ok_or_else(|| {
+            Error::invalid("block_table", "none", "the pages' block table and lengths for the attention (KvCacheMut::with_block_table)")
+        })?),
+    };
+    let lens = lens.as_ref().ok_or_else(|| Error::invalid("cache_lens", "none", "one length per sequence"))?;
+    let lens = CacheLens { mem: reborrow(&lens.mem) };
+    let (k, v) = (Tensor { mem: k, layout: call.k_cache.layout }, Tensor { mem: v, layout: call.v_cache.layout });
+    Ok(match table {
+        None => KvCache::contiguous(k, v, lens),
+        Some(t) => KvCache::paged(k, v, BlockTable { mem: reborrow(&t.mem), pages_per_seq: t.pages_per_seq, row_stride: t.row_stride }, lens),
+    })
+}
+
+/// A device operand as a raw read-only view (unordered: the caller orders it).
+fn raw_view<'b, T>(o: &Operand) -> InMem<'b, T> {
+    InMem::raw(o.addr.device_or_null(), o.len)
+}
+
+/// A written view read back: host memory reborrowed, device memory as [`raw_view`].
+fn read_view<'b, T>(m: &'b OutMem<'_, T>, o: &Operand) -> InMem<'b, T> {
+    match m {
+        OutMem::Host(s) => InMem::Host(s),
+        _ => raw_view(o),
+    }
+}
+
+/// [`crate::Attention::forward_kvcache_append`]: every check of both parts (and the choice of
+/// the attention's backend) before anything is written, then the append and the attention on
+/// the output's stream.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_append<T: Element>(
+    attn: &crate::select::Attention,
+    kernels: &AppendKernels,
+    q: &Tensor<'_, T>,
+    k_new: &Tensor<'_, T>,
+    v_new: &Tensor<'_, T>,
+    cache: &mut KvCacheMut<'_, T>,
+    out: &mut TensorMut<'_, T>,
+    mut lse: Option<&mut LseMut<'_>>,
+    opts: &Options,
+) -> Result<BackendKind, Error> {
+    let (call, memory) = validate_append(k_new, v_new, cache)?;
+    let host = memory == MemoryKind::Host;
+    {
+        let (k, v) = (read_view(&cache.k.mem, &call.k_cache), read_view(&cache.v.mem, &call.v_cache));
+        let view = attention_view(k, v, &call, &cache.lens, &cache.table)?;
+        let checked = validate_kvcache(q, &view, out, lse.as_deref_mut(), opts)?;
+        // The append writes the cache before q is read: they must not share a byte.
+        let elem = std::mem::size_of::<T>();
+        let q_range = [("q", byte_range(&checked.q, elem))];
+        check_disjoint(("k_cache", byte_range(&call.k_cache, elem)), &q_range)?;
+        check_disjoint(("v_cache", byte_range(&call.v_cache, elem)), &q_range)?;
+        attn.backend_for(&checked)?;
+    }
+    if host {
+        append_host(k_new, v_new, cache, &call)?;
+        let (k, v) = (read_view(&cache.k.mem, &call.k_cache), read_view(&cache.v.mem, &call.v_cache));
+        let view = attention_view(k, v, &call, &cache.lens, &cache.table)?;
+        let checked = validate_kvcache(q, &view, out, lse, opts)?;
+        return attn.dispatch_call(checked);
+    }
+    let (dev, module) = kernels.loaded(&call)?;
+    // Both launches on the output's stream, as every attention call's.
+    let launch = cudarc_stream(&out.mem);
+    let stream = launch_stream(&out.mem);
+    let paged = cache.slots.is_some();
+    let order = order_append(
+        &k_new.mem,
+        &v_new.mem,
+        cache.lens.as_ref().filter(|_| !paged).map(|l| &l.mem),
+        cache.slots.as_ref().map(|s| &s.mem),
+        &mut cache.k.mem,
+        &mut cache.v.mem,
+        launch.as_deref(),
+        stream,
+    )?;
+    AppendKernels::launch(dev, &module, &call, stream)?;
+    let view = attention_view(raw_view(&call.k_cache), raw_view(&call.v_cache), &call, &cache.lens, &cache.table)?;
+    let checked = validate_kvcache(q, &view, out, lse, opts)?;
+    let ran = attn.dispatch_call(checked);
+    // Recorded after both launches: a later writer of the cache waits for the attention's reads.
+    drop(order);
+    ran
 }

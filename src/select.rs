@@ -23,7 +23,7 @@ use crate::gpu::naive::NaiveBackend;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
 use crate::settings::{JitMode, Settings};
-use crate::kvcache::KvCache;
+use crate::kvcache::{KvCache, KvCacheMut};
 use crate::tensor::{validate, LseMut, Tensor, TensorMut, VarLen};
 
 /// Configures selection in code. It starts from the environment (`ATTN_*`); every explicit
@@ -762,6 +762,109 @@ impl FallbackKey {
     }
 }
 
+
+/// Appending to a KV cache ([`KvCacheMut`]), alone or fused with the attention over it.
+impl Attention {
+    /// Writes new keys and values into a KV cache (FlashAttention's in-call append, vLLM's
+    /// `reshape_and_cache`). `k_new`/`v_new` are `[batch, new_len, kv_heads, head_dim]` with any
+    /// strides, the element type, head_dim and kv_heads of the cache, in its memory.
+    ///
+    /// - Contiguous cache: row `i` of sequence `b` goes to position `lens[b] - new_len + i`
+    ///   (`lens` counts the keys with the new rows, as `forward_kvcache` does).
+    /// - Paged cache: the rows are the `batch × new_len` tokens in row-major order, token `t`
+    ///   to slot `slots[t]` (a negative slot: a padding token, skipped). vLLM's `[num_tokens,
+    ///   kv_heads, d]` is `Layout::contiguous(num_tokens, 1, kv_heads, d)` (or `(1, num_tokens,
+    ///   ...)`: both flatten to the same tokens).
+    ///
+    /// Host caches are copied on the calling thread. Device caches are written by one kernel on
+    /// k_cache's stream (cudarc slices are ordered there like every call's operands): no
+    /// allocation, no host synchronisation and no host read of device lengths or slots, so it
+    /// can be captured in a CUDA graph and replayed with new ones. The kernel skips a row whose
+    /// destination is outside the cache (a device length below `new_len` or past `max_len`, a
+    /// slot at or past `num_pages * page_size`): a wrong row, never a write outside the cache.
+    /// Host lengths and slots are checked instead, and a bad one is an error that writes
+    /// nothing. Two tokens given one slot: one of them is written. Not a backend choice: no
+    /// `ATTN_BACKEND`/`ATTN_DISABLE` setting applies (the copy runs where the memory is).
+    ///
+    /// ```
+    /// use attention::{KvCacheMut, Layout, SlotMapping, Tensor, TensorMut};
+    /// // vLLM: 3 new tokens into 16-row pages, the middle one a padding token.
+    /// let (pages, page, hk, d) = (8, 16, 2, 64);
+    /// let lp = Layout::contiguous(pages, page, hk, d);
+    /// let (mut k_pages, mut v_pages) = (vec![0.0f32; lp.numel()], vec![0.0f32; lp.numel()]);
+    /// let ln = Layout::contiguous(3, 1, hk, d); // [num_tokens, kv_heads, d]
+    /// let new: Vec<f32> = (0..ln.numel()).map(|i| i as f32).collect();
+    /// let slots = [5 * 16 + 3, -1, 0i64];
+    /// let mut cache = KvCacheMut::paged(TensorMut::host(&mut k_pages, lp), TensorMut::host(&mut v_pages, lp), SlotMapping::host(&slots));
+    /// attention::select().unwrap().append_kv(&Tensor::host(&new, ln), &Tensor::host(&new, ln), &mut cache).unwrap();
+    /// drop(cache);
+    /// assert_eq!(k_pages[lp.offset(5, 3, 1)], new[ln.offset(0, 0, 1)]);
+    /// assert_eq!(v_pages[lp.offset(0, 0, 0)], new[ln.offset(2, 0, 0)]);
+    /// ```
+    pub fn append_kv<T: Element>(&self, k_new: &Tensor<'_, T>, v_new: &Tensor<'_, T>, cache: &mut KvCacheMut<'_, T>) -> Result<(), Error> {
+        crate::kvcache::append(&self.append_kernels(), k_new, v_new, cache)
+    }
+
+    /// [`Attention::append_kv`] then [`Attention::forward_kvcache`] over the cache it wrote, in
+    /// one call: `lens` (and, for pages, the block table of
+    /// [`KvCacheMut::with_block_table`]) serve both, so query row `i` of sequence `b` sits at
+    /// position `lens[b] - q_len + i`, with the new rows the last `new_len` keys. Everything
+    /// both parts check (and the choice of the attention's backend) is checked before anything
+    /// is written: a bad argument is an error that leaves the cache and `out` as they were.
+    /// On the device both kernels run on `out`'s stream, one after the other (two launches, no
+    /// host synchronisation between them, graph-capturable); the cache must not share memory
+    /// with q, k_new, v_new, out or lse.
+    ///
+    /// ```
+    /// use attention::{CacheLens, KvCacheMut, Layout, Options, Tensor, TensorMut};
+    /// // One decode step for two sequences holding 3 and 5 keys: the step's key makes 4 and 6.
+    /// let (b, cap, h, hk, d) = (2, 8, 4, 2, 16);
+    /// let lc = Layout::contiguous(b, cap, hk, d);
+    /// let (mut k, mut v) = (vec![0.25f32; lc.numel()], vec![0.25f32; lc.numel()]);
+    /// let (lq, ln) = (Layout::contiguous(b, 1, h, d), Layout::contiguous(b, 1, hk, d));
+    /// let (q, new) = (vec![0.5f32; lq.numel()], vec![1.0f32; ln.numel()]);
+    /// let mut out = vec![0.0f32; lq.numel()];
+    /// let lens = [4, 6];
+    /// let mut cache = KvCacheMut::contiguous(TensorMut::host(&mut k, lc), TensorMut::host(&mut v, lc), CacheLens::host(&lens));
+    /// let attn = attention::select().unwrap();
+    /// attn.forward_kvcache_append(&Tensor::host(&q, lq), &Tensor::host(&new, ln), &Tensor::host(&new, ln), &mut cache,
+    ///     &mut TensorMut::host(&mut out, lq), None, &Options::default().causal(true)).unwrap();
+    /// assert!(out.iter().all(|&x| x > 0.25 && x < 1.0));
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_kvcache_append<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        k_new: &Tensor<'_, T>,
+        v_new: &Tensor<'_, T>,
+        cache: &mut KvCacheMut<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        lse: Option<&mut LseMut<'_>>,
+        opts: &Options,
+    ) -> Result<BackendKind, Error> {
+        crate::kvcache::forward_append(self, &self.append_kernels(), q, k_new, v_new, cache, out, lse, opts)
+    }
+
+    /// The append kernels on this handle's device (loaded once per device, at first use).
+    fn append_kernels(&self) -> crate::gpu::append::AppendKernels {
+        let s = &self.inner.settings;
+        crate::gpu::append::AppendKernels::new(self.inner.device.clone(), s.jit, s.cache_dir.clone())
+    }
+
+    /// The backend a validated call would run on, or the error it would get, without running it.
+    pub(crate) fn backend_for(&self, call: &crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
+        let mut problem = call.problem.clone();
+        if let MemoryKind::Device { ordinal: usize::MAX } = problem.memory {
+            problem.memory = MemoryKind::Device { ordinal: self.inner.caps.as_ref().map(|c| c.ordinal).unwrap_or(0) };
+        }
+        self.choose(&problem)
+    }
+
+    /// Runs a validated call (see `dispatch`).
+    pub(crate) fn dispatch_call(&self, call: crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
+        self.dispatch(call)
+    }
+}
 
 // The handle is shared across model threads.
 const _: () = {

@@ -1,5 +1,6 @@
 //! Everything that touches the CUDA driver: probing, kernel images (embedded or JIT), backends.
 
+pub(crate) mod append;
 pub(crate) mod cache;
 pub(crate) mod decode;
 pub(crate) mod device;

@@ -1,0 +1,113 @@
+// attention: min-arch 7.5
+// Appending new keys and values to a KV cache (FlashAttention's in-call append, vLLM's
+// `reshape_and_cache`): row (token t, kv head h) of k_new/v_new is copied to
+//
+//  * a contiguous cache `[batch, max_len, kv_heads, d]`: sequence b = t / new_len, position
+//    lens[b] - new_len + (t % new_len) (lens counts the keys with the new rows included);
+//  * a paged cache `[num_pages, page_size, kv_heads, d]`: page slot / page_size, row
+//    slot % page_size, where slot = slot_mapping[t] (int64, vLLM's `slot_mapping`).
+//
+// Lengths and slots are read only here, never on the host, so a CUDA graph replays with new
+// ones. A destination outside the cache (a negative slot: vLLM's padding tokens; a slot at or
+// past num_pages * page_size; a position outside [0, max_len)) is skipped: wrong rows, never an
+// access outside the caller's buffers.
+//
+// A pure copy: bit-exact, no conversion, so one body serves every dtype; the entry points are
+// per dtype for the launcher's naming. Launch: block (APPEND_THREADS, 1, 1), grid (x, 2, 1),
+// blockIdx.y 0 for keys and 1 for values, each thread copying one 16-byte vector (the `_v16`
+// kernels, when head_dim * size, every base and every stride are multiples of 16 bytes) or one
+// element per step of a grid-stride loop over (token, kv head, vector). No allocation, no
+// synchronisation, no shared memory.
+
+#define APPEND_THREADS 256
+
+// Must match `AppendParams` (#[repr(C)]) in src/gpu/append.rs.
+struct AppendParams {
+    long long src_stride[2][3];  // k_new, v_new: element strides of [batch, seq, head]
+    long long dst_stride[2][3];  // k_cache, v_cache: element strides of [batch|page, pos|row, head]
+    unsigned long long src[2];   // k_new, v_new
+    unsigned long long dst[2];   // k_cache, v_cache
+    unsigned long long lens;     // contiguous: int32 [batch]
+    unsigned long long slots;    // paged: int64 [tokens]
+    long long tokens;            // batch * new_len rows of k_new
+    long long num_slots;         // paged: num_pages * page_size
+    int new_len;                 // rows per sequence of k_new
+    int kv_heads;
+    int row_vecs;                // copies per head_dim row (vectors or elements)
+    int max_len;                 // contiguous: positions per sequence
+    int page_size;               // paged: rows per page
+    int paged;                   // 1: slots, 0: lens
+};
+static_assert(sizeof(AppendParams) == 184, "AppendParams must match the Rust #[repr(C)] struct");
+
+struct alignas(16) AppendVec16 {
+    unsigned int w[4];
+};
+
+// One grid-stride loop over the rows' copies. Index is int when every index fits (the usual
+// case: cheaper divisions), long long otherwise. E: element storage, C: the unit copied.
+template <typename E, typename C, typename Index>
+__device__ __forceinline__ void append_loop(const AppendParams& p, const E* src, E* dst, const long long (&ss)[3],
+                                            const long long (&ds)[3]) {
+    const Index per_token = (Index)p.kv_heads * (Index)p.row_vecs;
+    const Index n = (Index)p.tokens * per_token;
+    const Index step = (Index)gridDim.x * (Index)blockDim.x;
+    for (Index i = (Index)blockIdx.x * (Index)blockDim.x + (Index)threadIdx.x; i < n; i += step) {
+        const Index t = i / per_token;
+        const Index r = i - t * per_token;
+        const Index h = r / (Index)p.row_vecs;
+        const Index v = r - h * (Index)p.row_vecs;
+        const Index b = t / (Index)p.new_len;
+        const Index j = t - b * (Index)p.new_len;
+        long long page, row;
+        if (p.paged) {
+            const long long slot = reinterpret_cast<const long long*>(p.slots)[t];
+            if (slot < 0 || slot >= p.num_slots) continue;  // padding token or out of range
+            page = slot / p.page_size;
+            row = slot - page * p.page_size;
+        } else {
+            const long long pos = (long long)reinterpret_cast<const int*>(p.lens)[b] - p.new_len + (long long)j;
+            if (pos < 0 || pos >= p.max_len) continue;  // a length the cache cannot hold
+            page = (long long)b;
+            row = pos;
+        }
+        const C* s = reinterpret_cast<const C*>(src + (long long)b * ss[0] + (long long)j * ss[1] + (long long)h * ss[2]);
+        C* d = reinterpret_cast<C*>(dst + page * ds[0] + row * ds[1] + (long long)h * ds[2]);
+        d[v] = s[v];
+    }
+}
+
+template <typename E, typename C>
+__device__ __forceinline__ void append_kernel(const AppendParams& p) {
+    const bool values = blockIdx.y != 0;
+    const E* src = reinterpret_cast<const E*>(values ? p.src[1] : p.src[0]);
+    E* dst = reinterpret_cast<E*>(values ? p.dst[1] : p.dst[0]);
+    long long ss[3], ds[3];
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        ss[i] = values ? p.src_stride[1][i] : p.src_stride[0][i];
+        ds[i] = values ? p.dst_stride[1][i] : p.dst_stride[0][i];
+    }
+    const long long n = p.tokens * (long long)p.kv_heads * (long long)p.row_vecs;
+    // The 32-bit loop's last index plus one grid step must not wrap.
+    const long long step = (long long)gridDim.x * blockDim.x;
+    if (n + step <= 0x7fffffffLL) {
+        append_loop<E, C, int>(p, src, dst, ss, ds);
+    } else {
+        append_loop<E, C, long long>(p, src, dst, ss, ds);
+    }
+}
+
+#define APPEND_ENTRY(NAME, E, C)                                                                   \
+    extern "C" __global__ void __launch_bounds__(APPEND_THREADS) NAME(const AppendParams p) {      \
+        append_kernel<E, C>(p);                                                                    \
+    }
+
+// Element copies (any head_dim, any alignment of the element size).
+APPEND_ENTRY(attn_append_f16, unsigned short, unsigned short)
+APPEND_ENTRY(attn_append_bf16, unsigned short, unsigned short)
+APPEND_ENTRY(attn_append_f32, unsigned int, unsigned int)
+// 16-byte vector copies.
+APPEND_ENTRY(attn_append_f16_v16, unsigned short, AppendVec16)
+APPEND_ENTRY(attn_append_bf16_v16, unsigned short, AppendVec16)
+APPEND_ENTRY(attn_append_f32_v16, unsigned int, AppendVec16)
