@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use attention::cudarc::driver::{CudaContext, CudaSlice};
-use attention::{BlockTable, CacheLens, KvCache, Layout, Options, Selector, Tensor, TensorMut};
+use attention::{BlockTable, CacheLens, DType, KvCache, Layout, Options, Problem, Selector, Tensor, TensorMut};
 use half::bf16;
 
 const SHAPES: [(usize, usize); 13] = [
@@ -37,7 +37,6 @@ fn main() {
     };
     let ctx = CudaContext::new(caps.ordinal).unwrap();
     let s = ctx.default_stream();
-    let (h, hk, d) = (32, 8, 128);
     let time = |f: &mut dyn FnMut()| -> f64 {
         for _ in 0..3 {
             f();
@@ -56,40 +55,75 @@ fn main() {
         s.synchronize().unwrap();
         t.elapsed().as_secs_f64() / iters as f64
     };
-    println!("decode (TB/s of K+V read), GQA {h}/{hk}, d={d}, bf16 on {}", attn.device_summary());
-    println!("{:>5} {:>7} {:>10} {:>10} {:>12}", "batch", "seqlen", "dense", "paged16", "dense µs");
-    for (b, sk) in SHAPES {
-        let (lq, lk) = (Layout::heads_first(b, 1, h, d), Layout::heads_first(b, sk, hk, d));
-        let fill = |n: usize, seed: u32| -> Vec<bf16> {
-            (0..n).map(|i| bf16::from_f32(((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5)).collect()
-        };
+    let fill = |n: usize, seed: u32| -> Vec<bf16> {
+        (0..n).map(|i| bf16::from_f32(((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5)).collect()
+    };
+    // One shape: dense `[b, h, s, d]` K/V through `forward` (q_len 1 only: PyTorch's shape),
+    // and paged caches (vLLM's layout) with 16- and 64-key pages through `forward_kvcache`.
+    // Seconds per call: (dense, paged16, paged64), and the plan `explain` reports.
+    let measure = |b: usize, q_len: usize, sk: usize, h: usize, hk: usize, d: usize| -> ([f64; 3], String) {
+        let mut out: CudaSlice<bf16> = s.alloc_zeros(b * q_len * h * d).unwrap();
+        let mut dense = f64::NAN;
+        if q_len == 1 {
+            let (lq, lk) = (Layout::heads_first(b, 1, h, d), Layout::heads_first(b, sk, hk, d));
+            let q = s.clone_htod(&fill(lq.numel(), 1)).unwrap();
+            let k = s.clone_htod(&fill(lk.numel(), 2)).unwrap();
+            let v = s.clone_htod(&fill(lk.numel(), 3)).unwrap();
+            dense = time(&mut || {
+                attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&v, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default())
+                    .unwrap();
+            });
+        }
+        let lq = Layout::contiguous(b, q_len, h, d);
         let q = s.clone_htod(&fill(lq.numel(), 1)).unwrap();
-        let k = s.clone_htod(&fill(lk.numel(), 2)).unwrap();
-        let v = s.clone_htod(&fill(lk.numel(), 3)).unwrap();
-        let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
-        let bytes = (2 * b * hk * sk * d * 2) as f64;
-        let dense = time(&mut || {
-            attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&v, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default())
-                .unwrap();
-        });
-        // The same keys as a paged cache: pages [b * sk / 16, 16, hk, d] over the same memory
-        // (heads-first within a sequence is not page-shaped, so it gets its own buffers).
-        let page = 16;
-        let pages = b * sk / page;
-        let lp = Layout::contiguous(pages, page, hk, d);
-        drop((k, v));
-        let kp = s.clone_htod(&fill(lp.numel(), 2)).unwrap();
-        let vp = s.clone_htod(&fill(lp.numel(), 3)).unwrap();
-        let per = sk / page;
-        let table: Vec<i32> = (0..pages as i32).collect();
-        let table = s.clone_htod(&table).unwrap();
         let lens = s.clone_htod(&vec![sk as i32; b]).unwrap();
-        let lq2 = Layout::contiguous(b, 1, h, d);
-        let paged = time(&mut || {
-            let cache = KvCache::paged(Tensor::cuda(&kp, lp), Tensor::cuda(&vp, lp), BlockTable::cuda(&table, per, per), CacheLens::cuda(&lens));
-            attn.forward_kvcache(&Tensor::cuda(&q, lq2), &cache, &mut TensorMut::cuda(&mut out, lq2), None, &Options::default()).unwrap();
-        });
-        println!("{b:>5} {sk:>7} {:>10.2} {:>10.2} {:>12.1}", bytes / dense / 1e12, bytes / paged / 1e12, dense * 1e6);
+        let mut paged = [f64::NAN; 2];
+        for (i, page) in [16, 64].into_iter().enumerate() {
+            let pages = b * sk.div_ceil(page);
+            let lp = Layout::contiguous(pages, page, hk, d);
+            let kp = s.clone_htod(&fill(lp.numel(), 2)).unwrap();
+            let vp = s.clone_htod(&fill(lp.numel(), 3)).unwrap();
+            let per = sk.div_ceil(page);
+            // Pages of a sequence scattered (reversed in pairs), as an allocator leaves them.
+            let table: Vec<i32> = (0..pages as i32).map(|p| p ^ 1).map(|p| p.min(pages as i32 - 1)).collect();
+            let table = s.clone_htod(&table).unwrap();
+            paged[i] = time(&mut || {
+                let cache = KvCache::paged(Tensor::cuda(&kp, lp), Tensor::cuda(&vp, lp), BlockTable::cuda(&table, per, per), CacheLens::cuda(&lens));
+                attn.forward_kvcache(&Tensor::cuda(&q, lq), &cache, &mut TensorMut::cuda(&mut out, lq), None, &Options::default()).unwrap();
+            });
+        }
+        let plan = attn.explain(&Problem::new(DType::BF16, b, q_len, sk, h, hk, d)).plan.unwrap_or_default();
+        ([dense, paged[0], paged[1]], plan)
+    };
+    let tbs = |b: usize, sk: usize, hk: usize, d: usize, secs: f64| (2 * b * hk * sk * d * 2) as f64 / secs / 1e12;
+    let (h, hk, d) = (32, 8, 128);
+    println!("decode (TB/s of K+V read), GQA {h}/{hk}, d={d}, bf16 on {}", attn.device_summary());
+    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>10}  plan", "batch", "seqlen", "dense", "paged16", "paged64", "dense µs");
+    for (b, sk) in SHAPES {
+        let (t, plan) = measure(b, 1, sk, h, hk, d);
+        println!(
+            "{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>10.1}  {plan}",
+            tbs(b, sk, hk, d, t[0]),
+            tbs(b, sk, hk, d, t[1]),
+            tbs(b, sk, hk, d, t[2]),
+            t[0] * 1e6
+        );
+    }
+    // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
+    // 4 query rows (speculative decoding: paged only).
+    println!("variants (TB/s of K+V read), bf16");
+    println!("{:>5} {:>7} {:>7} {:>4} {:>5} {:>8} {:>8} {:>8}  plan", "batch", "seqlen", "h/hk", "d", "q_len", "dense", "paged16", "paged64");
+    for (b, sk, h, hk, d, q_len) in
+        [(1, 32768, 64, 8, 128, 1), (16, 8192, 64, 8, 128, 1), (1, 32768, 32, 32, 128, 1), (16, 8192, 32, 32, 128, 1), (16, 8192, 32, 8, 64, 1), (16, 8192, 32, 8, 256, 1), (1, 32768, 32, 8, 128, 4), (16, 8192, 32, 8, 128, 4)]
+    {
+        let (t, plan) = measure(b, q_len, sk, h, hk, d);
+        println!(
+            "{b:>5} {sk:>7} {:>7} {d:>4} {q_len:>5} {:>8.2} {:>8.2} {:>8.2}  {plan}",
+            format!("{h}/{hk}"),
+            tbs(b, sk, hk, d, t[0]),
+            tbs(b, sk, hk, d, t[1]),
+            tbs(b, sk, hk, d, t[2])
+        );
     }
     // Host cost of submitting a tiny decode call (what a serving loop pays per layer).
     let (lq, lk) = (Layout::contiguous(1, 1, h, d), Layout::contiguous(1, 16, hk, d));

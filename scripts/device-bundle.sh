@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 : "${NVCC:?set NVCC to a CUDA 13.0 nvcc}"
 out=.carry
 rm -rf "$out" && mkdir -p "$out"
+# Cargo's messages go to a log (stdout carries the JSON); on a failed build, show its end.
+log=target/device-bundle.log
+mkdir -p target && : > "$log"
+trap 'rc=$?; [ $rc -eq 0 ] || { echo "device-bundle: build failed; the end of $log:"; tail -n 40 "$log"; }' EXIT
 pick() { # cargo json messages -> executables of the named targets
   python3 -c '
 import json, sys
@@ -28,24 +32,24 @@ if [ -n "${QUICK:-}" ]; then
   # Iterating on a kernel: the gpu tests and the bench, built for sm_90a only, in a target of
   # their own (a different arch list would rebuild the main target's kernels).
   export ATTN_CUDA_ARCH_LIST=9.0a CARGO_TARGET_DIR=target/quick
-  cargo test --release --no-run --test gpu --test gpu_mem_efficient --message-format=json 2>/dev/null | pick gpu,gpu_mem_efficient |
+  cargo test --release --no-run --test gpu --test gpu_mem_efficient --message-format=json 2>>"$log" | pick gpu,gpu_mem_efficient |
     while read -r name exe; do cp "$exe" "$out/test-$name"; done
-  cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
+  cargo bench --no-run --message-format=json 2>>"$log" | pick attention bench |
     while read -r name exe; do cp "$exe" "$out/bench"; done
   cp "$shared/anchors/torch_sdpa.py" "$out/"
-  strip "$out"/test-* "$out"/bench 2>/dev/null || true
+  strip "$out"/test-* "$out"/bench 2>>"$log" || true
   ls -la "$out"; exit 0
 fi
-cargo test --release --no-run --message-format=json 2>/dev/null | pick gpu,jit,gpu_mem_efficient,gpu_hardening,gpu_decode |
+cargo test --release --no-run --message-format=json 2>>"$log" | pick gpu,jit,gpu_mem_efficient,gpu_hardening,gpu_decode,gpu_multi,gpu_append |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
-cargo build --release --bin attention-doctor --message-format=json 2>/dev/null | pick attention-doctor |
+cargo build --release --bin attention-doctor --message-format=json 2>>"$log" | pick attention-doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done
-cargo bench --no-run --message-format=json 2>/dev/null | pick attention bench |
+cargo bench --no-run --message-format=json 2>>"$log" | pick attention bench |
   while read -r name exe; do cp "$exe" "$out/bench"; done
-cargo bench --no-run --message-format=json 2>/dev/null | pick decode bench |
+cargo bench --no-run --message-format=json 2>>"$log" | pick decode bench |
   while read -r name exe; do cp "$exe" "$out/bench-decode"; done
-ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
+ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run --test gpu --message-format=json 2>>"$log" |
   pick gpu | while read -r name exe; do cp "$exe" "$out/test-gpu-sm80"; done
 cp "$shared/anchors/torch_sdpa.py" "$out/"
-strip "$out"/test-* "$out"/doctor "$out"/bench* 2>/dev/null || true
+strip "$out"/test-* "$out"/doctor "$out"/bench* 2>>"$log" || true
 ls -la "$out"; du -sh "$out"

@@ -37,6 +37,11 @@ pub(crate) trait Backend: Send + Sync {
     fn runs_kv_cache(&self) -> bool {
         false
     }
+    /// How it would run `problem` (kernel, grid, splits), for `explain`; `None` where the
+    /// backend has nothing more to say than its name.
+    fn plan_summary(&self, _caps: &DeviceCaps, _problem: &Problem) -> Option<String> {
+        None
+    }
 }
 
 /// What a GPU backend declares it supports, checked by one named predicate per constraint,

@@ -303,6 +303,8 @@ pub struct Explanation {
     pub rejected: Vec<Rejection>,
     /// Backends ranked below the chosen one (not consulted).
     pub below: Vec<BackendKind>,
+    /// How the chosen backend runs it (kernel, grid, split count), where it says.
+    pub plan: Option<String>,
 }
 
 impl fmt::Debug for Attention {
@@ -321,7 +323,10 @@ impl fmt::Display for Explanation {
             writeln!(f, "  ✗ {r}")?;
         }
         match self.chosen {
-            Some(k) => writeln!(f, "  ✓ {k} runs it")?,
+            Some(k) => match &self.plan {
+                Some(plan) => writeln!(f, "  ✓ {k} runs it: {plan}")?,
+                None => writeln!(f, "  ✓ {k} runs it")?,
+            },
             None => writeln!(f, "  no backend can run it")?,
         }
         for k in &self.below {
@@ -435,7 +440,11 @@ impl Attention {
                 rejected.push(Rejection { backend: kind, reasons });
             }
         }
-        Explanation { problem: problem.clone(), chosen, rejected, below }
+        let plan = chosen.and_then(|kind| {
+            let backend = self.inner.chain.iter().find(|b| b.kind() == kind)?;
+            backend.plan_summary(self.inner.caps.as_ref().unwrap_or(&self.inner.host_caps), problem)
+        });
+        Explanation { problem: problem.clone(), chosen, rejected, below, plan }
     }
 
     /// Turns an explanation into the backend to run, applying forced and strict settings.

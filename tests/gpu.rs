@@ -57,9 +57,19 @@ fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
     run_masked::<T>(attn, stream, rng, sh, RefMask { causal, ..RefMask::default() }, heads_first, 0)
 }
 
+/// Whether the decode backend (ranked first on every arch from sm_75) takes the case: at most
+/// 16 query rows, head_dim a multiple of one 16-byte vector and at most 32 of them.
+fn decodes(dtype: DType, sh: &Shape) -> bool {
+    let vec = 16 / dtype.size_bytes();
+    sh.sq <= 16 && sh.d % vec == 0 && sh.d <= 32 * vec
+}
+
 /// The backend the default ranking must pick on an sm_80+ device.
-fn ranked(dtype: DType, d: usize) -> BackendKind {
-    if dtype != DType::F32 && d % 8 == 0 && d <= 256 {
+fn ranked(dtype: DType, sh: &Shape) -> BackendKind {
+    let d = sh.d;
+    if decodes(dtype, sh) {
+        BackendKind::Decode
+    } else if dtype != DType::F32 && d % 8 == 0 && d <= 256 {
         BackendKind::Flash
     } else if d <= 512 {
         BackendKind::MemEfficient
@@ -68,7 +78,7 @@ fn ranked(dtype: DType, d: usize) -> BackendKind {
     }
 }
 
-fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, expect: impl Fn(DType, usize) -> BackendKind) {
+fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, expect: impl Fn(DType, &Shape) -> BackendKind) {
     let mut rng = Rng::fresh();
     eprintln!("[{label}] seed {:#x}", rng.get_seed());
     let mut failures = Vec::new();
@@ -89,7 +99,7 @@ fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, ex
                     Ok(o) => {
                         let i = dtype as usize;
                         worst[i] = worst[i].max(o.rel);
-                        let ok = o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 && o.ran == expect(dtype, sh.d);
+                        let ok = o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 && o.ran == expect(dtype, sh);
                         if !ok {
                             failures.push(format!("{case}: rel {:.2e} lse {:.2e} nan {} ran {}", o.rel, o.lse_err, o.nan, o.ran));
                         }
@@ -574,9 +584,12 @@ fn emulated_turing_runs_its_own_code_and_matches_reference() {
         let image = attn.kernel_image(kind).unwrap();
         assert!(image.contains("compute_75"), "{kind} must load compute_75 PTX, got {image}");
     }
-    // A T4's ranking: mem_efficient where it takes the dtype (bf16 needs sm_80), else naive.
-    matrix(&attn, &stream, "emulated sm_75", |dtype, d| {
-        if has_mem_efficient && dtype != DType::BF16 && d <= 512 {
+    // A T4's ranking: decode (its CUDA-core kernels) for short queries, then mem_efficient
+    // where it takes the dtype (bf16 needs sm_80), else naive.
+    matrix(&attn, &stream, "emulated sm_75", |dtype, sh| {
+        if decodes(dtype, sh) {
+            BackendKind::Decode
+        } else if has_mem_efficient && dtype != DType::BF16 && sh.d <= 512 {
             BackendKind::MemEfficient
         } else {
             BackendKind::Naive

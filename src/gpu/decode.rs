@@ -2,20 +2,23 @@
 //! sequence against long keys, the main inference workload. GQA-packed (the query heads of a KV
 //! head share every K/V read), split-KV with a log-sum-exp combine when batch × kv_heads cannot
 //! fill the GPU, contiguous or paged caches with per-sequence lengths read only on the device.
-//! Memory-bound, so plain 16-byte loads and f32 FMAs on every arch from sm_75: no tensor cores.
+//! Memory-bound: two kernel families read K/V with plain 16-byte loads straight into registers.
+//! On sm_80+ for f16/bf16 the products run on mma.sync (cuda/decode_tc.cu: 8 packed rows per
+//! block, few instructions per byte); elsewhere (sm_75, f32) on f32 FMAs (cuda/decode.cu).
 //!
 //! It ranks first: every problem with at most [`MAX_QUERY_ROWS`] query rows per sequence runs
 //! here, `forward` (dense K/V, every sequence `seqlen_k` long) as well as `forward_kvcache`.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use cudarc::driver::result;
+use cudarc::driver::{result, CudaFunction};
 use cudarc::driver::sys::CUresult;
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels};
-use super::params::{launch, strides, window_arg};
+use super::params::{launch, resident_blocks, strides, window_arg};
 use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -37,10 +40,26 @@ const THREADS: usize = 128;
 const MIN_CHUNK: usize = 64;
 /// Most splits of one sequence (bounds the workspace and the combine's loop).
 const MAX_SPLITS: usize = 128;
-/// Blocks per SM the split count aims for: enough loads in flight to cover memory latency.
-const BLOCKS_PER_SM: usize = 4;
+/// Blocks of a decode kernel one SM holds, where the driver has not said (a simulated device,
+/// `explain` before the module is loaded): what ~220 registers per thread allow.
+const DEFAULT_RESIDENT_PER_SM: usize = 2;
 
 const MODULE: &str = "decode";
+/// The tensor-core family's module (min-arch 8.0): `attn_decode_tc_<dtype>_d<head_dim>`, 8
+/// packed rows per block, and the same combine.
+const TC_MODULE: &str = "decode_tc";
+const TC_FUNCTIONS: [&str; 8] = [
+    "attn_decode_tc_f16_d64",
+    "attn_decode_tc_f16_d128",
+    "attn_decode_tc_f16_d256",
+    "attn_decode_combine_f16",
+    "attn_decode_tc_bf16_d64",
+    "attn_decode_tc_bf16_d128",
+    "attn_decode_tc_bf16_d256",
+    "attn_decode_combine_bf16",
+];
+/// Packed rows per block of the tensor-core kernels (the n of mma m16n8k16).
+const TC_ROWS: usize = 8;
 /// Every entry point of cuda/decode.cu: `attn_decode_<dtype>_d<head_dim>_r<rows>` and a
 /// combine per dtype.
 const FUNCTIONS: [&str; 19] = [
@@ -109,9 +128,19 @@ const _: () = {
     assert!(std::mem::offset_of!(DecodeParams, rows_per_block) == 236);
 };
 
+/// Which kernel family runs a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    /// cuda/decode_tc.cu: mma.sync, sm_80+, f16 and bf16.
+    TensorCore,
+    /// cuda/decode.cu: f32 FMAs, every arch and dtype.
+    Simt,
+}
+
 /// How one problem runs: the kernel and its grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
+    family: Family,
     /// The head_dim the kernel is built for (64, 128, 256; smaller ones run zero-filled).
     head_dim: usize,
     /// Packed rows (query heads of a KV head × query positions) per block: 4 or 8.
@@ -123,20 +152,45 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// The plan for a problem on a device with `sm_count` SMs.
-    pub(crate) fn of(p: &Problem, sm_count: usize) -> Plan {
+    /// The plan for a problem on a device with `sm_count` SMs, on the given kernel family
+    /// whose kernel fits `per_sm` blocks on an SM. The split count fills one wave: a grid that
+    /// is a fraction of a wave past whole waves leaves SMs idle for that fraction's time (a
+    /// memory-bound kernel's blocks all take about as long), and one wave of long blocks
+    /// amortises each block's start (query load, first memory latency) and end (merge).
+    pub(crate) fn of(p: &Problem, sm_count: usize, family: Family, per_sm: usize) -> Plan {
         let head_dim = [64, 128, 256].into_iter().find(|&d| d >= p.head_dim).unwrap_or(max_head_dim(p.dtype));
         let packed = (p.heads / p.kv_heads.max(1)) * p.seqlen_q;
-        let rows = if packed <= 4 { 4 } else { 8 };
+        let rows = match family {
+            Family::TensorCore => TC_ROWS,
+            Family::Simt if packed <= 4 => 4,
+            Family::Simt => 8,
+        };
         let row_groups = packed.div_ceil(rows).max(1);
         let blocks = p.batch * p.kv_heads * row_groups;
-        let wanted = (sm_count * BLOCKS_PER_SM).div_ceil(blocks.max(1));
+        let wanted = (sm_count * per_sm.max(1)) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, MAX_SPLITS);
-        Plan { head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
+        Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
     }
 
     fn function(&self, dtype: DType) -> String {
-        format!("attn_decode_{}_d{}_r{}", dtype.name(), self.head_dim, self.rows)
+        match self.family {
+            Family::TensorCore => format!("attn_decode_tc_{}_d{}", dtype.name(), self.head_dim),
+            Family::Simt => format!("attn_decode_{}_d{}_r{}", dtype.name(), self.head_dim, self.rows),
+        }
+    }
+
+    /// What `explain` shows: the kernel, its grid and the split count.
+    fn describe(&self, p: &Problem) -> String {
+        let combine = if self.splits > 1 { " + combine" } else { "" };
+        format!(
+            "kernel {} grid {}x{}x{}, {} split{} of each sequence's keys{combine}",
+            self.function(p.dtype),
+            self.splits,
+            p.kv_heads * self.row_groups,
+            p.batch,
+            self.splits,
+            if self.splits == 1 { "" } else { "s" }
+        )
     }
 
     /// Workspace bytes: a normalised f32 partial output and an lse per split and row.
@@ -155,17 +209,53 @@ fn vector_elems(dtype: DType) -> usize {
 
 /// The decode backend on one device.
 pub(crate) struct DecodeBackend {
-    kernels: Kernels,
+    simt: Kernels,
+    tc: Kernels,
+    /// Blocks per SM of each kernel, by entry name (the driver's occupancy, asked once).
+    resident: RwLock<HashMap<String, usize>>,
 }
 
 impl DecodeBackend {
     pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>) -> Self {
-        DecodeBackend { kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir) }
+        DecodeBackend {
+            simt: Kernels::new(device.clone(), MODULE, &FUNCTIONS, jit, cache_dir.clone()),
+            tc: Kernels::new(device, TC_MODULE, &TC_FUNCTIONS, jit, cache_dir),
+            resident: RwLock::new(HashMap::new()),
+        }
     }
 
-    /// How the module was (or would be) loaded on the device, for diagnostics.
+    /// How the modules were (or would be) loaded on the device, for diagnostics.
     pub(crate) fn image_description(&self) -> Option<String> {
-        self.kernels.image_description()
+        let simt = self.simt.image_description()?;
+        let tc = self.tc.image_description()?;
+        Some(format!("{tc} (tensor cores); {simt} (CUDA cores)"))
+    }
+
+    /// The family that runs `problem`: tensor cores for 16-bit types where their module can be
+    /// had (sm_80+), else the CUDA-core kernels.
+    fn family(&self, caps: &DeviceCaps, problem: &Problem) -> Family {
+        if problem.dtype != DType::F32 && self.tc.unavailable(caps).is_none() {
+            Family::TensorCore
+        } else {
+            Family::Simt
+        }
+    }
+
+    /// Blocks of kernel `name` an SM holds, asked of the driver once per kernel.
+    fn resident(&self, name: &str, func: &CudaFunction) -> usize {
+        if let Some(&n) = self.resident.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return n;
+        }
+        let n = resident_blocks(func, THREADS, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
+        self.resident.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), n);
+        n
+    }
+
+    fn kernels(&self, family: Family) -> &Kernels {
+        match family {
+            Family::TensorCore => &self.tc,
+            Family::Simt => &self.simt,
+        }
     }
 }
 
@@ -204,22 +294,42 @@ impl Backend for DecodeBackend {
             return reasons; // not for this problem or device: nothing else applies
         }
         // The grid is (splits, kv heads x row groups, batch).
-        let plan = Plan::of(problem, caps.sm_count as usize);
+        let family = self.family(caps, problem);
+        let plan = Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
         for (dim, found) in [("batch", problem.batch), ("kv heads x row groups", problem.kv_heads * plan.row_groups)] {
             if found > MAX_GRID_YZ {
                 reasons.push(Reason::GridLimit { dim, found, max: MAX_GRID_YZ });
             }
         }
-        reasons.extend(self.kernels.unavailable(caps));
+        reasons.extend(self.kernels(family).unavailable(caps));
         reasons
     }
 
+    fn plan_summary(&self, caps: &DeviceCaps, problem: &Problem) -> Option<String> {
+        let family = self.family(caps, problem);
+        let mut plan = Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
+        // On a real device, the occupancy of the kernel that would run.
+        if let Ok((_, module)) = self.kernels(family).loaded() {
+            if let Ok(main) = module.launchable(&plan.function(problem.dtype)) {
+                plan = Plan::of(problem, caps.sm_count as usize, family, self.resident(&plan.function(problem.dtype), main));
+            }
+        }
+        Some(plan.describe(problem))
+    }
+
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
-        let (dev, module) = self.kernels.loaded()?;
+        let caps = self.simt.device().map(|d| &d.caps).ok_or_else(|| {
+            RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
+        })?;
+        let family = self.family(caps, &call.problem);
+        let (dev, module) = self.kernels(family).loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let plan = Plan::of(p, dev.caps.sm_count as usize);
-        let main = module.launchable(&plan.function(p.dtype))?;
+        // The kernel does not depend on the split count: name it, then size the grid by its
+        // occupancy.
+        let name = Plan::of(p, dev.caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype);
+        let main = module.launchable(&name)?;
+        let plan = Plan::of(p, dev.caps.sm_count as usize, family, self.resident(&name, main));
         let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?;
         let (lens, table, table_stride, page_size, num_pages, max_len) = match &call.kv {
             Some(kv) => (kv.lens.device_or_null(), kv.table.map(Addr::device_or_null).unwrap_or(0), kv.table_stride, kv.page_size, kv.num_pages, kv.max_len),
@@ -306,15 +416,19 @@ mod tests {
     fn plans_split_only_when_the_grid_is_small() {
         // Batch 1, GQA 32/8, one token: 8 blocks before splitting; 132 SMs want ~528.
         let p = Problem::new(DType::BF16, 1, 1, 131072, 32, 8, 128);
-        let plan = Plan::of(&p, 132);
+        let plan = Plan::of(&p, 132, Family::Simt, 4);
         assert_eq!((plan.head_dim, plan.rows, plan.row_groups), (128, 4, 1));
         assert_eq!(plan.splits, 66);
+        // One wave: 2 blocks per SM of 8 heads' blocks.
+        assert_eq!(Plan::of(&p, 132, Family::TensorCore, 2).splits, 33);
+        // Batch 16: 128 blocks, two splits fill 256 of the 264 slots (not 5: 2.4 waves).
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 16, 1, 8192, 32, 8, 128), 132, Family::TensorCore, 2).splits, 2);
         // Short keys cap the split count at one split per MIN_CHUNK keys.
-        assert_eq!(Plan::of(&Problem::new(DType::BF16, 1, 1, 100, 32, 8, 128), 132).splits, 2);
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 1, 1, 100, 32, 8, 128), 132, Family::Simt, 4).splits, 2);
         // A large batch fills the GPU without splitting.
-        assert_eq!(Plan::of(&Problem::new(DType::BF16, 128, 1, 8192, 32, 8, 128), 132).splits, 1);
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 128, 1, 8192, 32, 8, 128), 132, Family::Simt, 4).splits, 1);
         // Speculative decoding: 4 heads x 5 rows = 20 packed rows, 3 groups of 8.
-        let plan = Plan::of(&Problem::new(DType::F16, 2, 5, 4096, 32, 8, 64), 132);
+        let plan = Plan::of(&Problem::new(DType::F16, 2, 5, 4096, 32, 8, 64), 132, Family::Simt, 4);
         assert_eq!((plan.rows, plan.row_groups, plan.head_dim), (8, 3, 64));
     }
 
@@ -323,9 +437,15 @@ mod tests {
         for dtype in [DType::F16, DType::BF16, DType::F32] {
             for d in (vector_elems(dtype)..=max_head_dim(dtype)).step_by(vector_elems(dtype)) {
                 for (h, hk, sq) in [(32, 8, 1), (8, 8, 16), (64, 1, 16)] {
-                    let plan = Plan::of(&Problem::new(dtype, 1, sq, 1000, h, hk, d), 80);
+                    let problem = Problem::new(dtype, 1, sq, 1000, h, hk, d);
+                    let plan = Plan::of(&problem, 80, Family::Simt, 2);
                     assert!(FUNCTIONS.contains(&plan.function(dtype).as_str()), "{dtype} d={d}");
                     assert!(plan.head_dim >= d);
+                    if dtype != DType::F32 {
+                        let plan = Plan::of(&problem, 80, Family::TensorCore, 2);
+                        assert!(TC_FUNCTIONS.contains(&plan.function(dtype).as_str()), "{dtype} d={d}");
+                        assert_eq!(plan.rows, TC_ROWS);
+                    }
                 }
             }
         }

@@ -159,3 +159,13 @@ pub(crate) fn launch(
     unsafe { result::launch_kernel(func.cu_function(), grid, (threads as u32, 1, 1), smem as u32, call.stream, args) }
         .map_err(|e| launch_failure(e.0, false))
 }
+
+/// How many blocks of `func` (with `threads` threads and `smem` bytes of dynamic shared memory)
+/// one SM holds at once, from the driver's occupancy calculator: what a grid must be a multiple
+/// of to fill whole waves. `None` where the driver cannot say.
+pub(crate) fn resident_blocks(func: &CudaFunction, threads: usize, smem: usize) -> Option<usize> {
+    func.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
+        .ok()
+        .map(|n| n as usize)
+        .filter(|&n| n > 0)
+}

@@ -1,0 +1,193 @@
+// The parts every decode kernel shares (cuda/decode.cu on CUDA cores, cuda/decode_tc.cu on
+// tensor cores): the parameter block, where a key lives (contiguous or paged), which keys a
+// block and each of its rows see, the block epilogue that merges warps and stores a row (or a
+// split's partial), and the combine kernel that merges splits by log-sum-exp.
+#pragma once
+#include "common.cuh"
+#include "mma.cuh"
+
+#define DEC_WARPS 4
+// log2(e) and ln(2): scores run in base 2 (ex2.approx) and the lse is reported in base e.
+#define DEC_LOG2E 1.4426950408889634f
+#define DEC_LN2 0.6931471805599453f
+
+// Must match `DecodeParams` (#[repr(C)]) in src/gpu/decode.rs exactly.
+struct DecodeParams {
+    long long q_stride[3];  // [batch, q row, head]
+    long long k_stride[3];  // contiguous: [batch, position, kv head]; paged: [page, slot, kv head]
+    long long v_stride[3];
+    long long o_stride[3];  // [batch, q row, head]
+    const void* q;
+    const void* k;
+    const void* v;
+    void* o;
+    float* lse;              // null, or [batch, heads, q_len]
+    const int* lens;         // null (every sequence max_len long), or [batch]: keys in each sequence's cache
+    const int* block_table;  // null (contiguous cache), or [batch] rows of `table_stride` page ids
+    float* part_o;           // splits > 1: [splits, batch, heads, q_len, head_dim] f32
+    float* part_lse;         // splits > 1: [splits, batch, heads, q_len]
+    long long table_stride;  // elements between block-table rows
+    int batch;
+    int heads;
+    int kv_group;   // heads / kv_heads: query head h reads kv head h / kv_group
+    int q_len;      // query rows per sequence: the last q_len positions of its cache
+    int head_dim;
+    int max_len;    // capacity: lens are clamped to it (contiguous: the cache's seqlen; paged: pages per row x page size)
+    int page_size;  // paged: slots per page
+    int num_pages;  // paged: page ids are clamped below it
+    int splits;     // gridDim.x
+    int min_chunk;  // fewest keys a split takes: short sequences use fewer splits
+    int window_left;   // < 0: unlimited
+    int window_right;  // < 0: unlimited
+    int causal;        // bottom-right against each sequence's length
+    float scale;
+    float softcap;  // <= 0: off
+    int rows_per_block;
+};
+// (NVRTC has no offsetof: the Rust side checks the offsets; here only the size.)
+static_assert(sizeof(DecodeParams) == 240, "DecodeParams must match the Rust #[repr(C)] struct");
+
+// 16 bytes from global memory through the non-coherent (read-only) path.
+__device__ __forceinline__ void dec_load16(const void* p, unsigned (&r)[4]) {
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "l"(p));
+}
+
+// Where key j of sequence b lives, in elements from the tensor's base (head offset excluded).
+__device__ __forceinline__ long long dec_row(const DecodeParams& p, const long long (&stride)[3], int b, int j) {
+    if (p.block_table == nullptr) return (long long)b * stride[0] + (long long)j * stride[1];
+    int page = p.block_table[(long long)b * p.table_stride + j / p.page_size];
+    page = page < 0 ? 0 : (page >= p.num_pages ? p.num_pages - 1 : page);  // clamp: never outside the pages
+    return (long long)page * stride[0] + (long long)(j % p.page_size) * stride[1];
+}
+
+// Which rows a block owns: grid (splits, kv_heads x row_groups, batch); packed row
+// `qi * kv_group + g` is query head `hk * kv_group + g` at query position qi.
+struct DecBlock {
+    int b, hk, row0, nrows;
+};
+
+__device__ __forceinline__ DecBlock dec_block(const DecodeParams& p) {
+    DecBlock k;
+    const int kv_heads = p.heads / p.kv_group;
+    k.b = blockIdx.z;
+    k.hk = blockIdx.y % kv_heads;
+    k.row0 = (blockIdx.y / kv_heads) * p.rows_per_block;
+    k.nrows = min(p.rows_per_block, p.q_len * p.kv_group - k.row0);
+    return k;
+}
+
+// The keys one block sees: its sequence's length (clamped to the capacity), and this split's
+// share [k_begin, k_end) of the keys any of its rows can see. Rows are packed query rows
+// `row0 .. row0 + nrows` (query position qi = row / kv_group).
+struct DecSpan {
+    int len;
+    long long k_begin, k_end;
+};
+
+__device__ __forceinline__ DecSpan dec_span(const DecodeParams& p, int b, int row0, int nrows) {
+    // Dense K/V (no length array): every sequence holds max_len keys.
+    int len = p.lens == nullptr ? p.max_len : p.lens[b];
+    len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
+    // Bottom-right: query row qi sits at position len - q_len + qi.
+    const int qi_lo = row0 / p.kv_group, qi_hi = (row0 + nrows - 1) / p.kv_group;
+    long long lo = 0, hi = len;
+    const long long diag_lo = (long long)len - p.q_len + qi_lo, diag_hi = (long long)len - p.q_len + qi_hi;
+    if (p.causal) hi = min(hi, diag_hi + 1);
+    if (p.window_right >= 0) hi = min(hi, diag_hi + p.window_right + 1);
+    if (p.window_left >= 0) lo = max(lo, diag_lo - p.window_left);
+    if (lo < 0) lo = 0;
+    const long long span = hi > lo ? hi - lo : 0;
+    long long chunk = (span + p.splits - 1) / p.splits;
+    if (chunk < p.min_chunk) chunk = p.min_chunk;
+    DecSpan s;
+    s.len = len;
+    s.k_begin = lo + (long long)blockIdx.x * chunk;
+    s.k_end = min(hi, s.k_begin + chunk);
+    return s;
+}
+
+// The keys [jlo, jhi) that query position `qrow` sees within the block's share, as
+// attn_key_visible states the mask; a row that is not real (`live` false) sees none.
+__device__ __forceinline__ void dec_row_keys(const DecodeParams& p, const DecSpan& s, int qrow, bool live, int& jlo, int& jhi) {
+    const long long diag = (long long)s.len - p.q_len + qrow;
+    long long rlo = s.k_begin, rhi = s.k_end;
+    if (p.causal) rhi = min(rhi, diag + 1);
+    if (p.window_right >= 0) rhi = min(rhi, diag + p.window_right + 1);
+    if (p.window_left >= 0) rlo = max(rlo, diag - p.window_left);
+    jlo = (int)rlo;
+    jhi = live ? (int)max(rhi, rlo) : (int)rlo;
+}
+
+// A score as the softmax takes it: base-2 logits, soft-capped first when asked. `raw` is q·k
+// unscaled.
+__device__ __forceinline__ float dec_logit(const DecodeParams& p, float raw) {
+    return p.softcap > 0.f ? p.softcap * attn_tanh(raw * p.scale / p.softcap) * DEC_LOG2E : raw * (p.scale * DEC_LOG2E);
+}
+
+// The block epilogue: every warp has left its rows' running max m (base 2), sum l and
+// unnormalised accumulators in shared memory; one thread per (row, column) merges the warps,
+// normalises and stores the output and lse, or this split's partial for the combine.
+template <class D, int HD, int ROWS>
+__device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s_acc)[DEC_WARPS][ROWS][HD],
+                                          const float (&s_ml)[DEC_WARPS][ROWS][2], int b, int hk, int row0, int nrows) {
+    typedef typename D::storage T;
+    for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += DEC_WARPS * 32) {
+        const int r = idx / p.head_dim, c = idx % p.head_dim;
+        float mm = attn_neg_inf();
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) mm = attn_max(mm, s_ml[w][r][0]);
+        const float base = mm == attn_neg_inf() ? 0.f : mm;
+        float ll = 0.f, aa = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) {
+            const float e = attn_exp2(s_ml[w][r][0] - base);
+            ll += s_ml[w][r][1] * e;
+            aa += s_acc[w][r][c] * e;
+        }
+        const int pr = row0 + r, qi = pr / p.kv_group, h = hk * p.kv_group + pr % p.kv_group;
+        // A row that saw no key: zeros and -inf (ll == 0); NaN stays NaN.
+        const float out = ll == 0.f ? 0.f : aa / ll;
+        const float lse = ll == 0.f ? attn_neg_inf() : (mm + __log2f(ll)) * DEC_LN2;
+        const long long bhq = ((long long)b * p.heads + h) * p.q_len + qi;
+        if (p.splits == 1) {
+            T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
+            op[c] = D::from_f32(out);
+            if (c == 0 && p.lse != nullptr) p.lse[bhq] = lse;
+        } else {
+            const long long slot = (long long)blockIdx.x * p.batch * p.heads * p.q_len + bhq;
+            p.part_o[slot * p.head_dim + c] = out;
+            if (c == 0) p.part_lse[slot] = lse;
+        }
+    }
+}
+
+// Merges the splits of one (batch, head, query row): out = sum_s w_s o_s / sum_s w_s with
+// w_s = exp(lse_s - max lse); splits that saw no key have lse = -inf and weigh nothing.
+template <class D>
+__device__ __forceinline__ void dec_combine(const DecodeParams& p) {
+    typedef typename D::storage T;
+    const long long bhq = blockIdx.x;  // ((b * heads) + h) * q_len + qi
+    const long long per_split = (long long)p.batch * p.heads * p.q_len;
+    float mx = attn_neg_inf();
+    for (int s = 0; s < p.splits; ++s) mx = attn_max(mx, p.part_lse[s * per_split + bhq]);
+    const float base = mx == attn_neg_inf() ? 0.f : mx;
+    float wsum = 0.f;
+    for (int s = 0; s < p.splits; ++s) wsum += __expf(p.part_lse[s * per_split + bhq] - base);
+    const int qi = (int)(bhq % p.q_len), h = (int)((bhq / p.q_len) % p.heads), b = (int)(bhq / ((long long)p.q_len * p.heads));
+    T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
+    for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < p.splits; ++s) {
+            const float w = __expf(p.part_lse[s * per_split + bhq] - base);
+            const float o = p.part_o[(s * per_split + bhq) * p.head_dim + c];
+            if (w != 0.f || o != o) acc += w * o;  // skip empty splits' zeros; keep NaN
+        }
+        op[c] = D::from_f32(wsum == 0.f ? 0.f : acc / wsum);
+    }
+    if (threadIdx.x == 0 && p.lse != nullptr) p.lse[bhq] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
+}
+
+#define DEC_COMBINE(SUFFIX, D) \
+    extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_##SUFFIX(DecodeParams p) { dec_combine<D>(p); }

@@ -1,0 +1,244 @@
+// attention: min-arch 8.0
+// Decode on tensor cores (sm_80+, f16 and bf16): the structure of cuda/decode.cu (GQA packing,
+// split-KV with a device-side share of each sequence's keys, contiguous or paged K/V), with
+// both products on mma.sync so that the instruction count per byte read stays far below what
+// the memory system delivers. Each warp takes 16 keys at a time and computes transposed:
+//
+//   S^T[16 keys x 8 rows]  = K[16 keys x d] . Q^T[d x 8 rows]    (m16n8k16, keys are the m)
+//   O^T[d x 8 rows]       += V^T[d x 16 keys] . P^T[16 keys x 8 rows]
+//
+// so the 8 packed query rows (the query heads of one KV head, times the query positions) are
+// the n of both products and nothing is padded but rows a GQA group does not fill. Operands come
+// straight from global memory into registers, in 16-byte loads: the dot product does not care
+// in which order it visits the head dimension, so K's and Q's columns are permuted identically
+// so that each lane's 16 bytes are its fragment (no shuffles); V's fragments pair two keys per
+// register (one byte permute each); P^T is the score fragment transposed by movmatrix.
+//
+// Launch: block DEC_WARPS * 32 threads; grid (splits, kv_heads * row_groups, batch) with 8
+// packed rows per row group; attn_decode_combine as in decode.cu.
+#include "decode.cuh"
+
+#define DTC_ROWS 8  // packed rows per block: the n of m16n8k16
+
+// The 8x8 16-bit matrix a warp holds as mma fragments (lane 4g + t: row g, columns 2t, 2t + 1),
+// transposed.
+__device__ __forceinline__ unsigned dtc_transpose(unsigned x) {
+    unsigned y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// The row offsets of a warp step's keys (see the loop below): key0 + 16u + lane % 16 in K's
+// (lanes 0-15) or V's (16-31) strides; 0 for keys past the share (never loaded).
+template <int U>
+__device__ __forceinline__ void dtc_resolve(const DecodeParams& p, int b, int key0, int kend, int lane, long long (&off)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int j = key0 + 16 * u + (lane & 15);
+        off[u] = j < kend ? dec_row(p, lane < 16 ? p.k_stride : p.v_stride, b, j) : 0;
+    }
+}
+
+template <class D, bool BF16, int HD, int U>
+__device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
+    typedef typename D::storage T;
+    constexpr int KC = HD / 32;  // K (and Q) loads per row per lane: 8 columns of each 32
+    constexpr int VL = HD / 64;  // V loads per key per lane: 8 columns of each 64
+    constexpr int MT = HD / 16;  // m-tiles of O^T
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const DecBlock blk = dec_block(p);
+    const DecSpan span = dec_span(p, blk.b, blk.row0, blk.nrows);
+
+    // Q^T fragments of packed row g. Column order: k-step 2c + h, fragment columns 2t, 2t + 1
+    // (and 2t + 8, 2t + 9) are head columns 32c + 8t + 4h + (0, 1) (and + (2, 3)), so a lane's
+    // 16 bytes at 32c + 8t hold its B fragments of two k-steps; K below uses the same order.
+    // Up to d128 they stay in registers; d256 keeps them in shared memory and re-reads them
+    // every step, so that a step's K and V fit the registers beside the accumulators.
+    constexpr bool Q_SHARED = HD > 128;
+    unsigned qf[Q_SHARED ? 1 : KC][4];
+    __shared__ uint4 s_q[Q_SHARED ? KC : 1][32];
+    {
+        const int pr = blk.row0 + (g < blk.nrows ? g : 0);
+        const int qrow = pr / p.kv_group, qhead = blk.hk * p.kv_group + pr % p.kv_group;
+        const T* qp = (const T*)p.q + (long long)blk.b * p.q_stride[0] + (long long)qrow * p.q_stride[1] +
+                      (long long)qhead * p.q_stride[2];
+#pragma unroll
+        for (int c = 0; c < KC; ++c) {
+            unsigned r[4] = {0u, 0u, 0u, 0u};
+            if (g < blk.nrows && 32 * c + 8 * t < p.head_dim && (!Q_SHARED || warp == 0)) dec_load16(qp + 32 * c + 8 * t, r);
+            if (Q_SHARED) {
+                if (warp == 0) s_q[Q_SHARED ? c : 0][lane] = make_uint4(r[0], r[1], r[2], r[3]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) qf[Q_SHARED ? 0 : c][i] = r[i];
+            }
+        }
+        if (Q_SHARED) __syncthreads();
+    }
+    // This lane's score columns are packed rows 2t and 2t + 1: the keys each sees.
+    int jlo[2], jhi[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int r = 2 * t + i;
+        dec_row_keys(p, span, (blk.row0 + (r < blk.nrows ? r : 0)) / p.kv_group, r < blk.nrows, jlo[i], jhi[i]);
+    }
+
+    // O^T accumulators: o[mt][0 | 2] are rows 2t, o[mt][1 | 3] rows 2t + 1, at head columns
+    // 64 (mt / 4) + 8g + 2 (mt % 4) + (0 | 1): V's lane order below.
+    float o[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+    float m[2] = {attn_neg_inf(), attn_neg_inf()}, l[2] = {0.f, 0.f};
+
+    const T* kbase = (const T*)p.k + (long long)blk.hk * p.k_stride[2];
+    const T* vbase = (const T*)p.v + (long long)blk.hk * p.v_stride[2];
+    const int kend = (int)span.k_end;
+    constexpr int STEP = DEC_WARPS * 16 * U;
+    // Where the step's keys live, resolved once per key and lane: lane l holds the K row offset
+    // (lanes 0-15) or the V row offset (lanes 16-31) of key 16u + l % 16, one block-table
+    // lookup each, looked up a step ahead so the table's latency hides behind the loads.
+    long long off[U];
+    int key0 = (int)span.k_begin + warp * 16 * U;
+    dtc_resolve<U>(p, blk.b, key0, kend, lane, off);
+    // Warp-uniform trip count: mma and the shuffles need every lane.
+    for (; key0 < kend; key0 += STEP) {
+        // Every load of the step first: K rows g and g + 8, V keys 2t, 2t + 1, 2t + 8, 2t + 9
+        // of each 16-key tile (keys past the share load as zeros and are masked).
+        unsigned kf[U][2][KC][4], vf[U][4][VL][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const int j = key0 + 16 * u + g + 8 * rr;
+                const T* kp = kbase + __shfl_sync(0xffffffffu, off[u], g + 8 * rr);
+#pragma unroll
+                for (int c = 0; c < KC; ++c) {
+                    kf[u][rr][c][0] = kf[u][rr][c][1] = kf[u][rr][c][2] = kf[u][rr][c][3] = 0u;
+                    if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16(kp + 32 * c + 8 * t, kf[u][rr][c]);
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const int jj = 2 * t + (kk & 1) + 8 * (kk >> 1);
+                const int j = key0 + 16 * u + jj;
+                const T* vp = vbase + __shfl_sync(0xffffffffu, off[u], 16 + jj);
+#pragma unroll
+                for (int x = 0; x < VL; ++x) {
+                    vf[u][kk][x][0] = vf[u][kk][x][1] = vf[u][kk][x][2] = vf[u][kk][x][3] = 0u;
+                    if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16(vp + 64 * x + 8 * g, vf[u][kk][x]);
+                }
+            }
+        }
+        dtc_resolve<U>(p, blk.b, key0 + STEP, kend, lane, off);
+        // S^T = K . Q^T: s[u][e] is key g + 8 (e >> 1) of tile u, packed row 2t + (e & 1).
+        float s[U][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
+#pragma unroll
+            for (int c = 0; c < KC; ++c) {
+                unsigned q[4];
+                if (Q_SHARED) {
+                    const uint4 v = s_q[Q_SHARED ? c : 0][lane];
+                    q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) q[i] = qf[Q_SHARED ? 0 : c][i];
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const unsigned a[4] = {kf[u][0][c][2 * h], kf[u][1][c][2 * h], kf[u][0][c][2 * h + 1], kf[u][1][c][2 * h + 1]};
+                    attn_mma_16816<BF16>(s[u], a, q[2 * h], q[2 * h + 1]);
+                }
+            }
+        }
+        // Online softmax over the step's 16U keys, per row: logits, mask, the new maximum
+        // across the warp's 8 key groups, one rescale.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float mx = m[i];
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int e = i; e < 4; e += 2) {
+                    const int j = key0 + 16 * u + g + 8 * (e >> 1);
+                    const float x = dec_logit(p, s[u][e]);
+                    s[u][e] = (j >= jlo[i] && j < jhi[i]) ? x : attn_neg_inf();
+                    mx = attn_max(mx, s[u][e]);
+                }
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float base = mx == attn_neg_inf() ? 0.f : mx;
+            const float alpha = attn_exp2(m[i] - base);  // 0 on the first keys (m = -inf)
+            m[i] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+#pragma unroll
+                for (int e = i; e < 4; e += 2) {
+                    s[u][e] = attn_exp2(s[u][e] - base);  // masked: exp2(-inf) = 0
+                    sum += s[u][e];
+                }
+            l[i] = l[i] * alpha + sum;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                o[mt][i] *= alpha;
+                o[mt][i + 2] *= alpha;
+            }
+        }
+        // O^T += V^T . P^T. P^T's fragments are the score fragments transposed; V^T's pair keys
+        // (2t, 2t + 1) and (2t + 8, 2t + 9) per register: low halves are head column 2i of the
+        // lane's run, high halves column 2i + 1 (the m-tile's rows g and g + 8).
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const unsigned b0 = dtc_transpose(attn_pack2<BF16>(s[u][0], s[u][1]));
+            const unsigned b1 = dtc_transpose(attn_pack2<BF16>(s[u][2], s[u][3]));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const unsigned k0 = vf[u][0][mt / 4][mt % 4], k1 = vf[u][1][mt / 4][mt % 4];
+                const unsigned k8 = vf[u][2][mt / 4][mt % 4], k9 = vf[u][3][mt / 4][mt % 4];
+                const unsigned a[4] = {__byte_perm(k0, k1, 0x5410), __byte_perm(k0, k1, 0x7632), __byte_perm(k8, k9, 0x5410),
+                                       __byte_perm(k8, k9, 0x7632)};
+                attn_mma_16816<BF16>(o[mt], a, b0, b1);
+            }
+        }
+    }
+
+    // Each row's sum over the warp's key groups (the maximum is already warp-wide).
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) l[i] += __shfl_xor_sync(0xffffffffu, l[i], off);
+
+    __shared__ float s_acc[DEC_WARPS][DTC_ROWS][HD];
+    __shared__ float s_ml[DEC_WARPS][DTC_ROWS][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s_acc[warp][2 * t + (e & 1)][64 * (mt / 4) + 8 * g + 2 * (mt % 4) + (e >> 1)] = o[mt][e];
+    if (g == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            s_ml[warp][2 * t + i][0] = m[i];
+            s_ml[warp][2 * t + i][1] = l[i];
+        }
+    }
+    __syncthreads();
+    dec_store<D, HD, DTC_ROWS>(p, s_acc, s_ml, blk.b, blk.hk, blk.row0, blk.nrows);
+}
+
+// Tiles per warp step: 16 KiB of K/V in flight per warp (four tiles of d64, two of d128); d256
+// has room for one.
+#define DTC_ENTRY(SUFFIX, D, BF16, HD, U)                                                                  \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_tc_##SUFFIX##_d##HD(DecodeParams p) { \
+        dtc_kernel<D, BF16, HD, U>(p);                                                                     \
+    }
+#define DTC_ENTRIES(SUFFIX, D, BF16)  \
+    DTC_ENTRY(SUFFIX, D, BF16, 64, 4)  \
+    DTC_ENTRY(SUFFIX, D, BF16, 128, 2) \
+    DTC_ENTRY(SUFFIX, D, BF16, 256, 1) \
+    DEC_COMBINE(SUFFIX, D)
+
+DTC_ENTRIES(f16, AttnF16, false)
+DTC_ENTRIES(bf16, AttnBF16, true)
