@@ -44,11 +44,14 @@ struct alignas(16) AppendVec16 {
     unsigned int w[4];
 };
 
-// One grid-stride loop over the rows' copies. Index is int when every index fits (the usual
-// case: cheaper divisions), long long otherwise. E: element storage, C: the unit copied.
-template <typename E, typename C, typename Index>
-__device__ __forceinline__ void append_loop(const AppendParams& p, const E* src, E* dst, const long long (&ss)[3],
-                                            const long long (&ds)[3]) {
+// One grid-stride loop over the rows' copies of keys (KV = 0) or values (KV = 1). Index is int
+// when every index fits (the usual case: cheaper divisions), long long otherwise. E: element
+// storage, C: the unit copied. KV is a template argument so that the strides are read from the
+// parameter block at fixed offsets (a runtime choice copies them to a local array: a stack frame).
+template <typename E, typename C, typename Index, int KV>
+__device__ __forceinline__ void append_loop(const AppendParams& p) {
+    const E* src = reinterpret_cast<const E*>(p.src[KV]);
+    E* dst = reinterpret_cast<E*>(p.dst[KV]);
     const Index per_token = (Index)p.kv_heads * (Index)p.row_vecs;
     const Index n = (Index)p.tokens * per_token;
     const Index step = (Index)gridDim.x * (Index)blockDim.x;
@@ -71,35 +74,38 @@ __device__ __forceinline__ void append_loop(const AppendParams& p, const E* src,
             page = (long long)b;
             row = pos;
         }
-        const C* s = reinterpret_cast<const C*>(src + (long long)b * ss[0] + (long long)j * ss[1] + (long long)h * ss[2]);
-        C* d = reinterpret_cast<C*>(dst + page * ds[0] + row * ds[1] + (long long)h * ds[2]);
+        const C* s = reinterpret_cast<const C*>(src + (long long)b * p.src_stride[KV][0] + (long long)j * p.src_stride[KV][1] +
+                                                (long long)h * p.src_stride[KV][2]);
+        C* d = reinterpret_cast<C*>(dst + page * p.dst_stride[KV][0] + row * p.dst_stride[KV][1] + (long long)h * p.dst_stride[KV][2]);
         d[v] = s[v];
+    }
+}
+
+template <typename E, typename C, int KV>
+__device__ __forceinline__ void append_rows(const AppendParams& p) {
+    const long long n = p.tokens * (long long)p.kv_heads * (long long)p.row_vecs;
+    // The 32-bit loop's last index plus one grid step must not wrap.
+    const long long step = (long long)gridDim.x * blockDim.x;
+    if (n + step <= 0x7fffffffLL) {
+        append_loop<E, C, int, KV>(p);
+    } else {
+        append_loop<E, C, long long, KV>(p);
     }
 }
 
 template <typename E, typename C>
 __device__ __forceinline__ void append_kernel(const AppendParams& p) {
-    const bool values = blockIdx.y != 0;
-    const E* src = reinterpret_cast<const E*>(values ? p.src[1] : p.src[0]);
-    E* dst = reinterpret_cast<E*>(values ? p.dst[1] : p.dst[0]);
-    long long ss[3], ds[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-        ss[i] = values ? p.src_stride[1][i] : p.src_stride[0][i];
-        ds[i] = values ? p.dst_stride[1][i] : p.dst_stride[0][i];
-    }
-    const long long n = p.tokens * (long long)p.kv_heads * (long long)p.row_vecs;
-    // The 32-bit loop's last index plus one grid step must not wrap.
-    const long long step = (long long)gridDim.x * blockDim.x;
-    if (n + step <= 0x7fffffffLL) {
-        append_loop<E, C, int>(p, src, dst, ss, ds);
+    if (blockIdx.y == 0) {
+        append_rows<E, C, 0>(p);
     } else {
-        append_loop<E, C, long long>(p, src, dst, ss, ds);
+        append_rows<E, C, 1>(p);
     }
 }
 
+// At least one block per SM, not full occupancy: left to itself ptxas caps sm_120 at 40
+// registers (1536 threads per SM) and spills.
 #define APPEND_ENTRY(NAME, E, C)                                                                   \
-    extern "C" __global__ void __launch_bounds__(APPEND_THREADS) NAME(const AppendParams p) {      \
+    extern "C" __global__ void __launch_bounds__(APPEND_THREADS, 1) NAME(const AppendParams p) {      \
         append_kernel<E, C>(p);                                                                    \
     }
 

@@ -42,6 +42,10 @@ pub(crate) trait Backend: Send + Sync {
     fn plan_summary(&self, _caps: &DeviceCaps, _problem: &Problem) -> Option<String> {
         None
     }
+    /// Device scratch bytes a call of `problem`'s shape uses at most (0: none).
+    fn workspace_bytes(&self, _caps: &DeviceCaps, _problem: &Problem) -> usize {
+        0
+    }
 }
 
 /// What a GPU backend declares it supports, checked by one named predicate per constraint,

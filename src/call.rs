@@ -26,14 +26,20 @@ pub(crate) struct PackedSeqs {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Addr {
     Host(*const u8),
+    /// Device memory given as a raw pointer: the GPU backend asks the driver which device
+    /// holds it and that the call's bytes lie inside one allocation.
     Device(u64),
+    /// Device memory of a cudarc slice: validation compared the layout with the slice's
+    /// length and its stream's device with the call's, so the driver need not be asked (two
+    /// driver calls per operand were most of a small call's host time).
+    Slice(u64),
 }
 
 impl Addr {
     /// The device address as kernels take it; 0 for host memory, which no kernel is given.
     pub(crate) fn device_or_null(self) -> u64 {
         match self {
-            Addr::Device(p) => p,
+            Addr::Device(p) | Addr::Slice(p) => p,
             Addr::Host(_) => 0,
         }
     }
@@ -91,6 +97,9 @@ pub(crate) struct KvPart {
     pub num_pages: usize,
     /// Most keys a sequence can hold: lengths are clamped to it.
     pub max_len: usize,
+    /// Caller-provided device scratch memory (address, bytes), validated: the decode's
+    /// split-KV partials go there instead of a per-call allocation.
+    pub workspace: Option<(Addr, usize)>,
 }
 
 impl Call<'_> {
@@ -102,11 +111,11 @@ impl Call<'_> {
     pub(crate) unsafe fn host_slices<T: Element>(&mut self) -> Option<HostSlices<'_, T>> {
         let slice = |o: &Operand| match o.addr {
             Addr::Host(p) => Some(std::slice::from_raw_parts(p as *const T, o.len)),
-            Addr::Device(_) => None,
+            Addr::Device(_) | Addr::Slice(_) => None,
         };
         let out = match self.out.addr {
             Addr::Host(p) => std::slice::from_raw_parts_mut(p as *mut T, self.out.len),
-            Addr::Device(_) => return None,
+            Addr::Device(_) | Addr::Slice(_) => return None,
         };
         let lse = match self.lse {
             Some(Operand { addr: Addr::Host(p), len, .. }) => {
@@ -134,7 +143,7 @@ impl Call<'_> {
 pub(crate) unsafe fn host_i32s<'a>(addr: Addr, n: usize, arg: &'static str) -> Result<&'a [i32], crate::error::Error> {
     match addr {
         Addr::Host(p) => Ok(std::slice::from_raw_parts(p as *const i32, n)),
-        Addr::Device(_) => Err(crate::error::Error::invalid(arg, "device memory", "host memory for the CPU backend")),
+        Addr::Device(_) | Addr::Slice(_) => Err(crate::error::Error::invalid(arg, "device memory", "host memory for the CPU backend")),
     }
 }
 

@@ -123,6 +123,60 @@ impl<'a, T: Element> KvCache<'a, T> {
     }
 }
 
+/// Device scratch memory for a KV-cache call (FlashInfer's `float_workspace_buffer`): with one,
+/// a split-KV decode writes its partial results there instead of allocating per call, so the
+/// call allocates nothing and a CUDA graph of it holds no allocation nodes. Size it with
+/// [`crate::Attention::kvcache_workspace_bytes`] for the largest call it will serve; a smaller
+/// one is still correct (the decode splits each sequence's keys into fewer parts, down to none).
+/// It must be on the call's launch stream (out's), which orders its reuse from call to call:
+/// one workspace serves one stream at a time. Unused by the CPU backend.
+///
+/// ```no_run
+/// use attention::cudarc::driver::CudaContext;
+/// use attention::{DType, Problem, Workspace};
+/// let attn = attention::select().unwrap();
+/// let stream = CudaContext::new(0).unwrap().default_stream();
+/// // The largest decode step this buffer serves: 64 sequences, 1 token, 32k-key caches.
+/// let bytes = attn.kvcache_workspace_bytes(&Problem::new(DType::BF16, 64, 1, 32768, 32, 8, 128));
+/// let mut buf = stream.alloc_zeros::<u8>(bytes.max(1)).unwrap();
+/// let workspace = Workspace::cuda(&mut buf);
+/// # let _ = workspace;
+/// ```
+#[derive(Debug)]
+pub struct Workspace<'a> {
+    addr: Addr,
+    bytes: usize,
+    memory: MemoryKind,
+    /// The cudarc slice's stream; `None` for raw memory (the caller orders it).
+    stream: Option<CUstream>,
+    _borrow: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> Workspace<'a> {
+    /// A workspace in a cudarc device slice (on the stream the calls run on).
+    pub fn cuda(slice: &'a mut cudarc::driver::CudaSlice<u8>) -> Self {
+        let stream = slice.stream().clone();
+        let bytes = slice.len();
+        let (ptr, _guard) = cudarc::driver::DevicePtrMut::device_ptr_mut(slice, &stream);
+        Workspace {
+            addr: Addr::Slice(ptr),
+            bytes,
+            memory: MemoryKind::Device { ordinal: stream.context().ordinal() },
+            stream: Some(stream.cu_stream()),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// A workspace in device memory owned elsewhere (a PyTorch uint8 tensor's `data_ptr()`).
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes` bytes of device memory that nothing else uses while the calls
+    /// given this workspace run (the caller orders them, as for [`Tensor::from_raw_device`]).
+    pub unsafe fn from_raw_device(ptr: u64, bytes: usize) -> Self {
+        Workspace { addr: Addr::Device(ptr), bytes, memory: MemoryKind::Device { ordinal: usize::MAX }, stream: None, _borrow: PhantomData }
+    }
+}
+
 /// Validates a KV-cache call: one check per constraint, each naming the argument. q and out
 /// are `[batch, q_len, heads, head_dim]`; query row `i` of sequence `b` sits at position
 /// `lens[b] - q_len + i`, so causal masks and windows align bottom-right per sequence.
@@ -132,6 +186,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     out: &'c mut TensorMut<'_, T>,
     mut lse: Option<&'c mut LseMut<'_>>,
     opts: &Options,
+    workspace: Option<&'c mut Workspace<'_>>,
 ) -> Result<Call<'c>, Error> {
     // The q/out/lse/options rules are those of every call: reuse them on a stand-in whose
     // keys are the cache (its batch checked separately below).
@@ -250,6 +305,27 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     with_lse.push(("lse", lse_range));
     check_disjoint(("out", byte_range(&oo, elem)), &with_lse)?;
     check_disjoint(("lse", lse_range), &others)?;
+    let raw_stream = crate::tensor::launch_stream(&out.mem);
+    let workspace = match workspace {
+        None => None,
+        Some(w) => {
+            check_memory_like_q("workspace", w.memory, qm)?;
+            if let Some(s) = w.stream {
+                if s != raw_stream {
+                    return Err(Error::invalid("workspace", "a slice on another stream than out's", "a slice on out's stream, the call's launch stream (which orders the workspace's reuse)"));
+                }
+            }
+            let p = w.addr.device_or_null();
+            if qm != MemoryKind::Host && (p == 0 || p % 16 != 0) {
+                return Err(Error::invalid("workspace", format!("device pointer {p:#x}"), "a non-null pointer aligned to 16 bytes"));
+            }
+            let range = (qm != MemoryKind::Host).then(|| (p, p.saturating_add(w.bytes as u64)));
+            let mut all = with_lse.clone();
+            all.push(("out", byte_range(&oo, elem)));
+            check_disjoint(("workspace", range), &all)?;
+            Some((w.addr, w.bytes))
+        }
+    };
 
     let memory = call_memory(qm, [km, vm, om]);
     let mut problem = Problem::new(T::DTYPE, b, q_len, max_len, h, hk, d)
@@ -260,7 +336,6 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     problem.softcap = opts.softcap;
     problem.memory = memory;
     problem.vector_aligned = [&qo, &ko, &vo, &oo].iter().all(|o| vector_aligned(o, elem));
-    let raw_stream = crate::tensor::launch_stream(&out.mem);
     let order = order_on_launch_stream(
         [&q.mem, &cache.k.mem, &cache.v.mem],
         [Some(&cache.lens.mem), cache.table.as_ref().map(|t| &t.mem)],
@@ -289,6 +364,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
             page_size: ks,
             num_pages: kb,
             max_len,
+            workspace,
         }),
         _order: order,
         _borrows: PhantomData,
@@ -439,7 +515,7 @@ fn reborrow<'b, U>(m: &'b InMem<'_, U>) -> InMem<'b, U> {
 /// An 8-byte-per-entry range at a device address (`None` for host memory).
 fn eight_byte_range(addr: Addr, n: usize) -> Option<(u64, u64)> {
     match addr {
-        Addr::Device(x) => Some((x, x.saturating_add(n as u64 * 8))),
+        Addr::Device(x) | Addr::Slice(x) => Some((x, x.saturating_add(n as u64 * 8))),
         Addr::Host(_) => None,
     }
 }
@@ -549,7 +625,7 @@ pub(crate) fn validate_append<T: Element>(
                     }
                 }
                 _ => {
-                    if let Addr::Device(p) = sa {
+                    if let Addr::Device(p) | Addr::Slice(p) = sa {
                         if p == 0 || p % 8 != 0 {
                             return Err(Error::invalid("slot_mapping", format!("device pointer {p:#x}"), "a non-null pointer aligned to 8 bytes"));
                         }
@@ -771,7 +847,7 @@ pub(crate) fn forward_append<T: Element>(
     {
         let (k, v) = (read_view(&cache.k.mem, &call.k_cache), read_view(&cache.v.mem, &call.v_cache));
         let view = attention_view(k, v, &call, &cache.lens, &cache.table)?;
-        let checked = validate_kvcache(q, &view, out, lse.as_deref_mut(), opts)?;
+        let checked = validate_kvcache(q, &view, out, lse.as_deref_mut(), opts, None)?;
         // The append writes the cache before q is read: they must not share a byte.
         let elem = std::mem::size_of::<T>();
         let q_range = [("q", byte_range(&checked.q, elem))];
@@ -783,7 +859,7 @@ pub(crate) fn forward_append<T: Element>(
         append_host(k_new, v_new, cache, &call)?;
         let (k, v) = (read_view(&cache.k.mem, &call.k_cache), read_view(&cache.v.mem, &call.v_cache));
         let view = attention_view(k, v, &call, &cache.lens, &cache.table)?;
-        let checked = validate_kvcache(q, &view, out, lse, opts)?;
+        let checked = validate_kvcache(q, &view, out, lse, opts, None)?;
         return attn.dispatch_call(checked);
     }
     let (dev, module) = kernels.loaded(&call)?;
@@ -803,7 +879,7 @@ pub(crate) fn forward_append<T: Element>(
     )?;
     AppendKernels::launch(dev, &module, &call, stream)?;
     let view = attention_view(raw_view(&call.k_cache), raw_view(&call.v_cache), &call, &cache.lens, &cache.table)?;
-    let checked = validate_kvcache(q, &view, out, lse, opts)?;
+    let checked = validate_kvcache(q, &view, out, lse, opts, None)?;
     let ran = attn.dispatch_call(checked);
     // Recorded after both launches: a later writer of the cache waits for the attention's reads.
     drop(order);

@@ -35,7 +35,7 @@ pub use half;
 pub use caps::{ComputeCapability, DeviceCaps, ImageSource, KernelBuild, Nvrtc, SimulatedGpu};
 pub use dtype::{DType, Element};
 pub use error::{Error, Rejection, Result};
-pub use kvcache::{BlockTable, CacheLens, KvCache, KvCacheMut, SlotMapping};
+pub use kvcache::{BlockTable, CacheLens, KvCache, KvCacheMut, SlotMapping, Workspace};
 pub use layout::Layout;
 pub use options::Options;
 pub use problem::{KvCacheKind, MemoryKind, Problem};

@@ -23,7 +23,7 @@ use crate::gpu::naive::NaiveBackend;
 use crate::options::Options;
 use crate::problem::{MemoryKind, Problem};
 use crate::settings::{JitMode, Settings};
-use crate::kvcache::{KvCache, KvCacheMut};
+use crate::kvcache::{KvCache, KvCacheMut, Workspace};
 use crate::tensor::{validate, LseMut, Tensor, TensorMut, VarLen};
 
 /// Configures selection in code. It starts from the environment (`ATTN_*`); every explicit
@@ -634,8 +634,35 @@ impl Attention {
         lse: Option<&mut LseMut<'_>>,
         opts: &Options,
     ) -> Result<BackendKind, Error> {
-        let call = crate::kvcache::validate_kvcache(q, cache, out, lse, opts)?;
+        let call = crate::kvcache::validate_kvcache(q, cache, out, lse, opts, None)?;
         self.dispatch(call)
+    }
+
+    /// [`Attention::forward_kvcache`] with caller-provided scratch memory: a split-KV decode
+    /// writes its partial results to `workspace` instead of allocating on the stream, so the
+    /// call allocates nothing (a CUDA graph of it holds kernels only) and costs no allocator
+    /// work per step. Size the workspace with [`Attention::kvcache_workspace_bytes`]; one too
+    /// small for a call is still correct (fewer splits). See [`Workspace`] for its rules.
+    pub fn forward_kvcache_with_workspace<T: Element>(
+        &self,
+        q: &Tensor<'_, T>,
+        cache: &KvCache<'_, T>,
+        out: &mut TensorMut<'_, T>,
+        lse: Option<&mut LseMut<'_>>,
+        opts: &Options,
+        workspace: &mut Workspace<'_>,
+    ) -> Result<BackendKind, Error> {
+        let call = crate::kvcache::validate_kvcache(q, cache, out, lse, opts, Some(workspace))?;
+        self.dispatch(call)
+    }
+
+    /// Bytes of [`Workspace`] a KV-cache call of `problem`'s shape uses at most on this
+    /// handle's device (`Problem::new(dtype, batch, q_len, max_len, heads, kv_heads,
+    /// head_dim)`, `max_len` the cache's capacity): the split-KV partial results of the plan
+    /// the decode backend makes for it. 0 where no split is planned, and without a GPU.
+    pub fn kvcache_workspace_bytes(&self, problem: &Problem) -> usize {
+        let Some(caps) = self.inner.caps.as_ref() else { return 0 };
+        self.inner.chain.iter().map(|b| b.workspace_bytes(caps, problem)).max().unwrap_or(0)
     }
 
     /// Runs a validated call on the best backend that takes it, falling back past recoverable

@@ -214,7 +214,7 @@ pub(crate) fn peek_in<T>(mem: &InMem<'_, T>) -> (Addr, usize, MemoryKind) {
             // The pointer comes with a guard; dropping it at once, on the slice's own stream,
             // orders nothing new. The call orders the slice on the launch stream once valid.
             let (ptr, _guard) = slice.device_ptr(stream);
-            (Addr::Device(ptr), slice.len(), MemoryKind::Device { ordinal: stream.context().ordinal() })
+            (Addr::Slice(ptr), slice.len(), MemoryKind::Device { ordinal: stream.context().ordinal() })
         }
     }
 }
@@ -226,7 +226,7 @@ pub(crate) fn peek_out<T>(mem: &mut OutMem<'_, T>) -> (Addr, usize, MemoryKind) 
         OutMem::Cuda { slice, stream } => {
             let len = slice.len();
             let (ptr, _guard) = slice.device_ptr_mut(stream);
-            (Addr::Device(ptr), len, MemoryKind::Device { ordinal: stream.context().ordinal() })
+            (Addr::Slice(ptr), len, MemoryKind::Device { ordinal: stream.context().ordinal() })
         }
     }
 }
@@ -499,7 +499,7 @@ pub(crate) fn check_operand(name: &'static str, o: &Operand, elem_size: usize, o
             "strides under which no two output elements share memory",
         ));
     }
-    if let Addr::Device(p) = o.addr {
+    if let Addr::Device(p) | Addr::Slice(p) = o.addr {
         if p == 0 {
             return Err(Error::invalid(name, "a null device pointer", "a device allocation"));
         }
@@ -542,7 +542,7 @@ pub(crate) fn describe(m: MemoryKind) -> String {
 /// Whether 16-byte vector loads and stores of an operand's rows are aligned.
 pub(crate) fn vector_aligned(o: &Operand, elem: usize) -> bool {
     let base = match o.addr {
-        Addr::Device(p) => p as usize,
+        Addr::Device(p) | Addr::Slice(p) => p as usize,
         Addr::Host(p) => p as usize,
     };
     // Strides are canonical and their byte offsets fit in isize (checked): no overflow.
@@ -552,7 +552,7 @@ pub(crate) fn vector_aligned(o: &Operand, elem: usize) -> bool {
 /// Byte range `[start, end)` a device operand covers (checked operands only).
 pub(crate) fn byte_range(o: &Operand, elem: usize) -> Option<(u64, u64)> {
     match o.addr {
-        Addr::Device(p) => {
+        Addr::Device(p) | Addr::Slice(p) => {
             let bytes = o.layout.span()? as u64 * elem as u64;
             Some((p, p.saturating_add(bytes)))
         }
@@ -592,7 +592,7 @@ pub(crate) fn check_memory_like_q(arg: &'static str, m: MemoryKind, q: MemoryKin
 /// non-null and 4-byte aligned. Host addresses pass.
 pub(crate) fn check_f32_or_i32_pointer(arg: &'static str, addr: Addr) -> Result<(), Error> {
     match addr {
-        Addr::Device(p) if p == 0 || p % 4 != 0 => {
+        Addr::Device(p) | Addr::Slice(p) if p == 0 || p % 4 != 0 => {
             Err(Error::invalid(arg, format!("device pointer {p:#x}"), "a non-null pointer aligned to 4 bytes"))
         }
         _ => Ok(()),
@@ -602,7 +602,7 @@ pub(crate) fn check_f32_or_i32_pointer(arg: &'static str, addr: Addr) -> Result<
 /// Byte range `[start, end)` of `n` 4-byte values at a device address (`None` for host memory).
 pub(crate) fn four_byte_range(addr: Addr, n: usize) -> Option<(u64, u64)> {
     match addr {
-        Addr::Device(x) => Some((x, x.saturating_add(n as u64 * 4))),
+        Addr::Device(x) | Addr::Slice(x) => Some((x, x.saturating_add(n as u64 * 4))),
         Addr::Host(_) => None,
     }
 }

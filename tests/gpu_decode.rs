@@ -219,6 +219,76 @@ fn paged_decode_graph_replays_with_new_lengths_and_tables() {
     println!("paged decode graph: 4 replays with new lengths and tables, all within tolerance");
 }
 
+/// The same replays through a caller's workspace (sized by `kvcache_workspace_bytes`): the call
+/// allocates nothing, so the graph holds kernels only; a workspace too small for the plan's
+/// splits still gives the right rows (fewer splits); one on another stream is a typed error.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() {
+    use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use attention::{Problem, Workspace};
+    let (attn, default_stream) = gpu();
+    // SAFETY: every slice below lives on this one stream (see tests/gpu.rs's graph test).
+    unsafe { default_stream.context().disable_event_tracking() };
+    let s = default_stream.context().new_stream().unwrap();
+    let mut rng = Rng::fresh();
+    let mut c = KvCase::<bf16>::new(&mut rng, Store::PagedVllm { page_size: 16 }, 2, 1, 32, 8, 128, 5000, RefMask::default());
+    let bytes = attn.kvcache_workspace_bytes(&Problem::new(DType::BF16, c.batch, c.q_len, c.pages_per_seq * 16, c.heads, 8, 128));
+    assert!(bytes > 0, "batch 2 over 5000 keys splits: it needs a workspace");
+    let d = upload(&s, &c);
+    let (mut lens_dev, mut table_dev) = (d.lens, d.table);
+    let mut out: CudaSlice<bf16> = s.alloc_zeros(c.lq.numel()).unwrap();
+    let n = c.lk.numel();
+    let run = |lens: &CudaSlice<i32>, table: &CudaSlice<i32>, out: &mut CudaSlice<bf16>, ws: &mut CudaSlice<u8>| {
+        let (kv, vv) = (d.kv.slice(0..n), d.kv.slice(c.v_offset..c.v_offset + n));
+        let cache = KvCache::paged(Tensor::cuda(&kv, c.lk), Tensor::cuda(&vv, c.lk), BlockTable::cuda(table, c.pages_per_seq, c.table_stride), CacheLens::cuda(lens));
+        attn.forward_kvcache_with_workspace(&Tensor::cuda(&d.q, c.lq), &cache, &mut TensorMut::cuda(out, c.lq), None, &Options::default(), &mut Workspace::cuda(ws))
+    };
+    let check = |c: &KvCase<bf16>, out: &CudaSlice<bf16>, what: &str| {
+        let fresh = KvCase::<bf16>::recompute(c);
+        let got: Vec<f64> = s.clone_dtoh(out).unwrap().iter().map(|x| x.to_f64()).collect();
+        let err = rel_err(&got, &fresh);
+        assert!(err < tolerance(DType::BF16), "{what} lens {:?}: rel {err:.2e}", c.lens);
+    };
+    // Too small for every split (room for 1.5 of them, and none at all): still right.
+    let split = c.batch * c.heads * c.q_len * (128 + 1) * 4; // one split's partial outputs and lse
+    for small in [split * 3 / 2, 16] {
+        let mut ws: CudaSlice<u8> = s.alloc_zeros(small).unwrap();
+        s.memcpy_htod(&vec![bf16::NAN; c.lq.numel()], &mut out).unwrap();
+        assert_eq!(run(&lens_dev, &table_dev, &mut out, &mut ws).unwrap(), BackendKind::Decode);
+        check(&c, &out, &format!("{small}-byte workspace"));
+    }
+    // A workspace on another stream than out's is refused, naming it.
+    let other = default_stream.context().new_stream().unwrap();
+    let mut elsewhere: CudaSlice<u8> = other.alloc_zeros(bytes).unwrap();
+    let err = run(&lens_dev, &table_dev, &mut out, &mut elsewhere).unwrap_err();
+    assert!(err.to_string().contains("workspace"), "{err}");
+    // Captured once with a full workspace, replayed with new lengths and tables.
+    let mut ws: CudaSlice<u8> = s.alloc_zeros(bytes).unwrap();
+    run(&lens_dev, &table_dev, &mut out, &mut ws).unwrap();
+    s.synchronize().unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    let captured = run(&lens_dev, &table_dev, &mut out, &mut ws);
+    let graph = s.end_capture(CUgraphInstantiate_flags(0)).unwrap();
+    assert_eq!(captured.unwrap(), BackendKind::Decode);
+    let graph = graph.expect("the capture recorded the call");
+    for step in 0..4 {
+        c.lens = (0..c.batch).map(|i| if i == step % c.batch { 0 } else { 1 + rng.below(5000) as i32 }).collect();
+        let mut rows: Vec<Vec<i32>> = (0..c.batch).map(|b| c.table[b * c.table_stride..b * c.table_stride + c.pages_per_seq].to_vec()).collect();
+        rows.rotate_left(1);
+        for (b, r) in rows.iter().enumerate() {
+            c.table[b * c.table_stride..b * c.table_stride + c.pages_per_seq].copy_from_slice(r);
+        }
+        s.memcpy_htod(&c.lens, &mut lens_dev).unwrap();
+        s.memcpy_htod(&c.table, &mut table_dev).unwrap();
+        s.memcpy_htod(&vec![bf16::NAN; c.lq.numel()], &mut out).unwrap();
+        graph.launch().unwrap();
+        s.synchronize().unwrap();
+        check(&c, &out, &format!("replay {step}"));
+    }
+    println!("decode with a caller workspace of {bytes} bytes: small ones and 4 graph replays within tolerance");
+}
+
 /// A few small cases for compute-sanitizer (memcheck, racecheck): paged with 1- and 16-key
 /// pages, contiguous, split and unsplit grids, 1 and 5 query rows, a padding slot.
 #[test]

@@ -204,7 +204,7 @@ impl AppendKernels {
 
 fn device_ptr(arg: &'static str, a: Addr) -> Result<u64, Error> {
     match a {
-        Addr::Device(p) => Ok(p),
+        Addr::Device(p) | Addr::Slice(p) => Ok(p),
         Addr::Host(_) => Err(Error::invalid(arg, "host memory", "device memory like k_cache")),
     }
 }

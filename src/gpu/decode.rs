@@ -198,7 +198,12 @@ impl Plan {
         if self.splits == 1 {
             return 0;
         }
-        self.splits * p.batch * p.heads * p.seqlen_q * (p.head_dim + 1) * 4
+        self.splits * self.split_bytes(p)
+    }
+
+    /// Workspace bytes of one split.
+    fn split_bytes(&self, p: &Problem) -> usize {
+        p.batch * p.heads * p.seqlen_q * (p.head_dim + 1) * 4
     }
 }
 
@@ -249,6 +254,21 @@ impl DecodeBackend {
         let n = resident_blocks(func, THREADS, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
         self.resident.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), n);
         n
+    }
+
+    /// The plan `forward` would make: on a real device, sized by the occupancy of the kernel
+    /// that would run.
+    fn plan(&self, caps: &DeviceCaps, problem: &Problem) -> Plan {
+        let family = self.family(caps, problem);
+        let plan = Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
+        let name = plan.function(problem.dtype);
+        match self.kernels(family).loaded() {
+            Ok((_, module)) => match module.launchable(&name) {
+                Ok(main) => Plan::of(problem, caps.sm_count as usize, family, self.resident(&name, main)),
+                Err(_) => plan,
+            },
+            Err(_) => plan,
+        }
     }
 
     fn kernels(&self, family: Family) -> &Kernels {
@@ -306,15 +326,14 @@ impl Backend for DecodeBackend {
     }
 
     fn plan_summary(&self, caps: &DeviceCaps, problem: &Problem) -> Option<String> {
-        let family = self.family(caps, problem);
-        let mut plan = Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
-        // On a real device, the occupancy of the kernel that would run.
-        if let Ok((_, module)) = self.kernels(family).loaded() {
-            if let Ok(main) = module.launchable(&plan.function(problem.dtype)) {
-                plan = Plan::of(problem, caps.sm_count as usize, family, self.resident(&plan.function(problem.dtype), main));
-            }
+        Some(self.plan(caps, problem).describe(problem))
+    }
+
+    fn workspace_bytes(&self, caps: &DeviceCaps, problem: &Problem) -> usize {
+        if !self.check(caps, problem).is_empty() {
+            return 0;
         }
-        Some(plan.describe(problem))
+        self.plan(caps, problem).workspace_bytes(problem)
     }
 
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
@@ -329,7 +348,12 @@ impl Backend for DecodeBackend {
         // occupancy.
         let name = Plan::of(p, dev.caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype);
         let main = module.launchable(&name)?;
-        let plan = Plan::of(p, dev.caps.sm_count as usize, family, self.resident(&name, main));
+        let mut plan = Plan::of(p, dev.caps.sm_count as usize, family, self.resident(&name, main));
+        // A caller's workspace bounds the split count (none at all below two splits' worth).
+        let given = call.kv.as_ref().and_then(|kv| kv.workspace);
+        if let Some((_, bytes)) = given {
+            plan.splits = plan.splits.min(bytes / plan.split_bytes(p).max(1)).max(1);
+        }
         let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?;
         let (lens, table, table_stride, page_size, num_pages, max_len) = match &call.kv {
             Some(kv) => (kv.lens.device_or_null(), kv.table.map(Addr::device_or_null).unwrap_or(0), kv.table_stride, kv.page_size, kv.num_pages, kv.max_len),
@@ -372,6 +396,10 @@ impl Backend for DecodeBackend {
         let bytes = plan.workspace_bytes(p);
         let workspace = if bytes == 0 {
             None
+        } else if let Some((addr, _)) = given {
+            // Fits: the split count was bounded by it above.
+            params.part_o = addr.device_or_null();
+            None
         } else {
             // SAFETY: stream-ordered allocation on the call's stream, freed below on it after
             // the kernels that use it (capturable in a CUDA graph as allocation nodes).
@@ -387,9 +415,11 @@ impl Backend for DecodeBackend {
             }
         };
         if let Some(ws) = workspace {
-            let per_row = plan.splits * p.batch * p.heads * p.seqlen_q;
             params.part_o = ws;
-            params.part_lse = ws + (per_row * p.head_dim * 4) as u64;
+        }
+        if bytes != 0 {
+            let per_row = plan.splits * p.batch * p.heads * p.seqlen_q;
+            params.part_lse = params.part_o + (per_row * p.head_dim * 4) as u64;
         }
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];

@@ -438,12 +438,14 @@ impl GpuDevice {
     pub(crate) fn prepare(&self, call: &Call<'_>) -> Result<(), RunError> {
         self.ctx.bind_to_thread().map_err(|e| RunError::Fatal(cuda_error("cuCtxSetCurrent", e.0)))?;
         let elem = call.problem.dtype.size_bytes() as u64;
+        // Raw pointers only: a cudarc slice's bounds and device were checked by validation.
         for (name, o) in [("q", &call.q), ("k", &call.k), ("v", &call.v), ("out", &call.out)] {
-            let bytes = o.layout.span().unwrap_or(0) as u64 * elem;
-            self.check_range(name, device_addr(o), bytes)?;
+            if let Addr::Device(p) = o.addr {
+                self.check_range(name, p, o.layout.span().unwrap_or(0) as u64 * elem)?;
+            }
         }
-        if let Some(l) = &call.lse {
-            self.check_range("lse", device_addr(l), l.len as u64 * 4)?;
+        if let Some(Operand { addr: Addr::Device(p), len, .. }) = &call.lse {
+            self.check_range("lse", *p, *len as u64 * 4)?;
         }
         if let Some(kv) = &call.kv {
             let lens = (call.problem.batch as u64) * 4;
@@ -452,17 +454,22 @@ impl GpuDevice {
                 match a {
                     None => {}
                     Some(Addr::Device(p)) => self.check_range(name, p, bytes)?,
+                    Some(Addr::Slice(_)) => {}
                     Some(Addr::Host(_)) => return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q"))),
                 }
             }
         }
+        if let Some((Addr::Device(p), bytes)) = call.kv.as_ref().and_then(|kv| kv.workspace) {
+            self.check_range("workspace", p, bytes as u64)?;
+        }
         if let Some(v) = &call.varlen {
             let bytes = (call.problem.batch as u64 + 1) * 4;
             for (name, a) in [("cu_seqlens_q", v.cu_seqlens_q), ("cu_seqlens_k", v.cu_seqlens_k)] {
-                let Addr::Device(p) = a else {
-                    return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q")));
-                };
-                self.check_range(name, p, bytes)?;
+                match a {
+                    Addr::Device(p) => self.check_range(name, p, bytes)?,
+                    Addr::Slice(_) => {}
+                    Addr::Host(_) => return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q"))),
+                }
             }
         }
         Ok(())
