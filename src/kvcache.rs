@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUstream;
-use cudarc::driver::{result, CudaStream, DevicePtr, SyncOnDrop};
+use cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
 
 use crate::cpu_kvcache::{append_rows, HostTarget};
 use crate::dtype::Element;
@@ -16,6 +16,7 @@ use crate::options::Options;
 use crate::problem::{KvCacheKind, MemoryKind, Problem};
 use crate::reason::BackendKind;
 use crate::tensor::{
+    join_before,
     byte_range, call_memory, check_disjoint, check_f32_or_i32_pointer, check_memory_like_q, check_operand, check_options,
     describe, four_byte_range, launch_stream, lse_operand, operand, order_on_launch_stream, peek_in, peek_out, same_memory,
     shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, Operand, OutMem, StreamOrder, Tensor, TensorMut, MAX_DIM,
@@ -664,19 +665,6 @@ fn append_host<T: Element>(k_new: &Tensor<'_, T>, v_new: &Tensor<'_, T>, cache: 
         }
     }
     Ok(())
-}
-
-/// Makes `launch` wait for everything enqueued on `own` so far (as the attention calls' stream
-/// ordering does).
-fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Error> {
-    let cuda = |op: &'static str| move |e: result::DriverError| Error::cuda(op, e.0);
-    let event = own.record_event(None).map_err(cuda("cuEventRecord"))?;
-    // SAFETY: a live event of the stream's context and a stream the caller vouched for; the
-    // event may be destroyed (when `event` drops) once the wait is enqueued.
-    unsafe {
-        result::stream::wait_event(launch, event.cu_event(), cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
-    }
-    .map_err(cuda("cuStreamWaitEvent"))
 }
 
 /// Builds a [`StreamOrder`] one cudarc operand at a time, under the rules of the attention

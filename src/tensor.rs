@@ -282,7 +282,7 @@ pub(crate) fn order_on_launch_stream<'c, T: Element>(
 }
 
 /// Makes `launch` wait for everything enqueued on `own` so far.
-fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Error> {
+pub(crate) fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Error> {
     let cuda = |op: &'static str| move |e: result::DriverError| Error::cuda(op, e.0);
     let event = own.record_event(None).map_err(cuda("cuEventRecord"))?;
     // SAFETY: a live event of the stream's context and a stream the caller vouched for; the
