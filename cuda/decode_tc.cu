@@ -28,17 +28,6 @@ __device__ __forceinline__ unsigned dtc_transpose(unsigned x) {
     return y;
 }
 
-// The row offsets of a warp step's keys (see the loop below): key0 + 16u + lane % 16 in K's
-// (lanes 0-15) or V's (16-31) strides; 0 for keys past the share (never loaded).
-template <int U>
-__device__ __forceinline__ void dtc_resolve(const DecodeParams& p, int b, int key0, int kend, int lane, long long (&off)[U]) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int j = key0 + 16 * u + (lane & 15);
-        off[u] = j < kend ? dec_row(p, lane < 16 ? p.k_stride : p.v_stride, b, j) : 0;
-    }
-}
-
 template <class D, bool BF16, int HD, int U>
 __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     typedef typename D::storage T;
@@ -53,11 +42,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     // Q^T fragments of packed row g. Column order: k-step 2c + h, fragment columns 2t, 2t + 1
     // (and 2t + 8, 2t + 9) are head columns 32c + 8t + 4h + (0, 1) (and + (2, 3)), so a lane's
     // 16 bytes at 32c + 8t hold its B fragments of two k-steps; K below uses the same order.
-    // Up to d128 they stay in registers; d256 keeps them in shared memory and re-reads them
-    // every step, so that a step's K and V fit the registers beside the accumulators.
-    constexpr bool Q_SHARED = HD > 128;
-    unsigned qf[Q_SHARED ? 1 : KC][4];
-    __shared__ uint4 s_q[Q_SHARED ? KC : 1][32];
+    unsigned qf[KC][4];
     {
         const int pr = blk.row0 + (g < blk.nrows ? g : 0);
         const int qrow = pr / p.kv_group, qhead = blk.hk * p.kv_group + pr % p.kv_group;
@@ -65,16 +50,9 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
                       (long long)qhead * p.q_stride[2];
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
-            unsigned r[4] = {0u, 0u, 0u, 0u};
-            if (g < blk.nrows && 32 * c + 8 * t < p.head_dim && (!Q_SHARED || warp == 0)) dec_load16(qp + 32 * c + 8 * t, r);
-            if (Q_SHARED) {
-                if (warp == 0) s_q[Q_SHARED ? c : 0][lane] = make_uint4(r[0], r[1], r[2], r[3]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) qf[Q_SHARED ? 0 : c][i] = r[i];
-            }
+            qf[c][0] = qf[c][1] = qf[c][2] = qf[c][3] = 0u;
+            if (g < blk.nrows && 32 * c + 8 * t < p.head_dim) dec_load16(qp + 32 * c + 8 * t, qf[c]);
         }
-        if (Q_SHARED) __syncthreads();
     }
     // This lane's score columns are packed rows 2t and 2t + 1: the keys each sees.
     int jlo[2], jhi[2];
@@ -94,15 +72,8 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     const T* kbase = (const T*)p.k + (long long)blk.hk * p.k_stride[2];
     const T* vbase = (const T*)p.v + (long long)blk.hk * p.v_stride[2];
     const int kend = (int)span.k_end;
-    constexpr int STEP = DEC_WARPS * 16 * U;
-    // Where the step's keys live, resolved once per key and lane: lane l holds the K row offset
-    // (lanes 0-15) or the V row offset (lanes 16-31) of key 16u + l % 16, one block-table
-    // lookup each, looked up a step ahead so the table's latency hides behind the loads.
-    long long off[U];
-    int key0 = (int)span.k_begin + warp * 16 * U;
-    dtc_resolve<U>(p, blk.b, key0, kend, lane, off);
     // Warp-uniform trip count: mma and the shuffles need every lane.
-    for (; key0 < kend; key0 += STEP) {
+    for (int key0 = (int)span.k_begin + warp * 16 * U; key0 < kend; key0 += DEC_WARPS * 16 * U) {
         // Every load of the step first: K rows g and g + 8, V keys 2t, 2t + 1, 2t + 8, 2t + 9
         // of each 16-key tile (keys past the share load as zeros and are masked).
         unsigned kf[U][2][KC][4], vf[U][4][VL][4];
@@ -111,7 +82,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
                 const int j = key0 + 16 * u + g + 8 * rr;
-                const T* kp = kbase + __shfl_sync(0xffffffffu, off[u], g + 8 * rr);
+                const T* kp = kbase + (j < kend ? dec_row(p, p.k_stride, blk.b, j) : 0);
 #pragma unroll
                 for (int c = 0; c < KC; ++c) {
                     kf[u][rr][c][0] = kf[u][rr][c][1] = kf[u][rr][c][2] = kf[u][rr][c][3] = 0u;
@@ -120,9 +91,8 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
             }
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
-                const int jj = 2 * t + (kk & 1) + 8 * (kk >> 1);
-                const int j = key0 + 16 * u + jj;
-                const T* vp = vbase + __shfl_sync(0xffffffffu, off[u], 16 + jj);
+                const int j = key0 + 16 * u + 2 * t + (kk & 1) + 8 * (kk >> 1);
+                const T* vp = vbase + (j < kend ? dec_row(p, p.v_stride, blk.b, j) : 0);
 #pragma unroll
                 for (int x = 0; x < VL; ++x) {
                     vf[u][kk][x][0] = vf[u][kk][x][1] = vf[u][kk][x][2] = vf[u][kk][x][3] = 0u;
@@ -130,28 +100,18 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
                 }
             }
         }
-        dtc_resolve<U>(p, blk.b, key0 + STEP, kend, lane, off);
         // S^T = K . Q^T: s[u][e] is key g + 8 (e >> 1) of tile u, packed row 2t + (e & 1).
         float s[U][4];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             s[u][0] = s[u][1] = s[u][2] = s[u][3] = 0.f;
 #pragma unroll
-            for (int c = 0; c < KC; ++c) {
-                unsigned q[4];
-                if (Q_SHARED) {
-                    const uint4 v = s_q[Q_SHARED ? c : 0][lane];
-                    q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) q[i] = qf[Q_SHARED ? 0 : c][i];
-                }
+            for (int c = 0; c < KC; ++c)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const unsigned a[4] = {kf[u][0][c][2 * h], kf[u][1][c][2 * h], kf[u][0][c][2 * h + 1], kf[u][1][c][2 * h + 1]};
-                    attn_mma_16816<BF16>(s[u], a, q[2 * h], q[2 * h + 1]);
+                    attn_mma_16816<BF16>(s[u], a, qf[c][2 * h], qf[c][2 * h + 1]);
                 }
-            }
         }
         // Online softmax over the step's 16U keys, per row: logits, mask, the new maximum
         // across the warp's 8 key groups, one rescale.

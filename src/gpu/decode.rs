@@ -40,6 +40,10 @@ const THREADS: usize = 128;
 const MIN_CHUNK: usize = 64;
 /// Most splits of one sequence (bounds the workspace and the combine's loop).
 const MAX_SPLITS: usize = 128;
+/// Waves of blocks a split grid aims for: two, as the first tensor-core measurements ran (batch
+/// 1 at 128k keys: 3.4 TB/s on the H200); one wave of twice-as-long blocks is not yet measured
+/// on its own.
+const WAVES: usize = 2;
 /// Blocks of a decode kernel one SM holds, where the driver has not said (a simulated device,
 /// `explain` before the module is loaded): what ~220 registers per thread allow.
 const DEFAULT_RESIDENT_PER_SM: usize = 2;
@@ -153,10 +157,9 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// The plan for a problem on a device with `sm_count` SMs, on the given kernel family
-    /// whose kernel fits `per_sm` blocks on an SM. The split count fills one wave: a grid that
-    /// is a fraction of a wave past whole waves leaves SMs idle for that fraction's time (a
-    /// memory-bound kernel's blocks all take about as long), and one wave of long blocks
-    /// amortises each block's start (query load, first memory latency) and end (merge).
+    /// whose kernel fits `per_sm` blocks on an SM. The split count fills [`WAVES`] whole waves
+    /// (rounding down): a grid a fraction of a wave past whole waves leaves SMs idle for that
+    /// fraction's time, since a memory-bound kernel's blocks all take about as long.
     pub(crate) fn of(p: &Problem, sm_count: usize, family: Family, per_sm: usize) -> Plan {
         let head_dim = [64, 128, 256].into_iter().find(|&d| d >= p.head_dim).unwrap_or(max_head_dim(p.dtype));
         let packed = (p.heads / p.kv_heads.max(1)) * p.seqlen_q;
@@ -167,7 +170,7 @@ impl Plan {
         };
         let row_groups = packed.div_ceil(rows).max(1);
         let blocks = p.batch * p.kv_heads * row_groups;
-        let wanted = (sm_count * per_sm.max(1)) / blocks.max(1);
+        let wanted = (sm_count * per_sm.max(1) * WAVES) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, MAX_SPLITS);
         Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
     }
@@ -446,13 +449,13 @@ mod tests {
     fn plans_split_only_when_the_grid_is_small() {
         // Batch 1, GQA 32/8, one token: 8 blocks before splitting; 132 SMs want ~528.
         let p = Problem::new(DType::BF16, 1, 1, 131072, 32, 8, 128);
-        let plan = Plan::of(&p, 132, Family::Simt, 4);
+        let plan = Plan::of(&p, 132, Family::Simt, 2);
         assert_eq!((plan.head_dim, plan.rows, plan.row_groups), (128, 4, 1));
         assert_eq!(plan.splits, 66);
-        // One wave: 2 blocks per SM of 8 heads' blocks.
-        assert_eq!(Plan::of(&p, 132, Family::TensorCore, 2).splits, 33);
-        // Batch 16: 128 blocks, two splits fill 256 of the 264 slots (not 5: 2.4 waves).
-        assert_eq!(Plan::of(&Problem::new(DType::BF16, 16, 1, 8192, 32, 8, 128), 132, Family::TensorCore, 2).splits, 2);
+        // Two waves of 2 blocks per SM over 8 heads' blocks.
+        assert_eq!(Plan::of(&p, 132, Family::TensorCore, 2).splits, 66);
+        // Batch 16: 128 blocks, four splits fill 512 of 2 x 264 slots (not 5: 2.4 waves).
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 16, 1, 8192, 32, 8, 128), 132, Family::TensorCore, 2).splits, 4);
         // Short keys cap the split count at one split per MIN_CHUNK keys.
         assert_eq!(Plan::of(&Problem::new(DType::BF16, 1, 1, 100, 32, 8, 128), 132, Family::Simt, 4).splits, 2);
         // A large batch fills the GPU without splitting.
