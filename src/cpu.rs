@@ -42,8 +42,9 @@ const BLOCK_Q: usize = 64;
 /// Most keys per tile. 64 keys × head_dim 128 × 4 bytes = 32 KiB each for K and V: both stay
 /// in L1/L2 while the query block sweeps over them.
 const BLOCK_K: usize = 64;
-/// How many keys ahead of the one being widened the K/V rows are prefetched: enough misses in
-/// flight to stream from memory, few enough to stay in L1 (32 bf16 K+V rows of d128: 16 KiB).
+/// How many keys ahead of the one being read the K/V rows are prefetched (into L2, see
+/// [`kernels::prefetch`]): enough misses in flight to stream from memory, few enough to stay
+/// cached until used (32 bf16 K+V rows of d128: 16 KiB). 16 to 64 measured within noise.
 const PREFETCH_KEYS: usize = 32;
 /// Most f32 values one scratch block (query rows, keys, values or accumulators) holds before it
 /// gets fewer rows than `BLOCK_Q`/`BLOCK_K`: 512 KiB. Blocks are full up to head_dim 2048 (so
@@ -60,6 +61,23 @@ pub(crate) const MAX_THREADS: usize = 1024;
 /// Estimated multiply-adds below which waking another worker costs more than it saves (a
 /// rayon hand-off is some microseconds; this is tens of microseconds of work).
 const MIN_WORK_PER_WORKER: u64 = 1 << 17;
+/// Calls with fewer (sequence, head block, query block) blocks than this split the keys of
+/// their long blocks into chunks that run as separate work items (decode: batch 1 with 8 kv
+/// heads is 8 blocks). Fixed, not the thread count, so the result stays the same on any number
+/// of threads; 64 leaves each of 16 threads several items to balance with.
+const SPLIT_BLOCKS: usize = 64;
+/// Keys per chunk of a split block (a multiple of `BLOCK_K`, so the key tiles are where they
+/// would be unsplit): enough that a chunk's fixed costs (widening Q, storing and merging its
+/// partial) stay a few percent of streaming its K/V, few enough that the threads walking one
+/// chunk of every kv head stay within a few MiB of each other (strided `[seq, kv_heads, d]`
+/// caches then reuse their TLB entries and DRAM pages). Blocks of fewer than two chunks' keys
+/// are not split.
+const SPLIT_KEYS: usize = 512;
+/// Most chunks one block is split into: longer blocks get longer chunks.
+const MAX_CHUNKS: usize = 64;
+/// Most f32 values the partial states of one call may take (16 MiB); a call that would need
+/// more is not split.
+const MAX_PARTIAL_FLOATS: usize = 1 << 22;
 
 /// One validated host input: `data[layout.offset(b,s,h) + d]` is element (b,s,h,d).
 pub(crate) struct HostIn<'a, T> {
@@ -299,8 +317,9 @@ impl<T: Element> KvRows<T> for StridedKv<'_, T> {
 }
 
 /// One unit of parallel work: query rows `q0 .. q0 + rows` (within the sequence) of the
-/// `heads` consecutive query heads from `head0`, which all share one kv head, plus the matching
-/// slices of the log-sum-exp output, if one was requested.
+/// `heads` consecutive query heads from `head0`, which all share one kv head, over the keys
+/// `keys.0 .. keys.1` of the sequence (all the rows see, unless the keys were split), and
+/// where its results go.
 struct WorkItem<'a> {
     /// The sequence the rows belong to.
     seq: Seq,
@@ -312,10 +331,72 @@ struct WorkItem<'a> {
     q0: usize,
     /// Query rows per head.
     rows: usize,
+    /// The keys (sequence positions, end exclusive) this item covers: each row sees the
+    /// intersection of this range with its mask's range.
+    keys: (usize, usize),
+    /// Which key chunk of its block this is (0 when the keys were not split): chunk-major
+    /// order keeps the threads on nearby K/V memory.
+    chunk: usize,
     /// Estimated multiply-adds, to start long items first and to size the worker count.
     cost: u64,
-    /// One slice of `rows` values per head; empty when no lse was requested.
-    lse: Vec<&'a mut [f32]>,
+    /// The item's output.
+    dest: Dest<'a>,
+}
+
+/// Where a work item's results go.
+enum Dest<'a> {
+    /// All the keys the rows see: normalised into `out`, and into these lse slices (one of
+    /// `rows` values per head; empty when no lse was requested).
+    Out(Vec<&'a mut [f32]>),
+    /// One chunk of the keys: the rows' online-softmax state, laid out as [`Partial`] says,
+    /// for [`merge_partials`] to combine once every chunk is done.
+    Part(&'a mut [f32]),
+}
+
+/// A block of rows (sequence, heads, query rows) whose keys were split into chunks that run
+/// as separate work items (FlashDecoding on the CPU: decode has too few (sequence, kv head)
+/// blocks to share out, and too many keys per block); its chunks' partial states sit one
+/// after another in the call's partial buffer, merged by log-sum-exp after all are done.
+struct Split<'l> {
+    /// The sequence the rows belong to.
+    seq: Seq,
+    /// The first query head.
+    head0: usize,
+    /// How many query heads.
+    heads: usize,
+    /// The first query row, within the sequence.
+    q0: usize,
+    /// Query rows per head.
+    rows: usize,
+    /// Offset of chunk 0's partial in the partial buffer, in f32 values.
+    part0: usize,
+    /// Chunks (partials), at least two.
+    chunks: usize,
+    /// As [`Dest::Out`]'s.
+    lse: Vec<&'l mut [f32]>,
+}
+
+/// The layout of one chunk's partial state for `rows` query columns of head_dim `d`: the
+/// running max `[rows]`, the running sum `[rows]`, then the unnormalised accumulators
+/// `[rows, d]`.
+#[derive(Clone, Copy, Debug)]
+struct Partial {
+    rows: usize,
+    d: usize,
+}
+
+impl Partial {
+    /// f32 values of one partial; `None` past `usize`.
+    fn floats(self) -> Option<usize> {
+        self.d.checked_add(2)?.checked_mul(self.rows)
+    }
+
+    /// Splits one partial (exactly [`Partial::floats`] values) into (max, sum, acc).
+    fn parts(self, buf: &mut [f32]) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let (max, rest) = buf.split_at_mut(self.rows);
+        let (sum, acc) = rest.split_at_mut(self.rows);
+        (max, sum, acc)
+    }
 }
 
 /// Rows per work item (over all its heads) and keys per tile for one head_dim.
@@ -520,7 +601,8 @@ pub(crate) fn forward_rows<T: Element, R: KvRows<T>>(
     let sk = if hk == 0 { 0 } else { sk };
     let blocks = Blocks::for_head_dim(d);
     let group = h.checked_div(hk).unwrap_or(1).max(1);
-    let items = work_items(b, sq, sk, h, d, group, lse, seqs, mask, blocks)?;
+    let mut parts = Vec::new();
+    let (items, splits) = work_items(b, sq, sk, h, d, group, lse, seqs, mask, blocks, &mut parts)?;
     if items.is_empty() {
         return Ok(());
     }
@@ -569,19 +651,108 @@ pub(crate) fn forward_rows<T: Element, R: KvRows<T>>(
             }
         }
     });
+    // Every item has run (and given back its slot of `parts`): merge the split blocks, on this
+    // thread (a few multiply-adds per head_dim element and chunk, nothing to share out).
+    drop(queue);
+    for split in splits {
+        merge_partials(&problem, split, &mut parts);
+    }
     Ok(())
 }
 
+/// Combines the chunks' partial states of one split block, in chunk order, into chunk 0's
+/// slot, and stores the result as an unsplit item would: the same log-sum-exp merge the
+/// online softmax applies between key tiles, so a split row keeps every rule of an unsplit one
+/// (a NaN state stays NaN, chunks whose keys the row does not see weigh nothing, a row with no
+/// visible key at all gives zeros and -inf).
+fn merge_partials<T: Element, R: KvRows<T>>(pb: &Problem<'_, T, R>, split: Split<'_>, parts: &mut [f32]) {
+    let d = pb.q.layout.head_dim();
+    let Split { seq, head0, heads, q0, rows: qrows, part0, chunks, mut lse } = split;
+    let layout = Partial { rows: heads * qrows, d };
+    // `work_items` checked these sizes and gave every chunk its slot, so neither fails.
+    let floats = layout.floats().unwrap_or(0);
+    let Some(slots) = floats.checked_mul(chunks).and_then(|n| parts.get_mut(part0..part0.checked_add(n)?)) else {
+        debug_assert!(false, "partial slots out of bounds");
+        return;
+    };
+    let (first, rest) = slots.split_at_mut(floats);
+    let (max, sum, acc) = layout.parts(first);
+    for chunk in rest.chunks_exact_mut(floats) {
+        let (max_c, sum_c, acc_c) = layout.parts(chunk);
+        for i in 0..layout.rows {
+            let (m, a, b) = merge_weights(max[i], max_c[i]);
+            sum[i] = sum[i] * a + sum_c[i] * b;
+            for (x, &y) in acc[i * d..][..d].iter_mut().zip(&acc_c[i * d..][..d]) {
+                *x = *x * a + y * b;
+            }
+            max[i] = m;
+        }
+    }
+    store_rows(pb, seq, head0, q0, qrows, max, sum, acc, d, &mut lse);
+}
+
+/// The log-sum-exp merge of two online-softmax states with running maxima `m_a` and `m_b`:
+/// the new maximum and the factors that rescale each state's sum and accumulators to it. The
+/// rules are the tile loop's in [`run_item_on`]: a NaN maximum stays NaN (and makes both
+/// factors NaN, so the row and its lse are NaN); where both are -inf nothing has weight yet,
+/// and subtracting 0 instead gives factors 0 rather than the NaN of `-inf - -inf`.
+#[inline]
+fn merge_weights(m_a: f32, m_b: f32) -> (f32, f32, f32) {
+    let m = if m_a.is_nan() || m_b.is_nan() { f32::NAN } else { m_a.max(m_b) };
+    let m_sub = if m == f32::NEG_INFINITY { 0.0 } else { m };
+    (m, (m_a - m_sub).exp(), (m_b - m_sub).exp())
+}
+
+/// Normalises and stores `rows = heads · qrows` finished query columns of one block (column
+/// `i` is row `q0 + i % qrows` of head `head0 + i / qrows`): `out` gets `acc / sum` (`acc` rows
+/// `stride` apart), each head's lse slice (if any) `max + ln sum`. The sum is 0 exactly when
+/// no key had weight (each tile adds at least exp(max - max) = 1): zeros and -inf. A NaN sum
+/// stays NaN in the row and its lse.
+#[allow(clippy::too_many_arguments)]
+fn store_rows<T: Element, R: KvRows<T>>(
+    pb: &Problem<'_, T, R>,
+    seq: Seq,
+    head0: usize,
+    q0: usize,
+    qrows: usize,
+    max: &[f32],
+    sum: &[f32],
+    acc: &[f32],
+    stride: usize,
+    lse: &mut [&mut [f32]],
+) {
+    let d = pb.q.layout.head_dim();
+    for (i, (&s, &m)) in sum.iter().zip(max).enumerate() {
+        let (head, r) = (head0 + i / qrows, i % qrows);
+        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+        if d > 0 {
+            let off = pb.out_layout.offset(seq.batch, seq.q_base + q0 + r, head);
+            // SAFETY: `off .. off + d` is one (batch, row, head) output row: in bounds of `out`
+            // (caller precondition), written for no other block (blocks partition the rows,
+            // the layout does not overlap), and `out` is exclusively borrowed by `forward` for
+            // the whole time the workers run.
+            let dst = unsafe { std::slice::from_raw_parts_mut(pb.out.get().add(off), d) };
+            for (o, &a) in dst.iter_mut().zip(&acc[i * stride..i * stride + d]) {
+                *o = T::from_f32(a * inv);
+            }
+        }
+        if let Some(l) = lse.get_mut(i / qrows) {
+            l[r] = if s == 0.0 { f32::NEG_INFINITY } else { m + s.ln() };
+        }
+    }
+}
 
 /// The work items of a call, longest last (workers pop from the end, so the longest start
-/// first and the short ones fill the gaps at the end), each with its own slices of `lse`.
+/// first and the short ones fill the gaps at the end), each with its own slices of `lse`, and
+/// the blocks whose keys were split into several items ([`Split`]), whose partial states get
+/// slots of `parts` (resized here).
 ///
-/// The split depends on the problem's shape only, never on the thread count: that, and each
-/// row being computed by one item in a fixed order, is what makes the result bitwise the same
-/// on any number of threads.
+/// The split depends on the problem's shape only, never on the thread count: that, each row
+/// (or key chunk of a row) being computed by one item in a fixed order, and the chunks being
+/// merged in a fixed order, is what makes the result bitwise the same on any number of threads.
 // One argument per dimension of the problem; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
-fn work_items<'l>(
+fn work_items<'l: 'p, 'p>(
     b: usize,
     sq: usize,
     sk: usize,
@@ -592,7 +763,8 @@ fn work_items<'l>(
     seqs: Seqs<'_>,
     mask: Mask,
     blocks: Blocks,
-) -> Result<Vec<WorkItem<'l>>, Error> {
+    parts: &'p mut Vec<f32>,
+) -> Result<(Vec<WorkItem<'p>>, Vec<Split<'l>>), Error> {
     // The sequences. Packed bounds are clamped to the tensors and q's made non-overlapping and
     // increasing (no-ops for validated prefix sums): items must partition out's rows, as the
     // unsynchronised writes rely on it, whatever the caller passed.
@@ -652,42 +824,109 @@ fn work_items<'l>(
         }
     }
 
-    // All query heads of a kv head go into one item (up to `blocks.q` of them), so each K/V tile
-    // is widened once for the whole GQA group; the item's rows are then shared out as query
-    // rows per head.
+    // All query heads of a kv head go into one block (up to `blocks.q` of them), so each K/V
+    // tile is widened once for the whole GQA group; the block's rows are then shared out as
+    // query rows per head.
     let heads_per_item = group.clamp(1, blocks.q);
     let rows_per_head = (blocks.q / heads_per_item).max(1);
     let count = list
         .iter()
         .fold(0usize, |n, s| n.saturating_add(s.sq.div_ceil(rows_per_head)))
         .saturating_mul(h.div_ceil(heads_per_item));
-    let mut items = Vec::new();
-    items.try_reserve_exact(count).map_err(|_| work_list_error(count))?;
+    let mut list_blocks = Vec::new();
+    list_blocks.try_reserve_exact(count).map_err(|_| work_list_error(count))?;
     for (i, &seq) in list.iter().enumerate() {
         for kv_first in (0..h).step_by(group) {
             for head0 in (kv_first..(kv_first + group).min(h)).step_by(heads_per_item) {
                 let heads = heads_per_item.min(kv_first + group - head0).min(h - head0);
                 for q0 in (0..seq.sq).step_by(rows_per_head) {
                     let rows = rows_per_head.min(seq.sq - q0);
-                    let keys =
-                        mask.key_range(q0 + rows - 1, seq.sq, seq.sk).1 - mask.key_range(q0, seq.sq, seq.sk).0;
-                    let cost = ((rows * heads) as u64).saturating_mul(keys as u64 + 1).saturating_mul(d as u64 + 1);
-                    let mut lse = Vec::new();
-                    if !runs.is_empty() {
-                        lse.try_reserve_exact(heads).map_err(|_| work_list_error(heads))?;
-                        for run in &mut runs[i * h + head0..i * h + head0 + heads] {
-                            let (mine, rest) = run.take().unwrap_or_default().split_at_mut(rows);
-                            *run = Some(rest);
-                            lse.push(mine);
-                        }
-                    }
-                    items.push(WorkItem { seq, head0, heads, q0, rows, cost, lse });
+                    // Ranges are non-decreasing in the row: the union is first begin .. last end.
+                    let keys = (mask.key_range(q0, seq.sq, seq.sk).0, mask.key_range(q0 + rows - 1, seq.sq, seq.sk).1);
+                    list_blocks.push(Block { seq_index: i, seq, head0, heads, q0, rows, keys });
                 }
             }
         }
     }
-    items.sort_unstable_by_key(|it| it.cost);
-    Ok(items)
+
+    // Key chunks per block: one, unless the call has too few blocks to share out (decode).
+    let chunking = |blk: &Block| -> (usize, usize) {
+        let (begin, end) = blk.keys;
+        if list_blocks.len() >= SPLIT_BLOCKS || end - begin < 2 * SPLIT_KEYS {
+            return (end - begin, 1);
+        }
+        // Chunk boundaries at multiples of the chunk length (itself a multiple of the key tile).
+        let len = round_up(SPLIT_KEYS.max((end - begin).div_ceil(MAX_CHUNKS)), blocks.k);
+        (len, (end - begin / len * len).div_ceil(len))
+    };
+    let part_floats = |blk: &Block| Partial { rows: blk.rows * blk.heads, d }.floats();
+    let total_parts = list_blocks.iter().try_fold(0usize, |n, blk| match chunking(blk) {
+        (_, 1) => Some(n),
+        (_, chunks) => n.checked_add(part_floats(blk)?.checked_mul(chunks)?),
+    });
+    let split = matches!(total_parts, Some(n) if n <= MAX_PARTIAL_FLOATS);
+    if split {
+        let n = total_parts.unwrap_or(0);
+        parts.try_reserve_exact(n).map_err(|_| work_list_error(n))?;
+        parts.resize(n, 0.0);
+    }
+    let count = list_blocks.iter().fold(0usize, |n, blk| n.saturating_add(if split { chunking(blk).1 } else { 1 }));
+    let mut items = Vec::new();
+    items.try_reserve_exact(count).map_err(|_| work_list_error(count))?;
+    let mut splits = Vec::new();
+    let mut free: &'p mut [f32] = parts;
+    let mut part0 = 0;
+    for blk in &list_blocks {
+        let Block { seq_index: i, seq, head0, heads, q0, rows, keys } = *blk;
+        let mut lse = Vec::new();
+        if !runs.is_empty() {
+            lse.try_reserve_exact(heads).map_err(|_| work_list_error(heads))?;
+            for run in &mut runs[i * h + head0..i * h + head0 + heads] {
+                let (mine, rest) = run.take().unwrap_or_default().split_at_mut(rows);
+                *run = Some(rest);
+                lse.push(mine);
+            }
+        }
+        let cost = |keys: usize| ((rows * heads) as u64).saturating_mul(keys as u64 + 1).saturating_mul(d as u64 + 1);
+        let (len, chunks) = if split { chunking(blk) } else { (0, 1) };
+        if chunks == 1 {
+            let dest = Dest::Out(lse);
+            items.push(WorkItem { seq, head0, heads, q0, rows, keys, chunk: 0, cost: cost(keys.1 - keys.0), dest });
+            continue;
+        }
+        // Bounded: `part_floats` and the sum over all chunks were checked above.
+        let floats = part_floats(blk).unwrap_or(0);
+        let first = keys.0 / len * len;
+        for chunk in 0..chunks {
+            let (slot, rest) = std::mem::take(&mut free).split_at_mut(floats);
+            free = rest;
+            // Within `first + chunks·len <= keys.1 + len`: no overflow for any key count.
+            let range = (first + chunk * len, first + (chunk + 1) * len);
+            let n = range.1.min(keys.1) - range.0.max(keys.0);
+            items.push(WorkItem { seq, head0, heads, q0, rows, keys: range, chunk, cost: cost(n), dest: Dest::Part(slot) });
+        }
+        splits.push(Split { seq, head0, heads, q0, rows, part0, chunks, lse });
+        part0 += floats * chunks;
+    }
+    // Longest last, and among equals chunk 0 of every block last, so all threads start on the
+    // first chunks and move through the caches together. A stable sort: the order, like the
+    // split, depends on the shape only.
+    items.sort_by_key(|it| (it.cost, std::cmp::Reverse(it.chunk)));
+    Ok((items, splits))
+}
+
+/// A block of rows before its keys are (perhaps) split into chunks.
+#[derive(Clone, Copy)]
+struct Block {
+    /// Index of `seq` in the call's sequence list (for its lse runs).
+    seq_index: usize,
+    seq: Seq,
+    head0: usize,
+    heads: usize,
+    q0: usize,
+    rows: usize,
+    /// The union of the rows' key ranges.
+    keys: (usize, usize),
 }
 
 fn work_list_error(n: usize) -> Error {
@@ -743,15 +982,20 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
     let d = pb.q.layout.head_dim();
     let dp = round_up(d, PV_COLS);
     let bk = pb.blocks.k;
-    let WorkItem { seq, head0, heads, q0, rows: qrows, mut lse, .. } = item;
+    let WorkItem { seq, head0, heads, q0, rows: qrows, keys: (chunk_begin, chunk_end), dest, .. } = item;
     let Seq { batch, q_base, sq, k_base, sk } = seq;
     let kv_head = head0 / pb.group;
     // Query column `i` of the item is row `q0 + i % qrows` of head `head0 + i / qrows`.
     let rows = heads * qrows;
     let rp = round_up(rows, LANES);
     debug_assert!(rows <= pb.blocks.q && rp <= pb.blocks.rows_padded());
-    // Keys [begin, end) of the sequence that column `i` may see.
-    let key_range = |i: usize| pb.mask.key_range(q0 + i % qrows, sq, sk);
+    // Keys [begin, end) of the sequence that column `i` may see, within the item's chunk (an
+    // empty range may come out as begin > end; the tile loop treats it as empty). Clamping
+    // keeps both ends non-decreasing in the row, as the mask makes them.
+    let key_range = |i: usize| {
+        let (b, e) = pb.mask.key_range(q0 + i % qrows, sq, sk);
+        (b.max(chunk_begin), e.min(chunk_end))
+    };
 
     let Scratch { qt, k: kt, v: vt, s: st, acc, row } = sc;
     let (max, rest) = row.split_at_mut(rp);
@@ -765,7 +1009,10 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
     // finite and harmless; they are never stored. An item of at most eight rows (decode)
     // keeps Q row-major instead (`[rows, d]`) for the dot-product score kernel.
     let narrow = rp == LANES;
-    qt.fill(0.0);
+    if !narrow {
+        // The padding columns must be zero; narrow items write all the `rows · d` they read.
+        qt.fill(0.0);
+    }
     // With d == 0 no element exists and q may be empty: address nothing.
     for i in (0..rows).filter(|_| d > 0) {
         let off = pb.q.layout.offset(batch, q_base + q0 + i % qrows, head0 + i / qrows);
@@ -789,11 +1036,14 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
     // the last row the highest end. A sequence without keys gives an empty range: no key row is
     // ever addressed.
     let block_begin = key_range(0).0 / bk * bk;
-    let block_end = key_range(qrows - 1).1;
+    let block_end = key_range(qrows - 1).1.max(block_begin);
     for k0 in (block_begin..block_end).step_by(bk) {
         let kn = bk.min(block_end - k0);
-        // The tile's visible window per column, tile-relative, and the union over the item.
+        // The tile's visible window per column, tile-relative, and the union over the item;
+        // `uniform`: every row sees the whole union (decode), and the narrow kernels can read
+        // the value rows in place.
         let (mut jlo, mut jhi) = (kn, 0);
+        let mut windows = [(0, 0); LANES];
         for i in 0..rp {
             let (b, e) = if i < rows { key_range(i) } else { (0, 0) };
             let (l, h) = (b.clamp(k0, k0 + kn) - k0, e.clamp(k0, k0 + kn) - k0);
@@ -805,18 +1055,26 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
             // Exact: both are at most BLOCK_K.
             lo[i] = l as f32;
             hi[i] = h as f32;
+            if let Some(w) = windows.get_mut(i) {
+                *w = (l, h);
+            }
         }
         if jhi <= jlo {
             continue; // no row sees any key of this tile
         }
+        let uniform = narrow && windows[..rows].iter().all(|&w| w == (jlo, jhi));
 
         // K and V rows of the visible window, widened once for every head of the item, with a
         // prefetch hint some keys ahead (strided rows, as in a `[seq, kv_heads, d]` cache or
         // pages, defeat the hardware prefetchers; contiguous ones measured faster with it too).
         let mut v_finite = true;
+        // Uniform narrow tiles: where each value row lies, for `pv_narrow_rows`.
+        let mut v_rows = [std::ptr::null::<T>(); BLOCK_K];
         for j in jlo..jhi {
             let key = k_base + k0 + j;
-            if k0 + j + PREFETCH_KEYS < block_end {
+            // Ahead within the sequence, not only the item: a key chunk's successor is the
+            // next item's (often this thread's), and its first rows should not start cold.
+            if k0 + j + PREFETCH_KEYS < sk {
                 let ahead = key + PREFETCH_KEYS;
                 kernels::prefetch(pb.kv.k_row(batch, ahead, kv_head));
                 kernels::prefetch(pb.kv.v_row(batch, ahead, kv_head));
@@ -830,20 +1088,15 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
                 if narrow && d > 0 {
                     // Scores straight from the key row, widened in registers.
                     let (q, out) = (qt.as_ptr(), st.as_mut_ptr().add(j * rp));
-                    match rows {
-                        1 => kernels::scores_narrow::<S, T, 1>(d, kr.as_ptr(), q, out),
-                        2 => kernels::scores_narrow::<S, T, 2>(d, kr.as_ptr(), q, out),
-                        3 => kernels::scores_narrow::<S, T, 3>(d, kr.as_ptr(), q, out),
-                        4 => kernels::scores_narrow::<S, T, 4>(d, kr.as_ptr(), q, out),
-                        5 => kernels::scores_narrow::<S, T, 5>(d, kr.as_ptr(), q, out),
-                        6 => kernels::scores_narrow::<S, T, 6>(d, kr.as_ptr(), q, out),
-                        7 => kernels::scores_narrow::<S, T, 7>(d, kr.as_ptr(), q, out),
-                        _ => kernels::scores_narrow::<S, T, 8>(d, kr.as_ptr(), q, out),
-                    }
+                    kernels::scores_narrow_rows::<S, T>(rows, d, kr.as_ptr(), q, out);
                 } else {
                     kernels::widen::<S, T>(kt.as_mut_ptr().add(j * d), kr.as_ptr(), d);
                 }
-                v_finite &= kernels::widen_finite::<S, T>(vt.as_mut_ptr().add(j * dp), vr.as_ptr(), d);
+                if uniform {
+                    v_rows[j] = vr.as_ptr();
+                } else {
+                    v_finite &= kernels::widen_finite::<S, T>(vt.as_mut_ptr().add(j * dp), vr.as_ptr(), d);
+                }
             }
         }
 
@@ -906,6 +1159,16 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
             }
         }
 
+        if uniform {
+            // SAFETY: `v_rows[jlo .. jhi]` are value rows of `d` elements (set above), P is
+            // rows `jlo .. jhi` of `st` (`[bk, rp]`, rows <= rp), `alpha` holds `rp >= rows`
+            // values, `acc` `rows` rows of `dp >= d`.
+            unsafe {
+                let p = st.as_ptr().add(jlo * rp);
+                kernels::pv_narrow_rows::<S, T>(rows, &v_rows[jlo..jhi], p, rp, alpha.as_ptr(), acc.as_mut_ptr(), dp, d);
+            }
+            continue;
+        }
         // Rescale each row's history, then acc += P · V over the window.
         for i in 0..rows {
             let a = alpha[i];
@@ -938,25 +1201,16 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
         }
     }
 
-    // Normalise and store. The sum is 0 exactly when no key had weight (each tile adds at
-    // least exp(max - max) = 1): zeros and -inf. A NaN sum stays NaN in the row and its lse.
-    for i in 0..rows {
-        let (head, r) = (head0 + i / qrows, i % qrows);
-        let s = sum[i];
-        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
-        if d > 0 {
-            let off = pb.out_layout.offset(batch, q_base + q0 + r, head);
-            // SAFETY: `off .. off + d` is one (batch, row, head) output row: in bounds of `out`
-            // (caller precondition), written by no other work item (items partition the rows,
-            // the layout does not overlap), and `out` is exclusively borrowed by `forward` for
-            // the whole time the workers run.
-            let dst = unsafe { std::slice::from_raw_parts_mut(pb.out.get().add(off), d) };
-            for (o, &a) in dst.iter_mut().zip(&acc[i * dp..i * dp + d]) {
-                *o = T::from_f32(a * inv);
+    match dest {
+        Dest::Out(mut lse) => store_rows(pb, seq, head0, q0, qrows, &max[..rows], &sum[..rows], acc, dp, &mut lse),
+        Dest::Part(part) => {
+            // The state as it stands, for `merge_partials`.
+            let (m, s, a) = Partial { rows, d }.parts(part);
+            m.copy_from_slice(&max[..rows]);
+            s.copy_from_slice(&sum[..rows]);
+            for (dst, src) in a.chunks_exact_mut(d.max(1)).zip(acc.chunks_exact(dp.max(1))) {
+                dst.copy_from_slice(&src[..dst.len()]);
             }
-        }
-        if let Some(l) = lse.get_mut(i / qrows) {
-            l[r] = if s == 0.0 { f32::NEG_INFINITY } else { max[i] + s.ln() };
         }
     }
 }
@@ -1368,6 +1622,35 @@ mod tests {
         }
     }
 
+    /// The split plan of a dense call without lse: (work items, split blocks, partial floats).
+    fn plan(b: usize, sq: usize, sk: usize, h: usize, hk: usize, d: usize) -> (usize, usize, usize) {
+        let mut parts = Vec::new();
+        let (items, splits) =
+            work_items(b, sq, sk, h, d, h / hk, None, Seqs::Dense, Mask::default(), Blocks::for_head_dim(d), &mut parts)
+                .expect("plan");
+        (items.len(), splits.len(), parts.len())
+    }
+
+    /// Decode over long keys with few (sequence, kv head) blocks splits each block's keys into
+    /// chunks; many blocks, or short keys, are not split; the chunk count stays bounded however
+    /// long the keys are. The split results match the reference (the merge included).
+    #[test]
+    fn long_decode_splits_its_keys() {
+        // 8 blocks of 4096 keys: 8 chunks each, a partial of 4 rows × (128 + 2) per chunk.
+        assert_eq!(plan(1, 1, 4096, 32, 8, 128), (64, 8, 64 * 4 * 130));
+        assert_eq!(plan(1, 1, 2 * SPLIT_KEYS - 1, 32, 8, 128), (8, 0, 0), "under two chunks of keys");
+        assert_eq!(plan(64, 1, 4096, 32, 8, 128), (512, 0, 0), "enough blocks to share out");
+        let (items, splits, _) = plan(1, 1, 1 << 24, 4, 1, 8);
+        assert!(splits == 1 && items > 2 && items <= MAX_CHUNKS + 1, "{items} chunks of 2^24 keys");
+        // A partial buffer past its cap: not split at all (d = 2^20: 130 chunks × 4 rows ≫ 2^22).
+        assert_eq!(plan(1, 1, 1 << 16, 4, 1, 1 << 20).1, 0);
+        check_all(&both_masks(&[
+            case(1, 1, 3000, 4, 1, 64),
+            case(1, 2, 1100, 8, 2, 16).mem(Mem::Padded),
+            case(1, 1, 1025, 2, 1, 9).mem(Mem::HeadsFirst),
+        ]));
+    }
+
     #[test]
     fn threads_zero_means_one() {
         check::<f32>(case(1, 70, 70, 2, 2, 16).threads(0), TOL_F32);
@@ -1510,6 +1793,7 @@ mod tests {
                 case(1, 70, 200, 8, 2, 24).mem(Mem::Padded),
                 case(1, 1, 90, 8, 2, 64),
                 case(1, 37, 71, 2, 1, 9),
+                case(1, 1, 1100, 4, 1, 20), // split keys; value rows read in place, tail columns
             ]));
             nan_in_a_query_row_gives_a_nan_row();
             nan_in_a_key_or_value_row_reaches_only_the_rows_that_see_it();

@@ -166,7 +166,8 @@ fn cpu_backend_matches_reference_on_the_bench_shapes() {
 #[test]
 fn cpu_backend_bits_do_not_depend_on_the_thread_count() {
     let mut rng = Rng::fresh();
-    for [b, sq, sk, h, hk, d] in [[1usize, 1, 700, 32, 8, 128], [1, 150, 150, 4, 2, 64]] {
+    // The third shape splits its keys into chunks (decode with few kv heads, a long cache).
+    for [b, sq, sk, h, hk, d] in [[1usize, 1, 700, 32, 8, 128], [1, 150, 150, 4, 2, 64], [1, 2, 3000, 8, 2, 64]] {
         let (lq, lk) = (Layout::contiguous(b, sq, h, d), Layout::contiguous(b, sk, hk, d));
         let gen = |rng: &mut Rng, n| {
             let mut v = vec![bf16::ZERO; n];
@@ -633,4 +634,111 @@ fn cpu_scratch_allocation_failure_is_an_error_and_writes_nothing() {
     attn.forward(&Tensor::host(&x, l), &Tensor::host(&x, l), &Tensor::host(&x, l), &mut TensorMut::host(&mut out, l), &Options::default())
         .unwrap();
     assert!(out.iter().all(|o| o.is_finite()));
+}
+
+/// Decode with few (sequence, kv head) blocks over long keys: each block's keys are split into
+/// chunks that run as separate work items, merged by log-sum-exp. Against the f64 reference,
+/// with windows that leave most chunks without a visible key, soft-capping, causal rows that
+/// see different keys in the last tile, a last chunk of a single key, and both cache layouts.
+#[test]
+fn split_key_decode_matches_the_reference() {
+    let mut rng = Rng::fresh();
+    let shapes: [[usize; 6]; 5] = [
+        [1, 1, 4099, 4, 1, 64],  // one kv head; the last chunk holds 3 keys
+        [1, 1, 1025, 2, 1, 16],  // a last chunk of a single key
+        [1, 3, 2048, 8, 2, 32],  // three query rows per head: causal rows differ in the last tile
+        [2, 1, 1500, 4, 4, 8],   // two sequences, MHA
+        [1, 16, 3000, 4, 1, 16], // speculative decoding: 16 rows, 64 per block
+    ];
+    let windows = [(None, None), (Some(5), None), (Some(700), Some(0)), (Some(1300), None)];
+    let attn = Selector::from_settings(Settings::default()).cpu_threads(2).select().unwrap();
+    for (n, [b, sq, sk, h, hk, d]) in shapes.into_iter().enumerate() {
+        for (w, &(left, right)) in windows.iter().enumerate() {
+            for causal in [false, true] {
+                let softcap = [None, Some(3.0f32)][(n + w) % 2];
+                let lk = if (n + w) % 2 == 0 { Layout::heads_first(b, sk, hk, d) } else { Layout::contiguous(b, sk, hk, d) };
+                let lq = Layout::contiguous(b, sq, h, d);
+                let gen = |rng: &mut Rng, n| {
+                    let mut v = vec![0f32; n];
+                    rng.fill(&mut v, |x| x * 2.0);
+                    v
+                };
+                let (q, k, v) = (gen(&mut rng, lq.numel()), gen(&mut rng, lk.numel()), gen(&mut rng, lk.numel()));
+                let mut out = vec![f32::NAN; lq.numel()];
+                let mut lse = vec![f32::NAN; b * h * sq];
+                let mut opts = Options::default().causal(causal).window(left, right);
+                if let Some(c) = softcap {
+                    opts = opts.softcap(c);
+                }
+                attn.forward_with_lse(
+                    &Tensor::host(&q, lq),
+                    &Tensor::host(&k, lk),
+                    &Tensor::host(&v, lk),
+                    &mut TensorMut::host(&mut out, lq),
+                    &mut LseMut::host(&mut lse),
+                    &opts,
+                )
+                .unwrap();
+                let mask = RefMask { causal, left, right, softcap: softcap.map(f64::from) };
+                let (ref_out, ref_lse) =
+                    attention_f64_masked(input(&q, lq), input(&k, lk), input(&v, lk), |x| x as f64, 1.0 / (d as f64).sqrt(), mask);
+                let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+                let err = rel_err(&got, &ref_out);
+                let case = format!("{:?} window={left:?},{right:?} causal={causal} softcap={softcap:?} (seed {:#x})", [b, sq, sk, h, hk, d], rng.get_seed());
+                assert!(err < 1e-5, "{case}: rel {err:.2e}");
+                for (g, r) in lse.iter().zip(&ref_lse) {
+                    assert!((*g as f64 - r).abs() < 1e-4, "{case}: lse {g} vs {r}");
+                }
+            }
+        }
+    }
+}
+
+/// NaN in a split decode: a NaN key reaches the row only when the row sees it, whichever chunk
+/// holds it; a NaN value only its own column.
+#[test]
+fn split_key_decode_propagates_nan_only_from_visible_keys() {
+    let (b, sq, sk, h, hk, d) = (1, 1, 3000, 4, 1, 16);
+    let (lq, lk) = (Layout::contiguous(b, sq, h, d), Layout::contiguous(b, sk, hk, d));
+    let mut rng = Rng::fresh();
+    let gen = |rng: &mut Rng, n| {
+        let mut v = vec![0f32; n];
+        rng.fill(&mut v, |x| x);
+        v
+    };
+    let (q, k0, v0) = (gen(&mut rng, lq.numel()), gen(&mut rng, lk.numel()), gen(&mut rng, lk.numel()));
+    let attn = Selector::from_settings(Settings::default()).cpu_threads(2).select().unwrap();
+    // (poisoned key, in the value?, left window) -> whether the row sees it.
+    for (key, in_value, left) in [(100, false, None), (100, false, Some(50)), (2999, false, Some(50)), (1700, true, None), (1700, true, Some(1000))] {
+        let (mut k, mut v) = (k0.clone(), v0.clone());
+        if in_value {
+            v[lk.offset(0, key, 0) + 3] = f32::NAN;
+        } else {
+            k[lk.offset(0, key, 0) + 3] = f32::NAN;
+        }
+        let mut out = vec![0f32; lq.numel()];
+        let mut lse = vec![0f32; b * h * sq];
+        attn.forward_with_lse(
+            &Tensor::host(&q, lq),
+            &Tensor::host(&k, lk),
+            &Tensor::host(&v, lk),
+            &mut TensorMut::host(&mut out, lq),
+            &mut LseMut::host(&mut lse),
+            &Options::default().window(left, None),
+        )
+        .unwrap();
+        let sees = left.map_or(true, |l| key + l >= sk - 1);
+        for hi in 0..h {
+            let row = &out[lq.offset(0, 0, hi)..][..d];
+            let ctx = format!("key {key} in_value={in_value} left={left:?} head {hi}");
+            match (sees, in_value) {
+                (false, _) => assert!(row.iter().all(|x| x.is_finite()) && lse[hi].is_finite(), "{ctx}: {row:?}"),
+                (true, false) => assert!(row.iter().all(|x| x.is_nan()) && lse[hi].is_nan(), "{ctx}: {row:?}"),
+                (true, true) => {
+                    assert!(row.iter().enumerate().all(|(e, x)| x.is_nan() == (e == 3)), "{ctx}: {row:?}");
+                    assert!(lse[hi].is_finite(), "{ctx}");
+                }
+            }
+        }
+    }
 }

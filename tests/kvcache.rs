@@ -71,6 +71,31 @@ fn sweep<T: attention::Element>(dtype: attention::DType) {
     println!("{dtype}: {n} KV-cache cases match the reference");
 }
 
+/// Long caches with one or two kv heads: few (sequence, kv head) blocks, so each one's keys are
+/// split into chunks on separate threads and merged; a padding slot (length 0) in the same
+/// call gives zeros and -inf. Contiguous and paged (page sizes 1, 16 and 48: pages that straddle
+/// chunk boundaries), every mask.
+#[test]
+fn long_kv_cache_split_into_key_chunks_matches_the_reference() {
+    let attn = cpu();
+    let mut rng = Rng::fresh();
+    let stores = [Store::Contiguous, Store::ContiguousHeadsFirst, Store::PagedVllm { page_size: 1 }, Store::PagedVllm { page_size: 16 }, Store::PagedHnd { page_size: 48 }];
+    let masks = [
+        RefMask::default(),
+        RefMask { causal: true, left: Some(9), ..RefMask::default() },
+        RefMask { softcap: Some(5.0), ..RefMask::default() },
+    ];
+    for (i, &store) in stores.iter().enumerate() {
+        for (j, &mask) in masks.iter().enumerate() {
+            let (h, hk, q_len) = [(4, 1, 1), (8, 2, 3)][(i + j) % 2];
+            let c = KvCase::<f32>::new(&mut rng, store, 3, q_len, h, hk, 16, 2600, mask);
+            assert_eq!(c.lens[2], 0);
+            let (err, lse) = run(&attn, &c).unwrap();
+            assert!(err < 1e-5 && lse < 1e-4, "{store:?} h={h}/{hk} q_len={q_len} {mask:?} lens {:?}: rel {err:.2e}, lse {lse:.2e} (seed {:#x})", c.lens, rng.get_seed());
+        }
+    }
+}
+
 #[test]
 fn kv_cache_on_the_cpu_matches_the_reference_f32() {
     sweep::<f32>(attention::DType::F32);
