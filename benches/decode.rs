@@ -125,22 +125,30 @@ fn main() {
             tbs(b, sk, hk, d, t[2])
         );
     }
-    // Host cost of submitting a tiny decode call (what a serving loop pays per layer).
-    let (lq, lk) = (Layout::contiguous(1, 1, h, d), Layout::contiguous(1, 16, hk, d));
-    let q: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
-    let k: CudaSlice<bf16> = s.alloc_zeros(lk.numel()).unwrap();
-    let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
-    // Fewer calls than the launch queue holds, so the host is never throttled by the GPU.
-    let n = 500;
-    for _ in 0..100 {
-        attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&k, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default()).unwrap();
-    }
-    s.synchronize().unwrap();
-    let t = Instant::now();
-    for _ in 0..n {
-        attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&k, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default()).unwrap();
-    }
-    let submit = t.elapsed().as_secs_f64() / n as f64;
-    s.synchronize().unwrap();
-    println!("host time to submit a tiny decode call: {:.2} µs", submit * 1e6);
+    // Host cost of submitting a tiny decode call (what a serving loop pays per layer): with
+    // cudarc's event tracking (its default: every slice access records events), and without
+    // (a single-stream engine turns it off), which isolates our own share.
+    let submit = |what: &str| {
+        let (lq, lk) = (Layout::contiguous(1, 1, h, d), Layout::contiguous(1, 16, hk, d));
+        let q: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
+        let k: CudaSlice<bf16> = s.alloc_zeros(lk.numel()).unwrap();
+        let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
+        // Fewer calls than the launch queue holds, so the host is never throttled by the GPU.
+        let n = 500;
+        for _ in 0..100 {
+            attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&k, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default()).unwrap();
+        }
+        s.synchronize().unwrap();
+        let t = Instant::now();
+        for _ in 0..n {
+            attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&k, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default()).unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64() / n as f64;
+        s.synchronize().unwrap();
+        println!("host time to submit a tiny decode call ({what}): {:.2} µs", secs * 1e6);
+    };
+    submit("cudarc event tracking on");
+    // SAFETY: every slice of this bench lives on the one stream `s`; nothing else uses them.
+    unsafe { ctx.disable_event_tracking() };
+    submit("event tracking off");
 }

@@ -11,25 +11,17 @@ mod common;
 
 use std::sync::Arc;
 
-use attention::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use attention::cudarc::driver::{CudaSlice, CudaStream};
 use attention::{
     BackendKind, DType, Element, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector,
     SeqLens, Settings, Tensor, TensorMut, VarLen,
 };
 use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
-use common::gpu::{lse_error, run_masked, run_varlen, s, tolerance, Outcome, Shape};
+use common::gpu::{gpu, lse_error, run_masked, run_varlen, s, tolerance, Outcome, Shape};
 use common::rng::Rng;
 use half::{bf16, f16};
 
 
-fn gpu() -> (attention::Attention, Arc<CudaStream>) {
-    let attn = attention::select().unwrap();
-    let caps = attn.device_caps().unwrap_or_else(|| {
-        panic!("no CUDA device: {}", attn.no_device_reason().unwrap_or("?"))
-    });
-    let ctx = CudaContext::new(caps.ordinal).unwrap();
-    (attn, ctx.default_stream())
-}
 
 /// Odd sizes on purpose: seqlen 1, non-multiples of 16, sq ≠ sk both ways, GQA, MQA, odd d.
 const SHAPES: [Shape; 10] = [

@@ -17,23 +17,17 @@ mod append_case;
 use std::sync::Arc;
 
 use append_case::{first_difference, nan, new_layouts, AppendCase, NewLayout, STORES};
-use attention::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use attention::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use attention::{
-    Attention, BackendKind, BlockTable, CacheLens, DType, Element, Error, KvCache, KvCacheMut, Layout, LseMut, Options, Selector,
+    Attention, BackendKind, BlockTable, CacheLens, DType, Element, Error, KvCache, KvCacheMut, Layout, LseMut, Options,
     SlotMapping, Tensor, TensorMut,
 };
-use common::gpu::tolerance;
+use common::gpu::{gpu, tolerance};
 use common::kv::Store;
 use common::reference::{rel_err, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
-fn gpu() -> (Attention, Arc<CudaStream>) {
-    let attn = Selector::from_env().unwrap().select().unwrap();
-    let caps = attn.device_caps().unwrap_or_else(|| panic!("no CUDA device: {}", attn.no_device_reason().unwrap_or("?")));
-    let ctx = CudaContext::new(caps.ordinal).unwrap();
-    (attn, ctx.default_stream())
-}
 
 /// Device copies of a case: the cache (K then V), the new rows, slots, lengths, table, q.
 struct Dev<T> {

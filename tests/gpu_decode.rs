@@ -9,22 +9,16 @@ mod common;
 
 use std::sync::Arc;
 
-use attention::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use attention::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use attention::{
-    Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Selector, Tensor, TensorMut,
+    Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Tensor, TensorMut,
 };
-use common::gpu::{lse_error, random, tolerance};
+use common::gpu::{gpu, lse_error, random, tolerance};
 use common::kv::{KvCase, Store};
 use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
-fn gpu() -> (Attention, Arc<CudaStream>) {
-    let attn = Selector::from_env().unwrap().select().unwrap();
-    let caps = attn.device_caps().unwrap_or_else(|| panic!("no CUDA device: {}", attn.no_device_reason().unwrap_or("?")));
-    let ctx = CudaContext::new(caps.ordinal).unwrap();
-    (attn, ctx.default_stream())
-}
 
 /// Device copies of a case's buffers.
 struct Dev<T> {

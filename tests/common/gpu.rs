@@ -10,6 +10,16 @@ use super::reference::{attention_f64_masked, rel_err, varlen_f64, RefInput, RefM
 use super::rng::Rng;
 
 /// Tolerances on ‖out − ref‖/‖ref‖ against the f64 reference, per dtype.
+/// The handle the GPU suites test (from the environment, so `ATTN_EMULATE_ARCH` and friends
+/// apply) and its device's default stream. Panics without a device: a GPU test never passes by
+/// skipping.
+pub fn gpu() -> (attention::Attention, Arc<CudaStream>) {
+    let attn = attention::Selector::from_env().unwrap().select().unwrap();
+    let caps = attn.device_caps().unwrap_or_else(|| panic!("no CUDA device: {}", attn.no_device_reason().unwrap_or("?")));
+    let ctx = attention::cudarc::driver::CudaContext::new(caps.ordinal).unwrap();
+    (attn, ctx.default_stream())
+}
+
 pub fn tolerance(d: DType) -> f64 {
     match d {
         DType::F32 => 1e-4,
