@@ -9,7 +9,8 @@ reported with the K/V read rate beside the streaming read bandwidth measured by 
     python3 -m venv /tmp/torchcpu && /tmp/torchcpu/bin/pip install torch
     /tmp/torchcpu/bin/python scripts/cpu_vs_torch.py --threads 1,2 [--quick] [--filter bf16/d64]
 
-Prints a markdown table; --json FILE also writes the raw numbers.
+Prints a markdown table; --json FILE also writes the raw numbers. Where there is no cargo, set
+ATTN_BENCH_EXE to a built `attention` bench binary.
 """
 import argparse
 import json
@@ -55,6 +56,9 @@ def kv_bytes(s):
 
 
 def bench_binary():
+    # A machine without cargo (the GPU machine) names a prebuilt bench binary instead.
+    if os.environ.get("ATTN_BENCH_EXE"):
+        return os.environ["ATTN_BENCH_EXE"]
     out = subprocess.run(["cargo", "bench", "--bench", "attention", "--no-run", "--message-format=json"],
                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
     for line in out.splitlines():
