@@ -42,7 +42,9 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout as CandleLayout, Shape};
 
-use crate::{Attention, Element, Explanation, Layout, Options, Problem, SeqLens, Tensor, TensorMut, VarLen};
+use crate::{
+    Attention, BlockTable, CacheLens, Element, Explanation, KvCache, Layout, Options, Problem, SeqLens, Tensor, TensorMut, VarLen,
+};
 
 /// Why a candle tensor cannot be used as it is ([`Error::Tensor`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -245,6 +247,64 @@ pub fn attention_varlen_with(
     Op::new(attn, opts, Some(varlen)).apply(q, k, v)
 }
 
+/// Attention of `q` over a KV cache (FlashAttention's `flash_attn_with_kvcache`, vLLM's paged
+/// attention; see [`crate::KvCache`]): q `[batch, q_len, heads, head_dim]`; `k_cache`/`v_cache`
+/// contiguous `[batch, max_len, kv_heads, head_dim]` (no `block_table`) or pages `[num_pages,
+/// page_size, kv_heads, head_dim]` with `block_table` `[batch, pages_per_seq]`; `cache_lens`
+/// `[batch]`, each sequence's keys including this call's rows (query row `i` of sequence `b`
+/// sits at position `cache_lens[b] - q_len + i`). Lengths and tables are u32 or i32, on the
+/// tensors' device, read only by the kernels there. Returns `[batch, q_len, heads, head_dim]`.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor};
+/// let (q, cache) = (Tensor::randn(0f32, 1.0, (2, 1, 4, 16), &Device::Cpu)?, Tensor::randn(0f32, 1.0, (2, 8, 2, 16), &Device::Cpu)?);
+/// let lens = Tensor::new(&[5u32, 8], &Device::Cpu)?; // keys held by each sequence
+/// let out = attention::candle::attention_kvcache(&q, &cache, &cache, &lens, None, &attention::Options::default())?;
+/// assert_eq!(out.dims(), q.dims());
+/// # Ok(())
+/// # }
+/// ```
+pub fn attention_kvcache(
+    q: &candle_core::Tensor,
+    k_cache: &candle_core::Tensor,
+    v_cache: &candle_core::Tensor,
+    cache_lens: &candle_core::Tensor,
+    block_table: Option<&candle_core::Tensor>,
+    opts: &Options,
+) -> Result<candle_core::Tensor> {
+    let h = handle(device_ordinal(q))?;
+    attention_kvcache_with(&h, q, k_cache, v_cache, cache_lens, block_table, opts)
+}
+
+/// As [`attention_kvcache`], with your own handle.
+pub fn attention_kvcache_with(
+    attn: &Attention,
+    q: &candle_core::Tensor,
+    k_cache: &candle_core::Tensor,
+    v_cache: &candle_core::Tensor,
+    cache_lens: &candle_core::Tensor,
+    block_table: Option<&candle_core::Tensor>,
+    opts: &Options,
+) -> Result<candle_core::Tensor> {
+    let mut all = vec![q, k_cache, v_cache, cache_lens];
+    all.extend(block_table);
+    check_same_device(&all)?;
+    for (arg, t, rank, form) in
+        [("cache_lens", Some(cache_lens), 1, "[batch]"), ("block_table", block_table, 2, "[batch, pages_per_seq]")]
+    {
+        let Some(t) = t else { continue };
+        if t.rank() != rank {
+            return Err(TensorError::Rank { arg, expected: if rank == 1 { "1" } else { "2" }, form, dims: t.dims().to_vec() }.into());
+        }
+        if !matches!(t.dtype(), candle_core::DType::U32 | candle_core::DType::I32) {
+            return Err(TensorError::SeqLens { arg, detail: format!("dtype {:?}", t.dtype()) }.into());
+        }
+    }
+    let kv = KvArgs { lens: cache_lens.contiguous()?, table: block_table.map(|t| t.contiguous()).transpose()? };
+    Op::new(attn, opts, None).with_kv(kv).apply(q, k_cache, v_cache)
+}
+
 /// Which backend [`attention_with`] would run these tensors on, and why each higher-ranked
 /// one would not (without running anything).
 pub fn explain(
@@ -295,18 +355,37 @@ struct VarLenArgs {
     max_k: usize,
 }
 
-/// The custom op: q, k, v in, the output out.
+/// The lengths and block table of [`attention_kvcache`] (contiguous, u32 or i32).
+struct KvArgs {
+    lens: candle_core::Tensor,
+    table: Option<candle_core::Tensor>,
+}
+
+impl KvArgs {
+    /// `(pages_per_seq, entries)` of the block table.
+    fn table_shape(&self) -> Option<(usize, usize)> {
+        self.table.as_ref().map(|t| (t.dims().get(1).copied().unwrap_or(0), t.elem_count()))
+    }
+}
+
+/// The custom op: q, k, v (or the K/V cache) in, the output out.
 struct Op {
     attn: Attention,
     opts: Options,
     varlen: Option<VarLenArgs>,
+    kv: Option<KvArgs>,
     /// The typed error of a failed forward, which candle's error type cannot carry.
     failure: Mutex<Option<Error>>,
 }
 
 impl Op {
     fn new(attn: &Attention, opts: &Options, varlen: Option<VarLenArgs>) -> Self {
-        Op { attn: attn.clone(), opts: opts.clone(), varlen, failure: Mutex::new(None) }
+        Op { attn: attn.clone(), opts: opts.clone(), varlen, kv: None, failure: Mutex::new(None) }
+    }
+
+    fn with_kv(mut self, kv: KvArgs) -> Self {
+        self.kv = Some(kv);
+        self
     }
 
     /// Runs the op; a failure comes back typed.
@@ -363,6 +442,19 @@ impl Op {
         let mut out = vec![<T as bytemuck::Zeroable>::zeroed(); lo.numel()];
         let (tq, tk, tv) = (Tensor::host(tail(q, oq)?, mq), Tensor::host(tail(k, ok)?, mk), Tensor::host(tail(v, ov)?, mv));
         let mut to = TensorMut::host(&mut out, lo);
+        if let Some(kv) = &self.kv {
+            let lens = host_seqlens("cache_lens", &kv.lens).map_err(|e| self.fail(e))?;
+            let table = match &kv.table {
+                Some(t) => host_seqlens("block_table", &t.flatten_all()?).map_err(|e| self.fail(e))?,
+                None => Vec::new(),
+            };
+            let cache = match kv.table_shape() {
+                None => KvCache::contiguous(tk, tv, CacheLens::host(&lens)),
+                Some((per, _)) => KvCache::paged(tk, tv, BlockTable::host(&table, per, per), CacheLens::host(&lens)),
+            };
+            self.attn.forward_kvcache(&tq, &cache, &mut to, None, &self.opts).map_err(|e| self.fail(e))?;
+            return Ok((out, shape));
+        }
         match &self.varlen {
             None => self.attn.forward(&tq, &tk, &tv, &mut to, &self.opts),
             Some(vl) => {
@@ -383,10 +475,10 @@ fn tail<T>(s: &[T], offset: usize) -> candle_core::Result<&[T]> {
 
 impl CustomOp3 for Op {
     fn name(&self) -> &'static str {
-        if self.varlen.is_some() {
-            "attention-varlen"
-        } else {
-            "attention"
+        match (&self.varlen, &self.kv) {
+            (Some(_), _) => "attention-varlen",
+            (_, Some(_)) => "attention-kvcache",
+            _ => "attention",
         }
     }
 
@@ -461,31 +553,49 @@ impl Op {
         };
         let (vq, vk, vv) = (view(q, oq)?, view(k, ok)?, view(v, ov)?);
         let (tq, tk, tv) = (Tensor::cuda(&vq, mq), Tensor::cuda(&vk, mk), Tensor::cuda(&vv, mv));
+        // u32 or i32 `[n]` values of a candle device tensor: (address, count).
+        let stream = dev.cuda_stream();
+        let ints = |arg: &'static str, t: &candle_core::Tensor| -> candle_core::Result<(u64, usize)> {
+            use candle_core::cuda_backend::CudaStorageSlice as S;
+            let (g, l) = t.storage_and_layout();
+            let candle_core::Storage::Cuda(s) = &*g else {
+                return Err(self.fail(TensorError::Device(format!("{arg} not on the CUDA device"))));
+            };
+            let base = match &s.slice {
+                S::U32(x) => cudarc::driver::DevicePtr::device_ptr(x, &stream).0,
+                S::I32(x) => cudarc::driver::DevicePtr::device_ptr(x, &stream).0,
+                _ => return Err(self.fail(TensorError::SeqLens { arg, detail: format!("dtype {:?}", s.dtype()) })),
+            };
+            Ok((base + 4 * l.start_offset() as u64, l.shape().elem_count()))
+        };
+        if let Some(kv) = &self.kv {
+            let (pl, nl) = ints("cache_lens", &kv.lens)?;
+            // SAFETY: live candle device tensors on this device (held by `kv`), written on
+            // `stream`, the stream the kernels run on; u32 values below 2^31 read as i32 and
+            // the kernels clamp any other length or page id.
+            let lens = unsafe { CacheLens::from_raw_device(pl, nl) };
+            let mut to = TensorMut::cuda(&mut out, lo);
+            let cache = match (kv.table_shape(), &kv.table) {
+                (Some((per, _)), Some(t)) => {
+                    let (pt, nt) = ints("block_table", t)?;
+                    // SAFETY: as for the lengths.
+                    KvCache::paged(tk, tv, unsafe { BlockTable::from_raw_device(pt, nt, per, per) }, lens)
+                }
+                _ => KvCache::contiguous(tk, tv, lens),
+            };
+            self.attn.forward_kvcache(&tq, &cache, &mut to, None, &self.opts).map_err(|e| self.fail(e))?;
+            drop(to);
+            return Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), shape));
+        }
         {
             let mut to = TensorMut::cuda(&mut out, lo);
             match &self.varlen {
                 None => self.attn.forward(&tq, &tk, &tv, &mut to, &self.opts),
                 Some(vl) => {
-                    let (gq, lcq) = vl.cu_q.storage_and_layout();
-                    let (gk, lck) = vl.cu_k.storage_and_layout();
-                    let (candle_core::Storage::Cuda(cq), candle_core::Storage::Cuda(ck)) = (&*gq, &*gk) else {
-                        return Err(self.fail(TensorError::Device("cu_seqlens not on the CUDA device".into())));
-                    };
-                    let stream = dev.cuda_stream();
-                    let ptr = |s: &candle_core::CudaStorage, l: &CandleLayout| -> candle_core::Result<(u64, usize)> {
-                        let n = l.shape().elem_count();
-                        let base = match &s.slice {
-                            S::U32(x) => cudarc::driver::DevicePtr::device_ptr(x, &stream).0,
-                            S::I32(x) => cudarc::driver::DevicePtr::device_ptr(x, &stream).0,
-                            _ => return Err(self.fail(TensorError::SeqLens { arg: "cu_seqlens", detail: format!("dtype {:?}", s.dtype()) })),
-                        };
-                        Ok((base + 4 * l.start_offset() as u64, n))
-                    };
-                    use candle_core::cuda_backend::CudaStorageSlice as S;
-                    let ((pq, nq), (pk, nk)) = (ptr(cq, lcq)?, ptr(ck, lck)?);
+                    let ((pq, nq), (pk, nk)) = (ints("cu_seqlens_q", &vl.cu_q)?, ints("cu_seqlens_k", &vl.cu_k)?);
                     // SAFETY: the prefix sums are live candle device tensors (held by the
-                    // guards above) on this device, written on `stream`, the stream the
-                    // kernels run on (the output's). u32 values below 2^31 read as i32; the
+                    // op) on this device, written on `stream`, the stream the kernels run on
+                    // (the output's). u32 values below 2^31 read as i32; the
                     // kernels clamp any other value.
                     let varlen = unsafe {
                         VarLen::new(SeqLens::from_raw_device(pq, nq), SeqLens::from_raw_device(pk, nk), vl.max_q, vl.max_k)

@@ -158,6 +158,75 @@ fn explain_says_which_backend() {
     assert_eq!(e.chosen, Some(attention::BackendKind::Cpu), "{e}");
 }
 
+/// Per-sequence reference for a KV-cache call: sequence b's rows against its first lens[b] keys,
+/// bottom-right causal (query row i at position lens[b] - q_len + i).
+fn kv_reference(q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Tensor {
+    let q_len = q.dim(1).unwrap();
+    let rows: Vec<Tensor> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &n)| {
+            let (qb, kb, vb) = (q.narrow(0, b, 1).unwrap(), k.narrow(0, b, 1).unwrap().narrow(1, 0, n).unwrap(), v.narrow(0, b, 1).unwrap().narrow(1, 0, n).unwrap());
+            assert!(n >= q_len);
+            reference(&qb, &kb, &vb, &Options::default().causal(true)).unwrap()
+        })
+        .collect();
+    Tensor::cat(&rows, 0).unwrap()
+}
+
+/// The cache of `kv_cases` as pages: sequence b's key j in page `table[b][j / page]`, pages in
+/// reversed order so the table matters.
+fn paged(cache: &Tensor, page: usize) -> (Tensor, Tensor) {
+    let (b, cap, hk, d) = cache.dims4().unwrap();
+    let per = cap / page;
+    let pages = cache.reshape((b * per, page, hk, d)).unwrap();
+    let order: Vec<u32> = (0..(b * per) as u32).rev().collect();
+    let shuffled = pages.index_select(&Tensor::new(order.as_slice(), &Device::Cpu).unwrap(), 0).unwrap();
+    // Logical page p of the flattened cache now sits at b*per - 1 - p.
+    let table: Vec<u32> = (0..b * per).map(|p| (b * per - 1 - p) as u32).collect();
+    (shuffled, Tensor::from_vec(table, (b, per), &Device::Cpu).unwrap())
+}
+
+#[test]
+fn kv_cache_contiguous_and_paged_match_per_sequence_attention() {
+    let (b, cap, h, hk, d, q_len) = (2, 32, 4, 2, 16, 3);
+    let (q, k, v) = (randn((b, q_len, h, d)), randn((b, cap, hk, d)), randn((b, cap, hk, d)));
+    let lens = [20usize, 32];
+    let want = kv_reference(&q, &k, &v, &lens);
+    let lens_t = Tensor::new(&[20u32, 32], &Device::Cpu).unwrap();
+    let opts = Options::default().causal(true);
+    let got = attention::candle::attention_kvcache(&q, &k, &v, &lens_t, None, &opts).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4, "contiguous");
+    let ((kp, table), (vp, _)) = (paged(&k, 8), paged(&v, 8));
+    let got = attention::candle::attention_kvcache(&q, &kp, &vp, &lens_t, Some(&table), &opts).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4, "paged");
+    // A table of the wrong rank is a typed error naming it.
+    let err = attention::candle::attention_kvcache(&q, &kp, &vp, &lens_t, Some(&table.flatten_all().unwrap()), &opts).unwrap_err();
+    assert!(err.to_string().contains("block_table"), "{err}");
+}
+
+#[cfg(feature = "candle-cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test --features candle-cuda --test candle -- --ignored"]
+fn cuda_kv_cache_matches_cpu() {
+    let dev = Device::new_cuda(0).unwrap();
+    let (b, cap, h, hk, d, q_len) = (2, 64, 8, 2, 64, 1);
+    let (q, k, v) = (randn((b, q_len, h, d)), randn((b, cap, hk, d)), randn((b, cap, hk, d)));
+    let lens = [37usize, 64];
+    let want = kv_reference(&q, &k, &v, &lens);
+    let opts = Options::default().causal(true);
+    for dt in [DType::F16, DType::BF16] {
+        let g = |t: &Tensor| t.to_dtype(dt).unwrap().to_device(&dev).unwrap();
+        let lens_t = Tensor::new(&[37u32, 64], &dev).unwrap();
+        let got = attention::candle::attention_kvcache(&g(&q), &g(&k), &g(&v), &lens_t, None, &opts).unwrap();
+        assert!(got.device().same_device(&dev));
+        assert!(max_abs_diff(&got.to_device(&Device::Cpu).unwrap(), &want) < 3e-2, "contiguous {dt:?}");
+        let ((kp, table), (vp, _)) = (paged(&k, 16), paged(&v, 16));
+        let got = attention::candle::attention_kvcache(&g(&q), &g(&kp), &g(&vp), &lens_t, Some(&table.to_device(&dev).unwrap()), &opts).unwrap();
+        assert!(max_abs_diff(&got.to_device(&Device::Cpu).unwrap(), &want) < 3e-2, "paged {dt:?}");
+    }
+}
+
 #[cfg(feature = "candle-cuda")]
 #[test]
 #[ignore = "needs a CUDA GPU: cargo test --features candle-cuda --test candle -- --ignored"]
