@@ -238,47 +238,62 @@ fn cpu_backend_windows_and_softcap_match_reference() {
     let windows = [(Some(0), Some(0)), (Some(3), None), (None, Some(2)), (Some(5), Some(1)), (Some(17), Some(0))];
     let shapes: [[usize; 6]; 3] = [[1, 33, 33, 2, 1, 16], [2, 9, 70, 4, 2, 8], [1, 70, 9, 2, 2, 24]];
     let attn = Selector::from_settings(Settings::default()).cpu_threads(2).select().unwrap();
-    for (n, [b, sq, sk, h, hk, d]) in shapes.into_iter().enumerate() {
+    for (n, shape) in shapes.into_iter().enumerate() {
         for (w, &(left, right)) in windows.iter().enumerate() {
             for causal in [false, true] {
                 let softcap = [None, Some(2.0f32)][(n + w) % 2];
-                let (lq, lk) = (Layout::contiguous(b, sq, h, d), Layout::heads_first(b, sk, hk, d));
-                let gen = |rng: &mut Rng, n| {
-                    let mut v = vec![0f32; n];
-                    rng.fill(&mut v, |x| x * 2.0);
-                    v
-                };
-                let (q, k, v) = (gen(&mut rng, lq.numel()), gen(&mut rng, lk.numel()), gen(&mut rng, lk.numel()));
-                let mut out = vec![f32::NAN; lq.numel()];
-                let mut lse = vec![f32::NAN; b * h * sq];
-                let mut opts = Options::default().causal(causal).window(left, right);
-                if let Some(c) = softcap {
-                    opts = opts.softcap(c);
-                }
-                attn.forward_with_lse(
-                    &Tensor::host(&q, lq),
-                    &Tensor::host(&k, lk),
-                    &Tensor::host(&v, lk),
-                    &mut TensorMut::host(&mut out, lq),
-                    &mut LseMut::host(&mut lse),
-                    &opts,
-                )
-                .unwrap();
-                let mask = RefMask { causal, left, right, softcap: softcap.map(f64::from) };
-                let (ref_out, ref_lse) =
-                    attention_f64_masked(input(&q, lq), input(&k, lk), input(&v, lk), |x| x as f64, 1.0 / (d as f64).sqrt(), mask);
-                let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
-                let err = rel_err(&got, &ref_out);
-                let case = format!("{:?} window={left:?},{right:?} causal={causal} softcap={softcap:?}", [b, sq, sk, h, hk, d]);
-                assert!(err < 1e-5 || ref_out.iter().all(|x| *x == 0.0) && got.iter().all(|x| *x == 0.0), "{case}: rel {err:.2e}");
-                for (g, r) in lse.iter().zip(&ref_lse) {
-                    if r.is_infinite() {
-                        assert_eq!(*g as f64, *r, "{case}: masked row lse");
-                    } else {
-                        assert!((*g as f64 - r).abs() < 1e-4, "{case}: lse {g} vs {r}");
-                    }
-                }
+                let [b, _, sk, _, hk, d] = shape;
+                masked_case_matches_reference(&attn, &mut rng, shape, Layout::heads_first(b, sk, hk, d), (left, right), causal, softcap);
             }
+        }
+    }
+}
+
+/// One masked case against the f64 reference: random q/k/v (k and v in `lk`), NaN-poisoned
+/// out and lse, output within 1e-5 (or both all zeros), lse within 1e-4 (exactly -inf where the
+/// reference row sees no key).
+fn masked_case_matches_reference(
+    attn: &attention::Attention,
+    rng: &mut Rng,
+    [b, sq, sk, h, hk, d]: [usize; 6],
+    lk: Layout,
+    (left, right): (Option<usize>, Option<usize>),
+    causal: bool,
+    softcap: Option<f32>,
+) {
+    let lq = Layout::contiguous(b, sq, h, d);
+    let gen = |rng: &mut Rng, n| {
+        let mut v = vec![0f32; n];
+        rng.fill(&mut v, |x| x * 2.0);
+        v
+    };
+    let (q, k, v) = (gen(rng, lq.numel()), gen(rng, lk.numel()), gen(rng, lk.numel()));
+    let mut out = vec![f32::NAN; lq.numel()];
+    let mut lse = vec![f32::NAN; b * h * sq];
+    let mut opts = Options::default().causal(causal).window(left, right);
+    if let Some(c) = softcap {
+        opts = opts.softcap(c);
+    }
+    attn.forward_with_lse(
+        &Tensor::host(&q, lq),
+        &Tensor::host(&k, lk),
+        &Tensor::host(&v, lk),
+        &mut TensorMut::host(&mut out, lq),
+        &mut LseMut::host(&mut lse),
+        &opts,
+    )
+    .unwrap();
+    let mask = RefMask { causal, left, right, softcap: softcap.map(f64::from) };
+    let (ref_out, ref_lse) = attention_f64_masked(input(&q, lq), input(&k, lk), input(&v, lk), |x| x as f64, 1.0 / (d as f64).sqrt(), mask);
+    let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+    let err = rel_err(&got, &ref_out);
+    let case = format!("{:?} window={left:?},{right:?} causal={causal} softcap={softcap:?} (seed {:#x})", [b, sq, sk, h, hk, d], rng.get_seed());
+    assert!(err < 1e-5 || ref_out.iter().all(|x| *x == 0.0) && got.iter().all(|x| *x == 0.0), "{case}: rel {err:.2e}");
+    for (g, r) in lse.iter().zip(&ref_lse) {
+        if r.is_infinite() {
+            assert_eq!(*g as f64, *r, "{case}: masked row lse");
+        } else {
+            assert!((*g as f64 - r).abs() < 1e-4, "{case}: lse {g} vs {r}");
         }
     }
 }
@@ -652,43 +667,13 @@ fn split_key_decode_matches_the_reference() {
     ];
     let windows = [(None, None), (Some(5), None), (Some(700), Some(0)), (Some(1300), None)];
     let attn = Selector::from_settings(Settings::default()).cpu_threads(2).select().unwrap();
-    for (n, [b, sq, sk, h, hk, d]) in shapes.into_iter().enumerate() {
+    for (n, shape) in shapes.into_iter().enumerate() {
         for (w, &(left, right)) in windows.iter().enumerate() {
             for causal in [false, true] {
                 let softcap = [None, Some(3.0f32)][(n + w) % 2];
+                let [b, _, sk, _, hk, d] = shape;
                 let lk = if (n + w) % 2 == 0 { Layout::heads_first(b, sk, hk, d) } else { Layout::contiguous(b, sk, hk, d) };
-                let lq = Layout::contiguous(b, sq, h, d);
-                let gen = |rng: &mut Rng, n| {
-                    let mut v = vec![0f32; n];
-                    rng.fill(&mut v, |x| x * 2.0);
-                    v
-                };
-                let (q, k, v) = (gen(&mut rng, lq.numel()), gen(&mut rng, lk.numel()), gen(&mut rng, lk.numel()));
-                let mut out = vec![f32::NAN; lq.numel()];
-                let mut lse = vec![f32::NAN; b * h * sq];
-                let mut opts = Options::default().causal(causal).window(left, right);
-                if let Some(c) = softcap {
-                    opts = opts.softcap(c);
-                }
-                attn.forward_with_lse(
-                    &Tensor::host(&q, lq),
-                    &Tensor::host(&k, lk),
-                    &Tensor::host(&v, lk),
-                    &mut TensorMut::host(&mut out, lq),
-                    &mut LseMut::host(&mut lse),
-                    &opts,
-                )
-                .unwrap();
-                let mask = RefMask { causal, left, right, softcap: softcap.map(f64::from) };
-                let (ref_out, ref_lse) =
-                    attention_f64_masked(input(&q, lq), input(&k, lk), input(&v, lk), |x| x as f64, 1.0 / (d as f64).sqrt(), mask);
-                let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
-                let err = rel_err(&got, &ref_out);
-                let case = format!("{:?} window={left:?},{right:?} causal={causal} softcap={softcap:?} (seed {:#x})", [b, sq, sk, h, hk, d], rng.get_seed());
-                assert!(err < 1e-5, "{case}: rel {err:.2e}");
-                for (g, r) in lse.iter().zip(&ref_lse) {
-                    assert!((*g as f64 - r).abs() < 1e-4, "{case}: lse {g} vs {r}");
-                }
+                masked_case_matches_reference(&attn, &mut rng, shape, lk, (left, right), causal, softcap);
             }
         }
     }
