@@ -469,6 +469,15 @@ impl Op {
     }
 }
 
+/// The elements of a candle CUDA storage from a tensor's start offset on.
+#[cfg(feature = "candle-cuda")]
+fn cuda_view<T>(s: &cudarc::driver::CudaSlice<T>, offset: usize) -> candle_core::Result<cudarc::driver::CudaView<'_, T>> {
+    if offset > s.len() {
+        return Err(candle_core::Error::Msg(format!("start offset {offset} beyond the storage ({} elements)", s.len())));
+    }
+    Ok(s.slice(offset..))
+}
+
 fn tail<T>(s: &[T], offset: usize) -> candle_core::Result<&[T]> {
     s.get(offset..).ok_or_else(|| candle_core::Error::Msg(format!("start offset {offset} beyond the storage ({} elements)", s.len())))
 }
@@ -544,14 +553,7 @@ impl Op {
         // On the device's stream; zeroed so varlen rows outside every sequence read as zero.
         let mut out = dev.alloc_zeros::<T>(lo.numel())?;
         let (q, k, v) = (s1.as_cuda_slice::<T>()?, s2.as_cuda_slice::<T>()?, s3.as_cuda_slice::<T>()?);
-        let view = |s: &cudarc::driver::CudaSlice<T>, off: usize| {
-            if off > s.len() {
-                Err(candle_core::Error::Msg(format!("start offset {off} beyond the storage ({} elements)", s.len())))
-            } else {
-                Ok(s.slice(off..))
-            }
-        };
-        let (vq, vk, vv) = (view(q, oq)?, view(k, ok)?, view(v, ov)?);
+        let (vq, vk, vv) = (cuda_view(q, oq)?, cuda_view(k, ok)?, cuda_view(v, ov)?);
         let (tq, tk, tv) = (Tensor::cuda(&vq, mq), Tensor::cuda(&vk, mk), Tensor::cuda(&vv, mv));
         // u32 or i32 `[n]` values of a candle device tensor: (address, count).
         let stream = dev.cuda_stream();
