@@ -337,6 +337,15 @@ fn cuda_section(attn: Option<&Attention>) -> Vec<(String, String)> {
                         v.push(kv(&format!("{kind} kernels"), img));
                     }
                 }
+                // How a typical decode step runs here (one token, GQA 32/8, d128, 32k cache).
+                let step = Problem::new(DType::BF16, 1, 1, 32768, 32, 8, 128);
+                let e = a.explain(&step);
+                let plan = match (e.chosen, e.plan) {
+                    (Some(k), Some(p)) => format!("{k}: {p}"),
+                    (Some(k), None) => k.to_string(),
+                    (None, _) => "no backend".into(),
+                };
+                v.push(kv("decode step", format!("bf16 b=1 h=32/8 d=128 over 32k keys: {plan}")));
             }
         }
         None => v.push(kv(
