@@ -772,7 +772,7 @@ pub(crate) fn append<T: Element>(
         launch.as_deref(),
         stream,
     )?;
-    let ran = AppendKernels::launch(dev, &module, &call, stream);
+    let ran = AppendKernels::launch(dev, &module, &call, memory, stream);
     drop(order);
     ran
 }
@@ -865,7 +865,7 @@ pub(crate) fn forward_append<T: Element>(
         launch.as_deref(),
         stream,
     )?;
-    AppendKernels::launch(dev, &module, &call, stream)?;
+    AppendKernels::launch(dev, &module, &call, memory, stream)?;
     let view = attention_view(raw_view(&call.k_cache), raw_view(&call.v_cache), &call, &cache.lens, &cache.table)?;
     let checked = validate_kvcache(q, &view, out, lse, opts, None)?;
     let ran = attn.dispatch_call(checked);

@@ -19,6 +19,7 @@ use super::params::strides;
 use crate::backend::{BackendKind, RunError};
 use crate::call::{Addr, Operand};
 use crate::dtype::DType;
+use crate::problem::MemoryKind;
 use crate::error::{Error, Rejection};
 use crate::settings::JitMode;
 
@@ -159,37 +160,30 @@ impl AppendKernels {
     /// The device and the loaded module; why not (no device, no kernel image) as the error a
     /// call that no backend can run gets.
     pub(crate) fn loaded(&self, call: &AppendCall) -> Result<(&GpuDevice, Arc<LoadedModule>), Error> {
-        self.kernels.loaded().map_err(|e| match e {
-            RunError::Fatal(e) => e,
-            RunError::Recoverable(reason) => Error::NoBackend {
-                problem: call.describe(),
-                // The append kernels ship with the decode backend's KV-cache kernels.
-                rejections: vec![Rejection { backend: BackendKind::Decode, reasons: vec![reason] }],
-            },
-        })
+        self.kernels.loaded().map_err(|e| unavailable(call, e))
     }
 
     /// Checks every operand against its allocation on `dev` and launches the copy on `stream`.
     /// Nothing is allocated and nothing waits on the host: capturable in a CUDA graph.
-    pub(crate) fn launch(dev: &GpuDevice, module: &LoadedModule, call: &AppendCall, stream: CUstream) -> Result<(), Error> {
+    /// `memory` is the validated operands' memory: a cudarc slice's device must be `dev` (raw
+    /// pointers are asked of the driver below).
+    pub(crate) fn launch(dev: &GpuDevice, module: &LoadedModule, call: &AppendCall, memory: MemoryKind, stream: CUstream) -> Result<(), Error> {
+        if let MemoryKind::Device { ordinal } = memory {
+            if ordinal != usize::MAX {
+                dev.check_device("k_cache", ordinal)?;
+            }
+        }
         dev.ctx.bind_to_thread().map_err(|e| cuda_error("cuCtxSetCurrent", e.0))?;
         let elem = call.dtype.size_bytes() as u64;
         for (name, o) in [("k_new", &call.k_new), ("v_new", &call.v_new), ("k_cache", &call.k_cache), ("v_cache", &call.v_cache)] {
-            let bytes = o.layout.span().unwrap_or(0) as u64 * elem;
-            dev.check_range(name, o.addr.device_or_null(), bytes)?;
+            dev.check_addr(name, o.addr, o.layout.span().unwrap_or(0) as u64 * elem, "k_cache")?;
         }
         match call.target {
-            AppendTarget::Lens { lens, .. } => dev.check_range("cache_lens", device_ptr("cache_lens", lens)?, call.k_cache.layout.batch() as u64 * 4)?,
-            AppendTarget::Slots { slots, .. } => dev.check_range("slot_mapping", device_ptr("slot_mapping", slots)?, call.tokens as u64 * 8)?,
+            AppendTarget::Lens { lens, .. } => dev.check_addr("cache_lens", lens, call.k_cache.layout.batch() as u64 * 4, "k_cache")?,
+            AppendTarget::Slots { slots, .. } => dev.check_addr("slot_mapping", slots, call.tokens as u64 * 8, "k_cache")?,
         }
         let name = format!("attn_append_{}{}", call.dtype.name(), if call.vectorised() { "_v16" } else { "" });
-        let func = module.launchable(&name).map_err(|e| match e {
-            RunError::Fatal(e) => e,
-            RunError::Recoverable(r) => Error::NoBackend {
-                problem: call.describe(),
-                rejections: vec![Rejection { backend: BackendKind::Decode, reasons: vec![r] }],
-            },
-        })?;
+        let func = module.launchable(&name).map_err(|e| unavailable(call, e))?;
         let mut params = call.params();
         let items = call.tokens * call.k_new.layout.heads() * params.row_vecs as usize;
         let blocks = items.div_ceil(THREADS).clamp(1, MAX_BLOCKS);
@@ -202,10 +196,16 @@ impl AppendKernels {
     }
 }
 
-fn device_ptr(arg: &'static str, a: Addr) -> Result<u64, Error> {
-    match a {
-        Addr::Device(p) | Addr::Slice(p) => Ok(p),
-        Addr::Host(_) => Err(Error::invalid(arg, "host memory", "device memory like k_cache")),
+/// A failure to have the append kernels (no device, no image, no function), as the error of a
+/// call that no backend can run: fatal errors stay as they are.
+fn unavailable(call: &AppendCall, e: RunError) -> Error {
+    match e {
+        RunError::Fatal(e) => e,
+        RunError::Recoverable(reason) => Error::NoBackend {
+            problem: call.describe(),
+            // The append kernels ship with the decode backend's KV-cache kernels.
+            rejections: vec![Rejection { backend: BackendKind::Decode, reasons: vec![reason] }],
+        },
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use cudarc::driver::{result, CudaFunction};
 use cudarc::driver::sys::CUresult;
 
-use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels};
+use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels, LoadedModule};
 use super::params::{launch, resident_blocks, strides, window_arg};
 use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::{ComputeCapability, DeviceCaps};
@@ -260,18 +260,20 @@ impl DecodeBackend {
     }
 
     /// The plan `forward` would make: on a real device, sized by the occupancy of the kernel
-    /// that would run.
+    /// that would run; elsewhere by [`DEFAULT_RESIDENT_PER_SM`].
     fn plan(&self, caps: &DeviceCaps, problem: &Problem) -> Plan {
         let family = self.family(caps, problem);
-        let plan = Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
-        let name = plan.function(problem.dtype);
-        match self.kernels(family).loaded() {
-            Ok((_, module)) => match module.launchable(&name) {
-                Ok(main) => Plan::of(problem, caps.sm_count as usize, family, self.resident(&name, main)),
-                Err(_) => plan,
-            },
-            Err(_) => plan,
-        }
+        let sized = self.kernels(family).loaded().ok().and_then(|(_, module)| Some(self.sized_plan(&module, caps, problem, family).ok()?.0));
+        sized.unwrap_or_else(|| Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM))
+    }
+
+    /// The plan on a loaded module and its main kernel: the kernel's name does not depend on
+    /// the split count, so it is named first and the grid then sized by its occupancy.
+    fn sized_plan<'m>(&self, module: &'m LoadedModule, caps: &DeviceCaps, p: &Problem, family: Family) -> Result<(Plan, &'m CudaFunction), RunError> {
+        let sm_count = caps.sm_count as usize;
+        let name = Plan::of(p, sm_count, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype);
+        let main = module.launchable(&name)?;
+        Ok((Plan::of(p, sm_count, family, self.resident(&name, main)), main))
     }
 
     fn kernels(&self, family: Family) -> &Kernels {
@@ -347,11 +349,7 @@ impl Backend for DecodeBackend {
         let (dev, module) = self.kernels(family).loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        // The kernel does not depend on the split count: name it, then size the grid by its
-        // occupancy.
-        let name = Plan::of(p, dev.caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype);
-        let main = module.launchable(&name)?;
-        let mut plan = Plan::of(p, dev.caps.sm_count as usize, family, self.resident(&name, main));
+        let (mut plan, main) = self.sized_plan(&module, &dev.caps, p, family)?;
         // A caller's workspace bounds the split count (none at all below two splits' worth).
         let given = call.kv.as_ref().and_then(|kv| kv.workspace);
         if let Some((_, bytes)) = given {

@@ -438,39 +438,49 @@ impl GpuDevice {
     pub(crate) fn prepare(&self, call: &Call<'_>) -> Result<(), RunError> {
         self.ctx.bind_to_thread().map_err(|e| RunError::Fatal(cuda_error("cuCtxSetCurrent", e.0)))?;
         let elem = call.problem.dtype.size_bytes() as u64;
-        // Raw pointers only: a cudarc slice's bounds and device were checked by validation.
         for (name, o) in [("q", &call.q), ("k", &call.k), ("v", &call.v), ("out", &call.out)] {
-            if let Addr::Device(p) = o.addr {
-                self.check_range(name, p, o.layout.span().unwrap_or(0) as u64 * elem)?;
-            }
+            self.check_addr(name, o.addr, o.layout.span().unwrap_or(0) as u64 * elem, "q")?;
         }
-        if let Some(Operand { addr: Addr::Device(p), len, .. }) = &call.lse {
-            self.check_range("lse", *p, *len as u64 * 4)?;
+        if let Some(l) = &call.lse {
+            self.check_addr("lse", l.addr, l.len as u64 * 4, "q")?;
         }
         if let Some(kv) = &call.kv {
-            let lens = (call.problem.batch as u64) * 4;
-            let table = kv.table_entries as u64 * 4;
-            for (name, a, bytes) in [("cache_lens", Some(kv.lens), lens), ("block_table", kv.table, table)] {
-                match a {
-                    None => {}
-                    Some(Addr::Device(p)) => self.check_range(name, p, bytes)?,
-                    Some(Addr::Slice(_)) => {}
-                    Some(Addr::Host(_)) => return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q"))),
-                }
+            self.check_addr("cache_lens", kv.lens, call.problem.batch as u64 * 4, "q")?;
+            if let Some(t) = kv.table {
+                self.check_addr("block_table", t, kv.table_entries as u64 * 4, "q")?;
             }
-        }
-        if let Some((Addr::Device(p), bytes)) = call.kv.as_ref().and_then(|kv| kv.workspace) {
-            self.check_range("workspace", p, bytes as u64)?;
+            if let Some((w, bytes)) = kv.workspace {
+                self.check_addr("workspace", w, bytes as u64, "q")?;
+            }
         }
         if let Some(v) = &call.varlen {
             let bytes = (call.problem.batch as u64 + 1) * 4;
-            for (name, a) in [("cu_seqlens_q", v.cu_seqlens_q), ("cu_seqlens_k", v.cu_seqlens_k)] {
-                match a {
-                    Addr::Device(p) => self.check_range(name, p, bytes)?,
-                    Addr::Slice(_) => {}
-                    Addr::Host(_) => return Err(RunError::Fatal(Error::invalid(name, "host memory", "device memory like q"))),
-                }
-            }
+            self.check_addr("cu_seqlens_q", v.cu_seqlens_q, bytes, "q")?;
+            self.check_addr("cu_seqlens_k", v.cu_seqlens_k, bytes, "q")?;
+        }
+        Ok(())
+    }
+
+    /// Checks one device operand before a kernel gets it: a raw pointer against its allocation
+    /// ([`GpuDevice::check_range`]); a cudarc slice passes, since validation already compared
+    /// the layout with the slice's length and its device with the call's; host memory is an
+    /// error (`like` names the operand whose memory it must share).
+    pub(crate) fn check_addr(&self, arg: &'static str, addr: Addr, bytes: u64, like: &str) -> Result<(), Error> {
+        match addr {
+            Addr::Device(p) => self.check_range(arg, p, bytes),
+            Addr::Slice(_) => Ok(()),
+            Addr::Host(_) => Err(Error::invalid(arg, "host memory", format!("device memory like {like}"))),
+        }
+    }
+
+    /// Checks that memory of device `ordinal` is this device's.
+    pub(crate) fn check_device(&self, arg: &'static str, ordinal: usize) -> Result<(), Error> {
+        if ordinal != self.caps.ordinal {
+            return Err(Error::invalid(
+                arg,
+                format!("memory of device {ordinal}"),
+                format!("memory of device {} (this handle's; see ATTN_DEVICE)", self.caps.ordinal),
+            ));
         }
         Ok(())
     }
@@ -494,13 +504,7 @@ impl GpuDevice {
                 format!("memory the CUDA driver knows ({})", driver_error_text(r)),
             ));
         }
-        if ordinal as usize != self.caps.ordinal {
-            return Err(Error::invalid(
-                arg,
-                format!("memory of device {ordinal}"),
-                format!("memory of device {} (this handle's; see ATTN_DEVICE)", self.caps.ordinal),
-            ));
-        }
+        self.check_device(arg, ordinal as usize)?;
         let (mut base, mut size) = (0u64, 0usize);
         // SAFETY: out-parameters only.
         let r = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) };
