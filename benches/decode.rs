@@ -59,9 +59,10 @@ fn main() {
         (0..n).map(|i| bf16::from_f32(((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5)).collect()
     };
     // One shape: dense `[b, h, s, d]` K/V through `forward` (q_len 1 only: PyTorch's shape),
-    // and paged caches (vLLM's layout) with 16- and 64-key pages through `forward_kvcache`.
-    // Seconds per call: (dense, paged16, paged64), and the plan `explain` reports.
-    let measure = |b: usize, q_len: usize, sk: usize, h: usize, hk: usize, d: usize| -> ([f64; 3], String) {
+    // a contiguous cache `[b, s, hk, d]` with device lengths and paged caches (vLLM's layout)
+    // with 16- and 64-key pages through `forward_kvcache`. Seconds per call: (dense, cache,
+    // paged16, paged64), and the plan `explain` reports.
+    let measure = |b: usize, q_len: usize, sk: usize, h: usize, hk: usize, d: usize| -> ([f64; 4], String) {
         let mut out: CudaSlice<bf16> = s.alloc_zeros(b * q_len * h * d).unwrap();
         let mut dense = f64::NAN;
         if q_len == 1 {
@@ -77,6 +78,13 @@ fn main() {
         let lq = Layout::contiguous(b, q_len, h, d);
         let q = s.clone_htod(&fill(lq.numel(), 1)).unwrap();
         let lens = s.clone_htod(&vec![sk as i32; b]).unwrap();
+        let lc = Layout::contiguous(b, sk, hk, d);
+        let (kc, vc) = (s.clone_htod(&fill(lc.numel(), 2)).unwrap(), s.clone_htod(&fill(lc.numel(), 3)).unwrap());
+        let cache = time(&mut || {
+            let cache = KvCache::contiguous(Tensor::cuda(&kc, lc), Tensor::cuda(&vc, lc), CacheLens::cuda(&lens));
+            attn.forward_kvcache(&Tensor::cuda(&q, lq), &cache, &mut TensorMut::cuda(&mut out, lq), None, &Options::default()).unwrap();
+        });
+        drop((kc, vc));
         let mut paged = [f64::NAN; 2];
         for (i, page) in [16, 64].into_iter().enumerate() {
             let pages = b * sk.div_ceil(page);
@@ -93,36 +101,44 @@ fn main() {
             });
         }
         let plan = attn.explain(&Problem::new(DType::BF16, b, q_len, sk, h, hk, d)).plan.unwrap_or_default();
-        ([dense, paged[0], paged[1]], plan)
+        ([dense, cache, paged[0], paged[1]], plan)
     };
     let tbs = |b: usize, sk: usize, hk: usize, d: usize, secs: f64| (2 * b * hk * sk * d * 2) as f64 / secs / 1e12;
     let (h, hk, d) = (32, 8, 128);
     println!("decode (TB/s of K+V read), GQA {h}/{hk}, d={d}, bf16 on {}", attn.device_summary());
-    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>10}  plan", "batch", "seqlen", "dense", "paged16", "paged64", "dense µs");
-    for (b, sk) in SHAPES {
+    // `bench-decode --bench 1x1024 16x8192` runs only those shapes (e.g. under a profiler).
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wanted = |b: usize, sk: usize| only.is_empty() || only.contains(&format!("{b}x{sk}"));
+    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10}  plan", "batch", "seqlen", "dense", "cache", "paged16", "paged64", "dense µs");
+    for (b, sk) in SHAPES.into_iter().filter(|&(b, sk)| wanted(b, sk)) {
         let (t, plan) = measure(b, 1, sk, h, hk, d);
         println!(
-            "{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>10.1}  {plan}",
+            "{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.1}  {plan}",
             tbs(b, sk, hk, d, t[0]),
             tbs(b, sk, hk, d, t[1]),
             tbs(b, sk, hk, d, t[2]),
+            tbs(b, sk, hk, d, t[3]),
             t[0] * 1e6
         );
+    }
+    if !only.is_empty() {
+        return;
     }
     // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
     // 4 query rows (speculative decoding: paged only).
     println!("variants (TB/s of K+V read), bf16");
-    println!("{:>5} {:>7} {:>7} {:>4} {:>5} {:>8} {:>8} {:>8}  plan", "batch", "seqlen", "h/hk", "d", "q_len", "dense", "paged16", "paged64");
+    println!("{:>5} {:>7} {:>7} {:>4} {:>5} {:>8} {:>8} {:>8} {:>8}  plan", "batch", "seqlen", "h/hk", "d", "q_len", "dense", "cache", "paged16", "paged64");
     for (b, sk, h, hk, d, q_len) in
         [(1, 32768, 64, 8, 128, 1), (16, 8192, 64, 8, 128, 1), (1, 32768, 32, 32, 128, 1), (16, 8192, 32, 32, 128, 1), (16, 8192, 32, 8, 64, 1), (16, 8192, 32, 8, 256, 1), (1, 32768, 32, 8, 128, 4), (16, 8192, 32, 8, 128, 4)]
     {
         let (t, plan) = measure(b, q_len, sk, h, hk, d);
         println!(
-            "{b:>5} {sk:>7} {:>7} {d:>4} {q_len:>5} {:>8.2} {:>8.2} {:>8.2}  {plan}",
+            "{b:>5} {sk:>7} {:>7} {d:>4} {q_len:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {plan}",
             format!("{h}/{hk}"),
             tbs(b, sk, hk, d, t[0]),
             tbs(b, sk, hk, d, t[1]),
-            tbs(b, sk, hk, d, t[2])
+            tbs(b, sk, hk, d, t[2]),
+            tbs(b, sk, hk, d, t[3])
         );
     }
     // Host cost of submitting a tiny decode call (what a serving loop pays per layer): with
@@ -147,6 +163,24 @@ fn main() {
         s.synchronize().unwrap();
         println!("host time to submit a tiny decode call ({what}): {:.2} µs", secs * 1e6);
     };
+    // The floor: what the driver alone takes to submit one launch (an empty kernel, raw
+    // cuLaunchKernel), so the table shows our own share of the submit time beside it.
+    match attention::cudarc::nvrtc::compile_ptx("extern \"C\" __global__ void noop() {}") {
+        Ok(ptx) => {
+            let module = ctx.load_module(ptx).unwrap();
+            let f = module.load_function("noop").unwrap();
+            let raw = || unsafe { attention::cudarc::driver::result::launch_kernel(f.cu_function(), (1, 1, 1), (32, 1, 1), 0, s.cu_stream(), &mut []) }.unwrap();
+            (0..100).for_each(|_| raw());
+            s.synchronize().unwrap();
+            let n = 500;
+            let t = Instant::now();
+            (0..n).for_each(|_| raw());
+            let secs = t.elapsed().as_secs_f64() / n as f64;
+            s.synchronize().unwrap();
+            println!("host time to submit an empty kernel (cuLaunchKernel alone): {:.2} µs", secs * 1e6);
+        }
+        Err(e) => println!("launch floor not measured (NVRTC: {e:?})"),
+    }
     submit("cudarc event tracking on");
     // SAFETY: every slice of this bench lives on the one stream `s`; nothing else uses them.
     unsafe { ctx.disable_event_tracking() };

@@ -7,6 +7,8 @@
 #include "mma.cuh"
 
 #define DEC_WARPS 4
+// Keys per tile: the m of the tensor-core kernels' K.Q^T; split shares start on whole tiles.
+#define DEC_TILE 16
 // log2(e) and ln(2): scores run in base 2 (ex2.approx) and the lse is reported in base e.
 #define DEC_LOG2E 1.4426950408889634f
 #define DEC_LN2 0.6931471805599453f
@@ -62,6 +64,28 @@ __device__ __forceinline__ long long dec_row(const DecodeParams& p, const long l
     return (long long)page * stride[0] + (long long)(j % p.page_size) * stride[1];
 }
 
+// Where a tile of DEC_TILE keys starting at `j0` (a multiple of DEC_TILE) of sequence b lives
+// in a paged cache whose page size is a multiple of DEC_TILE: the whole tile lies in one page,
+// found with one block-table read (instead of one per key). Key j0 + i is at slot `slot + i`
+// of `page`. Past the sequence's keys (`live` false) nothing is read.
+struct DecPage {
+    int page, slot;
+};
+
+__device__ __forceinline__ DecPage dec_tile_page(const DecodeParams& p, int b, int j0, bool live) {
+    DecPage r = {0, 0};
+    if (!live) return r;
+    const int idx = j0 / p.page_size;
+    const int page = p.block_table[(long long)b * p.table_stride + idx];
+    r.page = page < 0 ? 0 : (page >= p.num_pages ? p.num_pages - 1 : page);  // clamp: never outside the pages
+    r.slot = j0 - idx * p.page_size;
+    return r;
+}
+
+__device__ __forceinline__ long long dec_page_row(const long long (&stride)[3], DecPage pg, int i) {
+    return (long long)pg.page * stride[0] + (long long)(pg.slot + i) * stride[1];
+}
+
 // Which rows a block owns: grid (splits, kv_heads x row_groups, batch); packed row
 // `qi * kv_group + g` is query head `hk * kv_group + g` at query position qi.
 struct DecBlock {
@@ -98,9 +122,14 @@ __device__ __forceinline__ DecSpan dec_span(const DecodeParams& p, int b, int ro
     if (p.window_right >= 0) hi = min(hi, diag_hi + p.window_right + 1);
     if (p.window_left >= 0) lo = max(lo, diag_lo - p.window_left);
     if (lo < 0) lo = 0;
+    // Shares start on whole DEC_TILE-key tiles, so that a tile of a paged cache whose page
+    // size is a multiple of the tile lies in one page (one block-table read per tile). Keys
+    // below `lo` that the rounding adds are masked by each row's own window (dec_row_keys).
+    lo &= ~(long long)(DEC_TILE - 1);
     const long long span = hi > lo ? hi - lo : 0;
     long long chunk = (span + p.splits - 1) / p.splits;
     if (chunk < p.min_chunk) chunk = p.min_chunk;
+    chunk = (chunk + DEC_TILE - 1) & ~(long long)(DEC_TILE - 1);
     DecSpan s;
     s.len = len;
     s.k_begin = lo + (long long)blockIdx.x * chunk;
@@ -126,6 +155,21 @@ __device__ __forceinline__ float dec_logit(const DecodeParams& p, float raw) {
     return p.softcap > 0.f ? p.softcap * attn_tanh(raw * p.scale / p.softcap) * DEC_LOG2E : raw * (p.scale * DEC_LOG2E);
 }
 
+// Programmatic dependent launch (sm_90+; no-ops in code for older archs, which the host then
+// launches plainly): the combine is launched while the main kernel still runs, and waits here
+// until every main block has finished and its partials are visible.
+__device__ __forceinline__ void dec_wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// A main block past its key loop lets the dependent combine's launch begin.
+__device__ __forceinline__ void dec_allow_consumer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // The block epilogue: every warp has left its rows' running max m (base 2), sum l and
 // unnormalised accumulators in shared memory; one thread per (row, column) merges the warps,
 // normalises and stores the output and lse, or this split's partial for the combine.
@@ -133,6 +177,7 @@ template <class D, int HD, int ROWS>
 __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s_acc)[DEC_WARPS][ROWS][HD],
                                           const float (&s_ml)[DEC_WARPS][ROWS][2], int b, int hk, int row0, int nrows) {
     typedef typename D::storage T;
+    dec_allow_consumer();
     for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += DEC_WARPS * 32) {
         const int r = idx / p.head_dim, c = idx % p.head_dim;
         float mm = attn_neg_inf();
@@ -165,29 +210,83 @@ __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s
 
 // Merges the splits of one (batch, head, query row): out = sum_s w_s o_s / sum_s w_s with
 // w_s = exp(lse_s - max lse); splits that saw no key have lse = -inf and weigh nothing.
+// Every load is independent of the others, so they are all issued together rather than one
+// L2 round trip per split: thread s < splits reads lse_s (at most one per thread, MAX_SPLITS
+// <= DEC_COMBINE_THREADS), and the partial rows are read as 16-byte vectors by groups of
+// threads that each take every `groups`-th split, merged through shared memory at the end.
+#define DEC_COMBINE_THREADS 128
 template <class D>
 __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     typedef typename D::storage T;
     const long long bhq = blockIdx.x;  // ((b * heads) + h) * q_len + qi
     const long long per_split = (long long)p.batch * p.heads * p.q_len;
-    float mx = attn_neg_inf();
-    for (int s = 0; s < p.splits; ++s) mx = attn_max(mx, p.part_lse[s * per_split + bhq]);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    __shared__ float s_w[DEC_COMBINE_THREADS];
+    __shared__ float s_red[DEC_COMBINE_THREADS / 32];
+    __shared__ float4 s_acc[DEC_COMBINE_THREADS];
+    dec_wait_for_producer();
+
+    // The weights: block-wide maximum, then exp and sum.
+    const float x = tid < p.splits ? p.part_lse[tid * per_split + bhq] : attn_neg_inf();
+    float mx = x;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (lane == 0) s_red[warp] = mx;
+    __syncthreads();
+    mx = s_red[0];
+#pragma unroll
+    for (int w = 1; w < DEC_COMBINE_THREADS / 32; ++w) mx = attn_max(mx, s_red[w]);
     const float base = mx == attn_neg_inf() ? 0.f : mx;
-    float wsum = 0.f;
-    for (int s = 0; s < p.splits; ++s) wsum += __expf(p.part_lse[s * per_split + bhq] - base);
+    const float w = tid < p.splits ? __expf(x - base) : 0.f;
+    s_w[tid] = w;
+    float wsum = w;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, off);
+    __syncthreads();  // every warp has read s_red's maxima
+    if (lane == 0) s_red[warp] = wsum;
+    __syncthreads();
+    wsum = 0.f;
+#pragma unroll
+    for (int i = 0; i < DEC_COMBINE_THREADS / 32; ++i) wsum += s_red[i];
+
+    // The rows: thread (group, cv) sums column vector cv over splits group, group + groups, ...
+    const int vecs = p.head_dim / 4;  // head_dim is a multiple of 4 (one 16-byte vector of f32)
+    const int groups = DEC_COMBINE_THREADS / vecs;
+    const int group = tid / vecs, cv = tid % vecs;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (group < groups) {
+#pragma unroll 4
+        for (int s = group; s < p.splits; s += groups) {
+            const float ws = s_w[s];
+            const float4 o = *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv);
+            // Skip empty splits' zeros, keep NaN.
+            if (ws != 0.f || o.x != o.x) acc.x += ws * o.x;
+            if (ws != 0.f || o.y != o.y) acc.y += ws * o.y;
+            if (ws != 0.f || o.z != o.z) acc.z += ws * o.z;
+            if (ws != 0.f || o.w != o.w) acc.w += ws * o.w;
+        }
+    }
+    s_acc[tid] = acc;
+    __syncthreads();
     const int qi = (int)(bhq % p.q_len), h = (int)((bhq / p.q_len) % p.heads), b = (int)(bhq / ((long long)p.q_len * p.heads));
     T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
-    for (int c = threadIdx.x; c < p.head_dim; c += blockDim.x) {
-        float acc = 0.f;
-        for (int s = 0; s < p.splits; ++s) {
-            const float w = __expf(p.part_lse[s * per_split + bhq] - base);
-            const float o = p.part_o[(s * per_split + bhq) * p.head_dim + c];
-            if (w != 0.f || o != o) acc += w * o;  // skip empty splits' zeros; keep NaN
+    if (tid < vecs) {
+        float4 sum = s_acc[tid];
+        for (int g = 1; g < groups; ++g) {
+            const float4 o = s_acc[g * vecs + tid];
+            sum.x += o.x;
+            sum.y += o.y;
+            sum.z += o.z;
+            sum.w += o.w;
         }
-        op[c] = D::from_f32(wsum == 0.f ? 0.f : acc / wsum);
+        const float inv = wsum == 0.f ? 0.f : 1.f / wsum;
+        op[4 * tid + 0] = D::from_f32(sum.x * inv);
+        op[4 * tid + 1] = D::from_f32(sum.y * inv);
+        op[4 * tid + 2] = D::from_f32(sum.z * inv);
+        op[4 * tid + 3] = D::from_f32(sum.w * inv);
     }
-    if (threadIdx.x == 0 && p.lse != nullptr) p.lse[bhq] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
+    if (tid == 0 && p.lse != nullptr) p.lse[bhq] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
 }
 
 #define DEC_COMBINE(SUFFIX, D) \
-    extern "C" __global__ void __launch_bounds__(128) attn_decode_combine_##SUFFIX(DecodeParams p) { dec_combine<D>(p); }
+    extern "C" __global__ void __launch_bounds__(DEC_COMBINE_THREADS) attn_decode_combine_##SUFFIX(DecodeParams p) { dec_combine<D>(p); }

@@ -72,8 +72,25 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     const T* kbase = (const T*)p.k + (long long)blk.hk * p.k_stride[2];
     const T* vbase = (const T*)p.v + (long long)blk.hk * p.v_stride[2];
     const int kend = (int)span.k_end;
+    constexpr int STEP = DEC_WARPS * DEC_TILE * U;  // keys the block advances per step
+    // A paged cache whose pages hold whole tiles (span starts are tile-aligned): one table read
+    // per tile, issued a step ahead so the K/V loads never wait on it. Other page sizes read the
+    // table per key (dec_row).
+    const bool tiled = p.block_table != nullptr && p.page_size % DEC_TILE == 0;
+    DecPage pg[U];
+    {
+        const int first = (int)span.k_begin + warp * DEC_TILE * U;
+#pragma unroll
+        for (int u = 0; u < U; ++u) pg[u] = tiled ? dec_tile_page(p, blk.b, first + DEC_TILE * u, first + DEC_TILE * u < kend) : DecPage{0, 0};
+    }
     // Warp-uniform trip count: mma and the shuffles need every lane.
-    for (int key0 = (int)span.k_begin + warp * 16 * U; key0 < kend; key0 += DEC_WARPS * 16 * U) {
+    for (int key0 = (int)span.k_begin + warp * DEC_TILE * U; key0 < kend; key0 += STEP) {
+        DecPage next[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j0 = key0 + STEP + DEC_TILE * u;
+            next[u] = tiled ? dec_tile_page(p, blk.b, j0, j0 < kend) : DecPage{0, 0};
+        }
         // Every load of the step first: K rows g and g + 8, V keys 2t, 2t + 1, 2t + 8, 2t + 9
         // of each 16-key tile (keys past the share load as zeros and are masked).
         unsigned kf[U][2][KC][4], vf[U][4][VL][4];
@@ -82,7 +99,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
                 const int j = key0 + 16 * u + g + 8 * rr;
-                const T* kp = kbase + (j < kend ? dec_row(p, p.k_stride, blk.b, j) : 0);
+                const T* kp = kbase + (j >= kend ? 0 : tiled ? dec_page_row(p.k_stride, pg[u], g + 8 * rr) : dec_row(p, p.k_stride, blk.b, j));
 #pragma unroll
                 for (int c = 0; c < KC; ++c) {
                     kf[u][rr][c][0] = kf[u][rr][c][1] = kf[u][rr][c][2] = kf[u][rr][c][3] = 0u;
@@ -92,7 +109,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 const int j = key0 + 16 * u + 2 * t + (kk & 1) + 8 * (kk >> 1);
-                const T* vp = vbase + (j < kend ? dec_row(p, p.v_stride, blk.b, j) : 0);
+                const T* vp = vbase + (j >= kend ? 0 : tiled ? dec_page_row(p.v_stride, pg[u], j - key0 - 16 * u) : dec_row(p, p.v_stride, blk.b, j));
 #pragma unroll
                 for (int x = 0; x < VL; ++x) {
                     vf[u][kk][x][0] = vf[u][kk][x][1] = vf[u][kk][x][2] = vf[u][kk][x][3] = 0u;
@@ -163,6 +180,8 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
                 attn_mma_16816<BF16>(o[mt], a, b0, b1);
             }
         }
+#pragma unroll
+        for (int u = 0; u < U; ++u) pg[u] = next[u];
     }
 
     // Each row's sum over the warp's key groups (the maximum is already warp-wide).

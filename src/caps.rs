@@ -271,7 +271,8 @@ impl DeviceCaps {
     /// How a kernel module would get an image on this device under `jit`: from the embedded
     /// fatbin, by NVRTC, or not at all (with the reason, naming the fix).
     pub fn kernel_source(&self, jit: JitMode, min_arch: ComputeCapability) -> Result<ImageSource, Reason> {
-        let device = self.cc.sm();
+        // Names for messages only: formatted where a message is made (not on every lookup).
+        let device = || self.cc.sm();
         if self.cc < min_arch {
             return Err(Reason::ComputeCapability { needed: min_arch, found: self.cc });
         }
@@ -280,7 +281,7 @@ impl DeviceCaps {
             return match &self.nvrtc {
                 Nvrtc::Available { .. } => Ok(ImageSource::EmulatedPtx(self.cc)),
                 Nvrtc::Missing(why) => Err(Reason::Jit {
-                    why: format!("ATTN_EMULATE_ARCH needs NVRTC to compile {device} PTX, and {why}"),
+                    why: format!("ATTN_EMULATE_ARCH needs NVRTC to compile {} PTX, and {why}", device()),
                 }),
             };
         }
@@ -288,9 +289,10 @@ impl DeviceCaps {
             match (&self.nvrtc, self.nvrtc.min_arch()) {
                 (Nvrtc::Missing(why), _) => Some(format!("NVRTC is unavailable ({why})")),
                 (Nvrtc::Available { version }, Some(min)) if self.cc < min => Some(format!(
-                    "NVRTC {}.{} cannot compile for {device} (oldest: {})",
+                    "NVRTC {}.{} cannot compile for {} (oldest: {})",
                     version.0,
                     version.1,
+                    device(),
                     min.sm()
                 )),
                 _ => None,
@@ -326,7 +328,7 @@ impl DeviceCaps {
             None => Ok(ImageSource::Jit),
             Some(jit) => Err(Reason::NoKernelImage {
                 built_for: self.kernels.built_for(),
-                device,
+                device: device(),
                 jit,
             }),
         }
@@ -342,6 +344,19 @@ pub enum ImageSource {
     Jit,
     /// `ATTN_EMULATE_ARCH`: PTX for this older arch from NVRTC, compiled by the driver.
     EmulatedPtx(ComputeCapability),
+}
+
+impl ImageSource {
+    /// The arch the image's code was compiled for (its `__CUDA_ARCH__`) on a device of
+    /// compute capability `device`: what decides which instructions a kernel holds, e.g.
+    /// whether a consumer waits for a programmatic dependent launch's producer.
+    pub fn compiled_for(&self, device: ComputeCapability) -> ComputeCapability {
+        match self {
+            ImageSource::Embedded(ImageMatch::Sass(a) | ImageMatch::Ptx(a)) => ComputeCapability::new(a.major, a.minor),
+            ImageSource::Embedded(ImageMatch::None) | ImageSource::Jit => device,
+            ImageSource::EmulatedPtx(cc) => *cc,
+        }
+    }
 }
 
 impl fmt::Display for ImageSource {

@@ -17,8 +17,8 @@ use std::sync::{Arc, RwLock};
 use cudarc::driver::{result, CudaFunction};
 use cudarc::driver::sys::CUresult;
 
-use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels, LoadedModule};
-use super::params::{launch, resident_blocks, strides, window_arg};
+use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels};
+use super::params::{launch, launch_dependent, resident_blocks, strides, window_arg};
 use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -38,7 +38,8 @@ fn max_head_dim(dtype: DType) -> usize {
 const THREADS: usize = 128;
 /// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
 const MIN_CHUNK: usize = 64;
-/// Most splits of one sequence (bounds the workspace and the combine's loop).
+/// Most splits of one sequence: bounds the workspace, and the combine reads one split's lse per
+/// thread (`DEC_COMBINE_THREADS`, 128, in cuda/decode.cuh).
 const MAX_SPLITS: usize = 128;
 /// Waves of blocks a split grid aims for: two, as the first tensor-core measurements ran (batch
 /// 1 at 128k keys: 3.4 TB/s on the H200); one wave of twice-as-long blocks is not yet measured
@@ -215,12 +216,28 @@ fn vector_elems(dtype: DType) -> usize {
     16 / dtype.size_bytes()
 }
 
+/// A kernel pair resolved once per kind of problem: what the hot path launches without a
+/// module lookup, a name formatted or a lock held beyond one read.
+#[derive(Clone)]
+struct Resolved {
+    family: Family,
+    main: CudaFunction,
+    combine: CudaFunction,
+    /// Blocks of `main` an SM holds (the driver's occupancy).
+    per_sm: usize,
+    /// Whether the combine may be a programmatic dependent launch (code for sm_90+).
+    programmatic: bool,
+}
+
+/// What chooses the kernels: dtype, the head_dim bucket and whether packed rows fit 4.
+type KernelKey = (DType, usize, bool);
+
 /// The decode backend on one device.
 pub(crate) struct DecodeBackend {
     simt: Kernels,
     tc: Kernels,
-    /// Blocks per SM of each kernel, by entry name (the driver's occupancy, asked once).
-    resident: RwLock<HashMap<String, usize>>,
+    /// Kernels per kind of problem, resolved on first use.
+    resolved: RwLock<HashMap<KernelKey, Resolved>>,
 }
 
 impl DecodeBackend {
@@ -228,7 +245,7 @@ impl DecodeBackend {
         DecodeBackend {
             simt: Kernels::new(device.clone(), MODULE, &FUNCTIONS, jit, cache_dir.clone()),
             tc: Kernels::new(device, TC_MODULE, &TC_FUNCTIONS, jit, cache_dir),
-            resident: RwLock::new(HashMap::new()),
+            resolved: RwLock::new(HashMap::new()),
         }
     }
 
@@ -249,31 +266,33 @@ impl DecodeBackend {
         }
     }
 
-    /// Blocks of kernel `name` an SM holds, asked of the driver once per kernel.
-    fn resident(&self, name: &str, func: &CudaFunction) -> usize {
-        if let Some(&n) = self.resident.read().unwrap_or_else(|e| e.into_inner()).get(name) {
-            return n;
+    /// The kernels that run `p` on the device: a read of the cache after the first call.
+    fn resolve(&self, caps: &DeviceCaps, p: &Problem) -> Result<Resolved, RunError> {
+        let probe = Plan::of(p, caps.sm_count as usize, Family::Simt, DEFAULT_RESIDENT_PER_SM);
+        let key = (p.dtype, probe.head_dim, probe.rows == 4);
+        if let Some(r) = self.resolved.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(r.clone());
         }
-        let n = resident_blocks(func, THREADS, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
-        self.resident.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), n);
-        n
+        let family = self.family(caps, p);
+        let (dev, module) = self.kernels(family).loaded()?;
+        // The kernel's name does not depend on the split count: name it, then ask its occupancy.
+        let main = module.launchable(&Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype))?.clone();
+        let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?.clone();
+        let per_sm = resident_blocks(&main, THREADS, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
+        let programmatic = module.source.compiled_for(dev.caps.cc) >= ComputeCapability::new(9, 0);
+        let r = Resolved { family, main, combine, per_sm, programmatic };
+        self.resolved.write().unwrap_or_else(|e| e.into_inner()).insert(key, r.clone());
+        Ok(r)
     }
 
     /// The plan `forward` would make: on a real device, sized by the occupancy of the kernel
     /// that would run; elsewhere by [`DEFAULT_RESIDENT_PER_SM`].
     fn plan(&self, caps: &DeviceCaps, problem: &Problem) -> Plan {
-        let family = self.family(caps, problem);
-        let sized = self.kernels(family).loaded().ok().and_then(|(_, module)| Some(self.sized_plan(&module, caps, problem, family).ok()?.0));
-        sized.unwrap_or_else(|| Plan::of(problem, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM))
-    }
-
-    /// The plan on a loaded module and its main kernel: the kernel's name does not depend on
-    /// the split count, so it is named first and the grid then sized by its occupancy.
-    fn sized_plan<'m>(&self, module: &'m LoadedModule, caps: &DeviceCaps, p: &Problem, family: Family) -> Result<(Plan, &'m CudaFunction), RunError> {
         let sm_count = caps.sm_count as usize;
-        let name = Plan::of(p, sm_count, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype);
-        let main = module.launchable(&name)?;
-        Ok((Plan::of(p, sm_count, family, self.resident(&name, main)), main))
+        match self.simt.device().map(|_| self.resolve(caps, problem)) {
+            Some(Ok(r)) => Plan::of(problem, sm_count, r.family, r.per_sm),
+            _ => Plan::of(problem, sm_count, self.family(caps, problem), DEFAULT_RESIDENT_PER_SM),
+        }
     }
 
     fn kernels(&self, family: Family) -> &Kernels {
@@ -342,20 +361,18 @@ impl Backend for DecodeBackend {
     }
 
     fn forward(&self, call: &mut Call<'_>) -> Result<(), RunError> {
-        let caps = self.simt.device().map(|d| &d.caps).ok_or_else(|| {
+        let dev = self.simt.device().ok_or_else(|| {
             RunError::Recoverable(Reason::NoDevice { why: "no device was probed".into() })
         })?;
-        let family = self.family(caps, &call.problem);
-        let (dev, module) = self.kernels(family).loaded()?;
+        let r = self.resolve(&dev.caps, &call.problem)?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let (mut plan, main) = self.sized_plan(&module, &dev.caps, p, family)?;
+        let mut plan = Plan::of(p, dev.caps.sm_count as usize, r.family, r.per_sm);
         // A caller's workspace bounds the split count (none at all below two splits' worth).
         let given = call.kv.as_ref().and_then(|kv| kv.workspace);
         if let Some((_, bytes)) = given {
             plan.splits = plan.splits.min(bytes / plan.split_bytes(p).max(1)).max(1);
         }
-        let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?;
         let (lens, table, table_stride, page_size, num_pages, max_len) = match &call.kv {
             Some(kv) => (kv.lens.device_or_null(), kv.table.map(Addr::device_or_null).unwrap_or(0), kv.table_stride, kv.page_size, kv.num_pages, kv.max_len),
             // Dense K/V: every sequence is seqlen_k long (no length array).
@@ -424,10 +441,12 @@ impl Backend for DecodeBackend {
         }
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];
-        let mut outcome = launch(main, call, grid, THREADS, 0, &mut args);
+        let mut outcome = launch(&r.main, call, grid, THREADS, 0, &mut args);
         if outcome.is_ok() && plan.splits > 1 {
             let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
-            outcome = launch(combine, call, grid, THREADS, 0, &mut args);
+            // Code for sm_90 on: the combine is set up while the main kernel's last blocks run
+            // (its griddepcontrol.wait exists only in code compiled for sm_90+).
+            outcome = launch_dependent(&r.combine, call, grid, THREADS, &mut args, r.programmatic);
         }
         if let Some(ws) = workspace {
             // SAFETY: allocated above on this stream; the kernels using it are ordered before.

@@ -2,7 +2,7 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{self, CUfunction_attribute};
 use cudarc::driver::{result, CudaFunction};
 
 use super::device::{device_addr, launch_failure};
@@ -157,6 +157,46 @@ pub(crate) fn launch(
     // value of the declared type (AttnParams, then TensorMaps for the persistent kernel); every
     // device pointer inside was checked against its allocation by `prepare`.
     unsafe { result::launch_kernel(func.cu_function(), grid, (threads as u32, 1, 1), smem as u32, call.stream, args) }
+        .map_err(|e| launch_failure(e.0, false))
+}
+
+/// As [`launch`], for a kernel that consumes what the kernel launched just before it on the
+/// same stream wrote, and waits for it on the device (`griddepcontrol.wait`): on sm_90+
+/// (`programmatic`) it is launched as a programmatic dependent, so the driver sets it up while
+/// that kernel's last blocks still run instead of after they finish (a microsecond or two a
+/// launch, which is what a short decode step costs). Elsewhere a plain launch.
+pub(crate) fn launch_dependent(
+    func: &CudaFunction,
+    call: &Call<'_>,
+    grid: (u32, u32, u32),
+    threads: usize,
+    args: &mut [*mut c_void],
+    programmatic: bool,
+) -> Result<(), RunError> {
+    if !programmatic {
+        return launch(func, call, grid, threads, 0, args);
+    }
+    // SAFETY: a zeroed attribute is a valid value of the C union; the two fields set below are
+    // the ones the driver reads for this attribute id.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: threads as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: call.stream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as for `launch`: one pointer per declared parameter, each to a live value of its
+    // type; `config` and `attr` outlive the call.
+    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
         .map_err(|e| launch_failure(e.0, false))
 }
 
