@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use attention::cudarc::driver::{CudaContext, CudaSlice};
-use attention::{BlockTable, CacheLens, DType, KvCache, Layout, Options, Problem, Selector, Tensor, TensorMut};
+use attention::{BlockTable, CacheLens, DType, KvCache, Layout, Options, Problem, Selector, SeqLens, Tensor, TensorMut};
 use half::bf16;
 
 const SHAPES: [(usize, usize); 13] = [
@@ -55,8 +55,21 @@ fn main() {
         s.synchronize().unwrap();
         t.elapsed().as_secs_f64() / iters as f64
     };
-    let fill = |n: usize, seed: u32| -> Vec<bf16> {
+    let pattern = |n: usize, seed: u32| -> Vec<bf16> {
         (0..n).map(|i| bf16::from_f32(((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5)).collect()
+    };
+    // Device tensors of up to several GB: a 4 Mi-element pseudo-random pattern copied over
+    // them (generating every element on the host took minutes at the largest shapes).
+    let fill = |n: usize, seed: u32| -> CudaSlice<bf16> {
+        let chunk = pattern(n.min(1 << 22), seed);
+        let mut dst: CudaSlice<bf16> = unsafe { s.alloc(n) }.unwrap();
+        let mut at = 0;
+        while at < n {
+            let len = chunk.len().min(n - at);
+            s.memcpy_htod(&chunk[..len], &mut dst.slice_mut(at..at + len)).unwrap();
+            at += len;
+        }
+        dst
     };
     // One shape: dense `[b, h, s, d]` K/V through `forward` (q_len 1 only: PyTorch's shape),
     // a contiguous cache `[b, s, hk, d]` with device lengths and paged caches (vLLM's layout)
@@ -67,19 +80,19 @@ fn main() {
         let mut dense = f64::NAN;
         if q_len == 1 {
             let (lq, lk) = (Layout::heads_first(b, 1, h, d), Layout::heads_first(b, sk, hk, d));
-            let q = s.clone_htod(&fill(lq.numel(), 1)).unwrap();
-            let k = s.clone_htod(&fill(lk.numel(), 2)).unwrap();
-            let v = s.clone_htod(&fill(lk.numel(), 3)).unwrap();
+            let q = fill(lq.numel(), 1);
+            let k = fill(lk.numel(), 2);
+            let v = fill(lk.numel(), 3);
             dense = time(&mut || {
                 attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&v, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default())
                     .unwrap();
             });
         }
         let lq = Layout::contiguous(b, q_len, h, d);
-        let q = s.clone_htod(&fill(lq.numel(), 1)).unwrap();
+        let q = fill(lq.numel(), 1);
         let lens = s.clone_htod(&vec![sk as i32; b]).unwrap();
         let lc = Layout::contiguous(b, sk, hk, d);
-        let (kc, vc) = (s.clone_htod(&fill(lc.numel(), 2)).unwrap(), s.clone_htod(&fill(lc.numel(), 3)).unwrap());
+        let (kc, vc) = (fill(lc.numel(), 2), fill(lc.numel(), 3));
         let cache = time(&mut || {
             let cache = KvCache::contiguous(Tensor::cuda(&kc, lc), Tensor::cuda(&vc, lc), CacheLens::cuda(&lens));
             attn.forward_kvcache(&Tensor::cuda(&q, lq), &cache, &mut TensorMut::cuda(&mut out, lq), None, &Options::default()).unwrap();
@@ -89,8 +102,8 @@ fn main() {
         for (i, page) in [16, 64].into_iter().enumerate() {
             let pages = b * sk.div_ceil(page);
             let lp = Layout::contiguous(pages, page, hk, d);
-            let kp = s.clone_htod(&fill(lp.numel(), 2)).unwrap();
-            let vp = s.clone_htod(&fill(lp.numel(), 3)).unwrap();
+            let kp = fill(lp.numel(), 2);
+            let vp = fill(lp.numel(), 3);
             let per = sk.div_ceil(page);
             // Pages of a sequence scattered (reversed in pairs), as an allocator leaves them.
             let table: Vec<i32> = (0..pages as i32).map(|p| p ^ 1).map(|p| p.min(pages as i32 - 1)).collect();
@@ -102,6 +115,16 @@ fn main() {
         }
         let plan = attn.explain(&Problem::new(DType::BF16, b, q_len, sk, h, hk, d)).plan.unwrap_or_default();
         ([dense, cache, paged[0], paged[1]], plan)
+    };
+    // Seconds per dense decode call (GQA 32/8, d128).
+    let measure_dense = |b: usize, sk: usize| -> f64 {
+        let (lq, lk) = (Layout::heads_first(b, 1, 32, 128), Layout::heads_first(b, sk, 8, 128));
+        let (q, k, v) = (fill(lq.numel(), 1), fill(lk.numel(), 2), fill(lk.numel(), 3));
+        let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
+        time(&mut || {
+            attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&v, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default())
+                .unwrap();
+        })
     };
     let tbs = |b: usize, sk: usize, hk: usize, d: usize, secs: f64| (2 * b * hk * sk * d * 2) as f64 / secs / 1e12;
     let (h, hk, d) = (32, 8, 128);
@@ -124,6 +147,19 @@ fn main() {
     if !only.is_empty() {
         return;
     }
+    // How many waves of blocks a split grid should aim for (the default is 2): dense, the
+    // split shapes, each wave count in turn.
+    println!("split grids by waves (dense TB/s)");
+    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "3", "4");
+    for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 8192), (16, 32768)] {
+        let mut row = [0.0; 4];
+        for (i, waves) in (1..=4).enumerate() {
+            attention::testing::set_decode_waves(waves);
+            row[i] = tbs(b, sk, hk, d, measure_dense(b, sk));
+        }
+        attention::testing::set_decode_waves(0);
+        println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", row[0], row[1], row[2], row[3]);
+    }
     // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
     // 4 query rows (speculative decoding: paged only).
     println!("variants (TB/s of K+V read), bf16");
@@ -144,6 +180,53 @@ fn main() {
     // Host cost of submitting a tiny decode call (what a serving loop pays per layer): with
     // cudarc's event tracking (its default: every slice access records events), and without
     // (a single-stream engine turns it off), which isolates our own share.
+    // A vLLM v1-style mixed batch: 4 prefill chunks of 512 tokens and 60 decode tokens, every
+    // sequence at 4k keys in a paged cache (16-key pages), as one call with packed queries
+    // (`cu_seqlens_q`) against the same work as two calls (the decodes; the chunks).
+    {
+        let (nseq, chunks, chunk, sk, page) = (64usize, 4usize, 512usize, 4096usize, 16usize);
+        let rows: Vec<usize> = (0..nseq).map(|i| if i < chunks { chunk } else { 1 }).collect();
+        let mut cu = vec![0i32];
+        for &r in &rows {
+            cu.push(cu.last().unwrap() + r as i32);
+        }
+        let total = *cu.last().unwrap() as usize;
+        let per = sk / page;
+        let lp = Layout::contiguous(nseq * per, page, hk, d);
+        let (kp, vp) = (fill(lp.numel(), 2), fill(lp.numel(), 3));
+        let table: Vec<i32> = (0..(nseq * per) as i32).map(|p| p ^ 1).collect();
+        let table = s.clone_htod(&table).unwrap();
+        let lens = s.clone_htod(&vec![sk as i32; nseq]).unwrap();
+        let cu_d = s.clone_htod(&cu).unwrap();
+        let lq = Layout::contiguous(1, total, h, d);
+        let q = fill(lq.numel(), 1);
+        let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
+        let opts = Options::default().causal(true);
+        let mixed = time(&mut || {
+            let cache = KvCache::paged(Tensor::cuda(&kp, lp), Tensor::cuda(&vp, lp), BlockTable::cuda(&table, per, per), CacheLens::cuda(&lens))
+                .with_varlen_queries(SeqLens::cuda(&cu_d), chunk);
+            attn.forward_kvcache(&Tensor::cuda(&q, lq), &cache, &mut TensorMut::cuda(&mut out, lq), None, &opts).unwrap();
+        });
+        // The same rows as two batched calls: q/out views of the packed tensor.
+        let (lc, ld) = (Layout::contiguous(chunks, chunk, h, d), Layout::contiguous(nseq - chunks, 1, h, d));
+        let (lc_o, ld_o) = (lc, ld);
+        let split = chunks * chunk * h * d;
+        let (t_c, t_d) = (table.slice(0..chunks * per), table.slice(chunks * per..));
+        let (l_c, l_d) = (lens.slice(0..chunks), lens.slice(chunks..));
+        let separate = time(&mut || {
+            let (mut oc, mut od) = out.split_at_mut(split);
+            let cache = KvCache::paged(Tensor::cuda(&kp, lp), Tensor::cuda(&vp, lp), BlockTable::cuda(&t_d, per, per), CacheLens::cuda(&l_d));
+            attn.forward_kvcache(&Tensor::cuda(&q.slice(split..), ld), &cache, &mut TensorMut::cuda(&mut od, ld_o), None, &opts).unwrap();
+            let cache = KvCache::paged(Tensor::cuda(&kp, lp), Tensor::cuda(&vp, lp), BlockTable::cuda(&t_c, per, per), CacheLens::cuda(&l_c));
+            attn.forward_kvcache(&Tensor::cuda(&q.slice(0..split), lc), &cache, &mut TensorMut::cuda(&mut oc, lc_o), None, &opts).unwrap();
+        });
+        let plan = attn.explain(&Problem::new(DType::BF16, nseq, chunk, sk, h, hk, d).causal(true)).plan.unwrap_or_default();
+        println!(
+            "mixed batch (4 x 512-token chunks + 60 decodes, 4k keys each, paged 16, causal): one call {:.1} µs, two calls {:.1} µs  ({plan})",
+            mixed * 1e6,
+            separate * 1e6
+        );
+    }
     let submit = |what: &str| {
         let (lq, lk) = (Layout::contiguous(1, 1, h, d), Layout::contiguous(1, 16, hk, d));
         let q: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();

@@ -60,11 +60,12 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int grp = lane / LPK, sub = lane % LPK;
     const DecBlock blk = dec_block(p);
+    if (blk.nrows <= 0) return;  // packed queries: this sequence has fewer rows (uniform per block)
     const int b = blk.b, hk = blk.hk, row0 = blk.row0, nrows = blk.nrows;
     const int col = sub * VEC;
     const bool col_ok = col < p.head_dim;
 
-    const DecSpan span = dec_span(p, b, row0, nrows);
+    const DecSpan span = dec_span(p, blk);
     const long long k_begin = span.k_begin, k_end = span.k_end;
 
     // This lane's slice of each row's query, pre-scaled into base-2 logits (unless soft-capped,
@@ -79,8 +80,7 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
         qhead[r] = hk * p.kv_group + pr % p.kv_group;
         unsigned raw[4] = {0u, 0u, 0u, 0u};
         if (col_ok && r < nrows) {
-            const T* qp = (const T*)p.q + (long long)b * p.q_stride[0] + (long long)qrow[r] * p.q_stride[1] +
-                          (long long)qhead[r] * p.q_stride[2] + col;
+            const T* qp = (const T*)p.q + dec_qrow(p, p.q_stride, b, blk.seq, qrow[r]) + (long long)qhead[r] * p.q_stride[2] + col;
             dec_load16(qp, raw);
         }
         dec_widen<D, VEC>(raw, q[r]);
@@ -209,7 +209,7 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
     }
     __syncthreads();
 
-    dec_store<D, HD, ROWS>(p, s_acc, s_ml, b, hk, row0, nrows);
+    dec_store<D, HD, ROWS>(p, s_acc, s_ml, blk);
 }
 
 #define DEC_ENTRY(SUFFIX, D, HD, ROWS)                                                                       \

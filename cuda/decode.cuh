@@ -23,7 +23,7 @@ struct DecodeParams {
     const void* k;
     const void* v;
     void* o;
-    float* lse;              // null, or [batch, heads, q_len]
+    float* lse;              // null, or [batch, heads, q_len] ([heads, total_q] with cu_seqlens_q)
     const int* lens;         // null (every sequence max_len long), or [batch]: keys in each sequence's cache
     const int* block_table;  // null (contiguous cache), or [batch] rows of `table_stride` page ids
     float* part_o;           // splits > 1: [splits, batch, heads, q_len, head_dim] f32
@@ -32,7 +32,7 @@ struct DecodeParams {
     int batch;
     int heads;
     int kv_group;   // heads / kv_heads: query head h reads kv head h / kv_group
-    int q_len;      // query rows per sequence: the last q_len positions of its cache
+    int q_len;      // query rows per sequence (the last q_len positions of its cache); with cu_seqlens_q the most any has
     int head_dim;
     int max_len;    // capacity: lens are clamped to it (contiguous: the cache's seqlen; paged: pages per row x page size)
     int page_size;  // paged: slots per page
@@ -45,9 +45,15 @@ struct DecodeParams {
     float scale;
     float softcap;  // <= 0: off
     int rows_per_block;
+    // null: every sequence has q_len query rows, q/out [batch, q_len, heads, d]. Else packed:
+    // q/out [1, total_q, heads, d], sequence b's rows are cu_seqlens_q[b] .. cu_seqlens_q[b + 1]
+    // (clamped to 0..total_q and to q_len rows), at the last positions of its cache.
+    const int* cu_seqlens_q;
+    int total_q;
+    int pad_;
 };
 // (NVRTC has no offsetof: the Rust side checks the offsets; here only the size.)
-static_assert(sizeof(DecodeParams) == 240, "DecodeParams must match the Rust #[repr(C)] struct");
+static_assert(sizeof(DecodeParams) == 256, "DecodeParams must match the Rust #[repr(C)] struct");
 
 // 16 bytes from global memory through the non-coherent (read-only) path.
 __device__ __forceinline__ void dec_load16(const void* p, unsigned (&r)[4]) {
@@ -88,8 +94,36 @@ __device__ __forceinline__ long long dec_page_row(const long long (&stride)[3], 
 
 // Which rows a block owns: grid (splits, kv_heads x row_groups, batch); packed row
 // `qi * kv_group + g` is query head `hk * kv_group + g` at query position qi.
+// A sequence's query rows: q0 .. q0 + qn of q's row dimension (q0 = 0 unless packed).
+struct DecSeq {
+    int q0, qn;
+};
+
+__device__ __forceinline__ DecSeq dec_seq(const DecodeParams& p, int b) {
+    DecSeq s = {0, p.q_len};
+    if (p.cu_seqlens_q != nullptr) {
+        // Clamped like every device-side index array: wrong rows, never a fault.
+        const int lo = min(max(p.cu_seqlens_q[b], 0), p.total_q);
+        const int hi = min(max(p.cu_seqlens_q[b + 1], lo), p.total_q);
+        s.q0 = lo;
+        s.qn = min(hi - lo, p.q_len);
+    }
+    return s;
+}
+
+// Element offset of query row qi of sequence b in q or out (head excluded).
+__device__ __forceinline__ long long dec_qrow(const DecodeParams& p, const long long (&stride)[3], int b, const DecSeq& s, int qi) {
+    return p.cu_seqlens_q != nullptr ? (long long)(s.q0 + qi) * stride[1] : (long long)b * stride[0] + (long long)qi * stride[1];
+}
+
+// Index of (sequence b, head h, query row qi) in lse: [batch, heads, q_len], or [heads, total_q] packed.
+__device__ __forceinline__ long long dec_lse_index(const DecodeParams& p, int b, const DecSeq& s, int h, int qi) {
+    return p.cu_seqlens_q != nullptr ? (long long)h * p.total_q + s.q0 + qi : ((long long)b * p.heads + h) * p.q_len + qi;
+}
+
 struct DecBlock {
-    int b, hk, row0, nrows;
+    int b, hk, row0, nrows;  // nrows <= 0: the sequence has no rows here (the block exits)
+    DecSeq seq;
 };
 
 __device__ __forceinline__ DecBlock dec_block(const DecodeParams& p) {
@@ -98,7 +132,8 @@ __device__ __forceinline__ DecBlock dec_block(const DecodeParams& p) {
     k.b = blockIdx.z;
     k.hk = blockIdx.y % kv_heads;
     k.row0 = (blockIdx.y / kv_heads) * p.rows_per_block;
-    k.nrows = min(p.rows_per_block, p.q_len * p.kv_group - k.row0);
+    k.seq = dec_seq(p, k.b);
+    k.nrows = min(p.rows_per_block, k.seq.qn * p.kv_group - k.row0);
     return k;
 }
 
@@ -106,18 +141,19 @@ __device__ __forceinline__ DecBlock dec_block(const DecodeParams& p) {
 // share [k_begin, k_end) of the keys any of its rows can see. Rows are packed query rows
 // `row0 .. row0 + nrows` (query position qi = row / kv_group).
 struct DecSpan {
-    int len;
+    int len, qn;
     long long k_begin, k_end;
 };
 
-__device__ __forceinline__ DecSpan dec_span(const DecodeParams& p, int b, int row0, int nrows) {
+__device__ __forceinline__ DecSpan dec_span(const DecodeParams& p, const DecBlock& blk) {
+    const int b = blk.b, row0 = blk.row0, nrows = blk.nrows, qn = blk.seq.qn;
     // Dense K/V (no length array): every sequence holds max_len keys.
     int len = p.lens == nullptr ? p.max_len : p.lens[b];
     len = len < 0 ? 0 : (len > p.max_len ? p.max_len : len);
-    // Bottom-right: query row qi sits at position len - q_len + qi.
+    // Bottom-right: query row qi sits at position len - qn + qi.
     const int qi_lo = row0 / p.kv_group, qi_hi = (row0 + nrows - 1) / p.kv_group;
     long long lo = 0, hi = len;
-    const long long diag_lo = (long long)len - p.q_len + qi_lo, diag_hi = (long long)len - p.q_len + qi_hi;
+    const long long diag_lo = (long long)len - qn + qi_lo, diag_hi = (long long)len - qn + qi_hi;
     if (p.causal) hi = min(hi, diag_hi + 1);
     if (p.window_right >= 0) hi = min(hi, diag_hi + p.window_right + 1);
     if (p.window_left >= 0) lo = max(lo, diag_lo - p.window_left);
@@ -132,6 +168,7 @@ __device__ __forceinline__ DecSpan dec_span(const DecodeParams& p, int b, int ro
     chunk = (chunk + DEC_TILE - 1) & ~(long long)(DEC_TILE - 1);
     DecSpan s;
     s.len = len;
+    s.qn = qn;
     s.k_begin = lo + (long long)blockIdx.x * chunk;
     s.k_end = min(hi, s.k_begin + chunk);
     return s;
@@ -140,7 +177,7 @@ __device__ __forceinline__ DecSpan dec_span(const DecodeParams& p, int b, int ro
 // The keys [jlo, jhi) that query position `qrow` sees within the block's share, as
 // attn_key_visible states the mask; a row that is not real (`live` false) sees none.
 __device__ __forceinline__ void dec_row_keys(const DecodeParams& p, const DecSpan& s, int qrow, bool live, int& jlo, int& jhi) {
-    const long long diag = (long long)s.len - p.q_len + qrow;
+    const long long diag = (long long)s.len - s.qn + qrow;
     long long rlo = s.k_begin, rhi = s.k_end;
     if (p.causal) rhi = min(rhi, diag + 1);
     if (p.window_right >= 0) rhi = min(rhi, diag + p.window_right + 1);
@@ -175,8 +212,9 @@ __device__ __forceinline__ void dec_allow_consumer() {
 // normalises and stores the output and lse, or this split's partial for the combine.
 template <class D, int HD, int ROWS>
 __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s_acc)[DEC_WARPS][ROWS][HD],
-                                          const float (&s_ml)[DEC_WARPS][ROWS][2], int b, int hk, int row0, int nrows) {
+                                          const float (&s_ml)[DEC_WARPS][ROWS][2], const DecBlock& blk) {
     typedef typename D::storage T;
+    const int b = blk.b, hk = blk.hk, row0 = blk.row0, nrows = blk.nrows;
     dec_allow_consumer();
     for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += DEC_WARPS * 32) {
         const int r = idx / p.head_dim, c = idx % p.head_dim;
@@ -195,12 +233,13 @@ __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s
         // A row that saw no key: zeros and -inf (ll == 0); NaN stays NaN.
         const float out = ll == 0.f ? 0.f : aa / ll;
         const float lse = ll == 0.f ? attn_neg_inf() : (mm + __log2f(ll)) * DEC_LN2;
-        const long long bhq = ((long long)b * p.heads + h) * p.q_len + qi;
         if (p.splits == 1) {
-            T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
+            T* op = (T*)p.o + dec_qrow(p, p.o_stride, b, blk.seq, qi) + (long long)h * p.o_stride[2];
             op[c] = D::from_f32(out);
-            if (c == 0 && p.lse != nullptr) p.lse[bhq] = lse;
+            if (c == 0 && p.lse != nullptr) p.lse[dec_lse_index(p, b, blk.seq, h, qi)] = lse;
         } else {
+            // Partials by (b, h, qi) with qi below the q_len bound: the combine's order.
+            const long long bhq = ((long long)b * p.heads + h) * p.q_len + qi;
             const long long slot = (long long)blockIdx.x * p.batch * p.heads * p.q_len + bhq;
             p.part_o[slot * p.head_dim + c] = out;
             if (c == 0) p.part_lse[slot] = lse;
@@ -221,10 +260,13 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     const long long bhq = blockIdx.x;  // ((b * heads) + h) * q_len + qi
     const long long per_split = (long long)p.batch * p.heads * p.q_len;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int qi = (int)(bhq % p.q_len), h = (int)((bhq / p.q_len) % p.heads), b = (int)(bhq / ((long long)p.q_len * p.heads));
     __shared__ float s_w[DEC_COMBINE_THREADS];
     __shared__ float s_red[DEC_COMBINE_THREADS / 32];
     __shared__ float4 s_acc[DEC_COMBINE_THREADS];
     dec_wait_for_producer();
+    const DecSeq seq = dec_seq(p, b);
+    if (qi >= seq.qn) return;  // a row the sequence does not have (packed queries)
 
     // The weights: block-wide maximum, then exp and sum.
     const float x = tid < p.splits ? p.part_lse[tid * per_split + bhq] : attn_neg_inf();
@@ -255,7 +297,7 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     const int group = tid / vecs, cv = tid % vecs;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (group < groups) {
-#pragma unroll 4
+#pragma unroll 8
         for (int s = group; s < p.splits; s += groups) {
             const float ws = s_w[s];
             const float4 o = *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv);
@@ -268,8 +310,7 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     }
     s_acc[tid] = acc;
     __syncthreads();
-    const int qi = (int)(bhq % p.q_len), h = (int)((bhq / p.q_len) % p.heads), b = (int)(bhq / ((long long)p.q_len * p.heads));
-    T* op = (T*)p.o + (long long)b * p.o_stride[0] + (long long)qi * p.o_stride[1] + (long long)h * p.o_stride[2];
+    T* op = (T*)p.o + dec_qrow(p, p.o_stride, b, seq, qi) + (long long)h * p.o_stride[2];
     if (tid < vecs) {
         float4 sum = s_acc[tid];
         for (int g = 1; g < groups; ++g) {
@@ -285,7 +326,7 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
         op[4 * tid + 2] = D::from_f32(sum.z * inv);
         op[4 * tid + 3] = D::from_f32(sum.w * inv);
     }
-    if (tid == 0 && p.lse != nullptr) p.lse[bhq] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
+    if (tid == 0 && p.lse != nullptr) p.lse[dec_lse_index(p, b, seq, h, qi)] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
 }
 
 #define DEC_COMBINE(SUFFIX, D) \

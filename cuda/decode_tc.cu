@@ -37,7 +37,8 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const DecBlock blk = dec_block(p);
-    const DecSpan span = dec_span(p, blk.b, blk.row0, blk.nrows);
+    if (blk.nrows <= 0) return;  // packed queries: this sequence has fewer rows (uniform per block)
+    const DecSpan span = dec_span(p, blk);
 
     // Q^T fragments of packed row g. Column order: k-step 2c + h, fragment columns 2t, 2t + 1
     // (and 2t + 8, 2t + 9) are head columns 32c + 8t + 4h + (0, 1) (and + (2, 3)), so a lane's
@@ -46,8 +47,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     {
         const int pr = blk.row0 + (g < blk.nrows ? g : 0);
         const int qrow = pr / p.kv_group, qhead = blk.hk * p.kv_group + pr % p.kv_group;
-        const T* qp = (const T*)p.q + (long long)blk.b * p.q_stride[0] + (long long)qrow * p.q_stride[1] +
-                      (long long)qhead * p.q_stride[2];
+        const T* qp = (const T*)p.q + dec_qrow(p, p.q_stride, blk.b, blk.seq, qrow) + (long long)qhead * p.q_stride[2];
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
             qf[c][0] = qf[c][1] = qf[c][2] = qf[c][3] = 0u;
@@ -204,7 +204,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         }
     }
     __syncthreads();
-    dec_store<D, HD, DTC_ROWS>(p, s_acc, s_ml, blk.b, blk.hk, blk.row0, blk.nrows);
+    dec_store<D, HD, DTC_ROWS>(p, s_acc, s_ml, blk);
 }
 
 // Tiles per warp step: 16 KiB of K/V in flight per warp (four tiles of d64, two of d128); d256

@@ -32,10 +32,12 @@ if [ -n "${QUICK:-}" ]; then
   # Iterating on a kernel: the gpu tests and the bench, built for sm_90a only, in a target of
   # their own (a different arch list would rebuild the main target's kernels).
   export ATTN_CUDA_ARCH_LIST=9.0a CARGO_TARGET_DIR=target/quick
-  cargo test --release --no-run --test gpu --test gpu_mem_efficient --message-format=json 2>>"$log" | pick gpu,gpu_mem_efficient |
-    while read -r name exe; do cp "$exe" "$out/test-$name"; done
+  cargo test --release --no-run --test gpu --test gpu_mem_efficient --test gpu_decode --test gpu_append --message-format=json 2>>"$log" |
+    pick gpu,gpu_mem_efficient,gpu_decode,gpu_append | while read -r name exe; do cp "$exe" "$out/test-$name"; done
   cargo bench --no-run --message-format=json 2>>"$log" | pick attention bench |
     while read -r name exe; do cp "$exe" "$out/bench"; done
+  cargo bench --no-run --message-format=json 2>>"$log" | pick decode bench |
+    while read -r name exe; do cp "$exe" "$out/bench-decode"; done
   cp "$shared/anchors/torch_sdpa.py" "$out/"
   strip "$out"/test-* "$out"/bench 2>>"$log" || true
   ls -la "$out"; exit 0

@@ -66,8 +66,9 @@ pub(crate) struct Capabilities {
     pub needs_alignment: bool,
     /// Packed variable-length batches are supported.
     pub varlen: bool,
-    /// Most query rows per sequence (`None`: any): a problem past it is not for this backend
-    /// (not a fallback), and nothing else is checked.
+    /// Most query rows per sequence of a dense problem (`None`: any): one past it is not for
+    /// this backend (not a fallback), and nothing else is checked. KV-cache calls are taken at
+    /// any query length.
     pub max_query_rows: Option<usize>,
     /// The launch grid is (tiles, heads, batch): heads and batch must fit a grid dimension.
     pub heads_and_batch_on_the_grid: bool,
@@ -78,7 +79,8 @@ impl Capabilities {
     pub(crate) fn reasons(&self, caps: &DeviceCaps, problem: &Problem) -> Vec<Reason> {
         let mut reasons = gpu_memory_reasons(caps, problem);
         if let Some(max) = self.max_query_rows {
-            if problem.seqlen_q > max {
+            // A KV-cache call has no other GPU backend: the bound is for dense problems.
+            if problem.seqlen_q > max && problem.kv_cache.is_none() {
                 reasons.push(Reason::NotADecode { seqlen_q: problem.seqlen_q, max });
                 return reasons;
             }

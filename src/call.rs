@@ -100,6 +100,9 @@ pub(crate) struct KvPart {
     /// Caller-provided device scratch memory (address, bytes), validated: the decode's
     /// split-KV partials go there instead of a per-call allocation.
     pub workspace: Option<(Addr, usize)>,
+    /// Packed queries: int32 `cu_seqlens_q`, `batch + 1` prefix sums over q's rows (q and out
+    /// are `[1, total_q, heads, d]`, `problem.seqlen_q` the most rows of a sequence).
+    pub query_starts: Option<Addr>,
 }
 
 impl Call<'_> {

@@ -8,6 +8,7 @@
 use crate::backend::RunError;
 use crate::call::{host_i32s, Call};
 use crate::cpu::{forward_rows, HostIn, KvRows, Seqs, StridedKv, Threads};
+use crate::options::Mask;
 use crate::dtype::Element;
 use crate::error::Error;
 use crate::layout::Layout;
@@ -78,15 +79,102 @@ pub(crate) fn forward<T: Element>(call: &mut Call<'_>, threads: &Threads) -> Res
         .ok_or_else(|| RunError::Fatal(Error::invalid("q", "device memory", "host memory for the CPU backend")))?;
     let q = HostIn { data: s.q, layout: ql };
     let (k, v) = (HostIn { data: s.k, layout: kl }, HostIn { data: s.v, layout: vl });
-    let seqs = Seqs::Cache { lens };
-    let run = match table {
-        None => forward_rows(q, StridedKv { k, v }, kv.max_len, p.kv_heads, s.out, ol, s.lse, seqs, scale, mask, softcap, threads),
-        Some(table) => {
+    let starts = match kv.query_starts {
+        // SAFETY: validated as `batch + 1` host prefix sums within q's rows.
+        Some(a) => Some(unsafe { host_i32s(a, p.batch + 1, "cu_seqlens_q")? }),
+        None => None,
+    };
+    let run = match (table, starts) {
+        (None, None) => {
+            forward_rows(q, StridedKv { k, v }, kv.max_len, p.kv_heads, s.out, ol, s.lse, Seqs::Cache { lens }, scale, mask, softcap, threads)
+        }
+        (Some(table), None) => {
             let paged = PagedKv::new(k, v, table, kv.table_stride, kv.page_size);
-            forward_rows(q, paged, kv.max_len, p.kv_heads, s.out, ol, s.lse, seqs, scale, mask, softcap, threads)
+            forward_rows(q, paged, kv.max_len, p.kv_heads, s.out, ol, s.lse, Seqs::Cache { lens }, scale, mask, softcap, threads)
+        }
+        (None, Some(cu)) => per_sequence(q, &StridedKv { k, v }, kv.max_len, p.kv_heads, s.out, ol, s.lse, cu, lens, scale, mask, softcap, threads),
+        (Some(table), Some(cu)) => {
+            let paged = PagedKv::new(k, v, table, kv.table_stride, kv.page_size);
+            per_sequence(q, &paged, kv.max_len, p.kv_heads, s.out, ol, s.lse, cu, lens, scale, mask, softcap, threads)
         }
     };
     run.map_err(RunError::Fatal)
+}
+
+/// The K/V rows of one sequence of a cache, as batch entry 0.
+struct OneSequence<'r, R> {
+    rows: &'r R,
+    batch: usize,
+}
+
+impl<T, R: KvRows<T>> KvRows<T> for OneSequence<'_, R> {
+    #[inline]
+    fn k_row(&self, _: usize, key: usize, kv_head: usize) -> &[T] {
+        self.rows.k_row(self.batch, key, kv_head)
+    }
+    #[inline]
+    fn v_row(&self, _: usize, key: usize, kv_head: usize) -> &[T] {
+        self.rows.v_row(self.batch, key, kv_head)
+    }
+}
+
+/// Packed queries (`cu_seqlens_q`): each sequence's rows of q `[1, total_q, heads, d]` against
+/// its cache, one sequence at a time (each on the whole pool); lse is `[heads, total_q]`.
+/// The prefix sums were checked on the host (non-decreasing, within q, each at most the
+/// stated maximum); the clamps mirror the kernels' all the same.
+#[allow(clippy::too_many_arguments)]
+fn per_sequence<T: Element, R: KvRows<T>>(
+    q: HostIn<'_, T>,
+    kv: &R,
+    max_len: usize,
+    kv_heads: usize,
+    out: &mut [T],
+    out_layout: Layout,
+    mut lse: Option<&mut [f32]>,
+    cu: &[i32],
+    lens: &[i32],
+    scale: f32,
+    mask: Mask,
+    softcap: Option<f32>,
+    threads: &Threads,
+) -> Result<(), Error> {
+    let [_, total, heads, d] = q.layout.shape();
+    let mut seq_lse = Vec::new();
+    for (b, w) in cu.windows(2).enumerate() {
+        let lo = (w[0].max(0) as usize).min(total);
+        let n = (w[1].max(0) as usize).clamp(lo, total) - lo;
+        if n == 0 {
+            continue;
+        }
+        let sub = |l: Layout| Layout::strided([1, n, heads, d], l.strides());
+        let (q_off, o_off) = (q.layout.offset(0, lo, 0), out_layout.offset(0, lo, 0));
+        let qs = HostIn { data: &q.data[q_off..], layout: sub(q.layout) };
+        let want_lse = lse.is_some();
+        seq_lse.clear();
+        seq_lse.resize(if want_lse { heads * n } else { 0 }, 0.0);
+        let rows = OneSequence { rows: kv, batch: b };
+        forward_rows(
+            qs,
+            rows,
+            max_len,
+            kv_heads,
+            &mut out[o_off..],
+            sub(out_layout),
+            want_lse.then_some(&mut seq_lse[..]),
+            Seqs::Cache { lens: &lens[b..b + 1] },
+            scale,
+            mask,
+            softcap,
+            threads,
+        )?;
+        if let Some(l) = lse.as_deref_mut() {
+            // [1, heads, n] for the sequence into [heads, total_q].
+            for h in 0..heads {
+                l[h * total + lo..h * total + lo + n].copy_from_slice(&seq_lse[h * n..(h + 1) * n]);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the rows of a host append go.

@@ -19,7 +19,7 @@ use crate::tensor::{
     join_before,
     byte_range, call_memory, check_disjoint, check_f32_or_i32_pointer, check_memory_like_q, check_operand, check_options,
     describe, four_byte_range, launch_stream, lse_operand, operand, order_on_launch_stream, peek_in, peek_out, same_memory,
-    shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, Operand, OutMem, StreamOrder, Tensor, TensorMut, MAX_DIM,
+    shape_str, vector_aligned, Addr, Call, InMem, KvPart, LseMut, Operand, OutMem, SeqLens, StreamOrder, Tensor, TensorMut, MAX_DIM,
 };
 
 /// Each sequence's cache length: int32 `[batch]`, the number of keys of that sequence in the
@@ -110,17 +110,50 @@ pub struct KvCache<'a, T: Element> {
     pub(crate) v: Tensor<'a, T>,
     pub(crate) lens: CacheLens<'a>,
     pub(crate) table: Option<BlockTable<'a>>,
+    /// Packed queries: `cu_seqlens_q` and the most rows any sequence has.
+    pub(crate) queries: Option<(SeqLens<'a>, usize)>,
 }
 
 impl<'a, T: Element> KvCache<'a, T> {
     /// A contiguous cache: k and v `[batch, max_len, kv_heads, head_dim]` (any strides).
     pub fn contiguous(k: Tensor<'a, T>, v: Tensor<'a, T>, lens: CacheLens<'a>) -> Self {
-        KvCache { k, v, lens, table: None }
+        KvCache { k, v, lens, table: None, queries: None }
     }
     /// A paged cache: k and v pages `[num_pages, page_size, kv_heads, head_dim]` (any strides)
     /// and the block table mapping each sequence's keys to pages.
     pub fn paged(k_pages: Tensor<'a, T>, v_pages: Tensor<'a, T>, table: BlockTable<'a>, lens: CacheLens<'a>) -> Self {
-        KvCache { k: k_pages, v: v_pages, lens, table: Some(table) }
+        KvCache { k: k_pages, v: v_pages, lens, table: Some(table), queries: None }
+    }
+
+    /// Packed queries of different lengths per sequence (vLLM v1's batches: chunks of prefills
+    /// beside single decode tokens, in one call): q and out are `[1, total_q, heads,
+    /// head_dim]` and sequence `b`'s query rows are rows `cu_seqlens_q[b]..cu_seqlens_q[b + 1]`
+    /// (`batch + 1` int32 prefix sums, in q's memory), at the last positions of its cache:
+    /// row `i` of `n` sits at `lens[b] - n + i`. `max_seqlen_q` bounds every sequence's rows
+    /// (it sizes the grid; device prefix sums are clamped to it). lse, if asked for, is
+    /// `[heads, total_q]`. Host prefix sums are checked as [`SeqLens::check_host`] says.
+    ///
+    /// ```
+    /// use attention::{CacheLens, KvCache, Layout, Options, SeqLens, Tensor, TensorMut};
+    /// // Sequence 0 decodes one token over 6 cached keys; sequence 1 prefills a 3-token chunk
+    /// // after 2 cached ones (5 keys in all, the chunk's included).
+    /// let (cap, h, hk, d) = (8, 4, 2, 16);
+    /// let lc = Layout::contiguous(2, cap, hk, d);
+    /// let kv: Vec<f32> = (0..lc.numel()).map(|i| (i as f32 * 0.1).sin()).collect();
+    /// let lq = Layout::contiguous(1, 4, h, d);
+    /// let q: Vec<f32> = (0..lq.numel()).map(|i| (i as f32 * 0.3).cos()).collect();
+    /// let mut out = vec![0.0f32; lq.numel()];
+    /// let (lens, cu) = ([6, 5], [0, 1, 4]);
+    /// let cache = KvCache::contiguous(Tensor::host(&kv, lc), Tensor::host(&kv, lc), CacheLens::host(&lens))
+    ///     .with_varlen_queries(SeqLens::host(&cu), 3);
+    /// let attn = attention::Selector::from_env().unwrap().select().unwrap();
+    /// attn.forward_kvcache(&Tensor::host(&q, lq), &cache, &mut TensorMut::host(&mut out, lq), None,
+    ///                      &Options::default().causal(true)).unwrap();
+    /// ```
+    #[must_use]
+    pub fn with_varlen_queries(mut self, cu_seqlens_q: SeqLens<'a>, max_seqlen_q: usize) -> Self {
+        self.queries = Some((cu_seqlens_q, max_seqlen_q));
+        self
     }
 }
 
@@ -199,7 +232,29 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     check_operand("q", &qo, elem, false)?;
     check_operand("k_cache", &ko, elem, false)?;
     check_operand("v_cache", &vo, elem, false)?;
-    let [b, q_len, h, d] = qo.layout.shape();
+    let [qb, q_rows, h, d] = qo.layout.shape();
+    // Packed queries: q is [1, total_q, heads, d]; the batch is the prefix sums' sequences and
+    // the query length the stated maximum.
+    let (b, q_len) = match &cache.queries {
+        None => (qb, q_rows),
+        Some((cu, max_q)) => {
+            if qb != 1 {
+                return Err(Error::invalid("q", format!("batch {qb}"), "1 with packed queries (q is [1, total_q, heads, head_dim])"));
+            }
+            if cu.len() < 2 {
+                return Err(Error::invalid("cu_seqlens_q", format!("{} entries", cu.len()), "batch + 1 >= 2 prefix sums"));
+            }
+            if *max_q == 0 || *max_q > MAX_DIM {
+                return Err(Error::invalid("max_seqlen_q", max_q.to_string(), format!("1..={MAX_DIM}")));
+            }
+            let (_, _, cm) = peek_in(&cu.mem);
+            check_memory_like_q("cu_seqlens_q", cm, qm)?;
+            if let InMem::Host(v) = &cu.mem {
+                SeqLens::check_host(v, q_rows, *max_q, "cu_seqlens_q")?;
+            }
+            (cu.len() - 1, *max_q)
+        }
+    };
     let [kb, ks, hk, kd] = ko.layout.shape();
     if vo.layout.shape() != ko.layout.shape() {
         return Err(Error::invalid(
@@ -287,12 +342,20 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     check_memory_like_q("out", om, qm)?;
     let lse_op = match lse.as_deref_mut() {
         None => None,
-        Some(l) => Some(lse_operand(l, (b, q_len, h), "q_len", qm)?),
+        // [batch, heads, q_len], or [heads, total_q] for packed queries.
+        Some(l) => Some(match cache.queries {
+            None => lse_operand(l, (b, q_len, h), "q_len", qm)?,
+            Some(_) => lse_operand(l, (1, q_rows, h), "total_q", qm)?,
+        }),
     };
     check_options(opts)?;
     check_f32_or_i32_pointer("cache_lens", la)?;
     if let Some(t) = table {
         check_f32_or_i32_pointer("block_table", t)?;
+    }
+    let starts = cache.queries.as_ref().map(|(cu, _)| peek_in(&cu.mem).0);
+    if let Some(a) = starts {
+        check_f32_or_i32_pointer("cu_seqlens_q", a)?;
     }
     let others = [
         ("q", byte_range(&qo, elem)),
@@ -300,6 +363,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
         ("v_cache", byte_range(&vo, elem)),
         ("cache_lens", four_byte_range(la, b)),
         ("block_table", table.and_then(|t| four_byte_range(t, table_entries))),
+        ("cu_seqlens_q", starts.and_then(|a| four_byte_range(a, b + 1))),
     ];
     let lse_range = lse_op.as_ref().and_then(|l| byte_range(l, 4));
     let mut with_lse = others.to_vec();
@@ -339,7 +403,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     problem.vector_aligned = [&qo, &ko, &vo, &oo].iter().all(|o| vector_aligned(o, elem));
     let order = order_on_launch_stream(
         [&q.mem, &cache.k.mem, &cache.v.mem],
-        [Some(&cache.lens.mem), cache.table.as_ref().map(|t| &t.mem)],
+        [Some(&cache.lens.mem), cache.table.as_ref().map(|t| &t.mem), cache.queries.as_ref().map(|(cu, _)| &cu.mem)],
         &mut out.mem,
         lse.map(|l| &mut l.mem),
         raw_stream,
@@ -366,6 +430,7 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
             num_pages: kb,
             max_len,
             workspace,
+            query_starts: starts,
         }),
         _order: order,
         _borrows: PhantomData,

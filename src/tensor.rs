@@ -236,7 +236,7 @@ pub(crate) fn peek_out<T>(mem: &mut OutMem<'_, T>) -> (Addr, usize, MemoryKind) 
 /// stream, or `raw_launch` when the output is raw memory.
 pub(crate) fn order_on_launch_stream<'c, T: Element>(
     inputs: [&'c InMem<'_, T>; 3],
-    seqlens: [Option<&'c InMem<'_, i32>>; 2],
+    seqlens: [Option<&'c InMem<'_, i32>>; 3],
     out: &'c mut OutMem<'_, T>,
     lse: Option<&'c mut OutMem<'_, f32>>,
     raw_launch: CUstream,
@@ -306,7 +306,7 @@ pub(crate) fn join_before(own: &CudaStream, launch: CUstream) -> Result<(), Erro
 /// they were. Validate them on the host with [`SeqLens::check_host`] when unsure.
 #[derive(Debug)]
 pub struct SeqLens<'a> {
-    mem: InMem<'a, i32>,
+    pub(crate) mem: InMem<'a, i32>,
 }
 
 impl<'a> SeqLens<'a> {
@@ -329,7 +329,7 @@ impl<'a> SeqLens<'a> {
     }
 
     /// Number of prefix sums (`batch + 1`).
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.mem.len()
     }
 
@@ -791,7 +791,7 @@ pub(crate) fn validate<'c, T: Element>(
     problem.vector_aligned = [&qo, &ko, &vo, &oo].iter().all(|o| vector_aligned(o, elem));
     let order = order_on_launch_stream(
         [&q.mem, &k.mem, &v.mem],
-        [varlen.map(|vl| &vl.cu_seqlens_q.mem), varlen.map(|vl| &vl.cu_seqlens_k.mem)],
+        [varlen.map(|vl| &vl.cu_seqlens_q.mem), varlen.map(|vl| &vl.cu_seqlens_k.mem), None],
         &mut out.mem,
         lse.map(|l| &mut l.mem),
         raw_stream,

@@ -50,3 +50,9 @@ pub fn cache_entries(dir: &std::path::Path) -> std::io::Result<Vec<(String, u64,
 pub fn ptxas_report() -> &'static str {
     crate::gpu::embedded::PTXAS_REPORT
 }
+
+/// Benchmarks only: the number of waves of blocks a split-KV decode grid aims for (0: the
+/// default), process-wide, to compare grid shapes on one device.
+pub fn set_decode_waves(waves: usize) {
+    crate::gpu::decode::set_waves(waves);
+}

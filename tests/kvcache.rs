@@ -4,7 +4,7 @@
 
 mod common;
 
-use attention::{BackendKind, BlockTable, CacheLens, Error, KvCache, Layout, LseMut, Selector, Settings, Tensor, TensorMut};
+use attention::{BackendKind, BlockTable, CacheLens, Error, KvCache, Layout, LseMut, SeqLens, Selector, Settings, Tensor, TensorMut};
 use common::gpu::tolerance;
 use common::kv::{KvCase, Store};
 use common::reference::{rel_err, RefMask};
@@ -69,6 +69,56 @@ fn sweep<T: attention::Element>(dtype: attention::DType) {
         }
     }
     println!("{dtype}: {n} KV-cache cases match the reference");
+}
+
+/// Packed queries (`cu_seqlens_q`, vLLM v1's mixed batches): sequences with 0, 1, a few and
+/// many query rows (chunked prefill) in one call, every cache layout, masks, lse `[heads,
+/// total_q]`; rows match the same positions' rows of the fixed-length reference.
+#[test]
+fn packed_queries_of_different_lengths_match_the_reference() {
+    let attn = cpu();
+    let mut rng = Rng::fresh();
+    let mut n = 0;
+    for (i, store) in [Store::Contiguous, Store::PagedVllm { page_size: 16 }, Store::PagedHnd { page_size: 1 }, Store::ContiguousHeadsFirst]
+        .into_iter()
+        .enumerate()
+    {
+        for mask in [RefMask { causal: true, ..RefMask::default() }, RefMask::default(), RefMask { causal: true, left: Some(9), ..RefMask::default() }] {
+            let c = KvCase::<f32>::new(&mut rng, store, 4, 40, 8, 2, 16, 300, mask);
+            let rows = [[1, 0, 40, 7], [40, 3, 0, 1], [2, 40, 1, 0], [0, 1, 1, 40]][i];
+            let (cu, q, lq, want, want_lse) = c.packed(&rows);
+            let mut out = vec![f32::NAN; lq.numel()];
+            let mut lse = vec![f32::NAN; want_lse.len()];
+            let (kbuf, vbuf) = (&c.k[..], &c.v[c.v_offset..]);
+            let lens = CacheLens::host(&c.lens);
+            let cache = match store {
+                Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(Tensor::host(kbuf, c.lk), Tensor::host(vbuf, c.lk), lens),
+                _ => KvCache::paged(Tensor::host(kbuf, c.lk), Tensor::host(vbuf, c.lk), BlockTable::host(&c.table, c.pages_per_seq, c.table_stride), lens),
+            }
+            .with_varlen_queries(SeqLens::host(&cu), 40);
+            attn.forward_kvcache(&Tensor::host(&q, lq), &cache, &mut TensorMut::host(&mut out, lq), Some(&mut LseMut::host(&mut lse)), &c.options()).unwrap();
+            let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+            let err = rel_err(&got, &want);
+            let lse_err = common::gpu::lse_error(lse.iter().map(|&x| x as f64), want_lse.iter().copied());
+            assert!(err < 1e-5 && lse_err < 1e-3, "{store:?} {mask:?} rows {rows:?} lens {:?}: rel {err:.2e}, lse {lse_err:.2e}", c.lens);
+            n += 1;
+        }
+    }
+    // Bad prefix sums and bounds are typed errors that name the argument.
+    let c = KvCase::<f32>::new(&mut rng, Store::Contiguous, 2, 4, 4, 2, 16, 20, RefMask::default());
+    let (cu, q, lq, _, _) = c.packed(&[4, 2]);
+    let mut out = vec![0f32; lq.numel()];
+    let lens = CacheLens::host(&c.lens);
+    for (bad, max, arg) in [(vec![0, 4, 5], 4, "cu_seqlens_q"), (vec![0, 5, 6], 4, "cu_seqlens_q"), (cu.clone(), 3, "cu_seqlens_q"), (cu.clone(), 0, "max_seqlen_q")] {
+        let cache = KvCache::contiguous(Tensor::host(&c.k, c.lk), Tensor::host(&c.v, c.lk), CacheLens::host(&c.lens)).with_varlen_queries(SeqLens::host(&bad), max);
+        let err = attn.forward_kvcache(&Tensor::host(&q, lq), &cache, &mut TensorMut::host(&mut out, lq), None, &c.options()).unwrap_err();
+        assert!(err.to_string().contains(arg), "{bad:?} max {max}: {err}");
+    }
+    let batched = Layout::contiguous(2, 3, 4, 16);
+    let cache = KvCache::contiguous(Tensor::host(&c.k, c.lk), Tensor::host(&c.v, c.lk), lens).with_varlen_queries(SeqLens::host(&cu), 4);
+    let err = attn.forward_kvcache(&Tensor::host(&q, batched), &cache, &mut TensorMut::host(&mut out, batched), None, &c.options()).unwrap_err();
+    assert!(err.to_string().contains("q"), "{err}");
+    println!("{n} packed-query cases match the reference");
 }
 
 /// Long caches with one or two kv heads: few (sequence, kv head) blocks, so each one's keys are

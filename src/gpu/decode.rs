@@ -6,7 +6,7 @@
 //! On sm_80+ for f16/bf16 the products run on mma.sync (cuda/decode_tc.cu: 8 packed rows per
 //! block, few instructions per byte); elsewhere (sm_75, f32) on f32 FMAs (cuda/decode.cu).
 //!
-//! It ranks first: every problem with at most [`MAX_QUERY_ROWS`] query rows per sequence runs
+//! It ranks first: every dense problem with at most [`MAX_QUERY_ROWS`] query rows per sequence runs
 //! here, `forward` (dense K/V, every sequence `seqlen_k` long) as well as `forward_kvcache`.
 
 use std::collections::HashMap;
@@ -26,8 +26,10 @@ use crate::problem::Problem;
 use crate::settings::JitMode;
 use crate::call::{Addr, Call};
 
-/// The most query rows per sequence the decode kernels take (speculative decoding sends up to
-/// about 16); longer queries are prefills, which the tiled backends run.
+/// The most query rows per sequence of a dense problem the decode kernels take (speculative
+/// decoding sends up to about 16); longer dense queries are prefills, which the tiled backends
+/// run. KV-cache calls run here at any query length (chunked prefill against a cache): every
+/// group of 8 packed rows reads its sequence's keys, correct but not a tiled prefill.
 pub(crate) const MAX_QUERY_ROWS: usize = 16;
 /// The largest head_dim a kernel is specialised for: a K/V row is one warp's 16-byte loads at
 /// most, 256 columns of a 16-bit type, 128 of f32.
@@ -45,6 +47,20 @@ const MAX_SPLITS: usize = 128;
 /// 1 at 128k keys: 3.4 TB/s on the H200); one wave of twice-as-long blocks is not yet measured
 /// on its own.
 const WAVES: usize = 2;
+/// Bench-only override of [`WAVES`] (0: none), set through `testing::set_decode_waves`.
+static WAVES_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the waves a split grid aims for (0: the default [`WAVES`]); for benchmarks.
+pub(crate) fn set_waves(waves: usize) {
+    WAVES_OVERRIDE.store(waves, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn waves() -> usize {
+    match WAVES_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => WAVES,
+        n => n,
+    }
+}
 /// Blocks of a decode kernel one SM holds, where the driver has not said (a simulated device,
 /// `explain` before the module is loaded): what ~220 registers per thread allow.
 const DEFAULT_RESIDENT_PER_SM: usize = 2;
@@ -89,7 +105,7 @@ const FUNCTIONS: [&str; 19] = [
     "attn_decode_combine_f32",
 ];
 
-/// Mirrors `struct DecodeParams` in cuda/decode.cu (the kernel checks its size is 240).
+/// Mirrors `struct DecodeParams` in cuda/decode.cuh (the kernel checks its size is 256).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct DecodeParams {
@@ -123,9 +139,13 @@ struct DecodeParams {
     scale: f32,
     softcap: f32,
     rows_per_block: i32,
+    cu_seqlens_q: u64,
+    total_q: i32,
+    pad: i32,
 }
 const _: () = {
-    assert!(std::mem::size_of::<DecodeParams>() == 240);
+    assert!(std::mem::size_of::<DecodeParams>() == 256);
+    assert!(std::mem::offset_of!(DecodeParams, cu_seqlens_q) == 240);
     assert!(std::mem::offset_of!(DecodeParams, lse) == 128);
     assert!(std::mem::offset_of!(DecodeParams, table_stride) == 168);
     assert!(std::mem::offset_of!(DecodeParams, batch) == 176);
@@ -171,7 +191,7 @@ impl Plan {
         };
         let row_groups = packed.div_ceil(rows).max(1);
         let blocks = p.batch * p.kv_heads * row_groups;
-        let wanted = (sm_count * per_sm.max(1) * WAVES) / blocks.max(1);
+        let wanted = (sm_count * per_sm.max(1) * waves()) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, MAX_SPLITS);
         Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
     }
@@ -303,7 +323,8 @@ impl DecodeBackend {
     }
 }
 
-/// What decode runs: at most [`MAX_QUERY_ROWS`] query rows per sequence, every arch from sm_75
+/// What decode runs: at most [`MAX_QUERY_ROWS`] query rows per sequence of a dense problem
+/// (KV-cache calls at any length), every arch from sm_75
 /// and every dtype (16-byte loads and f32 FMAs, no tensor cores), head_dim a multiple of one
 /// 16-byte vector and at most one warp's worth of them, 16-byte aligned tensors.
 const CAPABILITIES: Capabilities = Capabilities {
@@ -409,6 +430,9 @@ impl Backend for DecodeBackend {
             scale: call.scale,
             softcap: call.softcap.unwrap_or(0.0),
             rows_per_block: plan.rows as i32,
+            cu_seqlens_q: call.kv.as_ref().and_then(|kv| kv.query_starts).map(Addr::device_or_null).unwrap_or(0),
+            total_q: call.q.layout.seqlen() as i32,
+            pad: 0,
         };
         let stream = call.stream;
         let bytes = plan.workspace_bytes(p);

@@ -452,6 +452,9 @@ impl GpuDevice {
             if let Some((w, bytes)) = kv.workspace {
                 self.check_addr("workspace", w, bytes as u64, "q")?;
             }
+            if let Some(cu) = kv.query_starts {
+                self.check_addr("cu_seqlens_q", cu, (call.problem.batch as u64 + 1) * 4, "q")?;
+            }
         }
         if let Some(v) = &call.varlen {
             let bytes = (call.problem.batch as u64 + 1) * 4;

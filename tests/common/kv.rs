@@ -160,6 +160,33 @@ impl<T: Element> KvCase<T> {
         (ref_out, ref_lse)
     }
 
+    /// The case as packed queries (`cu_seqlens_q`): sequence `b` keeps the last `rows[b]` of its
+    /// `q_len` query rows, which sit at the same cache positions (`lens[b] - rows[b] + i`), so
+    /// the reference is the matching rows of the case's own. Returns (cu_seqlens_q, q
+    /// `[1, total, heads, d]`, its layout, reference out, reference lse `[heads, total]`).
+    pub fn packed(&self, rows: &[usize]) -> (Vec<i32>, Vec<T>, Layout, Vec<f64>, Vec<f64>) {
+        let (h, d, sq) = (self.heads, self.d, self.q_len);
+        let mut cu = vec![0i32];
+        let (mut q, mut out) = (Vec::new(), Vec::new());
+        for (b, &n) in rows.iter().enumerate() {
+            assert!(n <= sq);
+            let first = b * sq + (sq - n);
+            q.extend_from_slice(&self.q[first * h * d..(first + n) * h * d]);
+            out.extend_from_slice(&self.ref_out[first * h * d..(first + n) * h * d]);
+            cu.push(cu[b] + n as i32);
+        }
+        let total = *cu.last().unwrap() as usize;
+        let mut lse = vec![0.0; h * total];
+        for (b, &n) in rows.iter().enumerate() {
+            for hh in 0..h {
+                for i in 0..n {
+                    lse[hh * total + cu[b] as usize + i] = self.ref_lse[(b * h + hh) * sq + sq - n + i];
+                }
+            }
+        }
+        (cu, q, Layout::contiguous(1, total, h, d), out, lse)
+    }
+
     /// The options matching the mask.
     pub fn options(&self) -> attention::Options {
         let mut o = attention::Options::default().causal(self.mask.causal).window(self.mask.left, self.mask.right);
