@@ -126,14 +126,16 @@ impl Default for Settings {
 
 /// `ATTN_*` variables that are not settings but belong to the rest of the project, so an
 /// `ATTN_*` name outside [`VARIABLES`] and this list is a typo worth a warning. `build.rs`
-/// reads the arch list, nvcc and spill switches; `.ci/run` its venv; tests, benches and fuzz
+/// reads the arch list, nvcc and spill switches; `.ci/run` its venv; the device scripts the
+/// CUDA library directories they search first; tests, benches and fuzz
 /// targets their own `ATTN_TEST_*`, `ATTN_BENCH_*` and `ATTN_FUZZ_*` knobs (a trailing `*`
 /// is a prefix). Add a name here when a script or test starts reading one.
-const BUILD_AND_TEST_VARIABLES: [&str; 7] = [
+const BUILD_AND_TEST_VARIABLES: [&str; 8] = [
     "ATTN_CUDA_ARCH_LIST",
     "ATTN_REQUIRE_NVCC",
     "ATTN_DENY_SPILLS",
     "ATTN_CI_VENV",
+    "ATTN_CUDA_LIB_DIRS",
     "ATTN_TEST_*",
     "ATTN_BENCH_*",
     "ATTN_FUZZ_*",
