@@ -43,10 +43,11 @@ const MIN_CHUNK: usize = 64;
 /// Most splits of one sequence: bounds the workspace, and the combine reads one split's lse per
 /// thread (`DEC_COMBINE_THREADS`, 128, in cuda/decode.cuh).
 const MAX_SPLITS: usize = 128;
-/// Waves of blocks a split grid aims for: two, as the first tensor-core measurements ran (batch
-/// 1 at 128k keys: 3.4 TB/s on the H200); one wave of twice-as-long blocks is not yet measured
-/// on its own.
-const WAVES: usize = 2;
+/// Waves of blocks a split grid aims for: one. Measured on the H200 (bf16 GQA 32/8 d128, the
+/// decode bench's waves table), one wave of long blocks beats 2, 3 and 4 waves of shorter ones at
+/// every split shape: batch 1 at 8k/32k/128k keys 1.95/2.96/4.02 TB/s against 1.55/2.53/3.82 at
+/// two waves, batch 16 at 8k 4.09 against 3.95 (fewer block starts and tails, a shorter combine).
+const WAVES: usize = 1;
 /// Bench-only override of [`WAVES`] (0: none), set through `testing::set_decode_waves`.
 static WAVES_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -492,11 +493,11 @@ mod tests {
         let p = Problem::new(DType::BF16, 1, 1, 131072, 32, 8, 128);
         let plan = Plan::of(&p, 132, Family::Simt, 2);
         assert_eq!((plan.head_dim, plan.rows, plan.row_groups), (128, 4, 1));
-        assert_eq!(plan.splits, 66);
-        // Two waves of 2 blocks per SM over 8 heads' blocks.
-        assert_eq!(Plan::of(&p, 132, Family::TensorCore, 2).splits, 66);
-        // Batch 16: 128 blocks, four splits fill 512 of 2 x 264 slots (not 5: 2.4 waves).
-        assert_eq!(Plan::of(&Problem::new(DType::BF16, 16, 1, 8192, 32, 8, 128), 132, Family::TensorCore, 2).splits, 4);
+        assert_eq!(plan.splits, 33);
+        // One wave of 2 blocks per SM over 8 heads' blocks.
+        assert_eq!(Plan::of(&p, 132, Family::TensorCore, 2).splits, 33);
+        // Batch 16: 128 blocks, two splits fill 256 of 264 slots (not 3: 1.45 waves).
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 16, 1, 8192, 32, 8, 128), 132, Family::TensorCore, 2).splits, 2);
         // Short keys cap the split count at one split per MIN_CHUNK keys.
         assert_eq!(Plan::of(&Problem::new(DType::BF16, 1, 1, 100, 32, 8, 128), 132, Family::Simt, 4).splits, 2);
         // A large batch fills the GPU without splitting.
