@@ -113,6 +113,9 @@ impl LoadedModule {
 pub(crate) struct GpuDevice {
     pub ctx: Arc<CudaContext>,
     pub caps: DeviceCaps,
+    /// Loaded modules by (module, JIT mode): everything that changes the image on this device
+    /// (an emulated arch is another `GpuDevice`; the cache directory only says where a JIT
+    /// image is stored, so a module loaded through one directory serves handles of another).
     modules: Mutex<HashMap<(&'static str, JitMode), ModuleResult>>,
 }
 
