@@ -15,17 +15,12 @@
 # binaries start and the stub libcuda's cuInit fails, so everything runs on the CPU.
 #
 # Usage: scripts/candle-cuda-build.sh   (CUDA_VENV: the venv with nvidia-cuda-nvcc 13.0;
-#        default /work/main/target/ci-cuda-venv, else target/ci-cuda-venv)
+#        default target/ci-cuda-venv, the one .ci/run makes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-venv="${CUDA_VENV:-}"
-if [ -z "$venv" ]; then
-  for v in /work/main/target/ci-cuda-venv "$root/target/ci-cuda-venv"; do
-    if [ -x "$v/bin/python" ]; then venv=$v; break; fi
-  done
-fi
+venv="${CUDA_VENV:-$root/target/ci-cuda-venv}"
 [ -n "$venv" ] && [ -x "$venv/bin/python" ] || { echo "candle-cuda-build: no CUDA venv (set CUDA_VENV)"; exit 1; }
 cu13=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
 export NVCC="$cu13/bin/nvcc"

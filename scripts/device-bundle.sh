@@ -54,4 +54,9 @@ ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-r
   pick gpu | while read -r name exe; do cp "$exe" "$out/test-gpu-sm80"; done
 cp "$shared/anchors/torch_sdpa.py" "$out/"
 strip "$out"/test-* "$out"/doctor "$out"/bench* 2>>"$log" || true
+# CANDLE=1: also the candle-cuda test and example (.carry/candle/; needs ~20 min the first time).
+if [ -n "${CANDLE:-}" ]; then
+  bash scripts/candle-cuda-build.sh >>"$log" 2>&1  # CUDA_VENV: the venv holding $NVCC
+  cp scripts/candle-cuda-run.sh "$out/"
+fi
 ls -la "$out"; du -sh "$out"
