@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use attention::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use attention::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr};
 use attention::{
     Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Tensor, TensorMut,
 };
@@ -40,23 +40,33 @@ fn upload<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> Dev<T>
     }
 }
 
+/// The case's K and V views of its device buffers (vLLM's layout: one buffer holding both).
+fn kv_views<'a, T: DeviceRepr>(c: &KvCase<T>, d: &'a Dev<T>) -> (CudaView<'a, T>, CudaView<'a, T>) {
+    let n = c.lk.numel();
+    let v = match &d.v_sep {
+        Some(v) => v.slice(0..n),
+        None => d.kv.slice(c.v_offset..c.v_offset + n),
+    };
+    (d.kv.slice(0..n), v)
+}
+
+/// The case's cache (contiguous or paged, as its store says) over those views.
+fn cache_of<'a, T: Element + DeviceRepr>(c: &KvCase<T>, d: &'a Dev<T>, k: &'a CudaView<'a, T>, v: &'a CudaView<'a, T>) -> KvCache<'a, T> {
+    let (k, v) = (Tensor::cuda(k, c.lk), Tensor::cuda(v, c.lk));
+    let lens = CacheLens::cuda(&d.lens);
+    match c.store {
+        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
+        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
+    }
+}
+
 /// Runs a case through `forward_kvcache` on the device; (backend, rel. error, lse error).
 fn run<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &KvCase<T>) -> (BackendKind, f64, f64) {
     let d = upload(s, c);
     let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); c.lq.numel()]).unwrap();
     let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; c.batch * c.heads * c.q_len]).unwrap();
-    let n = c.lk.numel();
-    let kview = d.kv.slice(0..n);
-    let vview = match &d.v_sep {
-        Some(v) => v.slice(0..n),
-        None => d.kv.slice(c.v_offset..c.v_offset + n),
-    };
-    let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
-    let lens = CacheLens::cuda(&d.lens);
-    let cache = match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
-    };
+    let (kview, vview) = kv_views(c, &d);
+    let cache = cache_of(c, &d, &kview, &vview);
     let ran = attn
         .forward_kvcache(&Tensor::cuda(&d.q, c.lq), &cache, &mut TensorMut::cuda(&mut out, c.lq), Some(&mut LseMut::cuda(&mut lse)), &c.options())
         .unwrap();
@@ -321,19 +331,8 @@ fn packed_queries_of_different_lengths_match_the_reference() {
         let (qd, cud) = (s.clone_htod(&qx).unwrap(), s.clone_htod(&cu).unwrap());
         let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); lq1.numel()]).unwrap();
         let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; 8 * (total + 1)]).unwrap();
-        let n = c.lk.numel();
-        let kview = d.kv.slice(0..n);
-        let vview = match &d.v_sep {
-            Some(v) => v.slice(0..n),
-            None => d.kv.slice(c.v_offset..c.v_offset + n),
-        };
-        let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
-        let lens = CacheLens::cuda(&d.lens);
-        let cache = match c.store {
-            Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-            _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
-        }
-        .with_varlen_queries(attention::SeqLens::cuda(&cud), 40);
+        let (kview, vview) = kv_views(&c, &d);
+        let cache = cache_of(&c, &d, &kview, &vview).with_varlen_queries(attention::SeqLens::cuda(&cud), 40);
         let ran = attn
             .forward_kvcache(&Tensor::cuda(&qd, lq1), &cache, &mut TensorMut::cuda(&mut out, lq1), Some(&mut LseMut::cuda(&mut lse)), &c.options())
             .unwrap();
