@@ -92,40 +92,39 @@ pub(crate) fn forward<T: Element>(call: &mut Call<'_>, threads: &Threads) -> Res
             let paged = PagedKv::new(k, v, table, kv.table_stride, kv.page_size);
             forward_rows(q, paged, kv.max_len, p.kv_heads, s.out, ol, s.lse, Seqs::Cache { lens }, scale, mask, softcap, threads)
         }
-        (None, Some(cu)) => per_sequence(q, &StridedKv { k, v }, kv.max_len, p.kv_heads, s.out, ol, s.lse, cu, lens, scale, mask, softcap, threads),
+        // Each sequence's rows as batch entry 0 of a view of the same type (a cache row, the
+        // table from the sequence's row), so the kernel is not instantiated again for them.
+        (None, Some(cu)) => {
+            let rows = |b: usize| StridedKv { k: batch_entry(&k, b), v: batch_entry(&v, b) };
+            per_sequence(q, rows, kv.max_len, p.kv_heads, s.out, ol, s.lse, cu, lens, scale, mask, softcap, threads)
+        }
         (Some(table), Some(cu)) => {
-            let paged = PagedKv::new(k, v, table, kv.table_stride, kv.page_size);
-            per_sequence(q, &paged, kv.max_len, p.kv_heads, s.out, ol, s.lse, cu, lens, scale, mask, softcap, threads)
+            let rows = |b: usize| {
+                let (k, v) = (HostIn { data: k.data, layout: k.layout }, HostIn { data: v.data, layout: v.layout });
+                PagedKv::new(k, v, table.get(b * kv.table_stride..).unwrap_or(&[]), kv.table_stride, kv.page_size)
+            };
+            per_sequence(q, rows, kv.max_len, p.kv_heads, s.out, ol, s.lse, cu, lens, scale, mask, softcap, threads)
         }
     };
     run.map_err(RunError::Fatal)
 }
 
-/// The K/V rows of one sequence of a cache, as batch entry 0.
-struct OneSequence<'r, R> {
-    rows: &'r R,
-    batch: usize,
-}
-
-impl<T, R: KvRows<T>> KvRows<T> for OneSequence<'_, R> {
-    #[inline]
-    fn k_row(&self, _: usize, key: usize, kv_head: usize) -> &[T] {
-        self.rows.k_row(self.batch, key, kv_head)
-    }
-    #[inline]
-    fn v_row(&self, _: usize, key: usize, kv_head: usize) -> &[T] {
-        self.rows.v_row(self.batch, key, kv_head)
-    }
+/// Batch entry `b` of a contiguous cache as a one-entry tensor (same strides).
+fn batch_entry<'a, T>(x: &HostIn<'a, T>, b: usize) -> HostIn<'a, T> {
+    let [_, sk, hk, d] = x.layout.shape();
+    let data = x.data.get(x.layout.offset(b, 0, 0)..).unwrap_or(&[]);
+    HostIn { data, layout: Layout::strided([1, sk, hk, d], x.layout.strides()) }
 }
 
 /// Packed queries (`cu_seqlens_q`): each sequence's rows of q `[1, total_q, heads, d]` against
-/// its cache, one sequence at a time (each on the whole pool); lse is `[heads, total_q]`.
+/// its cache (`rows_of(b)`: its K/V rows as batch entry 0), one sequence at a time (each on the
+/// whole pool); lse is `[heads, total_q]`.
 /// The prefix sums were checked on the host (non-decreasing, within q, each at most the
 /// stated maximum); the clamps mirror the kernels' all the same.
 #[allow(clippy::too_many_arguments)]
 fn per_sequence<T: Element, R: KvRows<T>>(
     q: HostIn<'_, T>,
-    kv: &R,
+    rows_of: impl Fn(usize) -> R,
     max_len: usize,
     kv_heads: usize,
     out: &mut [T],
@@ -152,10 +151,9 @@ fn per_sequence<T: Element, R: KvRows<T>>(
         let want_lse = lse.is_some();
         seq_lse.clear();
         seq_lse.resize(if want_lse { heads * n } else { 0 }, 0.0);
-        let rows = OneSequence { rows: kv, batch: b };
         forward_rows(
             qs,
-            rows,
+            rows_of(b),
             max_len,
             kv_heads,
             &mut out[o_off..],
