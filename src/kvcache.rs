@@ -235,8 +235,8 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     let [qb, q_rows, h, d] = qo.layout.shape();
     // Packed queries: q is [1, total_q, heads, d]; the batch is the prefix sums' sequences and
     // the query length the stated maximum.
-    let (b, q_len) = match &cache.queries {
-        None => (qb, q_rows),
+    let (b, q_len, starts) = match &cache.queries {
+        None => (qb, q_rows, None),
         Some((cu, max_q)) => {
             if qb != 1 {
                 return Err(Error::invalid("q", format!("batch {qb}"), "1 with packed queries (q is [1, total_q, heads, head_dim])"));
@@ -247,12 +247,12 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
             if *max_q == 0 || *max_q > MAX_DIM {
                 return Err(Error::invalid("max_seqlen_q", max_q.to_string(), format!("1..={MAX_DIM}")));
             }
-            let (_, _, cm) = peek_in(&cu.mem);
+            let (ca, _, cm) = peek_in(&cu.mem);
             check_memory_like_q("cu_seqlens_q", cm, qm)?;
             if let InMem::Host(v) = &cu.mem {
                 SeqLens::check_host(v, q_rows, *max_q, "cu_seqlens_q")?;
             }
-            (cu.len() - 1, *max_q)
+            (cu.len() - 1, *max_q, Some(ca))
         }
     };
     let [kb, ks, hk, kd] = ko.layout.shape();
@@ -353,7 +353,6 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
     if let Some(t) = table {
         check_f32_or_i32_pointer("block_table", t)?;
     }
-    let starts = cache.queries.as_ref().map(|(cu, _)| peek_in(&cu.mem).0);
     if let Some(a) = starts {
         check_f32_or_i32_pointer("cu_seqlens_q", a)?;
     }

@@ -63,22 +63,6 @@ fn attend<T: Element>(attn: &Attention, c: &AppendCase<T>, buf: &[T]) -> (Vec<T>
     (out, lse)
 }
 
-fn describe<T: Element>(c: &AppendCase<T>) -> String {
-    format!(
-        "{} {:?} new {:?} b={} new_len={} h={}/{} d={} lens={:?} slots={:?}",
-        T::DTYPE,
-        c.kv.store,
-        c.new_layout,
-        c.kv.batch,
-        c.new_len,
-        c.kv.heads,
-        c.kv.kv_heads,
-        c.kv.d,
-        c.kv.lens,
-        c.slots
-    )
-}
-
 fn append_sweep<T: Element>() -> usize {
     let attn = cpu();
     let mut rng = Rng::fresh();
@@ -91,9 +75,9 @@ fn append_sweep<T: Element>() -> usize {
                 let c = AppendCase::<T>::new(&mut rng, store, batch, new_len, (8, 2, 16), max_len, RefMask::default(), layout);
                 let mut buf = c.before.clone();
                 attn.append_kv(&Tensor::host(&c.k_new, c.ln), &Tensor::host(&c.v_new, c.ln), &mut cache_mut(&c, &mut buf, false))
-                    .unwrap_or_else(|e| panic!("{}: {e} (seed {seed:#x})", describe(&c)));
+                    .unwrap_or_else(|e| panic!("{}: {e} (seed {seed:#x})", c.describe()));
                 if let Some(i) = first_difference(&buf, &c.after) {
-                    panic!("{}: element {i} is {:?}, expected {:?} (seed {seed:#x})", describe(&c), buf[i], c.after[i]);
+                    panic!("{}: element {i} is {:?}, expected {:?} (seed {seed:#x})", c.describe(), buf[i], c.after[i]);
                 }
                 n += 1;
             }
@@ -128,7 +112,7 @@ fn fused_sweep<T: Element>(dtype: DType) -> usize {
                 let (batch, max_len) = [(3, 7), (4, 40), (2, 300)][(s + h) % 3];
                 let layout = new_layouts(store)[(s + new_len) % new_layouts(store).len()];
                 let c = AppendCase::<T>::new(&mut rng, store, batch, new_len, (h, hk, 16), max_len, mask, layout);
-                let what = describe(&c);
+                let what = c.describe();
                 // Append, then attend.
                 let mut separate = c.before.clone();
                 attn.append_kv(&Tensor::host(&c.k_new, c.ln), &Tensor::host(&c.v_new, c.ln), &mut cache_mut(&c, &mut separate, false)).unwrap();

@@ -54,21 +54,6 @@ fn upload<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &AppendCase<T>) -> De
     }
 }
 
-fn describe<T: Element>(c: &AppendCase<T>) -> String {
-    format!(
-        "{} {:?} new {:?} b={} new_len={} h={}/{} d={} lens={:?}",
-        T::DTYPE,
-        c.kv.store,
-        c.new_layout,
-        c.kv.batch,
-        c.new_len,
-        c.kv.heads,
-        c.kv.kv_heads,
-        c.kv.d,
-        c.kv.lens
-    )
-}
-
 /// `append_kv` on the device; the cache as it is afterwards.
 fn append<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &AppendCase<T>, d: &mut Dev<T>) -> Result<Vec<T>, Error> {
     {
@@ -107,7 +92,7 @@ fn fused<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &App
             Some(&mut LseMut::cuda(&mut lse)),
             &c.kv.options(),
         )
-        .unwrap_or_else(|e| panic!("{}: {e}", describe(c)))
+        .unwrap_or_else(|e| panic!("{}: {e}", c.describe()))
     };
     (ran, s.clone_dtoh(&d.cache).unwrap(), s.clone_dtoh(&out).unwrap(), s.clone_dtoh(&lse).unwrap())
 }
@@ -141,9 +126,9 @@ fn append_sweep<T: Element + DeviceRepr>(dims: &[usize]) -> usize {
                     let (batch, max_len) = [(3, 7), (5, 77), (2, 1000)][(i + l + new_len + d) % 3];
                     let c = AppendCase::<T>::new(&mut rng, store, batch, new_len, (8, 2, d), max_len, RefMask::default(), layout);
                     let mut dev = upload(&s, &c);
-                    let got = append(&attn, &s, &c, &mut dev).unwrap_or_else(|e| panic!("{}: {e} (seed {seed:#x})", describe(&c)));
+                    let got = append(&attn, &s, &c, &mut dev).unwrap_or_else(|e| panic!("{}: {e} (seed {seed:#x})", c.describe()));
                     if let Some(e) = first_difference(&got, &c.after) {
-                        panic!("{}: element {e} is {:?}, expected {:?} (seed {seed:#x})", describe(&c), got[e], c.after[e]);
+                        panic!("{}: element {e} is {:?}, expected {:?} (seed {seed:#x})", c.describe(), got[e], c.after[e]);
                     }
                     n += 1;
                 }
@@ -205,7 +190,7 @@ fn fused_sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
                     let max_len = [7, 77, 1000, 3000][(i + n) % 4];
                     let layout = new_layouts(store)[(i + n) % new_layouts(store).len()];
                     let c = AppendCase::<T>::new(&mut rng, store, batch, new_len, (h, hk, d), max_len, mask, layout);
-                    let what = describe(&c);
+                    let what = c.describe();
                     let mut separate = upload(&s, &c);
                     append(&attn, &s, &c, &mut separate).unwrap();
                     let (out1, lse1) = attend(&attn, &s, &c, &separate);

@@ -52,6 +52,23 @@ pub fn nan<T: Element>() -> T {
 }
 
 impl<T: Element> AppendCase<T> {
+    /// The case in one line, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {:?} new {:?} b={} new_len={} h={}/{} d={} lens={:?} slots={:?}",
+            T::DTYPE,
+            self.kv.store,
+            self.new_layout,
+            self.kv.batch,
+            self.new_len,
+            self.kv.heads,
+            self.kv.kv_heads,
+            self.kv.d,
+            self.kv.lens,
+            self.slots
+        )
+    }
+
     /// A case: `batch` sequences of at most `max_len` keys (`max_len >= new_len`), the first at
     /// exactly `max_len` (a contiguous cache's capacity), `new_len` new rows each.
     #[allow(clippy::too_many_arguments)]
