@@ -19,8 +19,14 @@
 //! -jN` never runs more than N jobs at once. Without a jobserver, up to
 //! `NUM_JOBS` at once.
 //!
-//! A `.cu` file whose first line is `// attention: min-arch X.Y` is only built
-//! for the entries of the arch list at or above compute capability X.Y.
+//! The modules of the kernel registry (`src/registry.rs`: flash, flash_hopper, mem_efficient,
+//! naive) take their minimum arch and their entry points from it: each one's entry points are
+//! generated into `$OUT_DIR/gen/<module>_entries.cuh`, which its `.cu` file includes (nvcc finds
+//! it through `-I`; NVRTC gets it embedded with the sources), and every image nvcc builds is
+//! checked to hold exactly the registry's kernels. Another `.cu` file whose first line is
+//! `// attention: min-arch X.Y` is only built for the entries of the arch list at or above
+//! compute capability X.Y. A module is built for the arch list entries that provide its minimum
+//! (`ArchSpec::provides`: an arch-specific `9.0a` minimum takes exactly the `9.0a` entry).
 
 #[allow(dead_code)]
 #[path = "src/arch.rs"]
@@ -29,7 +35,15 @@ mod arch;
 #[path = "src/flag.rs"]
 mod flag;
 
+#[path = "src/registry.rs"]
+mod registry;
+
+#[allow(dead_code)]
+#[path = "build/ptxas.rs"]
+mod ptxas;
+
 use arch::{ArchSpec, ArchSuffix};
+use ptxas::{arch_key, parse_ptxas, Resources};
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
@@ -72,34 +86,16 @@ struct Module {
     /// File stem, the module's name at run time (`naive`).
     stem: String,
     path: PathBuf,
-    /// From the `// attention: min-arch X.Y` marker; (0, 0) when absent.
-    min_arch: (u32, u32),
+    /// From the registry, else the `// attention: min-arch X.Y` marker; 0.0 when absent.
+    min_arch: ArchSpec,
+    /// The module's entry in the registry, if it has one.
+    registry: Option<registry::Module>,
 }
 
 /// A working nvcc.
 struct Nvcc {
     path: PathBuf,
     version: String,
-}
-
-/// One kernel's resources for one arch, from `ptxas -v`.
-#[derive(Default, Clone)]
-struct Resources {
-    registers: u32,
-    smem: u64,
-    stack: u64,
-    spill_stores: u64,
-    spill_loads: u64,
-    /// ptxas "Potential Performance Loss" codes (wgmma serialised: C7514/C7515; setmaxnreg
-    /// ignored: C7508), which leave a Hopper kernel correct but far slower.
-    perf_warnings: Vec<String>,
-}
-
-impl Resources {
-    /// Spills or a serialising warning: what `ATTN_DENY_SPILLS` refuses.
-    fn degraded(&self) -> bool {
-        self.spill_stores > 0 || self.spill_loads > 0 || !self.perf_warnings.is_empty()
-    }
 }
 
 /// What compiling one module produced.
@@ -121,6 +117,8 @@ fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/arch.rs");
     println!("cargo:rerun-if-changed=src/flag.rs");
+    println!("cargo:rerun-if-changed=src/registry.rs");
+    println!("cargo:rerun-if-changed=build/ptxas.rs");
     println!("cargo:rerun-if-changed=cuda");
     for var in ENV_VARS {
         println!("cargo:rerun-if-env-changed={var}");
@@ -151,18 +149,59 @@ fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
     }
     sources.sort();
 
+    registry::validate()?;
     let mut modules = Vec::new();
     for (name, path) in &sources {
         if let Some(stem) = name.strip_suffix(".cu") {
             let text = fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let min_arch = parse_marker(name, text.lines().next().unwrap_or(""))?;
+            let marker = parse_marker(name, text.lines().next().unwrap_or(""))?;
+            let entry = registry::Module::from_name(stem);
+            let min_arch = match (entry, marker) {
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "cuda/{name}: module {stem} is in src/registry.rs, which gives its min-arch: \
+                         remove the \"{MARKER} min-arch\" marker"
+                    ))
+                }
+                (Some(m), None) => {
+                    let include = format!("#include \"{}\"", m.header());
+                    if !text.lines().any(|l| l.trim() == include) {
+                        return Err(format!(
+                            "cuda/{name}: module {stem} is in src/registry.rs but does not {include} \
+                             (its generated entry points)"
+                        ));
+                    }
+                    m.min_arch()
+                }
+                (None, Some((major, minor))) => ArchSpec::new(major, minor),
+                (None, None) => ArchSpec::new(0, 0),
+            };
             modules.push(Module {
                 stem: stem.to_string(),
                 path: path.clone(),
                 min_arch,
+                registry: entry,
             });
         }
+    }
+    for m in registry::Module::ALL {
+        if !modules.iter().any(|module| module.registry == Some(m)) {
+            return Err(format!("src/registry.rs lists module {0}, and there is no cuda/{0}.cu", m.name()));
+        }
+    }
+
+    // The registry modules' entry points, for nvcc (-I gen) and, embedded, for NVRTC.
+    let gen_dir = out_dir.join("gen");
+    fs::create_dir_all(&gen_dir).map_err(|e| format!("cannot create {}: {e}", gen_dir.display()))?;
+    for m in registry::Module::ALL {
+        let name = m.header();
+        if sources.iter().any(|(n, _)| n == name) {
+            return Err(format!("cuda/{name}: the name of a generated header (src/registry.rs); rename the file"));
+        }
+        let path = gen_dir.join(name);
+        write_if_changed(&path, &registry::entries_header(m))?;
+        sources.push((name.to_string(), path));
     }
 
     // The arch list.
@@ -280,11 +319,20 @@ fn env_flag(name: &str) -> Result<bool, String> {
     }
 }
 
+/// Writes `text` to `path` unless the file already holds it (so that its mtime does not force
+/// rebuilds).
+fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+    if fs::read_to_string(path).ok().as_deref() != Some(text) {
+        fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Parses the optional first-line marker of a `.cu` file.
-fn parse_marker(file: &str, first_line: &str) -> Result<(u32, u32), String> {
+fn parse_marker(file: &str, first_line: &str) -> Result<Option<(u32, u32)>, String> {
     let line = first_line.trim();
     let Some(rest) = line.strip_prefix(MARKER) else {
-        return Ok((0, 0));
+        return Ok(None);
     };
     let bad = || {
         format!(
@@ -297,7 +345,7 @@ fn parse_marker(file: &str, first_line: &str) -> Result<(u32, u32), String> {
     if spec.suffix != ArchSuffix::None || spec.ptx {
         return Err(bad());
     }
-    Ok(spec.cc())
+    Ok(Some(spec.cc()))
 }
 
 /// Runs `nvcc --version` and extracts the version ("13.0.88").
@@ -641,7 +689,7 @@ fn compile_module(
     let archs: Vec<ArchSpec> = archs
         .iter()
         .copied()
-        .filter(|s| s.cc() >= module.min_arch)
+        .filter(|s| s.provides(&module.min_arch))
         .collect();
     if archs.is_empty() {
         return Ok(Compiled {
@@ -654,6 +702,8 @@ fn compile_module(
     let fatbin = out_dir.join(format!("{}.fatbin", module.stem));
     let mut cmd = Command::new(&nvcc.path);
     cmd.args(["-fatbin", "-O3", "-Xptxas", "-v"]).args(arch::KERNEL_COMPILE_FLAGS);
+    // The generated entry-point headers (the same text NVRTC gets by name).
+    cmd.arg("-I").arg(out_dir.join("gen"));
     for spec in &archs {
         cmd.args(gencode(spec));
     }
@@ -680,117 +730,54 @@ fn compile_module(
     let log = format!("{stdout}{stderr}");
     let log_path = out_dir.join(format!("{}.ptxas.log", module.stem));
     fs::write(&log_path, &log).map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
+    let resources = parse_ptxas(&log);
+    if let Some(m) = module.registry {
+        check_registry_image(m, &archs, &resources)
+            .map_err(|e| format!("{e} (see {}; the table is src/registry.rs)", log_path.display()))?;
+    }
     Ok(Compiled {
         stem: module.stem.clone(),
         fatbin: Some(fatbin),
         archs,
-        resources: parse_ptxas(&log),
+        resources,
     })
 }
 
-/// Parses `ptxas -v` output into (function, arch, resources), in output order.
-///
-/// ```text
-/// ptxas info    : Compiling entry function 'attn_naive_pv_f32' for 'sm_75'
-/// ptxas info    : Function properties for attn_naive_pv_f32
-///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-/// ptxas info    : Used 44 registers, used 1 barriers, 2176 bytes smem, 520 bytes cmem[0]
-/// ```
-fn parse_ptxas(log: &str) -> Vec<(String, String, Resources)> {
-    let mut out: Vec<(String, String, Resources)> = Vec::new();
-    let mut entry: Option<usize> = None; // index in `out` of the entry being compiled
-    let mut arch = String::new();
-    let mut props: Option<usize> = None; // index of the function a properties line refers to
-    let index_of = |out: &mut Vec<(String, String, Resources)>, name: &str, arch: &str| match out
-        .iter()
-        .position(|(n, a, _)| n == name && a == arch)
-    {
-        Some(i) => i,
-        None => {
-            out.push((name.to_string(), arch.to_string(), Resources::default()));
-            out.len() - 1
+/// Checks what nvcc built for a registry module against the registry: for every arch, exactly
+/// the module's kernels as entry points, with the static shared memory the table states.
+fn check_registry_image(
+    module: registry::Module,
+    archs: &[ArchSpec],
+    resources: &[(String, String, Resources)],
+) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for spec in archs {
+        let sm = spec.sm();
+        let built: Vec<&(String, String, Resources)> =
+            resources.iter().filter(|(_, a, r)| *a == sm && r.entry).collect();
+        for k in module.kernels() {
+            match built.iter().find(|(n, _, _)| n == k.name) {
+                None => errors.push(format!("{} is missing from the {sm} image", k.name)),
+                Some((_, _, r)) if r.smem != u64::from(k.static_smem()) => errors.push(format!(
+                    "{} on {sm} has {} bytes of static shared memory, the registry says {}",
+                    k.name,
+                    r.smem,
+                    k.static_smem()
+                )),
+                Some(_) => {}
+            }
         }
-    };
-    for line in log.lines() {
-        let body = line
-            .split_once("ptxas info")
-            .map(|(_, r)| r.trim_start_matches([' ', ':']).trim());
-        let body = body.unwrap_or_else(|| line.trim());
-        if let Some(rest) = body
-            .strip_prefix("Compiling entry function '")
-            .or_else(|| body.strip_prefix("Compiling function '"))
-        {
-            // "name' for 'sm_75'"
-            if let Some((name, tail)) = rest.split_once("' for '") {
-                arch = tail.trim_end_matches('\'').to_string();
-                entry = Some(index_of(&mut out, name, &arch));
-                props = None;
-            }
-        } else if let Some(name) = body.strip_prefix("Function properties for ") {
-            props = Some(index_of(&mut out, name.trim(), &arch));
-        } else if body.contains("bytes stack frame") {
-            if let Some(i) = props.or(entry) {
-                let r = &mut out[i].2;
-                for part in body.split(',') {
-                    let n = leading_number(part);
-                    if part.contains("stack frame") {
-                        r.stack = n;
-                    } else if part.contains("spill stores") {
-                        r.spill_stores = n;
-                    } else if part.contains("spill loads") {
-                        r.spill_loads = n;
-                    }
-                }
-            }
-        } else if let Some(code) = perf_warning_code(body) {
-            // "(C7515) Potential Performance Loss: ... in the function 'name'"
-            if let Some((_, tail)) = body.rsplit_once("function '") {
-                let name = tail.split('\'').next().unwrap_or_default();
-                let i = index_of(&mut out, name, &arch);
-                out[i].2.perf_warnings.push(code.to_string());
-            }
-        } else if let Some(rest) = body.strip_prefix("Used ") {
-            if let Some(i) = entry {
-                let r = &mut out[i].2;
-                for part in rest.split(',') {
-                    let part = part.trim();
-                    let n = leading_number(part);
-                    if part.ends_with("registers") && !part.starts_with("used") {
-                        r.registers = n as u32;
-                    } else if part.ends_with("bytes smem") {
-                        r.smem = n;
-                    }
-                }
+        for (name, _, _) in &built {
+            if !module.kernels().any(|k| k.name == name) {
+                errors.push(format!("the {sm} image has entry point {name}, which the registry does not list"));
             }
         }
     }
-    out
-}
-
-/// The code of a ptxas warning that makes tensor-core code slow: serialised wgmma (C7510–C7519,
-/// "Potential Performance Loss", or an injected warpgroup wait) or an ignored setmaxnreg (C7508).
-fn perf_warning_code(body: &str) -> Option<&str> {
-    let start = body.find("(C75")?;
-    let code = body[start + 1..].split(')').next()?;
-    let serialising = body.contains("Potential Performance Loss") || ["C7508", "C7517"].contains(&code);
-    serialising.then_some(code)
-}
-
-fn leading_number(s: &str) -> u64 {
-    let s = s.trim();
-    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    s[..end].parse().unwrap_or(0)
-}
-
-/// Sort key for "sm_90a": (90, "a").
-fn arch_key(arch: &str) -> (u32, String) {
-    let digits: String = arch.chars().filter(|c| c.is_ascii_digit()).collect();
-    let suffix: String = arch
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .filter(|c| !c.is_ascii_digit())
-        .collect();
-    (digits.parse().unwrap_or(0), suffix)
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("module {}: {}", module.name(), errors.join("; ")))
+    }
 }
 
 fn ptxas_report(
@@ -822,8 +809,8 @@ fn ptxas_report(
         if c.fatbin.is_none() {
             let _ = writeln!(
                 s,
-                "{:<10} (skipped: no arch in the list is at or above its min-arch {}.{})",
-                c.stem, m.min_arch.0, m.min_arch.1
+                "{:<10} (skipped: no arch in the list is at or above its min-arch {})",
+                c.stem, m.min_arch
             );
             continue;
         }
@@ -857,11 +844,10 @@ fn ptxas_report(
         if c.archs.len() != archs.len() {
             let _ = writeln!(
                 s,
-                "{:<10} (built for {} only: min-arch {}.{})",
+                "{:<10} (built for {} only: min-arch {})",
                 c.stem,
                 arch::format_arch_list(&c.archs),
-                m.min_arch.0,
-                m.min_arch.1
+                m.min_arch
             );
         }
     }
@@ -920,32 +906,34 @@ fn write_kernels_rs(
         }
     }
     s.push_str("];\n");
-    s.push_str("/// Every file under cuda/ (.cu and .cuh), by file name, for NVRTC.\n");
+    s.push_str(
+        "/// Every file under cuda/ (.cu and .cuh) and the registry modules' generated entry-point headers \
+         (<module>_entries.cuh), by file name, for NVRTC.\n",
+    );
     s.push_str("pub static SOURCES: &[(&str, &str)] = &[\n");
     for (name, path) in sources {
         let _ = writeln!(s, "    ({name:?}, include_str!({})),", path_str(path)?);
     }
     s.push_str("];\n");
     s.push_str(
-        "/// Per-module minimum arch from the `// attention: min-arch X.Y` marker, (major, minor); \
-         (0, 0) when absent.\n",
+        "/// Per-module minimum arch: the registry's (src/registry.rs), else the `// attention: min-arch X.Y` \
+         marker's; 0.0 when absent.\n",
     );
-    s.push_str("pub static MIN_ARCH: &[(&str, (u32, u32))] = &[\n");
+    s.push_str("/// As (module, (major, minor), suffix): the suffix is \"a\" for an arch-specific minimum (9.0a).\n");
+    s.push_str("pub static MIN_ARCH: &[(&str, (u32, u32), &str)] = &[\n");
     for m in modules {
         let _ = writeln!(
             s,
-            "    ({:?}, ({}, {})),",
-            m.stem, m.min_arch.0, m.min_arch.1
+            "    ({:?}, ({}, {}), {:?}),",
+            m.stem,
+            m.min_arch.major,
+            m.min_arch.minor,
+            m.min_arch.suffix.as_str()
         );
     }
     s.push_str("];\n");
     s.push_str("/// The ptxas resource report (registers, spills, shared memory per kernel and arch); \"\" without nvcc.\n");
     let _ = writeln!(s, "pub const PTXAS_REPORT: &str = {report:?};");
 
-    let path = out_dir.join("kernels.rs");
-    // Leave the file alone when unchanged, so that its mtime does not force rebuilds.
-    if fs::read_to_string(&path).ok().as_deref() != Some(s.as_str()) {
-        fs::write(&path, s).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(())
+    write_if_changed(&out_dir.join("kernels.rs"), &s)
 }

@@ -1,6 +1,6 @@
 // The flash kernel's Hopper family (sm_90a only): the same algorithm, masking and numerics as
 // flash_fwd in flash.cu, with the two matrix products on warpgroup MMAs (wgmma) instead of
-// mma.sync. Included by flash.cu only where __CUDA_ARCH_FEAT_SM90_ALL is defined.
+// mma.sync. Included by flash_hopper.cu, which is built for sm_90a only.
 //
 // A block is WGS warpgroups (128·WGS threads); each owns 64 query rows, so BM = 64·WGS and the
 // softmax statistics never leave a warpgroup (each row lives in the four lanes of one quad, as with

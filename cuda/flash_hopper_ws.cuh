@@ -1,6 +1,6 @@
 // The flash kernel's warp-specialised Hopper kernel (sm_90a), built the way FlashAttention-3 is:
 // the copy engine (TMA) loads every tile, the tensor cores run from shared memory, and the warps
-// only do softmax. Included by flash.cu after flash_hopper.cuh, whose per-tile steps (S = Q·Kᵀ,
+// only do softmax. Included by flash_hopper.cu after flash_hopper.cuh, whose per-tile steps (S = Q·Kᵀ,
 // masking, online softmax, P·V, the epilogue) it shares.
 //
 // A block is one producer warpgroup and CWG consumer warpgroups; each consumer owns 64 query rows

@@ -166,6 +166,26 @@ impl ArchSpec {
         }
     }
 
+    /// Whether code built for this entry has what a module whose minimum arch is `min` uses: a
+    /// compute capability at or above `min`'s and, when `min` is arch-specific (`9.0a`: wgmma),
+    /// exactly that arch with its `a` suffix. The `+PTX` flags play no part.
+    ///
+    /// ```
+    /// use attention::arch::ArchSpec;
+    ///
+    /// let (a, plain): (ArchSpec, ArchSpec) = ("9.0a".parse().unwrap(), "9.0".parse().unwrap());
+    /// assert!(a.provides(&ArchSpec::new(8, 0)) && plain.provides(&ArchSpec::new(8, 0)));
+    /// assert!(a.provides(&a) && !plain.provides(&a));
+    /// assert!(!"10.0".parse::<ArchSpec>().unwrap().provides(&a));
+    /// ```
+    pub fn provides(&self, min: &ArchSpec) -> bool {
+        match min.suffix {
+            ArchSuffix::A => self.suffix == ArchSuffix::A && self.cc() == min.cc(),
+            ArchSuffix::F => self.suffix != ArchSuffix::None && self.major == min.major && self.minor >= min.minor,
+            ArchSuffix::None => self.cc() >= min.cc(),
+        }
+    }
+
     /// Whether this entry's PTX (if it has any, see [`ArchSpec::ptx`]) can be
     /// JIT-compiled by the driver for a device of compute capability `device`:
     /// plain PTX for any device of equal or later compute capability, `f` PTX

@@ -271,10 +271,32 @@ impl DeviceCaps {
     /// How a kernel module would get an image on this device under `jit`: from the embedded
     /// fatbin, by NVRTC, or not at all (with the reason, naming the fix).
     pub fn kernel_source(&self, jit: JitMode, min_arch: ComputeCapability) -> Result<ImageSource, Reason> {
+        self.module_source(jit, &ArchSpec::new(min_arch.major, min_arch.minor))
+    }
+
+    /// [`DeviceCaps::kernel_source`] for a module whose minimum arch may be arch-specific
+    /// (`9.0a`: flash's Hopper module): such a module runs only on exactly that compute
+    /// capability, from an image built for its arch-specific target (an embedded `9.0a` entry,
+    /// or NVRTC, which compiles sm_90 as sm_90a), never from emulation's PTX.
+    pub(crate) fn module_source(&self, jit: JitMode, min: &ArchSpec) -> Result<ImageSource, Reason> {
         // Names for messages only: formatted where a message is made (not on every lookup).
         let device = || self.cc.sm();
+        let min_arch = ComputeCapability::new(min.major, min.minor);
         if self.cc < min_arch {
             return Err(Reason::ComputeCapability { needed: min_arch, found: self.cc });
+        }
+        if min.suffix != arch::ArchSuffix::None {
+            let device_spec = ArchSpec { suffix: min.suffix, ..ArchSpec::new(self.cc.major, self.cc.minor) };
+            if !device_spec.provides(min) {
+                return Err(Reason::Unusable {
+                    why: format!("the kernels are built for {} only, and the device is {}", min.sm(), device()),
+                });
+            }
+            if self.emulated_from.is_some() {
+                return Err(Reason::Jit {
+                    why: format!("ATTN_EMULATE_ARCH runs {} PTX, which cannot hold {} code", ArchSpec::new(self.cc.major, self.cc.minor).compute(), min.sm()),
+                });
+            }
         }
         if self.emulated_from.is_some() {
             // Emulation runs the older arch's PTX, which only NVRTC makes.
@@ -312,7 +334,7 @@ impl DeviceCaps {
                 .arch_list
                 .iter()
                 .copied()
-                .filter(|a| ComputeCapability::new(a.major, a.minor) >= min_arch)
+                .filter(|a| a.provides(min))
                 .collect();
             match arch::best_image(&usable, (self.cc.major, self.cc.minor)) {
                 ImageMatch::None => {}

@@ -5,6 +5,7 @@ pub mod arch;
 mod backend;
 mod call;
 mod reason;
+mod registry;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod caps;

@@ -11,7 +11,7 @@
 //! | `ATTN_NAIVE_WORKSPACE_MB` | an integer from 1 to [`MAX_NAIVE_WORKSPACE_MB`] (1 TiB) | `256` | cap on the naive backend's score workspace |
 //! | `ATTN_CPU_THREADS` | an integer from 1 to [`MAX_CPU_THREADS`] (1024) | all cores | threads of the CPU backend |
 //! | `ATTN_ALLOW_TF32` | `0`/`1` | `0` (or `1` when `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`) | f32 inputs may run on TF32 tensor cores, as PyTorch's `allow_tf32`; [`crate::Options::allow_tf32`] sets it per call |
-//! | `ATTN_FLASH_HOPPER` | `0`/`1` | `1` | on sm_90 (H100, H200), run flash's Hopper (wgmma) kernels when the image has sm_90a code; `0` runs the mma.sync kernels every sm_80+ GPU runs |
+//! | `ATTN_FLASH_HOPPER` | `0`/`1` | `1` | on sm_90 (H100, H200), run flash's Hopper (wgmma) kernels (module flash_hopper: the build's 9.0a image, else NVRTC where JIT is allowed); `0` runs the mma.sync kernels every sm_80+ GPU runs |
 //! | `ATTN_FLASH_TMA` | `0`/`1` | `1` | with the Hopper kernels, run head_dim ≤ 128 on fixed-length batches in flash's warp-specialised kernel (TMA loads, persistent grid); `0` keeps the cp.async wgmma kernels |
 //! | `ATTN_EMULATE_ARCH` | a compute capability `M.m`, `Mm` or `sm_Mm`, major 7 to 12: `7.5`, `75`, `sm_75`, `12.0`, `sm_120` | unset | testing only: run every kernel as the named older arch's code (NVRTC PTX, compiled by the driver) and choose backends as on such a device; see [`Settings::emulate_arch`] |
 //!

@@ -15,7 +15,9 @@ pub fn kernel_modules() -> Vec<&'static str> {
     crate::gpu::nvrtc::modules()
 }
 
-/// The oldest arch a module's kernels target (its `// attention: min-arch` marker).
+/// The oldest compute capability a module's kernels target: the kernel registry's minimum for
+/// its modules (without the suffix: flash_hopper's 9.0a is 9.0, for which NVRTC builds
+/// sm_90a), else the module's `// attention: min-arch` marker.
 pub fn min_arch(module: &str) -> ComputeCapability {
     crate::gpu::embedded::min_arch(module)
 }

@@ -39,7 +39,7 @@ fn metadata_is_consistent() {
         kernels::ARCH_LIST,
         "ARCH_LIST is normalised"
     );
-    for (stem, min) in kernels::MIN_ARCH {
+    for (stem, min, suffix) in kernels::MIN_ARCH {
         assert!(
             kernels::SOURCES
                 .iter()
@@ -47,7 +47,10 @@ fn metadata_is_consistent() {
             "{stem}"
         );
         assert!(*min == (0, 0) || min.0 >= 1);
+        assert!(["", "a", "f"].contains(suffix), "{stem}: {suffix}");
     }
+    // flash's sm_90a kernels are a module of their own, built for exactly 9.0a.
+    assert!(kernels::MIN_ARCH.contains(&("flash_hopper", (9, 0), "a")), "{:?}", kernels::MIN_ARCH);
     if kernels::BUILT_WITH_NVCC {
         assert!(!kernels::NVCC_VERSION.is_empty());
         assert!(kernels::PTXAS_REPORT.contains("attn_naive_softmax"));

@@ -26,7 +26,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 fn every_module_compiles_for_turing_ampere_hopper() {
     require_nvrtc();
     let modules = kernel_modules();
-    assert!(modules.contains(&"naive") && modules.contains(&"flash"), "{modules:?}");
+    assert!(modules.contains(&"naive") && modules.contains(&"flash") && modules.contains(&"flash_hopper"), "{modules:?}");
     for module in &modules {
         for (maj, min) in [(7, 5), (8, 0), (9, 0)] {
             if ComputeCapability::new(maj, min) < min_arch(module) {

@@ -37,8 +37,6 @@ pub(crate) struct Kernels {
     device: Option<Arc<GpuDevice>>,
     module: &'static str,
     functions: &'static [&'static str],
-    /// Functions only some images hold (arch-specific families); absent ones are skipped.
-    optional: &'static [&'static str],
     jit: JitMode,
     cache_dir: Option<PathBuf>,
 }
@@ -51,13 +49,7 @@ impl Kernels {
         jit: JitMode,
         cache_dir: Option<PathBuf>,
     ) -> Self {
-        Kernels { device, module, functions, optional: &[], jit, cache_dir }
-    }
-
-    /// Also resolve these functions where the image has them (e.g. sm_90a-only kernels).
-    pub(crate) fn with_optional(mut self, optional: &'static [&'static str]) -> Self {
-        self.optional = optional;
-        self
+        Kernels { device, module, functions, jit, cache_dir }
     }
 
     /// The device this module is for, if one was probed.
@@ -66,14 +58,14 @@ impl Kernels {
     }
 
     fn load(&self, dev: &GpuDevice) -> Result<Arc<LoadedModule>, Reason> {
-        dev.module(self.module, self.functions, self.optional, self.jit, self.cache_dir.as_ref())
+        dev.module(self.module, self.functions, self.jit, self.cache_dir.as_ref())
     }
 
     /// Whether the module can be had on the device `caps` describes: the reason if not; else the
     /// loaded module on a real device (loaded once, so a missing image is found at selection,
     /// not mid-call), `None` on a simulated one.
     pub(crate) fn availability(&self, caps: &DeviceCaps) -> Result<Option<Arc<LoadedModule>>, Reason> {
-        caps.kernel_source(self.jit, embedded::min_arch(self.module))?;
+        caps.module_source(self.jit, &embedded::module_min_arch(self.module))?;
         self.device.as_ref().map(|dev| self.load(dev)).transpose()
     }
 
@@ -327,7 +319,6 @@ impl GpuDevice {
         &self,
         name: &'static str,
         functions: &[&'static str],
-        optional: &[&'static str],
         jit: JitMode,
         cache_dir: Option<&PathBuf>,
     ) -> Result<Arc<LoadedModule>, Reason> {
@@ -336,7 +327,7 @@ impl GpuDevice {
             .entry((name, jit))
             .or_insert_with(|| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.load(name, functions, optional, jit, cache_dir)
+                    self.load(name, functions, jit, cache_dir)
                 }))
                 .unwrap_or_else(|_| {
                     Err(Reason::Unusable { why: format!("loading module {name} panicked") })
@@ -350,16 +341,15 @@ impl GpuDevice {
         &self,
         name: &'static str,
         functions: &[&'static str],
-        optional: &[&'static str],
         jit: JitMode,
         cache_dir: Option<&PathBuf>,
     ) -> Result<LoadedModule, Reason> {
-        let source = self.caps.kernel_source(jit, embedded::min_arch(name))?;
+        let source = self.caps.module_source(jit, &embedded::module_min_arch(name))?;
         if let ImageSource::Embedded(m) = source {
             let image = embedded::fatbin(name).ok_or_else(|| Reason::Unusable {
                 why: format!("module {name} has no embedded fatbin"),
             })?;
-            match self.load_image(image.to_vec(), functions, optional, source) {
+            match self.load_image(image.to_vec(), functions, source) {
                 Ok(m) => return Ok(m),
                 Err(code) if is_missing_image(code) => {
                     let why = format!(
@@ -389,7 +379,7 @@ impl GpuDevice {
         };
         let image = self.jit_compile(name, target, cache_dir)?;
         let loaded_as = if matches!(source, ImageSource::EmulatedPtx(_)) { source } else { ImageSource::Jit };
-        self.load_image(image, functions, optional, loaded_as).map_err(|code| Reason::Jit {
+        self.load_image(image, functions, loaded_as).map_err(|code| Reason::Jit {
             why: format!("the NVRTC image of {name} did not load: {}", driver_error_text(code)),
         })
     }
@@ -398,7 +388,6 @@ impl GpuDevice {
         &self,
         image: Vec<u8>,
         functions: &[&'static str],
-        optional: &[&'static str],
         source: ImageSource,
     ) -> Result<LoadedModule, CUresult> {
         // cuModuleLoadData wants an aligned buffer; a Vec is allocated with malloc alignment.
@@ -406,11 +395,6 @@ impl GpuDevice {
         let mut table = HashMap::new();
         for &f in functions {
             table.insert(f, module.load_function(f).map_err(|e| e.0)?);
-        }
-        for &f in optional {
-            if let Ok(func) = module.load_function(f) {
-                table.insert(f, func);
-            }
         }
         Ok(LoadedModule { _module: module, functions: table, source })
     }

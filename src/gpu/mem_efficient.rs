@@ -11,98 +11,21 @@ use std::sync::Arc;
 
 
 use super::device::{GpuDevice, Kernels};
+use super::elem;
 use super::params::launch_fused;
 use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
+use crate::registry::{self, Family, Kernel, Module};
 use crate::settings::JitMode;
 use crate::call::Call;
 
-const MODULE: &str = "mem_efficient";
-/// Every entry point of cuda/mem_efficient.cu (`_a`: 16-byte aligned loads, `_u`: element-wise).
-const FUNCTIONS: [&str; 21] = [
-    "attn_me_fwd_f16_d64_a",
-    "attn_me_fwd_f16_d64_u",
-    "attn_me_fwd_bf16_d64_a",
-    "attn_me_fwd_bf16_d64_u",
-    "attn_me_fwd_f16_d128_a",
-    "attn_me_fwd_f16_d128_u",
-    "attn_me_fwd_bf16_d128_a",
-    "attn_me_fwd_bf16_d128_u",
-    "attn_me_fwd_f16_d256_a",
-    "attn_me_fwd_f16_d256_u",
-    "attn_me_fwd_bf16_d256_a",
-    "attn_me_fwd_bf16_d256_u",
-    "attn_me_fwd_f16_d512_a",
-    "attn_me_fwd_f16_d512_u",
-    "attn_me_fwd_bf16_d512_a",
-    "attn_me_fwd_bf16_d512_u",
-    "attn_me_fwd_f32_d32",
-    "attn_me_fwd_f32_d64",
-    "attn_me_fwd_f32_d128",
-    "attn_me_fwd_f32_d256",
-    "attn_me_fwd_f32_d512",
-];
+/// Every entry point of cuda/mem_efficient.cu (`_a`: 16-byte aligned loads, `_u`: element-wise),
+/// from the kernel registry.
+const FUNCTIONS: [&str; registry::count(Module::MemEfficient)] = registry::names(Module::MemEfficient);
 /// The largest head_dim a kernel is specialised for.
-pub(crate) const MAX_HEAD_DIM: usize = 512;
-
-/// One kernel specialisation; mirrors the entry tables at the end of cuda/mem_efficient.cu.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Spec {
-    /// The head_dim the kernel is built for (smaller problems run with zero-filled columns).
-    head_dim: usize,
-    /// Query rows per block.
-    block_m: usize,
-    /// Threads per block.
-    threads: usize,
-    /// Dynamic shared memory per block, bytes.
-    dynamic_smem: usize,
-    /// Static shared memory per block, bytes (the f32 kernels' K/V tiles).
-    static_smem: usize,
-}
-
-impl Spec {
-    /// All the shared memory a block needs.
-    fn shared_bytes(&self) -> usize {
-        self.dynamic_smem + self.static_smem
-    }
-}
-
-/// A tensor-core specialisation from the kernel's template arguments (D, BN, WM, WD, MT, KBUF):
-/// Q [BM][D], KBUF K tiles and a V tile [BN][D] of 16-bit values, plus WD·BM·BN f32 partial
-/// scores when warps split head_dim.
-const fn tensor_core(d: usize, bn: usize, wm: usize, wd: usize, mt: usize, kbuf: usize) -> Spec {
-    let bm = wm * 16 * mt;
-    let red = if wd > 1 { wd * bm * bn * 4 } else { 0 };
-    Spec {
-        head_dim: d,
-        block_m: bm,
-        threads: wm * wd * 32,
-        dynamic_smem: (bm + (kbuf + 1) * bn) * d * 2 + red,
-        static_smem: 0,
-    }
-}
-
-/// An f32 SIMT specialisation from (D, G lanes per row, BN keys per tile, threads).
-const fn simt(d: usize, g: usize, bn: usize, threads: usize) -> Spec {
-    Spec { head_dim: d, block_m: threads / g, threads, dynamic_smem: 0, static_smem: 2 * bn * d * 4 }
-}
-
-/// The specialisation that runs `head_dim` in `dtype`.
-fn specialisation(dtype: DType, head_dim: usize) -> Spec {
-    match (dtype, head_dim) {
-        (DType::F32, 0..=32) => simt(32, 2, 32, 128),
-        (DType::F32, 33..=64) => simt(64, 4, 32, 128),
-        (DType::F32, 65..=128) => simt(128, 8, 32, 128),
-        (DType::F32, 129..=256) => simt(256, 16, 16, 256),
-        (DType::F32, _) => simt(512, 32, 8, 256),
-        (_, 0..=64) => tensor_core(64, 64, 4, 1, 2, 2),
-        (_, 65..=128) => tensor_core(128, 32, 4, 1, 2, 2),
-        (_, 129..=256) => tensor_core(256, 16, 4, 1, 1, 2),
-        (_, _) => tensor_core(512, 16, 1, 4, 1, 1),
-    }
-}
+pub(crate) const MAX_HEAD_DIM: usize = registry::max_head_dim(Module::MemEfficient);
 
 /// Whether the 16-byte-vector kernels can run the problem: every base and stride 16-byte
 /// aligned, and rows a whole number of 16-byte chunks (so no vector crosses the row's end).
@@ -110,17 +33,16 @@ fn aligned(problem: &Problem) -> bool {
     problem.vector_aligned && (problem.head_dim * problem.dtype.size_bytes()) % 16 == 0
 }
 
-/// The entry point that runs `problem`.
-fn kernel_name(problem: &Problem, spec: &Spec) -> String {
-    match problem.dtype {
-        DType::F32 => format!("attn_me_fwd_f32_d{}", spec.head_dim),
-        d => format!(
-            "attn_me_fwd_{}_d{}_{}",
-            d.name(),
-            spec.head_dim,
-            if aligned(problem) { "a" } else { "u" }
-        ),
-    }
+/// The kernel that runs `problem`: f32 on the SIMT kernels, 16-bit types on the tensor-core
+/// ones with vector loads where the problem is aligned, element-wise loads where not; the
+/// smallest head_dim bucket at or above the problem's.
+fn kernel_for(problem: &Problem) -> Option<&'static Kernel> {
+    let family = match problem.dtype {
+        DType::F32 => Family::MemEfficientSimt,
+        _ if aligned(problem) => Family::MemEfficientAligned,
+        _ => Family::MemEfficientUnaligned,
+    };
+    registry::lookup(family, elem(problem.dtype), problem.head_dim)
 }
 
 /// The memory-efficient backend on one device.
@@ -130,7 +52,7 @@ pub(crate) struct MemEfficientBackend {
 
 impl MemEfficientBackend {
     pub(crate) fn new(device: Option<Arc<GpuDevice>>, jit: JitMode, cache_dir: Option<PathBuf>) -> Self {
-        MemEfficientBackend { kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir) }
+        MemEfficientBackend { kernels: Kernels::new(device, Module::MemEfficient.name(), &FUNCTIONS, jit, cache_dir) }
     }
 
     /// How the module was (or would be) loaded on the device, for diagnostics.
@@ -168,8 +90,8 @@ impl Backend for MemEfficientBackend {
         if caps.cc < CAPABILITIES.min_cc {
             return reasons;
         }
-        if !Capabilities::head_dim_rejected(&reasons) {
-            let needed = specialisation(problem.dtype, problem.head_dim).shared_bytes();
+        if let Some(k) = kernel_for(problem).filter(|_| !Capabilities::head_dim_rejected(&reasons)) {
+            let needed = k.shared_bytes() as usize;
             if needed > caps.smem_per_block_optin {
                 reasons.push(Reason::SharedMemory { needed, available: caps.smem_per_block_optin });
             }
@@ -182,11 +104,13 @@ impl Backend for MemEfficientBackend {
         let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let spec = specialisation(p.dtype, p.head_dim);
-        let func = module.launchable(&kernel_name(p, &spec))?;
+        let k = kernel_for(p).ok_or_else(|| {
+            RunError::Recoverable(Reason::Unusable { why: format!("no mem_efficient kernel for head_dim {}", p.head_dim) })
+        })?;
+        let func = module.launchable(k.name)?;
         // Static shared memory (the f32 kernels) needs no opt-in; dynamic above 48 KiB does
         // (within sm_75's 64 KiB).
-        launch_fused(func, call, spec.block_m, spec.threads, spec.dynamic_smem)
+        launch_fused(func, call, k.block_m() as usize, k.threads() as usize, k.dynamic_smem() as usize)
     }
 }
 
@@ -198,26 +122,29 @@ mod tests {
     fn every_head_dim_has_a_kernel_within_64_kib() {
         for dtype in [DType::F16, DType::BF16, DType::F32] {
             for d in 1..=MAX_HEAD_DIM {
-                let s = specialisation(dtype, d);
-                assert!(s.head_dim >= d, "{dtype} d={d}: {s:?}");
-                assert!(s.shared_bytes() <= 64 * 1024, "{dtype} d={d}: {s:?}");
                 let p = Problem::new(dtype, 1, 1, 1, 1, 1, d);
-                assert!(FUNCTIONS.contains(&kernel_name(&p, &s).as_str()), "{dtype} d={d}");
+                let k = kernel_for(&p).unwrap_or_else(|| panic!("{dtype} d={d}"));
+                assert!(k.head_dim as usize >= d, "{dtype} d={d}: {k:?}");
+                assert!(k.shared_bytes() <= 64 * 1024, "{dtype} d={d}: {k:?}");
+                assert!(FUNCTIONS.contains(&k.name), "{dtype} d={d}");
             }
         }
-        // Mirrors the table in cuda/mem_efficient.cu.
-        assert_eq!(specialisation(DType::F16, 64).dynamic_smem, 40960);
-        assert_eq!(specialisation(DType::F16, 128).dynamic_smem, 57344);
-        assert_eq!(specialisation(DType::BF16, 256).dynamic_smem, 57344);
-        assert_eq!(specialisation(DType::F16, 512).dynamic_smem, 53248);
-        assert_eq!(specialisation(DType::F16, 512).block_m, 16);
-        assert_eq!(specialisation(DType::F32, 512).static_smem, 32768);
+        // The table in cuda/mem_efficient.cu's comments.
+        let k = |dtype, d| kernel_for(&Problem::new(dtype, 1, 1, 1, 1, 1, d)).unwrap();
+        assert_eq!(k(DType::F16, 64).dynamic_smem(), 40960);
+        assert_eq!(k(DType::F16, 128).dynamic_smem(), 57344);
+        assert_eq!(k(DType::BF16, 256).dynamic_smem(), 57344);
+        assert_eq!(k(DType::F16, 512).dynamic_smem(), 53248);
+        assert_eq!(k(DType::F16, 512).block_m(), 16);
+        assert_eq!(k(DType::F32, 512).static_smem(), 32768);
+        assert_eq!(k(DType::F32, 512).threads(), 256);
+        assert!(kernel_for(&Problem::new(DType::F16, 1, 1, 1, 1, 1, MAX_HEAD_DIM + 1)).is_none());
     }
 
     #[test]
     fn odd_head_dims_take_the_element_wise_kernels() {
         let p = |dtype, d| Problem::new(dtype, 1, 1, 1, 1, 1, d);
-        let name = |q: Problem| kernel_name(&q, &specialisation(q.dtype, q.head_dim));
+        let name = |q: Problem| kernel_for(&q).unwrap().name;
         assert_eq!(name(p(DType::F16, 64)), "attn_me_fwd_f16_d64_a");
         assert_eq!(name(p(DType::BF16, 3)), "attn_me_fwd_bf16_d64_u");
         assert_eq!(name(p(DType::F16, 300)), "attn_me_fwd_f16_d512_u");

@@ -12,3 +12,15 @@ pub(crate) mod naive;
 pub(crate) mod nvrtc;
 pub(crate) mod params;
 pub(crate) mod tma;
+
+/// The kernel registry's name for an element type (build.rs, which shares the registry, cannot
+/// see `DType`).
+pub(crate) const fn elem(dtype: crate::dtype::DType) -> crate::registry::Elem {
+    use crate::dtype::DType;
+    use crate::registry::Elem;
+    match dtype {
+        DType::F16 => Elem::F16,
+        DType::BF16 => Elem::BF16,
+        DType::F32 => Elem::F32,
+    }
+}

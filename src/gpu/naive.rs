@@ -13,11 +13,13 @@ use cudarc::driver::result;
 use cudarc::driver::sys::{CUfunction, CUresult, CUstream};
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, launch_failure, GpuDevice, Kernels};
+use super::elem;
 use super::params::{strides, window_arg};
 use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
 use crate::problem::Problem;
+use crate::registry::{self, Elem, Family, Kernel, Module};
 use crate::settings::JitMode;
 use crate::call::Call;
 
@@ -54,16 +56,15 @@ const _: () = {
     assert!(std::mem::offset_of!(NaiveParams, softcap) == 152);
 };
 
-const MODULE: &str = "naive";
-const FUNCTIONS: [&str; 7] = [
-    "attn_naive_scores_f16",
-    "attn_naive_scores_bf16",
-    "attn_naive_scores_f32",
-    "attn_naive_softmax",
-    "attn_naive_pv_f16",
-    "attn_naive_pv_bf16",
-    "attn_naive_pv_f32",
-];
+/// Every entry point of cuda/naive.cu, from the kernel registry.
+const FUNCTIONS: [&str; registry::count(Module::Naive)] = registry::names(Module::Naive);
+
+/// The three kernels that run `dtype`: scores, softmax, P·V.
+fn kernels(dtype: DType) -> [&'static Kernel; 3] {
+    let get = |family, dtype| registry::lookup(family, dtype, 0).expect("the registry has every naive kernel");
+    [get(Family::NaiveScores, elem(dtype)), get(Family::NaiveSoftmax, Elem::F32), get(Family::NaivePv, elem(dtype))]
+}
+
 /// A kernel, its grid and block, and pointers to its arguments.
 type Launch = (CUfunction, (u32, u32, u32), (u32, u32, u32), Vec<*mut c_void>);
 
@@ -81,7 +82,7 @@ impl NaiveBackend {
         workspace_mb: usize,
     ) -> Self {
         NaiveBackend {
-            kernels: Kernels::new(device, MODULE, &FUNCTIONS, jit, cache_dir),
+            kernels: Kernels::new(device, Module::Naive.name(), &FUNCTIONS, jit, cache_dir),
             workspace_bytes: workspace_mb.saturating_mul(1 << 20),
         }
     }
@@ -92,10 +93,11 @@ impl NaiveBackend {
     }
 }
 
-/// Query rows and (batch·head) pairs per chunk for a workspace of `budget` bytes.
-fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize) -> (usize, usize) {
+/// Query rows and (batch·head) pairs per chunk for a workspace of `budget` bytes, with
+/// `rows_per_block` query rows per block on the grid's y axis.
+fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize, rows_per_block: usize) -> (usize, usize) {
     let row_bytes = sk.max(1) * 4;
-    let max_rows = MAX_GRID_YZ * 16;
+    let max_rows = MAX_GRID_YZ * rows_per_block;
     let rows = (budget / row_bytes).clamp(1, sq.min(max_rows));
     let bh_chunk = if rows == sq {
         (budget / (row_bytes * sq)).clamp(1, bh.min(MAX_GRID_YZ))
@@ -103,10 +105,6 @@ fn plan_chunks(bh: usize, sq: usize, sk: usize, budget: usize) -> (usize, usize)
         1
     };
     (bh_chunk, rows)
-}
-
-fn dtype_suffix(d: DType) -> &'static str {
-    d.name()
 }
 
 /// What naive runs: every arch the crate carries, every dtype and head_dim, any alignment; not
@@ -143,11 +141,12 @@ impl Backend for NaiveBackend {
         let (dev, module) = self.kernels.loaded()?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let f = |n: &str| module.launchable(n).map(|f| f.cu_function());
-        let sfx = dtype_suffix(p.dtype);
-        let scores = f(&format!("attn_naive_scores_{sfx}"))?;
-        let softmax = f("attn_naive_softmax")?;
-        let pv = f(&format!("attn_naive_pv_{sfx}"))?;
+        let f = |k: &Kernel| module.launchable(k.name).map(|f| f.cu_function());
+        let [k_scores, k_softmax, k_pv] = kernels(p.dtype);
+        let (scores, softmax, pv) = (f(k_scores)?, f(k_softmax)?, f(k_pv)?);
+        // Query rows per block of the scores and P·V grids (y), keys and columns per block (x).
+        let tile = k_scores.block_m() as usize;
+        debug_assert!(k_pv.block_m() as usize == tile && k_scores.block_n() as usize == tile);
 
         let bh_total = p.batch * p.heads;
         let (_, free) = dev.ctx.mem_get_info().unwrap_or((0, dev.caps.free_mem));
@@ -155,7 +154,7 @@ impl Backend for NaiveBackend {
         let stream: CUstream = call.stream;
         // Allocate the workspace, halving the plan on out-of-memory down to a single row.
         let (bh_chunk, rows, ws) = loop {
-            let (bh_chunk, rows) = plan_chunks(bh_total, p.seqlen_q, p.seqlen_k, budget);
+            let (bh_chunk, rows) = plan_chunks(bh_total, p.seqlen_q, p.seqlen_k, budget, tile);
             let bytes = bh_chunk * rows * p.seqlen_k.max(1) * 4;
             // SAFETY: stream-ordered allocation on the caller's stream; freed below on it.
             match unsafe { result::malloc_async(stream, bytes) } {
@@ -203,11 +202,11 @@ impl Backend for NaiveBackend {
                 let (bhc, rc) = (params.bh_count as u32, params.row_count as usize);
                 let pp = &mut params as *mut NaiveParams as *mut c_void;
                 let launches: [Launch; 3] = [
-                    (scores, (ceil(p.seqlen_k, 16), ceil(rc, 16), bhc), (16, 16, 1),
+                    (scores, (ceil(p.seqlen_k, tile), ceil(rc, tile), bhc), k_scores.block_dim(),
                      vec![pp, &mut q as *mut u64 as _, &mut k as *mut u64 as _, &mut s as *mut u64 as _]),
-                    (softmax, (ceil(rc, 8), bhc, 1), (256, 1, 1),
+                    (softmax, (ceil(rc, k_softmax.block_m() as usize), bhc, 1), k_softmax.block_dim(),
                      vec![pp, &mut s as *mut u64 as _, &mut l as *mut u64 as _]),
-                    (pv, (ceil(p.head_dim, 16), ceil(rc, 16), bhc), (16, 16, 1),
+                    (pv, (ceil(p.head_dim, tile), ceil(rc, tile), bhc), k_pv.block_dim(),
                      vec![pp, &mut s as *mut u64 as _, &mut v as *mut u64 as _, &mut o as *mut u64 as _]),
                 ];
                 for (i, (func, grid, block, mut args)) in launches.into_iter().enumerate() {
@@ -234,18 +233,30 @@ impl Backend for NaiveBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::plan_chunks;
+    use super::*;
     #[test]
     fn chunks_fit_the_budget() {
         // Everything fits: all pairs, all rows.
-        assert_eq!(plan_chunks(16, 128, 128, 1 << 30), (16, 128));
+        assert_eq!(plan_chunks(16, 128, 128, 1 << 30, 16), (16, 128));
         // One pair's scores exceed the budget: one pair, rows that fit.
-        let (bh, rows) = plan_chunks(4, 8192, 8192, 64 << 20);
+        let (bh, rows) = plan_chunks(4, 8192, 8192, 64 << 20, 16);
         assert_eq!(bh, 1);
         assert!(rows * 8192 * 4 <= 64 << 20 && rows >= 1);
         // A single row larger than the budget still runs one row at a time.
-        assert_eq!(plan_chunks(1, 10, 1 << 30, 1 << 20), (1, 1));
+        assert_eq!(plan_chunks(1, 10, 1 << 30, 1 << 20, 16), (1, 1));
         // Grid limits hold.
-        assert!(plan_chunks(1 << 20, 1, 1, usize::MAX).0 <= 65535);
+        assert!(plan_chunks(1 << 20, 1, 1, usize::MAX, 16).0 <= 65535);
+    }
+
+    /// The launch shapes the header of cuda/naive.cu describes.
+    #[test]
+    fn launch_shapes() {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let [scores, softmax, pv] = kernels(dtype);
+            assert_eq!((scores.block_dim(), scores.block_m(), scores.block_n()), ((16, 16, 1), 16, 16));
+            assert_eq!((softmax.block_dim(), softmax.block_m()), ((256, 1, 1), 8));
+            assert_eq!((pv.block_dim(), pv.block_m()), ((16, 16, 1), 16));
+            assert!(scores.name.ends_with(dtype.name()) && pv.name.ends_with(dtype.name()));
+        }
     }
 }

@@ -66,7 +66,9 @@ pub(crate) fn options(target: JitTarget) -> Vec<String> {
         .collect()
 }
 
-/// The `.cu` file of a module and every header under `cuda/`, which NVRTC resolves by name.
+/// The `.cu` file of a module and every header under `cuda/`, with the registry modules'
+/// generated entry-point headers (`<module>_entries.cuh`, the text nvcc compiled), which NVRTC
+/// resolves by name.
 pub(crate) fn module_sources(module: &str) -> Option<(&'static str, Vec<(&'static str, &'static str)>)> {
     let main = embedded::source(&format!("{module}.cu"))?;
     let headers = embedded::SOURCES
@@ -185,7 +187,8 @@ pub(crate) fn compile_cached(
         compile(name, target)
     };
     let jit_err = |log: String| Reason::Jit { why: format!("NVRTC failed on {name} for {}: {log}", target.arch()) };
-    // Every byte that reaches the compiler is in the key, so an edited header is a new entry.
+    // Every byte that reaches the compiler is in the key, so an edited header is a new entry, and
+    // so is an edited registry (through the generated entry-point headers among `headers`).
     let mut text = String::from(main);
     for (n, s) in &headers {
         text.push_str(n);
