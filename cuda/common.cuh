@@ -121,6 +121,21 @@ __device__ __forceinline__ float attn_max(float a, float b) {
 #endif
 }
 
+// 2^x with the hardware approximation (exact enough for softmax; 2^-inf = +0).
+__device__ __forceinline__ float attn_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// tanh for logit soft-capping, the one definition every kernel uses: from one ex2 and one fast
+// divide, tanh(x) = 1 - 2/(e^{2x} + 1), absolute error ~1e-7. (tanh.approx's ~5e-4 relative
+// error, times the cap, would dominate f16's error budget; tanhf costs a dozen instructions.)
+// The limits come out exactly: e^{2x} -> inf gives 1, -> 0 gives -1.
+__device__ __forceinline__ float attn_tanh(float x) {
+    return 1.f - __fdividef(2.f, attn_exp2(x * 2.8853900817779268f) + 1.f);
+}
+
 __device__ __forceinline__ float attn_warp_max(float x) {
 #pragma unroll
     for (int o = ATTN_WARP_SIZE / 2; o > 0; o >>= 1) {
@@ -259,6 +274,28 @@ __device__ __forceinline__ void attn_block_key_range(const AttnParams& p, int m0
     if (p.causal) n_end = min(n_end, m_last + diag + 1);
     if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
     if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+}
+
+// The query tile a block of a tiled kernel takes: heaviest first, since under a causal mask the
+// last query tiles see the most keys and should not start last.
+__device__ __forceinline__ int attn_heaviest_first_tile() { return (int)(gridDim.x - 1 - blockIdx.x); }
+
+// What a query tile [m0, m0 + bm) of a sequence (sq queries, sk keys) visits: its last real row,
+// the diagonal offset and the key tiles [nb_begin, nb_end) of bn keys that any of its rows sees.
+struct AttnKeyTiles {
+    long long diag, m_last;
+    int nb_begin, nb_end;
+};
+
+__device__ __forceinline__ AttnKeyTiles attn_key_tiles(const AttnParams& p, int m0, int bm, int bn, int sq, int sk) {
+    AttnKeyTiles t;
+    t.diag = (long long)sk - sq;
+    t.m_last = (long long)min(m0 + bm, sq) - 1;
+    long long n_begin, n_end;
+    attn_block_key_range(p, m0, t.m_last, t.diag, sk, n_begin, n_end);
+    t.nb_begin = (int)(n_begin / bn);
+    t.nb_end = n_end <= 0 ? 0 : (int)((n_end + bn - 1) / bn);
+    return t;
 }
 
 // Whether key tile [n0, n0 + bn) hides any key from any of rows [m0, m_last]: only those tiles

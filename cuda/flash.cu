@@ -44,23 +44,15 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    // Heaviest tiles first: under a causal mask the last query tiles see the most keys, and
-    // launching them first keeps the tail of the grid short.
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int m0 = attn_heaviest_first_tile() * BM;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const AttnSeq seq = attn_seq(p, b, h);
     const int sq = seq.seqlen_q, sk = seq.seqlen_k;
     // A packed batch sizes the grid by its longest sequence: shorter ones have spare tiles.
     if (m0 >= sq) return;
-    const long long diag = (long long)sk - sq;
-
-    // Key range any row of this tile can see.
-    const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    long long n_begin, n_end;
-    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-    const int nb_begin = (int)(n_begin / BN);
-    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
+    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
     const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
     const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
@@ -131,63 +123,8 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
             }
         }
 
-        if (capped) {
-            const float pre = p.scale / p.softcap;
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[t][i][e] = p.softcap * attn_tanh(s[t][i][e] * pre);
-        }
-        // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
-        const int n0 = nb * BN;
-        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
-                        const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
-                        if (attn_masked(p, row, col, diag, sk)) s[t][i][e] = attn_neg_inf();
-                    }
-        }
-
-        // Online softmax: new running max, rescale the accumulator, exponentiate.
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = row_max[t][r];
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) mx = attn_max(mx, attn_max(s[t][i][2 * r], s[t][i][2 * r + 1]));
-                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
-                // exp2(-inf - base) = 0 instead of NaN.
-                const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
-                const float rescale = attn_exp2(row_max[t][r] * scale_log2 - base);
-                row_max[t][r] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) {
-                    s[t][i][2 * r] = attn_exp2(s[t][i][2 * r] * scale_log2 - base);
-                    s[t][i][2 * r + 1] = attn_exp2(s[t][i][2 * r + 1] * scale_log2 - base);
-                    sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
-                }
-                row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
-                // Once a row's max has settled (most tiles of a long row) the rescale is exactly 1:
-                // skip the D/4 multiplies when no row of the warp moved.
-                if (!__all_sync(0xffffffffu, rescale == 1.f)) {
-#pragma unroll
-                    for (int i = 0; i < D / 8; ++i) {
-                        acc[t][i][2 * r] *= rescale;
-                        acc[t][i][2 * r + 1] *= rescale;
-                    }
-                }
-            }
+        attn_variant_tile(p, s, capped, nb * BN, sk, m0, kt, row_in_tile, lane);
+        attn_online_softmax(s, row_max, row_sum, acc, scale_log2);
 
         attn_cp_async_wait<1>();
         __syncthreads();  // V(nb) landed (K(nb+1) may still be in flight)

@@ -214,19 +214,14 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     const int lane = tid & 31;
     const int wg = tid >> 7;            // warpgroup: query rows [64·wg, 64·wg + 64) of the tile
     const int warp_in_wg = (tid >> 5) & 3;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest tiles first (causal)
+    const int m0 = attn_heaviest_first_tile() * BM;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const AttnSeq seq = attn_seq(p, b, h);
     const int sq = seq.seqlen_q, sk = seq.seqlen_k;
     if (m0 >= sq) return;  // a packed batch's shorter sequences have spare tiles
-    const long long diag = (long long)sk - sq;
-
-    const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    long long n_begin, n_end;
-    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-    const int nb_begin = (int)(n_begin / BN);
-    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
+    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
     const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
     const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
@@ -278,7 +273,7 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
         if (pending_pv) issue_pv(v_buf(nb - 1), pa);
 
         const int n0 = nb * BN;
-        hop_cap_and_mask<BN>(p, s, n0, m0, m_last, m0 + row_in_tile, lane, sk, diag);
+        hop_cap_and_mask<BN>(p, s, n0, m0, kt.m_last, m0 + row_in_tile, lane, sk, kt.diag);
         float rescale[2];
         hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
         // Unconditional waits (a no-op when nothing is pending): with a wait under a branch,
