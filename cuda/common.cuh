@@ -276,6 +276,37 @@ __device__ __forceinline__ void attn_block_key_range(const AttnParams& p, int m0
     if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
 }
 
+// The scale the softmax applies to a score: with soft-capping the scale is applied inside the
+// cap (cap * tanh(x * scale / cap)), and the softmax then works on the capped logits as they are.
+// scale_log2 folds log2(e) in, for exp2.
+struct AttnLogits {
+    bool capped;
+    float scale, scale_log2;
+};
+
+__device__ __forceinline__ AttnLogits attn_logits(const AttnParams& p) {
+    AttnLogits l;
+    l.capped = p.softcap > 0.f;
+    l.scale = l.capped ? 1.f : p.scale;
+    l.scale_log2 = l.scale * 1.4426950408889634f;
+    return l;
+}
+
+// A sequence's 16-bit operands (f16/bf16 kernels): the tensors' bases moved to its first row.
+struct AttnOperands16 {
+    const unsigned short *q, *k, *v;
+    unsigned short* o;
+};
+
+__device__ __forceinline__ AttnOperands16 attn_operands16(const AttnParams& p, const AttnSeq& seq) {
+    AttnOperands16 r;
+    r.q = static_cast<const unsigned short*>(p.q) + seq.q;
+    r.k = static_cast<const unsigned short*>(p.k) + seq.k;
+    r.v = static_cast<const unsigned short*>(p.v) + seq.v;
+    r.o = static_cast<unsigned short*>(p.o) + seq.o;
+    return r;
+}
+
 // The query tile a block of a tiled kernel takes: heaviest first, since under a causal mask the
 // last query tiles see the most keys and should not start last.
 __device__ __forceinline__ int attn_heaviest_first_tile() { return (int)(gridDim.x - 1 - blockIdx.x); }

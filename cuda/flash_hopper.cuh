@@ -223,10 +223,9 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
     const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
-    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
-    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
-    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
-    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+    const AttnOperands16 ops = attn_operands16(p, seq);
+    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
+    unsigned short* o = ops.o;
 
     // This thread's rows (wgmma accumulator layout): warp w of the warpgroup holds rows 16w..16w+15
     // of its 64; lane/4 and lane/4 + 8 of those.
@@ -236,8 +235,8 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
     float row_max[2] = {attn_neg_inf(), attn_neg_inf()};
     float row_sum[2] = {0.f, 0.f};
-    const float logit_scale = p.softcap > 0.f ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const AttnLogits lg = attn_logits(p);
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     // Software pipeline within a warpgroup. Iteration n enters with S(n) = Q·K(n)ᵀ done and issues
     // O += P(n-1)·V(n-1), computes softmax(n) while the tensor cores work on it, packs P(n), then

@@ -204,8 +204,8 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
     const int lane = threadIdx.x & 31;
     const int warp_in_wg = (threadIdx.x >> 5) & 3;
     const unsigned q_rows = sQ + c * 64 * 128;
-    const float logit_scale = p.softcap > 0.f ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const AttnLogits lg = attn_logits(p);
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
     // Named barrier 1 + c: this warpgroup's turn. Every warpgroup runs the same number of turns
     // (the same tiles, the same key tiles each), so the turns stay paired; the first turn is
     // warpgroup 0's.

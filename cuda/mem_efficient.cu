@@ -131,30 +131,19 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
     const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
-    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
-    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
-    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
-    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+    const AttnOperands16 ops = attn_operands16(p, seq);
+    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
+    unsigned short* o = ops.o;
 
     // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
     // tile's 16 rows, which start at warp_row0 + 16·t.
     const int warp_row0 = wm * 16 * MT;
     const int row_in_tile = warp_row0 + (lane >> 2);
-    float acc[MT][DW / 8][4];
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int i = 0; i < DW / 8; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
-    float row_max[MT][2], row_sum[MT][2];
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-        row_max[t][0] = row_max[t][1] = attn_neg_inf();
-        row_sum[t][0] = row_sum[t][1] = 0.f;
-    }
-    // With soft-capping the scale is applied inside the cap; the softmax then works on raw logits.
-    const bool capped = p.softcap > 0.f;
-    const float logit_scale = capped ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    float acc[MT][DW / 8][4], row_max[MT][2], row_sum[MT][2];
+    attn_softmax_init(acc, row_max, row_sum);
+    const AttnLogits lg = attn_logits(p);
+    const bool capped = lg.capped;
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     if (nb_begin < nb_end) {
         me_load_tile<D, BM, THREADS, ALIGNED>(me_smem, sbase, OFF_Q, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -326,9 +315,9 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
         acc[e] = 0.f;
     }
     float row_max = attn_neg_inf(), row_sum = 0.f;
-    const bool capped = p.softcap > 0.f;
-    const float logit_scale = capped ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const AttnLogits lg = attn_logits(p);
+    const bool capped = lg.capped;
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
     const float pre = capped ? p.scale / p.softcap : 0.f;
 
     for (long long n0 = (long long)kt.nb_begin * BN; n0 < (long long)kt.nb_end * BN; n0 += BN) {

@@ -156,6 +156,18 @@ __device__ __forceinline__ void attn_variant_tile(const AttnParams& p, float (&s
     }
 }
 
+// The online-softmax state before the first key: zero accumulators and sums, maxima -inf.
+template <int MT, int AI>
+__device__ __forceinline__ void attn_softmax_init(float (&acc)[MT][AI][4], float (&row_max)[MT][2], float (&row_sum)[MT][2]) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+        for (int i = 0; i < AI; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
+        row_max[t][0] = row_max[t][1] = attn_neg_inf();
+        row_sum[t][0] = row_sum[t][1] = 0.f;
+    }
+}
+
 // The online-softmax step on a score tile in the mma accumulator layout: each row's new running
 // max (over its quad), the rescale of its sum and of its accumulator columns acc[t][..], and the
 // scores exponentiated in place (base 2, scale_log2 folds the softmax scale and log2 e).
