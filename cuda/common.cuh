@@ -329,6 +329,48 @@ __device__ __forceinline__ AttnKeyTiles attn_key_tiles(const AttnParams& p, int 
     return t;
 }
 
+// The tile scheduler of the persistent (warp-specialised) kernel: block blockIdx.x takes tiles
+// k * gridDim.x + its index, k = 0, 1, ... Default order: query tile fastest (heaviest causal
+// first within a head), then head, then batch, so the blocks of a round share few heads' K and V
+// in L2. Masked rows (causal, window) cost in proportion to the keys they see, so odd rounds run
+// backwards (snake): a block that drew a heavy tile draws a light one next, even when the grid is
+// a multiple of the query tiles per head (132 SMs, 4 tiles). And with few heads (long sequences)
+// the blocks would drift apart over many heads' K/V: there tiles go heaviest first across every
+// head (LPT), so a round's tiles cost about the same and its blocks stream the same K/V together.
+struct AttnTileOrder {
+    int n_m, tiles, heads_batches;
+    bool masked, lpt;
+};
+
+__device__ __forceinline__ AttnTileOrder attn_tile_order(const AttnParams& p, int bm) {
+    AttnTileOrder o;
+    o.n_m = (p.seqlen_q + bm - 1) / bm;
+    o.heads_batches = p.heads * p.batch;
+    o.tiles = o.n_m * o.heads_batches;
+    o.masked = p.causal || p.window_left >= 0 || p.window_right >= 0;
+    o.lpt = o.masked && o.heads_batches * 4 <= (int)gridDim.x;
+    return o;
+}
+
+// This block's k-th tile (query tile start m0, head h, batch b), or false past the last.
+__device__ __forceinline__ bool attn_persistent_tile(const AttnTileOrder& o, const AttnParams& p, int k, int bm, int& m0, int& h, int& b) {
+    const int g = gridDim.x;
+    const int t = k * g + (o.masked && (k & 1) ? g - 1 - (int)blockIdx.x : (int)blockIdx.x);
+    if (t >= o.tiles) return false;
+    int mb, hb;
+    if (o.lpt) {
+        mb = o.n_m - 1 - t / o.heads_batches;
+        hb = t - (t / o.heads_batches) * o.heads_batches;
+    } else {
+        hb = t / o.n_m;
+        mb = o.n_m - 1 - (t - hb * o.n_m);
+    }
+    m0 = mb * bm;
+    h = hb % p.heads;
+    b = hb / p.heads;
+    return true;
+}
+
 // Whether key tile [n0, n0 + bn) hides any key from any of rows [m0, m_last]: only those tiles
 // (the ragged end, the causal diagonal, the window edges) pay for per-element masking.
 // (int tile and row starts, as the kernels hold them: widening them early costs registers that
