@@ -12,6 +12,15 @@ use attention::cudarc::driver::{CudaContext, CudaSlice};
 use attention::{BlockTable, CacheLens, DType, KvCache, Layout, Options, Problem, Selector, SeqLens, Tensor, TensorMut};
 use half::bf16;
 
+/// Seconds per call on the two clocks of `time` in `main`.
+#[derive(Clone, Copy)]
+struct Timing {
+    /// Median GPU time between events around one call, L2 flushed before (PyTorch's method).
+    gpu: f64,
+    /// Back-to-back calls on the host clock.
+    wall: f64,
+}
+
 const SHAPES: [(usize, usize); 13] = [
     (1, 1024),
     (1, 8192),
@@ -37,7 +46,13 @@ fn main() {
     };
     let ctx = CudaContext::new(caps.ordinal).unwrap();
     let s = ctx.default_stream();
-    let time = |f: &mut dyn FnMut()| -> f64 {
+    // Two clocks per measurement. `gpu`: what `torch_sdpa.py` reports (Triton's `do_bench`):
+    // for each repetition a 256 MB memset evicts L2, then CUDA events around one call; the
+    // median. `wall`: back-to-back calls timed on the host, which includes our submit cost
+    // where it exceeds the GPU's time (small shapes without a CUDA graph).
+    let flush: std::cell::RefCell<CudaSlice<u8>> = std::cell::RefCell::new(s.alloc_zeros(256 << 20).unwrap());
+    let event = || ctx.new_event(Some(attention::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    let time = |f: &mut dyn FnMut()| -> Timing {
         for _ in 0..3 {
             f();
         }
@@ -53,7 +68,19 @@ fn main() {
             f();
         }
         s.synchronize().unwrap();
-        t.elapsed().as_secs_f64() / iters as f64
+        let wall = t.elapsed().as_secs_f64() / iters as f64;
+        let reps = ((0.1 / wall) as usize).clamp(10, 200);
+        let marks: Vec<_> = (0..reps).map(|_| (event(), event())).collect();
+        for (start, end) in &marks {
+            s.memset_zeros(&mut *flush.borrow_mut()).unwrap();
+            start.record(&s).unwrap();
+            f();
+            end.record(&s).unwrap();
+        }
+        s.synchronize().unwrap();
+        let mut ms: Vec<f32> = marks.iter().map(|(a, b)| a.elapsed_ms(b).unwrap()).collect();
+        ms.sort_by(f32::total_cmp);
+        Timing { wall, gpu: ms[ms.len() / 2] as f64 * 1e-3 }
     };
     let pattern = |n: usize, seed: u32| -> Vec<bf16> {
         (0..n).map(|i| bf16::from_f32(((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0 - 0.5)).collect()
@@ -75,9 +102,10 @@ fn main() {
     // a contiguous cache `[b, s, hk, d]` with device lengths and paged caches (vLLM's layout)
     // with 16- and 64-key pages through `forward_kvcache`. Seconds per call: (dense, cache,
     // paged16, paged64), and the plan `explain` reports.
-    let measure = |b: usize, q_len: usize, sk: usize, h: usize, hk: usize, d: usize| -> ([f64; 4], String) {
+    let measure = |b: usize, q_len: usize, sk: usize, h: usize, hk: usize, d: usize| -> ([Timing; 4], String) {
         let mut out: CudaSlice<bf16> = s.alloc_zeros(b * q_len * h * d).unwrap();
-        let mut dense = f64::NAN;
+        let none = Timing { gpu: f64::NAN, wall: f64::NAN };
+        let mut dense = none;
         if q_len == 1 {
             let (lq, lk) = (Layout::heads_first(b, 1, h, d), Layout::heads_first(b, sk, hk, d));
             let q = fill(lq.numel(), 1);
@@ -98,7 +126,7 @@ fn main() {
             attn.forward_kvcache(&Tensor::cuda(&q, lq), &cache, &mut TensorMut::cuda(&mut out, lq), None, &Options::default()).unwrap();
         });
         drop((kc, vc));
-        let mut paged = [f64::NAN; 2];
+        let mut paged = [none; 2];
         for (i, page) in [16, 64].into_iter().enumerate() {
             let pages = b * sk.div_ceil(page);
             let lp = Layout::contiguous(pages, page, hk, d);
@@ -117,7 +145,7 @@ fn main() {
         ([dense, cache, paged[0], paged[1]], plan)
     };
     // Seconds per dense decode call (GQA 32/8, d128).
-    let measure_dense = |b: usize, sk: usize| -> f64 {
+    let measure_dense = |b: usize, sk: usize| -> Timing {
         let (lq, lk) = (Layout::heads_first(b, 1, 32, 128), Layout::heads_first(b, sk, 8, 128));
         let (q, k, v) = (fill(lq.numel(), 1), fill(lk.numel(), 2), fill(lk.numel(), 3));
         let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
@@ -132,37 +160,65 @@ fn main() {
     // `bench-decode --bench 1x1024 16x8192` runs only those shapes (e.g. under a profiler).
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let wanted = |b: usize, sk: usize| only.is_empty() || only.contains(&format!("{b}x{sk}"));
-    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10}  plan", "batch", "seqlen", "dense", "cache", "paged16", "paged64", "dense µs");
+    println!("TB/s from GPU time (events, L2 flushed: torch_sdpa.py's method); `wall`: back-to-back calls on the host clock");
+    println!(
+        "{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9}  plan",
+        "batch", "seqlen", "dense", "cache", "paged16", "paged64", "dense wall", "gpu µs", "wall µs"
+    );
     for (b, sk) in SHAPES.into_iter().filter(|&(b, sk)| wanted(b, sk)) {
         let (t, plan) = measure(b, 1, sk, h, hk, d);
         println!(
-            "{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.1}  {plan}",
-            tbs(b, sk, hk, d, t[0]),
-            tbs(b, sk, hk, d, t[1]),
-            tbs(b, sk, hk, d, t[2]),
-            tbs(b, sk, hk, d, t[3]),
-            t[0] * 1e6
+            "{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>10.2} {:>9.1} {:>9.1}  {plan}",
+            tbs(b, sk, hk, d, t[0].gpu),
+            tbs(b, sk, hk, d, t[1].gpu),
+            tbs(b, sk, hk, d, t[2].gpu),
+            tbs(b, sk, hk, d, t[3].gpu),
+            tbs(b, sk, hk, d, t[0].wall),
+            t[0].gpu * 1e6,
+            t[0].wall * 1e6
         );
     }
     if !only.is_empty() {
         return;
     }
-    // How many waves of blocks a split grid should aim for (the default is 2): dense, the
+    // How many waves of blocks a split grid should aim for (the default is 1): dense, the
     // split shapes, each wave count in turn.
-    println!("split grids by waves (dense TB/s)");
+    println!("split grids by waves (dense TB/s, GPU time)");
     println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "3", "4");
     for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 8192), (16, 32768)] {
         let mut row = [0.0; 4];
         for (i, waves) in (1..=4).enumerate() {
             attention::testing::set_decode_waves(waves);
-            row[i] = tbs(b, sk, hk, d, measure_dense(b, sk));
+            row[i] = tbs(b, sk, hk, d, measure_dense(b, sk).gpu);
         }
         attention::testing::set_decode_waves(0);
         println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", row[0], row[1], row[2], row[3]);
     }
+    // What the split-KV combine costs: small shapes with the split count capped (1: one
+    // block per KV head, no workspace and no combine).
+    println!("split count (dense TB/s, GPU time; `auto` is the plan's own)");
+    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "4", "8", "16", "auto");
+    for (b, sk) in [(1, 1024), (1, 4096), (1, 8192), (16, 1024), (16, 8192)] {
+        let mut row = [0.0; 6];
+        for (i, cap) in [1, 2, 4, 8, 16, 0].into_iter().enumerate() {
+            attention::testing::set_decode_max_splits(cap);
+            row[i] = tbs(b, sk, hk, d, measure_dense(b, sk).gpu);
+        }
+        attention::testing::set_decode_max_splits(0);
+        println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", row[0], row[1], row[2], row[3], row[4], row[5]);
+    }
+    // The combine's share: the same split grids without it (bench-only switch; wrong outputs).
+    println!("main kernel alone (dense µs, GPU time): with combine / without");
+    for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192)] {
+        let with = measure_dense(b, sk).gpu;
+        attention::testing::set_decode_skip_combine(true);
+        let without = measure_dense(b, sk).gpu;
+        attention::testing::set_decode_skip_combine(false);
+        println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
+    }
     // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
     // 4 query rows (speculative decoding: paged only).
-    println!("variants (TB/s of K+V read), bf16");
+    println!("variants (TB/s of K+V read, GPU time), bf16");
     println!("{:>5} {:>7} {:>7} {:>4} {:>5} {:>8} {:>8} {:>8} {:>8}  plan", "batch", "seqlen", "h/hk", "d", "q_len", "dense", "cache", "paged16", "paged64");
     for (b, sk, h, hk, d, q_len) in
         [(1, 32768, 64, 8, 128, 1), (16, 8192, 64, 8, 128, 1), (1, 32768, 32, 32, 128, 1), (16, 8192, 32, 32, 128, 1), (16, 8192, 32, 8, 64, 1), (16, 8192, 32, 8, 256, 1), (1, 32768, 32, 8, 128, 4), (16, 8192, 32, 8, 128, 4)]
@@ -171,10 +227,10 @@ fn main() {
         println!(
             "{b:>5} {sk:>7} {:>7} {d:>4} {q_len:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {plan}",
             format!("{h}/{hk}"),
-            tbs(b, sk, hk, d, t[0]),
-            tbs(b, sk, hk, d, t[1]),
-            tbs(b, sk, hk, d, t[2]),
-            tbs(b, sk, hk, d, t[3])
+            tbs(b, sk, hk, d, t[0].gpu),
+            tbs(b, sk, hk, d, t[1].gpu),
+            tbs(b, sk, hk, d, t[2].gpu),
+            tbs(b, sk, hk, d, t[3].gpu)
         );
     }
     // Host cost of submitting a tiny decode call (what a serving loop pays per layer): with
@@ -222,9 +278,11 @@ fn main() {
         });
         let plan = attn.explain(&Problem::new(DType::BF16, nseq, chunk, sk, h, hk, d).causal(true)).plan.unwrap_or_default();
         println!(
-            "mixed batch (4 x 512-token chunks + 60 decodes, 4k keys each, paged 16, causal): one call {:.1} µs, two calls {:.1} µs  ({plan})",
-            mixed * 1e6,
-            separate * 1e6
+            "mixed batch (4 x 512-token chunks + 60 decodes, 4k keys each, paged 16, causal): one call {:.1} µs, two calls {:.1} µs (GPU time; wall {:.1} / {:.1})  ({plan})",
+            mixed.gpu * 1e6,
+            separate.gpu * 1e6,
+            mixed.wall * 1e6,
+            separate.wall * 1e6
         );
     }
     let submit = |what: &str| {

@@ -121,6 +121,21 @@ __device__ __forceinline__ float attn_max(float a, float b) {
 #endif
 }
 
+// 2^x with the hardware approximation (exact enough for softmax; 2^-inf = +0).
+__device__ __forceinline__ float attn_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// tanh for logit soft-capping, the one definition every kernel uses: from one ex2 and one fast
+// divide, tanh(x) = 1 - 2/(e^{2x} + 1), absolute error ~1e-7. (tanh.approx's ~5e-4 relative
+// error, times the cap, would dominate f16's error budget; tanhf costs a dozen instructions.)
+// The limits come out exactly: e^{2x} -> inf gives 1, -> 0 gives -1.
+__device__ __forceinline__ float attn_tanh(float x) {
+    return 1.f - __fdividef(2.f, attn_exp2(x * 2.8853900817779268f) + 1.f);
+}
+
 __device__ __forceinline__ float attn_warp_max(float x) {
 #pragma unroll
     for (int o = ATTN_WARP_SIZE / 2; o > 0; o >>= 1) {
@@ -259,6 +274,101 @@ __device__ __forceinline__ void attn_block_key_range(const AttnParams& p, int m0
     if (p.causal) n_end = min(n_end, m_last + diag + 1);
     if (p.window_right >= 0) n_end = min(n_end, m_last + diag + p.window_right + 1);
     if (p.window_left >= 0) n_begin = max(n_begin, (long long)m0 + diag - p.window_left);
+}
+
+// The scale the softmax applies to a score: with soft-capping the scale is applied inside the
+// cap (cap * tanh(x * scale / cap)), and the softmax then works on the capped logits as they are.
+// scale_log2 folds log2(e) in, for exp2.
+struct AttnLogits {
+    bool capped;
+    float scale, scale_log2;
+};
+
+__device__ __forceinline__ AttnLogits attn_logits(const AttnParams& p) {
+    AttnLogits l;
+    l.capped = p.softcap > 0.f;
+    l.scale = l.capped ? 1.f : p.scale;
+    l.scale_log2 = l.scale * 1.4426950408889634f;
+    return l;
+}
+
+// A sequence's 16-bit operands (f16/bf16 kernels): the tensors' bases moved to its first row.
+struct AttnOperands16 {
+    const unsigned short *q, *k, *v;
+    unsigned short* o;
+};
+
+__device__ __forceinline__ AttnOperands16 attn_operands16(const AttnParams& p, const AttnSeq& seq) {
+    AttnOperands16 r;
+    r.q = static_cast<const unsigned short*>(p.q) + seq.q;
+    r.k = static_cast<const unsigned short*>(p.k) + seq.k;
+    r.v = static_cast<const unsigned short*>(p.v) + seq.v;
+    r.o = static_cast<unsigned short*>(p.o) + seq.o;
+    return r;
+}
+
+// The query tile a block of a tiled kernel takes: heaviest first, since under a causal mask the
+// last query tiles see the most keys and should not start last.
+__device__ __forceinline__ int attn_heaviest_first_tile() { return (int)(gridDim.x - 1 - blockIdx.x); }
+
+// What a query tile [m0, m0 + bm) of a sequence (sq queries, sk keys) visits: its last real row,
+// the diagonal offset and the key tiles [nb_begin, nb_end) of bn keys that any of its rows sees.
+struct AttnKeyTiles {
+    long long diag, m_last;
+    int nb_begin, nb_end;
+};
+
+__device__ __forceinline__ AttnKeyTiles attn_key_tiles(const AttnParams& p, int m0, int bm, int bn, int sq, int sk) {
+    AttnKeyTiles t;
+    t.diag = (long long)sk - sq;
+    t.m_last = (long long)min(m0 + bm, sq) - 1;
+    long long n_begin, n_end;
+    attn_block_key_range(p, m0, t.m_last, t.diag, sk, n_begin, n_end);
+    t.nb_begin = (int)(n_begin / bn);
+    t.nb_end = n_end <= 0 ? 0 : (int)((n_end + bn - 1) / bn);
+    return t;
+}
+
+// The tile scheduler of the persistent (warp-specialised) kernel: block blockIdx.x takes tiles
+// k * gridDim.x + its index, k = 0, 1, ... Default order: query tile fastest (heaviest causal
+// first within a head), then head, then batch, so the blocks of a round share few heads' K and V
+// in L2. Masked rows (causal, window) cost in proportion to the keys they see, so odd rounds run
+// backwards (snake): a block that drew a heavy tile draws a light one next, even when the grid is
+// a multiple of the query tiles per head (132 SMs, 4 tiles). And with few heads (long sequences)
+// the blocks would drift apart over many heads' K/V: there tiles go heaviest first across every
+// head (LPT), so a round's tiles cost about the same and its blocks stream the same K/V together.
+struct AttnTileOrder {
+    int n_m, tiles, heads_batches;
+    bool masked, lpt;
+};
+
+__device__ __forceinline__ AttnTileOrder attn_tile_order(const AttnParams& p, int bm) {
+    AttnTileOrder o;
+    o.n_m = (p.seqlen_q + bm - 1) / bm;
+    o.heads_batches = p.heads * p.batch;
+    o.tiles = o.n_m * o.heads_batches;
+    o.masked = p.causal || p.window_left >= 0 || p.window_right >= 0;
+    o.lpt = o.masked && o.heads_batches * 4 <= (int)gridDim.x;
+    return o;
+}
+
+// This block's k-th tile (query tile start m0, head h, batch b), or false past the last.
+__device__ __forceinline__ bool attn_persistent_tile(const AttnTileOrder& o, const AttnParams& p, int k, int bm, int& m0, int& h, int& b) {
+    const int g = gridDim.x;
+    const int t = k * g + (o.masked && (k & 1) ? g - 1 - (int)blockIdx.x : (int)blockIdx.x);
+    if (t >= o.tiles) return false;
+    int mb, hb;
+    if (o.lpt) {
+        mb = o.n_m - 1 - t / o.heads_batches;
+        hb = t - (t / o.heads_batches) * o.heads_batches;
+    } else {
+        hb = t / o.n_m;
+        mb = o.n_m - 1 - (t - hb * o.n_m);
+    }
+    m0 = mb * bm;
+    h = hb % p.heads;
+    b = hb / p.heads;
+    return true;
 }
 
 // Whether key tile [n0, n0 + bn) hides any key from any of rows [m0, m_last]: only those tiles

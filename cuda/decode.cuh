@@ -254,6 +254,8 @@ __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s
 // <= DEC_COMBINE_THREADS), and the partial rows are read as 16-byte vectors by groups of
 // threads that each take every `groups`-th split, merged through shared memory at the end.
 #define DEC_COMBINE_THREADS 128
+// Partial vectors per thread loaded before the weights are known (8 x 16 bytes of registers).
+#define DEC_COMBINE_PRELOAD 8
 template <class D>
 __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     typedef typename D::storage T;
@@ -268,8 +270,22 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     const DecSeq seq = dec_seq(p, b);
     if (qi >= seq.qn) return;  // a row the sequence does not have (packed queries)
 
-    // The weights: block-wide maximum, then exp and sum.
+    // Every load first, so that one L2 round trip serves them all: this thread's lse and the
+    // first DEC_COMBINE_PRELOAD of its column vector's partials (thread (group, cv) takes column
+    // vector cv of splits group, group + groups, ...); the weights they need come after.
+    const int vecs = p.head_dim / 4;  // head_dim is a multiple of 4 (one 16-byte vector of f32)
+    const int groups = DEC_COMBINE_THREADS / vecs;
+    const int group = tid / vecs, cv = tid % vecs;
     const float x = tid < p.splits ? p.part_lse[tid * per_split + bhq] : attn_neg_inf();
+    float4 pre[DEC_COMBINE_PRELOAD];
+#pragma unroll
+    for (int i = 0; i < DEC_COMBINE_PRELOAD; ++i) {
+        const int s = group + i * groups;
+        pre[i] = group < groups && s < p.splits ? *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv)
+                                                : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+
+    // The weights: block-wide maximum, then exp and sum.
     float mx = x;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -284,29 +300,31 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     float wsum = w;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, off);
-    __syncthreads();  // every warp has read s_red's maxima
+    __syncthreads();  // every warp has read s_red's maxima, and s_w is complete
     if (lane == 0) s_red[warp] = wsum;
     __syncthreads();
     wsum = 0.f;
 #pragma unroll
     for (int i = 0; i < DEC_COMBINE_THREADS / 32; ++i) wsum += s_red[i];
 
-    // The rows: thread (group, cv) sums column vector cv over splits group, group + groups, ...
-    const int vecs = p.head_dim / 4;  // head_dim is a multiple of 4 (one 16-byte vector of f32)
-    const int groups = DEC_COMBINE_THREADS / vecs;
-    const int group = tid / vecs, cv = tid % vecs;
+    // The rows: the weighted sum of this thread's partials (skipping empty splits' zeros,
+    // keeping NaN), the preloaded ones, then any further splits.
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    const auto add = [&](float ws, const float4& o) {
+        if (ws != 0.f || o.x != o.x) acc.x += ws * o.x;
+        if (ws != 0.f || o.y != o.y) acc.y += ws * o.y;
+        if (ws != 0.f || o.z != o.z) acc.z += ws * o.z;
+        if (ws != 0.f || o.w != o.w) acc.w += ws * o.w;
+    };
     if (group < groups) {
-#pragma unroll 8
-        for (int s = group; s < p.splits; s += groups) {
-            const float ws = s_w[s];
-            const float4 o = *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv);
-            // Skip empty splits' zeros, keep NaN.
-            if (ws != 0.f || o.x != o.x) acc.x += ws * o.x;
-            if (ws != 0.f || o.y != o.y) acc.y += ws * o.y;
-            if (ws != 0.f || o.z != o.z) acc.z += ws * o.z;
-            if (ws != 0.f || o.w != o.w) acc.w += ws * o.w;
+#pragma unroll
+        for (int i = 0; i < DEC_COMBINE_PRELOAD; ++i) {
+            const int s = group + i * groups;
+            if (s < p.splits) add(s_w[s], pre[i]);
         }
+#pragma unroll 4
+        for (int s = group + DEC_COMBINE_PRELOAD * groups; s < p.splits; s += groups)
+            add(s_w[s], *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv));
     }
     s_acc[tid] = acc;
     __syncthreads();

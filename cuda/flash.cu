@@ -43,48 +43,29 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    // Heaviest tiles first: under a causal mask the last query tiles see the most keys, and
-    // launching them first keeps the tail of the grid short.
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int m0 = attn_heaviest_first_tile() * BM;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const AttnSeq seq = attn_seq(p, b, h);
     const int sq = seq.seqlen_q, sk = seq.seqlen_k;
     // A packed batch sizes the grid by its longest sequence: shorter ones have spare tiles.
     if (m0 >= sq) return;
-    const long long diag = (long long)sk - sq;
+    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
-    // Key range any row of this tile can see.
-    const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    long long n_begin, n_end;
-    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-    const int nb_begin = (int)(n_begin / BN);
-    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
-
-    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
-    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
-    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
-    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+    const AttnOperands16 ops = attn_operands16(p, seq);
+    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
+    unsigned short* o = ops.o;
 
     // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
     // tile's 16 rows, which start at warp_row0 + 16·t.
     const int warp_row0 = warp * 16 * MT;
     const int row_in_tile = warp_row0 + (lane >> 2);
-    float acc[MT][D / 8][4];
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
-    float row_max[MT][2], row_sum[MT][2];
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-        row_max[t][0] = row_max[t][1] = attn_neg_inf();
-        row_sum[t][0] = row_sum[t][1] = 0.f;
-    }
-    // With soft-capping the scale is applied inside the cap; the softmax then works on raw logits.
-    const bool capped = p.softcap > 0.f;
-    const float logit_scale = capped ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    float acc[MT][D / 8][4], row_max[MT][2], row_sum[MT][2];
+    attn_softmax_init(acc, row_max, row_sum);
+    const AttnLogits lg = attn_logits(p);
+    const bool capped = lg.capped;
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     if (nb_begin < nb_end) {
         flash_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -130,63 +111,8 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
             }
         }
 
-        if (capped) {
-            const float pre = p.scale / p.softcap;
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[t][i][e] = p.softcap * attn_tanh(s[t][i][e] * pre);
-        }
-        // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
-        const int n0 = nb * BN;
-        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
-                        const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
-                        if (attn_masked(p, row, col, diag, sk)) s[t][i][e] = attn_neg_inf();
-                    }
-        }
-
-        // Online softmax: new running max, rescale the accumulator, exponentiate.
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = row_max[t][r];
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) mx = attn_max(mx, attn_max(s[t][i][2 * r], s[t][i][2 * r + 1]));
-                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
-                // exp2(-inf - base) = 0 instead of NaN.
-                const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
-                const float rescale = attn_exp2(row_max[t][r] * scale_log2 - base);
-                row_max[t][r] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) {
-                    s[t][i][2 * r] = attn_exp2(s[t][i][2 * r] * scale_log2 - base);
-                    s[t][i][2 * r + 1] = attn_exp2(s[t][i][2 * r + 1] * scale_log2 - base);
-                    sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
-                }
-                row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
-                // Once a row's max has settled (most tiles of a long row) the rescale is exactly 1:
-                // skip the D/4 multiplies when no row of the warp moved.
-                if (!__all_sync(0xffffffffu, rescale == 1.f)) {
-#pragma unroll
-                    for (int i = 0; i < D / 8; ++i) {
-                        acc[t][i][2 * r] *= rescale;
-                        acc[t][i][2 * r + 1] *= rescale;
-                    }
-                }
-            }
+        attn_variant_tile(p, s, capped, nb * BN, sk, m0, kt, row_in_tile, lane);
+        attn_online_softmax(s, row_max, row_sum, acc, scale_log2);
 
         attn_cp_async_wait<1>();
         __syncthreads();  // V(nb) landed (K(nb+1) may still be in flight)

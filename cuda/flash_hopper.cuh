@@ -214,24 +214,18 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     const int lane = tid & 31;
     const int wg = tid >> 7;            // warpgroup: query rows [64·wg, 64·wg + 64) of the tile
     const int warp_in_wg = (tid >> 5) & 3;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // heaviest tiles first (causal)
+    const int m0 = attn_heaviest_first_tile() * BM;
     const int h = blockIdx.y;
     const int b = blockIdx.z;
     const AttnSeq seq = attn_seq(p, b, h);
     const int sq = seq.seqlen_q, sk = seq.seqlen_k;
     if (m0 >= sq) return;  // a packed batch's shorter sequences have spare tiles
-    const long long diag = (long long)sk - sq;
+    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
-    const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    long long n_begin, n_end;
-    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-    const int nb_begin = (int)(n_begin / BN);
-    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
-
-    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
-    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
-    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
-    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+    const AttnOperands16 ops = attn_operands16(p, seq);
+    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
+    unsigned short* o = ops.o;
 
     // This thread's rows (wgmma accumulator layout): warp w of the warpgroup holds rows 16w..16w+15
     // of its 64; lane/4 and lane/4 + 8 of those.
@@ -241,8 +235,8 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
     for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
     float row_max[2] = {attn_neg_inf(), attn_neg_inf()};
     float row_sum[2] = {0.f, 0.f};
-    const float logit_scale = p.softcap > 0.f ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const AttnLogits lg = attn_logits(p);
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     // Software pipeline within a warpgroup. Iteration n enters with S(n) = Q·K(n)ᵀ done and issues
     // O += P(n-1)·V(n-1), computes softmax(n) while the tensor cores work on it, packs P(n), then
@@ -278,7 +272,7 @@ __device__ __forceinline__ void flash_hopper_fwd(const AttnParams& p) {
         if (pending_pv) issue_pv(v_buf(nb - 1), pa);
 
         const int n0 = nb * BN;
-        hop_cap_and_mask<BN>(p, s, n0, m0, m_last, m0 + row_in_tile, lane, sk, diag);
+        hop_cap_and_mask<BN>(p, s, n0, m0, kt.m_last, m0 + row_in_tile, lane, sk, kt.diag);
         float rescale[2];
         hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
         // Unconditional waits (a no-op when nothing is pending): with a wait under a branch,

@@ -13,7 +13,7 @@
 // needs almost none) to the consumers.
 //
 // The grid is persistent: gridDim.x blocks (one per SM) take turns over the (query tile, head,
-// batch) tiles (see tile_of), so the producer loads the next tile's Q and K while the consumers
+// batch) tiles (see attn_persistent_tile in common.cuh), so the producer loads the next tile's Q and K while the consumers
 // finish the last one.
 // Fixed-length batches only (the host runs packed batches on flash_hopper_fwd): the tensor maps
 // describe [batch, seq, heads, head_dim] operands, and the copy engine zero-fills rows past a
@@ -113,46 +113,7 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
     __syncthreads();
 
     const int sq = p.seqlen_q, sk = p.seqlen_k;
-    const long long diag = (long long)sk - sq;
-    const int n_m = (sq + BM - 1) / BM;
-    const int tiles = n_m * p.heads * p.batch;
-    // The k-th tile of this block, or false past the last. Default order: query tile fastest
-    // (heaviest causal first within a head), then head, then batch, so the blocks of a round share
-    // few heads' K and V in L2. Masked rows (causal, window) cost in proportion to the keys they
-    // see, so odd rounds run backwards (snake): a block that drew a heavy tile draws a light one
-    // next, even when the grid is a multiple of the query tiles per head (132 SMs, 4 tiles).
-    // And with few heads (long sequences) the blocks would drift apart over many heads' K/V:
-    // there tiles go heaviest first across every head (LPT), so a round's tiles cost about the
-    // same and its blocks stream the same K/V tiles together.
-    const bool masked = p.causal || p.window_left >= 0 || p.window_right >= 0;
-    const int heads_batches = p.heads * p.batch;
-    const bool lpt = masked && heads_batches * 4 <= (int)gridDim.x;
-    const auto tile_of = [&](int k, int& m0, int& h, int& b) {
-        const int g = gridDim.x;
-        const int t = k * g + (masked && (k & 1) ? g - 1 - (int)blockIdx.x : (int)blockIdx.x);
-        if (t >= tiles) return false;
-        int mb, hb;
-        if (lpt) {
-            mb = n_m - 1 - t / heads_batches;
-            hb = t - (t / heads_batches) * heads_batches;
-        } else {
-            hb = t / n_m;
-            mb = n_m - 1 - (t - hb * n_m);
-        }
-        m0 = mb * BM;
-        h = hb % p.heads;
-        b = hb / p.heads;
-        return true;
-    };
-    // The key tiles [nb_begin, nb_end) rows [m0, m_last] see; producer and consumers agree.
-    const auto key_tiles = [&](int m0, long long& m_last, int& nb_begin, int& nb_end) {
-        m_last = (long long)min(m0 + BM, sq) - 1;
-        long long n_begin, n_end;
-        attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-        nb_begin = (int)(n_begin / BN);
-        nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
-    };
-
+    const AttnTileOrder order = attn_tile_order(p, BM);
     const int wg = threadIdx.x >> 7;
     if (wg == 0) {
         // Producer. Load order = the order consumers need tiles: Q, K(first), then K(n+1) before
@@ -164,10 +125,9 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
             ws_prefetch_map(tv);
             int kc = 0, vc = 0, qc = 0;  // tiles loaded so far: ring slot and phase
             int m0, h, b;
-            for (int k = 0; tile_of(k, m0, h, b); ++k) {
-                int nb_begin, nb_end;
-                long long m_last;
-                key_tiles(m0, m_last, nb_begin, nb_end);
+            for (int k = 0; attn_persistent_tile(order, p, k, BM, m0, h, b); ++k) {
+                const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+                const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
                 if (nb_begin >= nb_end) continue;  // rows that see no key: consumers write zeros
                 const int hk = h / p.kv_group;
                 ws_mbar_wait(q_empty, (qc & 1) ^ 1);
@@ -204,8 +164,8 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
     const int lane = threadIdx.x & 31;
     const int warp_in_wg = (threadIdx.x >> 5) & 3;
     const unsigned q_rows = sQ + c * 64 * 128;
-    const float logit_scale = p.softcap > 0.f ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const AttnLogits lg = attn_logits(p);
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
     // Named barrier 1 + c: this warpgroup's turn. Every warpgroup runs the same number of turns
     // (the same tiles, the same key tiles each), so the turns stay paired; the first turn is
     // warpgroup 0's.
@@ -215,10 +175,9 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
     if (c == 1) turn_pass();
     int kc = 0, vc = 0, qc = 0;
     int m0, h, b;
-    for (int k = 0; tile_of(k, m0, h, b); ++k) {
-        int nb_begin, nb_end;
-        long long m_last;
-        key_tiles(m0, m_last, nb_begin, nb_end);
+    for (int k = 0; attn_persistent_tile(order, p, k, BM, m0, h, b); ++k) {
+        const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+        const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
         const AttnSeq seq = attn_seq(p, b, h);
         unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
         const int row0 = m0 + c * 64 + warp_in_wg * 16 + (lane >> 2);
@@ -244,7 +203,7 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
                 ws_mbar_arrive(k_empty(slot));
                 ++kc;
                 if (nb_begin + 1 == nb_end) ws_mbar_arrive(q_empty);
-                hop_cap_and_mask<BN>(p, s, nb_begin * BN, m0, m_last, row0, lane, sk, diag);
+                hop_cap_and_mask<BN>(p, s, nb_begin * BN, m0, kt.m_last, row0, lane, sk, kt.diag);
                 hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
                 hop_pack_p<BN, BF16>(s, pa);
             }
@@ -261,7 +220,7 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
                 ws_mbar_arrive(k_empty(k_slot));
                 ++kc;
                 if (nb + 1 == nb_end) ws_mbar_arrive(q_empty);
-                hop_cap_and_mask<BN>(p, s, nb * BN, m0, m_last, row0, lane, sk, diag);
+                hop_cap_and_mask<BN>(p, s, nb * BN, m0, kt.m_last, row0, lane, sk, kt.diag);
                 hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
                 attn_wgmma_wait<0>();
                 attn_wgmma_fence_operands(acc);

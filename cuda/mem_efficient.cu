@@ -34,33 +34,6 @@ struct __align__(16) MeVec16 {
     unsigned x, y, z, w;
 };
 
-// D = A·B + D for one m16n8k16 tile, f32 accumulate. Below sm_80 (f16 only) it is two m16n8k8:
-// A registers {a0,a1} hold k 0..7 and {a2,a3} k 8..15; B register b0 holds k 0..7, b1 k 8..15.
-template <bool BF16>
-__device__ __forceinline__ void me_mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#if ME_SM80
-    attn_mma_16816<BF16>(d, a, b0, b1);
-#else
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(b0));
-    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[2]), "r"(a[3]), "r"(b1));
-#endif
-}
-
-// Two f32 -> one register of two 16-bit values, `lo` in the low half. cvt.rn.{f16,bf16}x2.f32
-// needs sm_80; below it two scalar cvt.rn.f16.f32 (bf16 never runs there).
-template <bool BF16>
-__device__ __forceinline__ unsigned me_pack2(float lo, float hi) {
-#if ME_SM80
-    return attn_pack2<BF16>(lo, hi);
-#else
-    return (unsigned)attn_f32_to_f16(lo) | ((unsigned)attn_f32_to_f16(hi) << 16);
-#endif
-}
-
 // cp.async bookkeeping, only where the loads are asynchronous (sm_80+, aligned tensors); the
 // synchronous load paths need nothing but the barriers around them.
 template <bool ASYNC>
@@ -115,12 +88,6 @@ __device__ __forceinline__ void me_load_tile(unsigned char* smem, unsigned smem_
     }
 }
 
-// tanh from one ex2 and one fast divide: tanh(x) = 1 - 2/(e^{2x} + 1). Absolute error ~1e-7
-// (tanh.approx's ~5e-4 relative error, times the cap, would dominate f16's error budget); the
-// limits come out exactly (e^{2x} -> inf gives 1, -> 0 gives -1).
-__device__ __forceinline__ float me_tanh(float x) {
-    return 1.f - __fdividef(2.f, attn_exp2(x * 2.8853900817779268f) + 1.f);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (f16, bf16). A block has WM·WD warps: WM warps along the query rows (each
@@ -156,42 +123,26 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     const int b = blockIdx.z;
     const AttnSeq seq = attn_seq(p, b, h);
     const int sq = seq.seqlen_q, sk = seq.seqlen_k;
-    // Heaviest tiles first: under a causal mask the last query tiles see the most keys.
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int m0 = attn_heaviest_first_tile() * BM;
     // Varlen: the grid is sized for the longest sequence; this one may be shorter. Uniform
     // across the block, before any barrier.
     if (m0 >= sq) return;
-    const long long diag = (long long)sk - sq;
-    const long long m_last = (long long)min(m0 + BM, sq) - 1;
-    long long n_begin, n_end;
-    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-    const int nb_begin = (int)(n_begin / BN);
-    const int nb_end = n_end <= 0 ? 0 : (int)((n_end + BN - 1) / BN);
+    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
+    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
 
-    const unsigned short* q = static_cast<const unsigned short*>(p.q) + seq.q;
-    const unsigned short* k = static_cast<const unsigned short*>(p.k) + seq.k;
-    const unsigned short* v = static_cast<const unsigned short*>(p.v) + seq.v;
-    unsigned short* o = static_cast<unsigned short*>(p.o) + seq.o;
+    const AttnOperands16 ops = attn_operands16(p, seq);
+    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
+    unsigned short* o = ops.o;
 
     // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
     // tile's 16 rows, which start at warp_row0 + 16·t.
     const int warp_row0 = wm * 16 * MT;
     const int row_in_tile = warp_row0 + (lane >> 2);
-    float acc[MT][DW / 8][4];
-#pragma unroll
-    for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int i = 0; i < DW / 8; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
-    float row_max[MT][2], row_sum[MT][2];
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-        row_max[t][0] = row_max[t][1] = attn_neg_inf();
-        row_sum[t][0] = row_sum[t][1] = 0.f;
-    }
-    // With soft-capping the scale is applied inside the cap; the softmax then works on raw logits.
-    const bool capped = p.softcap > 0.f;
-    const float logit_scale = capped ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    float acc[MT][DW / 8][4], row_max[MT][2], row_sum[MT][2];
+    attn_softmax_init(acc, row_max, row_sum);
+    const AttnLogits lg = attn_logits(p);
+    const bool capped = lg.capped;
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     if (nb_begin < nb_end) {
         me_load_tile<D, BM, THREADS, ALIGNED>(me_smem, sbase, OFF_Q, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -240,8 +191,8 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                 attn_ldmatrix_x4(bk, sK + 2 * attn_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
-                    me_mma<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
-                    me_mma<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
+                    attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
+                    attn_mma_16816<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
                 }
             }
         }
@@ -270,63 +221,8 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                     }
         }
 
-        if (capped) {
-            const float pre = p.scale / p.softcap;
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[t][i][e] = p.softcap * me_tanh(s[t][i][e] * pre);
-        }
-        // Mask only the tiles that need it (the ragged end, the causal diagonal, window edges).
-        const int n0 = nb * BN;
-        if (attn_tile_needs_mask(p, n0, BN, sk, m0, m_last, diag)) {
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
-                        const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
-                        if (attn_masked(p, row, col, diag, sk)) s[t][i][e] = attn_neg_inf();
-                    }
-        }
-
-        // Online softmax: new running max, rescale the accumulator, exponentiate.
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = row_max[t][r];
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) mx = attn_max(mx, attn_max(s[t][i][2 * r], s[t][i][2 * r + 1]));
-                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
-                // exp2(-inf - base) = 0 instead of NaN.
-                const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
-                const float rescale = attn_exp2(row_max[t][r] * scale_log2 - base);
-                row_max[t][r] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int i = 0; i < BN / 8; ++i) {
-                    s[t][i][2 * r] = attn_exp2(s[t][i][2 * r] * scale_log2 - base);
-                    s[t][i][2 * r + 1] = attn_exp2(s[t][i][2 * r + 1] * scale_log2 - base);
-                    sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
-                }
-                row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
-                // Once a row's max has settled the rescale is exactly 1: skip the multiplies when
-                // no row of the warp moved.
-                if (!__all_sync(0xffffffffu, rescale == 1.f)) {
-#pragma unroll
-                    for (int i = 0; i < DW / 8; ++i) {
-                        acc[t][i][2 * r] *= rescale;
-                        acc[t][i][2 * r + 1] *= rescale;
-                    }
-                }
-            }
+        attn_variant_tile(p, s, capped, nb * BN, sk, m0, kt, row_in_tile, lane);
+        attn_online_softmax(s, row_max, row_sum, acc, scale_log2);
 
         if (KBUF == 2) {
             me_wait<ASYNC, 1>();
@@ -348,10 +244,10 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
             unsigned a[MT][4];
 #pragma unroll
             for (int t = 0; t < MT; ++t) {
-                a[t][0] = me_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
-                a[t][1] = me_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
-                a[t][2] = me_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
-                a[t][3] = me_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+                a[t][0] = attn_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
+                a[t][1] = attn_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
+                a[t][2] = attn_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+                a[t][3] = attn_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
             }
 #pragma unroll
             for (int d2 = 0; d2 < DW / 16; ++d2) {
@@ -361,44 +257,20 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                 attn_ldmatrix_x4_trans(bv, sV + 2 * attn_swz<D>(key, dt * 2 + (lane >> 4)));
 #pragma unroll
                 for (int t = 0; t < MT; ++t) {
-                    me_mma<BF16>(acc[t][2 * d2], a[t], bv[0], bv[1]);
-                    me_mma<BF16>(acc[t][2 * d2 + 1], a[t], bv[2], bv[3]);
+                    attn_mma_16816<BF16>(acc[t][2 * d2], a[t], bv[0], bv[1]);
+                    attn_mma_16816<BF16>(acc[t][2 * d2 + 1], a[t], bv[2], bv[3]);
                 }
             }
         }
     }
     me_wait<ASYNC, 0>();
 
-    // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
+    // Finish: full row sums, normalise, store this warp's DW columns; rows that saw no key are
+    // zeros, lse -inf (written by the first column group).
 #pragma unroll
     for (int t = 0; t < MT; ++t)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float sum = row_sum[t][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.f ? 1.f / sum : 0.f;
-            const int row = m0 + row_in_tile + t * 16 + r * 8;
-            if (row < sq) {
-                unsigned short* orow = o + (long long)row * p.o_stride[1];
-#pragma unroll
-                for (int i = 0; i < DW / 8; ++i) {
-                    const int col = wd * DW + i * 8 + (lane & 3) * 2;
-                    const unsigned pair = me_pack2<BF16>(acc[t][i][2 * r] * inv, acc[t][i][2 * r + 1] * inv);
-                    if (ALIGNED) {
-                        // head_dim is a multiple of 8 and the row 16-byte aligned: both or neither.
-                        if (col < p.head_dim) *reinterpret_cast<unsigned*>(orow + col) = pair;
-                    } else {
-                        if (col < p.head_dim) orow[col] = (unsigned short)(pair & 0xffffu);
-                        if (col + 1 < p.head_dim) orow[col + 1] = (unsigned short)(pair >> 16);
-                    }
-                }
-                if (p.lse != nullptr && wd == 0 && (lane & 3) == 0) {
-                    const float lse = sum == 0.f ? attn_neg_inf() : row_max[t][r] * logit_scale + __logf(sum);
-                    p.lse[seq.lse + row] = lse;
-                }
-            }
-        }
+        attn_store_rows<DW, BF16, ALIGNED>(p, seq, o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, logit_scale,
+                                           wd * DW, wd == 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -422,15 +294,11 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
     const int h = blockIdx.y;
     const AttnSeq seq = attn_seq(p, blockIdx.z, h);
     const int sq = seq.seqlen_q, sk = seq.seqlen_k;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+    const int m0 = attn_heaviest_first_tile() * ROWS;
     if (m0 >= sq) return;  // varlen: past this sequence (uniform across the block)
     const int row = m0 + tid / G;
     const bool row_ok = row < sq;
-    const long long diag = (long long)sk - sq;
-    const long long m_last = (long long)min(m0 + ROWS, sq) - 1;
-    long long n_begin, n_end;
-    attn_block_key_range(p, m0, m_last, diag, sk, n_begin, n_end);
-    n_begin = (n_begin / BN) * BN;
+    const AttnKeyTiles kt = attn_key_tiles(p, m0, ROWS, BN, sq, sk);
 
     const float* q = static_cast<const float*>(p.q) + seq.q;
     const float* k = static_cast<const float*>(p.k) + seq.k;
@@ -446,12 +314,12 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
         acc[e] = 0.f;
     }
     float row_max = attn_neg_inf(), row_sum = 0.f;
-    const bool capped = p.softcap > 0.f;
-    const float logit_scale = capped ? 1.f : p.scale;
-    const float scale_log2 = logit_scale * 1.4426950408889634f;
+    const AttnLogits lg = attn_logits(p);
+    const bool capped = lg.capped;
+    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
     const float pre = capped ? p.scale / p.softcap : 0.f;
 
-    for (long long n0 = n_begin; n0 < n_end; n0 += BN) {
+    for (long long n0 = (long long)kt.nb_begin * BN; n0 < (long long)kt.nb_end * BN; n0 += BN) {
         __syncthreads();  // every group is done with the previous tile
         for (int i = tid; i < BN * D; i += THREADS) {
             const int j = i / D, c = i % D;
@@ -471,8 +339,8 @@ __device__ __forceinline__ void me_fwd_simt(const AttnParams& p) {
             for (int e = 0; e < E; ++e) dot = fmaf(qv[e], sK[j * D + g + G * e], dot);
 #pragma unroll
             for (int off = G / 2; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-            if (capped) dot = p.softcap * tanhf(dot * pre);
-            if (attn_masked(p, row, n0 + j, diag, sk)) dot = attn_neg_inf();
+            if (capped) dot = p.softcap * attn_tanh(dot * pre);
+            if (attn_masked(p, row, n0 + j, kt.diag, sk)) dot = attn_neg_inf();
             s[j] = dot;
             mx = attn_max(mx, dot);
         }

@@ -35,8 +35,18 @@ __device__ __forceinline__ void attn_ldmatrix_x4_trans(unsigned (&r)[4], unsigne
 }
 
 // D = A·B + D, m16n8k16, f32 accumulate; A row-major 16x16, B "col" 16x8 (i.e. stored n-major).
+// Below sm_80 (mem_efficient on sm_75, f16 only) it is two m16n8k8: A registers {a0, a1} hold
+// k 0..7 and {a2, a3} k 8..15; B register b0 holds k 0..7, b1 k 8..15.
 template <bool BF16>
 __device__ __forceinline__ void attn_mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[2]), "r"(a[3]), "r"(b1));
+#else
     if (BF16) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -50,11 +60,16 @@ __device__ __forceinline__ void attn_mma_16816(float (&d)[4], const unsigned (&a
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+#endif
 }
 
 // Two f32 -> one register of two 16-bit values, `lo` in the low half (round to nearest even).
+// cvt.rn.{f16,bf16}x2.f32 needs sm_80; below it two scalar conversions (bf16 never runs there).
 template <bool BF16>
 __device__ __forceinline__ unsigned attn_pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    return (unsigned)attn_f32_to_f16(lo) | ((unsigned)attn_f32_to_f16(hi) << 16);
+#else
     unsigned r;
     if (BF16) {
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
@@ -62,20 +77,7 @@ __device__ __forceinline__ unsigned attn_pack2(float lo, float hi) {
         asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
     }
     return r;
-}
-
-// 2^x with the hardware approximation (exact enough for softmax; 2^-inf = +0).
-__device__ __forceinline__ float attn_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// tanh with the hardware approximation (sm_75+), for logit soft-capping.
-__device__ __forceinline__ float attn_tanh(float x) {
-    float y;
-    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
+#endif
 }
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] tile of 16-bit
@@ -87,13 +89,16 @@ __device__ __forceinline__ int attn_swz(int row, int chunk) {
 }
 
 // The epilogue of the tensor-core kernels, for the accumulator layout mma.sync m16n8 and wgmma
-// share: per 8-column chunk i, this thread holds columns 8i + 2(lane%4) + {0, 1} of two rows,
-// row0 ([i][0..1]) and row0 + 8 ([i][2..3]). Normalises by the full row sums (a quad's), stores
-// rows < sq and columns < head_dim with their LSE; a row that saw no key gets zeros and -inf.
-template <int D, bool BF16>
+// share: per 8-column chunk i, this thread holds columns col0 + 8i + 2(lane%4) + {0, 1} of two
+// rows, row0 ([i][0..1]) and row0 + 8 ([i][2..3]). Normalises by the full row sums (a quad's),
+// stores rows < sq and columns < head_dim, and (`write_lse`: one writer per row) their LSE; a
+// row that saw no key gets zeros and -inf. ALIGNED: head_dim is a multiple of 8 and rows are
+// 16-byte aligned, so a column pair is stored whole or not at all.
+template <int DW, bool BF16, bool ALIGNED = true>
 __device__ __forceinline__ void attn_store_rows(const AttnParams& p, const AttnSeq& seq, unsigned short* o,
-                                                const float (&acc)[D / 8][4], const float (&row_max)[2],
-                                                const float (&row_sum)[2], int row0, int lane, int sq, float logit_scale) {
+                                                const float (&acc)[DW / 8][4], const float (&row_max)[2],
+                                                const float (&row_sum)[2], int row0, int lane, int sq, float logit_scale,
+                                                int col0 = 0, bool write_lse = true) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = row_sum[r];
@@ -104,15 +109,101 @@ __device__ __forceinline__ void attn_store_rows(const AttnParams& p, const AttnS
         if (row < sq) {
             unsigned short* orow = o + (long long)row * p.o_stride[1];
 #pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                const int col = i * 8 + (lane & 3) * 2;
-                if (col < p.head_dim) {
-                    *reinterpret_cast<unsigned*>(orow + col) = attn_pack2<BF16>(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+            for (int i = 0; i < DW / 8; ++i) {
+                const int col = col0 + i * 8 + (lane & 3) * 2;
+                if (ALIGNED) {
+                    if (col < p.head_dim) *reinterpret_cast<unsigned*>(orow + col) = attn_pack2<BF16>(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+                } else {
+                    const unsigned pair = attn_pack2<BF16>(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+                    if (col < p.head_dim) orow[col] = (unsigned short)(pair & 0xffffu);
+                    if (col + 1 < p.head_dim) orow[col + 1] = (unsigned short)(pair >> 16);
                 }
             }
-            if (p.lse != nullptr && (lane & 3) == 0) {
+            if (write_lse && p.lse != nullptr && (lane & 3) == 0) {
                 p.lse[seq.lse + row] = sum == 0.f ? attn_neg_inf() : row_max[r] * logit_scale + __logf(sum);
             }
         }
     }
+}
+
+// The attention variant on a score tile in the mma accumulator layout (s[t][i][e]: m-tile t,
+// n8-tile i; this thread's rows row_in_tile + 16t + 8(e/2), keys n0 + 8i + 2(lane%4) + e%2):
+// soft-capping of the scaled logits (`capped`), then the mask, only on tiles that need it (the
+// ragged end, the causal diagonal, window edges).
+template <int MT, int NI>
+__device__ __forceinline__ void attn_variant_tile(const AttnParams& p, float (&s)[MT][NI][4], bool capped, int n0, int sk, int m0,
+                                                  const AttnKeyTiles& kt, int row_in_tile, int lane) {
+    if (capped) {
+        const float pre = p.scale / p.softcap;
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int i = 0; i < NI; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[t][i][e] = p.softcap * attn_tanh(s[t][i][e] * pre);
+    }
+    if (attn_tile_needs_mask(p, n0, NI * 8, sk, m0, kt.m_last, kt.diag)) {
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int i = 0; i < NI; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const long long col = n0 + i * 8 + (lane & 3) * 2 + (e & 1);
+                    const long long row = m0 + row_in_tile + t * 16 + (e >> 1) * 8;
+                    if (attn_masked(p, row, col, kt.diag, sk)) s[t][i][e] = attn_neg_inf();
+                }
+    }
+}
+
+// The online-softmax state before the first key: zero accumulators and sums, maxima -inf.
+template <int MT, int AI>
+__device__ __forceinline__ void attn_softmax_init(float (&acc)[MT][AI][4], float (&row_max)[MT][2], float (&row_sum)[MT][2]) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+        for (int i = 0; i < AI; ++i) acc[t][i][0] = acc[t][i][1] = acc[t][i][2] = acc[t][i][3] = 0.f;
+        row_max[t][0] = row_max[t][1] = attn_neg_inf();
+        row_sum[t][0] = row_sum[t][1] = 0.f;
+    }
+}
+
+// The online-softmax step on a score tile in the mma accumulator layout: each row's new running
+// max (over its quad), the rescale of its sum and of its accumulator columns acc[t][..], and the
+// scores exponentiated in place (base 2, scale_log2 folds the softmax scale and log2 e).
+template <int MT, int NI, int AI>
+__device__ __forceinline__ void attn_online_softmax(float (&s)[MT][NI][4], float (&row_max)[MT][2], float (&row_sum)[MT][2],
+                                                    float (&acc)[MT][AI][4], float scale_log2) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = row_max[t][r];
+#pragma unroll
+            for (int i = 0; i < NI; ++i) mx = attn_max(mx, attn_max(s[t][i][2 * r], s[t][i][2 * r + 1]));
+            mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = attn_max(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row that has seen only masked keys keeps max -inf: use 0 as the base so that
+            // exp2(-inf - base) = 0 instead of NaN.
+            const float base = mx == attn_neg_inf() ? 0.f : mx * scale_log2;
+            const float rescale = attn_exp2(row_max[t][r] * scale_log2 - base);
+            row_max[t][r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < NI; ++i) {
+                s[t][i][2 * r] = attn_exp2(s[t][i][2 * r] * scale_log2 - base);
+                s[t][i][2 * r + 1] = attn_exp2(s[t][i][2 * r + 1] * scale_log2 - base);
+                sum += s[t][i][2 * r] + s[t][i][2 * r + 1];
+            }
+            row_sum[t][r] = row_sum[t][r] * rescale + sum;  // per-lane partial; reduced at the end
+            // Once a row's max has settled (most tiles of a long row) the rescale is exactly 1:
+            // skip the multiplies when no row of the warp moved.
+            if (!__all_sync(0xffffffffu, rescale == 1.f)) {
+#pragma unroll
+                for (int i = 0; i < AI; ++i) {
+                    acc[t][i][2 * r] *= rescale;
+                    acc[t][i][2 * r + 1] *= rescale;
+                }
+            }
+        }
 }

@@ -104,7 +104,7 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
 
     if (out_ok) {
         float v = acc * p.scale;
-        if (p.softcap > 0.f) v = p.softcap * tanhf(v / p.softcap);
+        if (p.softcap > 0.f) v = p.softcap * attn_tanh(v / p.softcap);
         if (!attn_key_visible(row, j, p.seqlen_q, p.seqlen_k, p.causal, p.window_left, p.window_right)) v = neg_inf;
         s[s_idx] = v;
     }

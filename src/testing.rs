@@ -58,3 +58,15 @@ pub fn ptxas_report() -> &'static str {
 pub fn set_decode_waves(waves: usize) {
     crate::gpu::decode::set_waves(waves);
 }
+
+/// Benchmarks only: the most splits a decode grid takes (0: no cap), process-wide, to measure
+/// what the split-KV combine costs against fewer, longer blocks.
+pub fn set_decode_max_splits(splits: usize) {
+    crate::gpu::decode::set_max_splits(splits);
+}
+
+/// Benchmarks only: split decode grids run without their combine kernel (their outputs are
+/// wrong), to time the main kernel alone.
+pub fn set_decode_skip_combine(skip: bool) {
+    crate::gpu::decode::set_skip_combine(skip);
+}

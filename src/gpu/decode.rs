@@ -56,6 +56,28 @@ pub(crate) fn set_waves(waves: usize) {
     WAVES_OVERRIDE.store(waves, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Bench-only cap on the split count (0: none), set through `testing::set_decode_max_splits`.
+static SPLITS_CAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub(crate) fn set_max_splits(splits: usize) {
+    SPLITS_CAP.store(splits, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn splits_cap() -> usize {
+    match SPLITS_CAP.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => MAX_SPLITS,
+        n => n.min(MAX_SPLITS),
+    }
+}
+
+/// Bench-only: launch split grids without their combine (wrong outputs), to time the main
+/// kernel alone.
+static SKIP_COMBINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn set_skip_combine(skip: bool) {
+    SKIP_COMBINE.store(skip, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn waves() -> usize {
     match WAVES_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         0 => WAVES,
@@ -193,7 +215,7 @@ impl Plan {
         let row_groups = packed.div_ceil(rows).max(1);
         let blocks = p.batch * p.kv_heads * row_groups;
         let wanted = (sm_count * per_sm.max(1) * waves()) / blocks.max(1);
-        let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, MAX_SPLITS);
+        let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, splits_cap());
         Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
     }
 
@@ -467,7 +489,7 @@ impl Backend for DecodeBackend {
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];
         let mut outcome = launch(&r.main, call, grid, THREADS, 0, &mut args);
-        if outcome.is_ok() && plan.splits > 1 {
+        if outcome.is_ok() && plan.splits > 1 && !SKIP_COMBINE.load(std::sync::atomic::Ordering::Relaxed) {
             let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
             // Code for sm_90 on: the combine is set up while the main kernel's last blocks run
             // (its griddepcontrol.wait exists only in code compiled for sm_90+).
