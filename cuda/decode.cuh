@@ -253,6 +253,14 @@ __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s
 // L2 round trip per split: thread s < splits reads lse_s (at most one per thread, MAX_SPLITS
 // <= DEC_COMBINE_THREADS), and the partial rows are read as 16-byte vectors by groups of
 // threads that each take every `groups`-th split, merged through shared memory at the end.
+// acc += w * o, skipping an empty split's zeros (w = 0) but keeping NaN.
+__device__ __forceinline__ void dec_add_weighted(float4& acc, float w, const float4& o) {
+    if (w != 0.f || o.x != o.x) acc.x += w * o.x;
+    if (w != 0.f || o.y != o.y) acc.y += w * o.y;
+    if (w != 0.f || o.z != o.z) acc.z += w * o.z;
+    if (w != 0.f || o.w != o.w) acc.w += w * o.w;
+}
+
 #define DEC_COMBINE_THREADS 128
 // Partial vectors per thread loaded before the weights are known (8 x 16 bytes of registers).
 #define DEC_COMBINE_PRELOAD 8
@@ -310,21 +318,15 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     // The rows: the weighted sum of this thread's partials (skipping empty splits' zeros,
     // keeping NaN), the preloaded ones, then any further splits.
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    const auto add = [&](float ws, const float4& o) {
-        if (ws != 0.f || o.x != o.x) acc.x += ws * o.x;
-        if (ws != 0.f || o.y != o.y) acc.y += ws * o.y;
-        if (ws != 0.f || o.z != o.z) acc.z += ws * o.z;
-        if (ws != 0.f || o.w != o.w) acc.w += ws * o.w;
-    };
     if (group < groups) {
 #pragma unroll
         for (int i = 0; i < DEC_COMBINE_PRELOAD; ++i) {
             const int s = group + i * groups;
-            if (s < p.splits) add(s_w[s], pre[i]);
+            if (s < p.splits) dec_add_weighted(acc, s_w[s], pre[i]);
         }
-#pragma unroll 4
+#pragma unroll 1
         for (int s = group + DEC_COMBINE_PRELOAD * groups; s < p.splits; s += groups)
-            add(s_w[s], *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv));
+            dec_add_weighted(acc, s_w[s], *reinterpret_cast<const float4*>(p.part_o + (s * per_split + bhq) * p.head_dim + 4 * cv));
     }
     s_acc[tid] = acc;
     __syncthreads();
