@@ -11,15 +11,19 @@
 //! micro-kernel ([`kernels::gemm_block`]); the online softmax between them works on `Sᵀ`, whose
 //! rows are keys and whose vector lanes are queries, so the running max, the sum and the
 //! vectorised `exp` need no horizontal reductions. No `seqlen_q × seqlen_k` score matrix ever
-//! exists. Items of at most eight query rows (decode: one token, the heads of a GQA group)
-//! compute their scores as dot products straight from each bf16/f16/f32 key row instead, as it
-//! is read. The instruction set (AVX-512 micro-kernel + AVX2+FMA+F16C, AVX2+FMA+F16C, or the
-//! portable baseline, which is NEON on aarch64) is picked once at run time ([`kernels::Isa`]).
+//! exists. Items of at most eight query rows per kv head (decode: one token, the heads of a GQA
+//! group) compute their scores as dot products straight from each bf16/f16/f32 key row instead,
+//! as it is read, and (when all their rows see the same keys) take up to eight kv heads at
+//! once, so a key's rows of all of them are read together (one contiguous run in `[seq,
+//! kv_heads, d]` caches and vLLM's pages). The instruction set (AVX-512 micro-kernel +
+//! AVX2+FMA+F16C, AVX2+FMA+F16C, or the portable baseline, which is NEON on aarch64) is picked
+//! once at run time ([`kernels::Isa`]).
 //! Items run on a rayon pool (see [`Threads`]); everything that can fail (allocations) happens
 //! before the first output element is written.
 //!
-//! The kernel reads K/V rows only through [`KvRows`] (one row of one kv head at a time), so a
-//! paged or KV-cache front end can call the same kernel with its own row addressing.
+//! The kernel reads K/V rows only through [`KvRows`] (runs of rows at fixed strides, such as a
+//! page's), so a paged or KV-cache front end can call the same kernel with its own row
+//! addressing.
 
 mod kernels;
 
@@ -46,6 +50,9 @@ const BLOCK_K: usize = 64;
 /// [`kernels::prefetch`]): enough misses in flight to stream from memory, few enough to stay
 /// cached until used (32 bf16 K+V rows of d128: 16 KiB). 16 to 64 measured within noise.
 const PREFETCH_KEYS: usize = 32;
+/// Most kv heads one decode work item takes ([`decode_kv_heads`]): a vLLM page row of 8 kv
+/// heads is then read as one run; it also bounds the per-tile table of value rows.
+const MAX_KV_HEADS: usize = 8;
 /// Most f32 values one scratch block (query rows, keys, values or accumulators) holds before it
 /// gets fewer rows than `BLOCK_Q`/`BLOCK_K`: 512 KiB. Blocks are full up to head_dim 2048 (so
 /// results there do not depend on this), a thread's scratch stays within 3 MiB below that, and
@@ -62,16 +69,19 @@ pub(crate) const MAX_THREADS: usize = 1024;
 /// rayon hand-off is some microseconds; this is tens of microseconds of work).
 const MIN_WORK_PER_WORKER: u64 = 1 << 17;
 /// Calls with fewer (sequence, head block, query block) blocks than this split the keys of
-/// their long blocks into chunks that run as separate work items (decode: batch 1 with 8 kv
-/// heads is 8 blocks). Fixed, not the thread count, so the result stays the same on any number
+/// their long blocks into chunks that run as separate work items (decode: batch 1 is one
+/// block of all its kv heads). Fixed, not the thread count, so the result stays the same on any number
 /// of threads; 64 leaves each of 16 threads several items to balance with.
 const SPLIT_BLOCKS: usize = 64;
 /// Keys per chunk of a split block (a multiple of `BLOCK_K`, so the key tiles are where they
 /// would be unsplit): enough that a chunk's fixed costs (widening Q, storing and merging its
-/// partial) stay a few percent of streaming its K/V, few enough that the threads walking one
-/// chunk of every kv head stay within a few MiB of each other (strided `[seq, kv_heads, d]`
+/// partial) stay a few percent of streaming its K/V, few enough that the threads walking
+/// neighbouring chunks stay within a few MiB of each other (strided `[seq, kv_heads, d]`
 /// caches then reuse their TLB entries and DRAM pages). Blocks of fewer than two chunks' keys
-/// are not split.
+/// are not split. The same for decode blocks of several kv heads (2 MiB of bf16 K/V per chunk
+/// of 8 kv heads of d128): 64-key chunks, as much K/V per item as one kv head's 512, were no
+/// faster on 2 threads (within the noise of a shared 2-core machine), and the merge of their
+/// 8× as many partials runs on one thread.
 const SPLIT_KEYS: usize = 512;
 /// Most chunks one block is split into: longer blocks get longer chunks.
 const MAX_CHUNKS: usize = 64;
@@ -274,13 +284,91 @@ struct Seq {
 /// The dense/strided tensors of [`forward`] are one implementation ([`StridedKv`]); a paged or
 /// KV-cache front end supplies another (rows looked up through a block table, say) and calls
 /// the same kernel. A row is widened to f32 once per tile and then shared by every query head
-/// of its GQA group.
+/// of its GQA group. Rows come in runs ([`RowRun`]): the kernel looks a run up once (a page
+/// through its block table, say) and steps through its keys, instead of addressing every row.
 pub(crate) trait KvRows<T>: Sync {
-    /// Key `key` (row of batch entry `batch`, as the sequence's `k_base + position`) of kv
-    /// head `kv_head`: exactly head_dim elements.
-    fn k_row(&self, batch: usize, key: usize, kv_head: usize) -> &[T];
-    /// The value row of the same key.
-    fn v_row(&self, batch: usize, key: usize, kv_head: usize) -> &[T];
+    /// The key rows of kv heads `kv_head .. kv_head + heads` (all exist) for key `key` (row of
+    /// batch entry `batch`, as the sequence's `k_base + position`) and as many following keys
+    /// as lie at the same strides (to the end of a page, say): a run of at least key `key`.
+    fn k_run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'_, T>;
+    /// The value rows of the same keys and heads.
+    fn v_run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'_, T>;
+}
+
+/// The rows of consecutive keys and kv heads of one tensor that lie at fixed strides: element
+/// `e` of the run's `r`-th key and `p`-th kv head is `data[r · key_stride + p · head_stride +
+/// e]`, for `r < keys` and the heads it was asked for.
+pub(crate) struct RowRun<'a, T> {
+    /// From the first row on, and no further than the last one (empty when head_dim is 0).
+    data: &'a [T],
+    /// Keys left in the run.
+    keys: usize,
+    key_stride: usize,
+    head_stride: usize,
+}
+
+// By hand: a derive would ask for `T: Copy`, where only the slice is copied.
+impl<T> Clone for RowRun<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for RowRun<'_, T> {}
+
+impl<'a, T> RowRun<'a, T> {
+    /// No rows: the state of a cursor before its first look-up.
+    const EMPTY: Self = RowRun { data: &[], keys: 0, key_stride: 0, head_stride: 0 };
+
+    /// The run of `keys` (at least 1) keys × `heads` (at least 1) kv heads of `d` elements from
+    /// `data[first]` at these strides. Panics unless `data` holds all of them.
+    #[inline]
+    pub(crate) fn new(data: &'a [T], first: usize, keys: usize, heads: usize, d: usize, [key_stride, head_stride]: [usize; 2]) -> Self {
+        if d == 0 {
+            // No element exists, and the tensor may be empty: address nothing.
+            return RowRun { data: &[], keys, key_stride: 0, head_stride: 0 };
+        }
+        let len = (keys - 1) * key_stride + (heads - 1) * head_stride + d;
+        RowRun { data: &data[first..first + len], keys, key_stride, head_stride }
+    }
+
+    /// The `p`-th kv head's row of the first key.
+    #[inline]
+    fn row(&self, p: usize, d: usize) -> &'a [T] {
+        &self.data[p * self.head_stride..][..d]
+    }
+
+    /// The run from the next key on (empty after the last).
+    #[inline]
+    fn advance(&mut self) {
+        self.keys -= 1;
+        self.data = if self.keys == 0 { &[] } else { &self.data[self.key_stride..] };
+    }
+}
+
+/// Steps through the runs of one tensor key by key, looking a run up only when the key does
+/// not continue the last one (the first key, the end of a page, a gap).
+struct RowCursor<'a, T> {
+    /// The key the run starts at now.
+    key: usize,
+    run: RowRun<'a, T>,
+}
+
+impl<'a, T> RowCursor<'a, T> {
+    fn new() -> Self {
+        RowCursor { key: 0, run: RowRun::EMPTY }
+    }
+
+    /// Key `key`'s rows: the current run's, or `lookup()`'s when it has no such key.
+    #[inline]
+    fn at(&mut self, key: usize, lookup: impl FnOnce() -> RowRun<'a, T>) -> RowRun<'a, T> {
+        if self.run.keys == 0 || self.key != key {
+            self.run = lookup();
+        }
+        let here = self.run;
+        self.run.advance();
+        self.key = key + 1;
+        here
+    }
 }
 
 /// K and V as validated strided host tensors.
@@ -291,28 +379,25 @@ pub(crate) struct StridedKv<'a, T> {
     pub v: HostIn<'a, T>,
 }
 
+impl<'a, T> HostIn<'a, T> {
+    /// The rows of kv heads `kv_head .. kv_head + heads` from key `key` to the last of batch
+    /// entry `batch`: all at the layout's strides.
+    #[inline]
+    fn run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'a, T> {
+        let [_, sk, _, d] = self.layout.shape();
+        let [_, key_stride, head_stride] = self.layout.strides();
+        RowRun::new(self.data, self.layout.offset(batch, key, kv_head), sk - key, heads, d, [key_stride, head_stride])
+    }
+}
+
 impl<T: Element> KvRows<T> for StridedKv<'_, T> {
     #[inline]
-    fn k_row(&self, batch: usize, key: usize, kv_head: usize) -> &[T] {
-        match self.k.layout.head_dim() {
-            // No element exists, and the slice may be empty: address nothing.
-            0 => &[],
-            d => {
-                let off = self.k.layout.offset(batch, key, kv_head);
-                &self.k.data[off..off + d]
-            }
-        }
+    fn k_run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'_, T> {
+        self.k.run(batch, key, kv_head, heads)
     }
     #[inline]
-    fn v_row(&self, batch: usize, key: usize, kv_head: usize) -> &[T] {
-        match self.v.layout.head_dim() {
-            // No element exists, and the slice may be empty: address nothing.
-            0 => &[],
-            d => {
-                let off = self.v.layout.offset(batch, key, kv_head);
-                &self.v.data[off..off + d]
-            }
-        }
+    fn v_run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'_, T> {
+        self.v.run(batch, key, kv_head, heads)
     }
 }
 
@@ -325,8 +410,12 @@ struct WorkItem<'a> {
     seq: Seq,
     /// The first query head.
     head0: usize,
-    /// How many query heads, all of kv head `head0 / group`.
+    /// How many query heads: some of kv head `head0 / group`, or (`kv_heads > 1`) all of
+    /// `kv_heads` consecutive kv heads from it.
     heads: usize,
+    /// How many kv heads the query heads use: 1, or more for a decode item
+    /// ([`Block::kv_heads`]).
+    kv_heads: usize,
     /// The first query row, within the sequence.
     q0: usize,
     /// Query rows per head.
@@ -836,14 +925,23 @@ fn work_items<'l: 'p, 'p>(
     let mut list_blocks = Vec::new();
     list_blocks.try_reserve_exact(count).map_err(|_| work_list_error(count))?;
     for (i, &seq) in list.iter().enumerate() {
+        // Ranges are non-decreasing in the row: the union is first begin .. last end.
+        let keys_of = |q0: usize, rows: usize| (mask.key_range(q0, seq.sq, seq.sk).0, mask.key_range(q0 + rows - 1, seq.sq, seq.sk).1);
+        let kv_heads = decode_kv_heads(&seq, group, h, mask, blocks);
+        if kv_heads > 1 {
+            for head0 in (0..h).step_by(kv_heads * group) {
+                let heads = (kv_heads * group).min(h - head0);
+                let (q0, rows) = (0, seq.sq);
+                list_blocks.push(Block { seq_index: i, seq, head0, heads, kv_heads: heads / group, q0, rows, keys: keys_of(q0, rows) });
+            }
+            continue;
+        }
         for kv_first in (0..h).step_by(group) {
             for head0 in (kv_first..(kv_first + group).min(h)).step_by(heads_per_item) {
                 let heads = heads_per_item.min(kv_first + group - head0).min(h - head0);
                 for q0 in (0..seq.sq).step_by(rows_per_head) {
                     let rows = rows_per_head.min(seq.sq - q0);
-                    // Ranges are non-decreasing in the row: the union is first begin .. last end.
-                    let keys = (mask.key_range(q0, seq.sq, seq.sk).0, mask.key_range(q0 + rows - 1, seq.sq, seq.sk).1);
-                    list_blocks.push(Block { seq_index: i, seq, head0, heads, q0, rows, keys });
+                    list_blocks.push(Block { seq_index: i, seq, head0, heads, kv_heads: 1, q0, rows, keys: keys_of(q0, rows) });
                 }
             }
         }
@@ -877,7 +975,7 @@ fn work_items<'l: 'p, 'p>(
     let mut free: &'p mut [f32] = parts;
     let mut part0 = 0;
     for blk in &list_blocks {
-        let Block { seq_index: i, seq, head0, heads, q0, rows, keys } = *blk;
+        let Block { seq_index: i, seq, head0, heads, kv_heads, q0, rows, keys } = *blk;
         let mut lse = Vec::new();
         if !runs.is_empty() {
             lse.try_reserve_exact(heads).map_err(|_| work_list_error(heads))?;
@@ -891,7 +989,7 @@ fn work_items<'l: 'p, 'p>(
         let (len, chunks) = if split { chunking(blk) } else { (0, 1) };
         if chunks == 1 {
             let dest = Dest::Out(lse);
-            items.push(WorkItem { seq, head0, heads, q0, rows, keys, chunk: 0, cost: cost(keys.1 - keys.0), dest });
+            items.push(WorkItem { seq, head0, heads, kv_heads, q0, rows, keys, chunk: 0, cost: cost(keys.1 - keys.0), dest });
             continue;
         }
         // Bounded: `part_floats` and the sum over all chunks were checked above.
@@ -903,7 +1001,8 @@ fn work_items<'l: 'p, 'p>(
             // Within `first + chunks·len <= keys.1 + len`: no overflow for any key count.
             let range = (first + chunk * len, first + (chunk + 1) * len);
             let n = range.1.min(keys.1) - range.0.max(keys.0);
-            items.push(WorkItem { seq, head0, heads, q0, rows, keys: range, chunk, cost: cost(n), dest: Dest::Part(slot) });
+            let dest = Dest::Part(slot);
+            items.push(WorkItem { seq, head0, heads, kv_heads, q0, rows, keys: range, chunk, cost: cost(n), dest });
         }
         splits.push(Split { seq, head0, heads, q0, rows, part0, chunks, lse });
         part0 += floats * chunks;
@@ -923,10 +1022,28 @@ struct Block {
     seq: Seq,
     head0: usize,
     heads: usize,
+    /// As [`WorkItem::kv_heads`]: more than one for the decode blocks of [`decode_kv_heads`].
+    kv_heads: usize,
     q0: usize,
     rows: usize,
     /// The union of the rows' key ranges.
     keys: (usize, usize),
+}
+
+/// How many kv heads (with all their query heads) one block of `seq` takes: more than one
+/// when each kv head's query columns fit one vector (the narrow kernels', `group · sq <=
+/// LANES`: decode and short speculative drafts) and all of them see the same keys (one query
+/// row, or no mask), else 1. The block then reads the rows of one key for all its kv heads
+/// together: in a `[seq, kv_heads, d]` cache or page they are one contiguous run (vLLM's 8
+/// heads of d128 bf16: 2 KiB), where per-kv-head blocks would make as many passes over the
+/// cache, each reading one strided row in every run.
+fn decode_kv_heads(seq: &Seq, group: usize, h: usize, mask: Mask, blocks: Blocks) -> usize {
+    let cols = group.saturating_mul(seq.sq);
+    let same_keys = seq.sq > 0 && mask.key_range(0, seq.sq, seq.sk) == mask.key_range(seq.sq - 1, seq.sq, seq.sk);
+    if cols == 0 || cols > LANES || !h.is_multiple_of(group) || !same_keys {
+        return 1;
+    }
+    (blocks.q / cols).clamp(1, MAX_KV_HEADS)
 }
 
 fn work_list_error(n: usize) -> Error {
@@ -982,11 +1099,13 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
     let d = pb.q.layout.head_dim();
     let dp = round_up(d, PV_COLS);
     let bk = pb.blocks.k;
-    let WorkItem { seq, head0, heads, q0, rows: qrows, keys: (chunk_begin, chunk_end), dest, .. } = item;
+    let WorkItem { seq, head0, heads, kv_heads, q0, rows: qrows, keys: (chunk_begin, chunk_end), dest, .. } = item;
     let Seq { batch, q_base, sq, k_base, sk } = seq;
-    let kv_head = head0 / pb.group;
-    // Query column `i` of the item is row `q0 + i % qrows` of head `head0 + i / qrows`.
+    let kv0 = head0 / pb.group;
+    // Query column `i` of the item is row `q0 + i % qrows` of head `head0 + i / qrows`, so the
+    // columns of kv head `kv0 + p` are the `part` from `p · part`.
     let rows = heads * qrows;
+    let part = rows / kv_heads.max(1);
     let rp = round_up(rows, LANES);
     debug_assert!(rows <= pb.blocks.q && rp <= pb.blocks.rows_padded());
     // Keys [begin, end) of the sequence that column `i` may see, within the item's chunk (an
@@ -1006,9 +1125,13 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
 
     // Qᵀ: each query row widened (into the first accumulator row, free until the sweep
     // starts), then scattered into its column. Padding columns are zero, so their scores are
-    // finite and harmless; they are never stored. An item of at most eight rows (decode)
-    // keeps Q row-major instead (`[rows, d]`) for the dot-product score kernel.
-    let narrow = rp == LANES;
+    // finite and harmless; they are never stored. An item of at most eight rows per kv head
+    // (decode) keeps Q row-major instead (`[rows, d]`) for the dot-product score kernel.
+    let narrow = part <= LANES;
+    // Items of several kv heads are narrow and every row sees the same keys (`work_items`
+    // makes them only so): their tiles always take the uniform path below, the only one that
+    // keeps each kv head's values apart.
+    assert!(kv_heads == 1 || (narrow && kv_heads <= MAX_KV_HEADS), "a multi-kv-head item that is not narrow");
     if !narrow {
         // The padding columns must be zero; narrow items write all the `rows · d` they read.
         qt.fill(0.0);
@@ -1032,6 +1155,12 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
     max.fill(f32::NEG_INFINITY);
     sum.fill(0.0);
 
+    // Uniform narrow tiles: where each value row of each kv head lies, for `pv_narrow_rows`.
+    let mut v_rows = [[std::ptr::null::<T>(); BLOCK_K]; MAX_KV_HEADS];
+    // The K/V rows of the keys read, and of those prefetched ahead, run by run: a page is
+    // looked up once, not once per row and kv head.
+    let (mut k_cur, mut v_cur) = (RowCursor::new(), RowCursor::new());
+    let (mut k_ahead, mut v_ahead) = (RowCursor::new(), RowCursor::new());
     // Both ends of the range are non-decreasing in the row: the first row has the lowest start,
     // the last row the highest end. A sequence without keys gives an empty range: no key row is
     // ever addressed.
@@ -1043,7 +1172,7 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
         // `uniform`: every row sees the whole union (decode), and the narrow kernels can read
         // the value rows in place.
         let (mut jlo, mut jhi) = (kn, 0);
-        let mut windows = [(0, 0); LANES];
+        let (mut first, mut same) = (None, true);
         for i in 0..rp {
             let (b, e) = if i < rows { key_range(i) } else { (0, 0) };
             let (l, h) = (b.clamp(k0, k0 + kn) - k0, e.clamp(k0, k0 + kn) - k0);
@@ -1055,47 +1184,55 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
             // Exact: both are at most BLOCK_K.
             lo[i] = l as f32;
             hi[i] = h as f32;
-            if let Some(w) = windows.get_mut(i) {
-                *w = (l, h);
+            if i < rows {
+                same &= *first.get_or_insert((l, h)) == (l, h);
             }
         }
         if jhi <= jlo {
             continue; // no row sees any key of this tile
         }
-        let uniform = narrow && windows[..rows].iter().all(|&w| w == (jlo, jhi));
+        // All windows equal and one is not empty: each is the union.
+        let uniform = narrow && same;
+        assert!(kv_heads == 1 || uniform, "a multi-kv-head item whose rows see different keys");
 
         // K and V rows of the visible window, widened once for every head of the item, with a
         // prefetch hint some keys ahead (strided rows, as in a `[seq, kv_heads, d]` cache or
         // pages, defeat the hardware prefetchers; contiguous ones measured faster with it too).
         let mut v_finite = true;
-        // Uniform narrow tiles: where each value row lies, for `pv_narrow_rows`.
-        let mut v_rows = [std::ptr::null::<T>(); BLOCK_K];
         for j in jlo..jhi {
             let key = k_base + k0 + j;
             // Ahead within the sequence, not only the item: a key chunk's successor is the
             // next item's (often this thread's), and its first rows should not start cold.
             if k0 + j + PREFETCH_KEYS < sk {
                 let ahead = key + PREFETCH_KEYS;
-                kernels::prefetch(pb.kv.k_row(batch, ahead, kv_head));
-                kernels::prefetch(pb.kv.v_row(batch, ahead, kv_head));
-            }
-            let (kr, vr) = (pb.kv.k_row(batch, key, kv_head), pb.kv.v_row(batch, key, kv_head));
-            assert!(kr.len() == d && vr.len() == d, "KvRows returned a row of the wrong length");
-            // SAFETY: rows `j < bk` of the `[bk, d]` / `[bk, dp]` tiles hold `d` values, as do
-            // `kr` and `vr`; narrow: `qt` holds `rows` rows of `d`, row `j` of `st` (`[bk, rp]`)
-            // has `rp >= rows` columns.
-            unsafe {
-                if narrow && d > 0 {
-                    // Scores straight from the key row, widened in registers.
-                    let (q, out) = (qt.as_ptr(), st.as_mut_ptr().add(j * rp));
-                    kernels::scores_narrow_rows::<S, T>(rows, d, kr.as_ptr(), q, out);
-                } else {
-                    kernels::widen::<S, T>(kt.as_mut_ptr().add(j * d), kr.as_ptr(), d);
+                let k = k_ahead.at(ahead, || pb.kv.k_run(batch, ahead, kv0, kv_heads));
+                let v = v_ahead.at(ahead, || pb.kv.v_run(batch, ahead, kv0, kv_heads));
+                for p in 0..kv_heads {
+                    kernels::prefetch(k.row(p, d));
+                    kernels::prefetch(v.row(p, d));
                 }
-                if uniform {
-                    v_rows[j] = vr.as_ptr();
-                } else {
-                    v_finite &= kernels::widen_finite::<S, T>(vt.as_mut_ptr().add(j * dp), vr.as_ptr(), d);
+            }
+            let k_run = k_cur.at(key, || pb.kv.k_run(batch, key, kv0, kv_heads));
+            let v_run = v_cur.at(key, || pb.kv.v_run(batch, key, kv0, kv_heads));
+            for p in 0..kv_heads {
+                let (kr, vr) = (k_run.row(p, d), v_run.row(p, d));
+                // SAFETY: rows `j < bk` of the `[bk, d]` / `[bk, dp]` tiles hold `d` values, as
+                // do `kr` and `vr`; narrow: `qt` holds `rows` rows of `d`, of which kv head
+                // `p`'s are the `part` from `p · part`, row `j` of `st` (`[bk, rp]`) has
+                // `rp >= rows` columns; not narrow or not uniform: `p == 0` (asserted above).
+                unsafe {
+                    if narrow && d > 0 {
+                        // Scores straight from the key row, widened in registers.
+                        let (q, out) = (qt.as_ptr().add(p * part * d), st.as_mut_ptr().add(j * rp + p * part));
+                        kernels::scores_narrow_rows::<S, T>(part, d, kr.as_ptr(), q, out);
+                    } else {
+                        kernels::widen::<S, T>(kt.as_mut_ptr().add(j * d), kr.as_ptr(), d);
+                    }
+                    if uniform {
+                        v_rows[p][j] = vr.as_ptr();
+                    } else {
+                        v_finite &= kernels::widen_finite::<S, T>(vt.as_mut_ptr().add(j * dp), vr.as_ptr(), d);
+                    }
                 }
             }
         }
@@ -1160,12 +1297,16 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
         }
 
         if uniform {
-            // SAFETY: `v_rows[jlo .. jhi]` are value rows of `d` elements (set above), P is
-            // rows `jlo .. jhi` of `st` (`[bk, rp]`, rows <= rp), `alpha` holds `rp >= rows`
-            // values, `acc` `rows` rows of `dp >= d`.
-            unsafe {
-                let p = st.as_ptr().add(jlo * rp);
-                kernels::pv_narrow_rows::<S, T>(rows, &v_rows[jlo..jhi], p, rp, alpha.as_ptr(), acc.as_mut_ptr(), dp, d);
+            for (p, v) in v_rows[..kv_heads].iter().enumerate() {
+                // SAFETY: `v[jlo .. jhi]` are kv head `kv0 + p`'s value rows of `d` elements
+                // (set above); its columns `p · part ..` of P (rows `jlo .. jhi` of `st`,
+                // `[bk, rp]`), of `alpha` and of `acc` (`rows` rows of `dp >= d`) are within
+                // `rows <= rp`.
+                unsafe {
+                    let (c, s) = (p * part, st.as_ptr().add(jlo * rp + p * part));
+                    let (a, o) = (alpha.as_ptr().add(c), acc.as_mut_ptr().add(c * dp));
+                    kernels::pv_narrow_rows::<S, T>(part, &v[jlo..jhi], s, rp, a, o, dp, d);
+                }
             }
             continue;
         }
@@ -1636,10 +1777,17 @@ mod tests {
     /// long the keys are. The split results match the reference (the merge included).
     #[test]
     fn long_decode_splits_its_keys() {
-        // 8 blocks of 4096 keys: 8 chunks each, a partial of 4 rows × (128 + 2) per chunk.
-        assert_eq!(plan(1, 1, 4096, 32, 8, 128), (64, 8, 64 * 4 * 130));
-        assert_eq!(plan(1, 1, 2 * SPLIT_KEYS - 1, 32, 8, 128), (8, 0, 0), "under two chunks of keys");
-        assert_eq!(plan(64, 1, 4096, 32, 8, 128), (512, 0, 0), "enough blocks to share out");
+        // One block of all 8 kv heads (decode) over 4096 keys: 8 chunks, a partial of 32 rows
+        // × (128 + 2) per chunk.
+        assert_eq!(plan(1, 1, 4096, 32, 8, 128), (8, 1, 8 * 32 * 130));
+        assert_eq!(plan(1, 1, 2 * SPLIT_KEYS - 1, 32, 8, 128), (1, 0, 0), "under two chunks of keys");
+        assert_eq!(plan(64, 1, 4096, 32, 8, 128), (64, 0, 0), "enough blocks to share out");
+        // Per kv head: 16 query heads a kv head (not narrow), or rows that see different keys.
+        assert_eq!(plan(1, 1, 4096, 32, 2, 128), (16, 2, 16 * 16 * 130));
+        let causal = Mask { causal: true, ..Mask::default() };
+        let mut parts = Vec::new();
+        let (items, _) = work_items(1, 2, 4096, 32, 128, 4, None, Seqs::Dense, causal, Blocks::for_head_dim(128), &mut parts).expect("plan");
+        assert!(items.len() == 64 && items.iter().all(|it| it.kv_heads == 1 && it.heads == 4));
         let (items, splits, _) = plan(1, 1, 1 << 24, 4, 1, 8);
         assert!(splits == 1 && items > 2 && items <= MAX_CHUNKS + 1, "{items} chunks of 2^24 keys");
         // A partial buffer past its cap: not split at all (d = 2^20: 130 chunks × 4 rows ≫ 2^22).
@@ -1648,6 +1796,9 @@ mod tests {
             case(1, 1, 3000, 4, 1, 64),
             case(1, 2, 1100, 8, 2, 16).mem(Mem::Padded),
             case(1, 1, 1025, 2, 1, 9).mem(Mem::HeadsFirst),
+            // Decode items of several kv heads: all 8, and 8 + 4 of 12 (MHA).
+            case(1, 1, 2100, 32, 8, 64).mem(Mem::PaddedHeadsFirst),
+            case(2, 1, 1100, 12, 12, 16),
         ]));
     }
 

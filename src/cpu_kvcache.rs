@@ -7,7 +7,7 @@
 
 use crate::backend::RunError;
 use crate::call::{host_i32s, Call};
-use crate::cpu::{forward_rows, HostIn, KvRows, Seqs, StridedKv, Threads};
+use crate::cpu::{forward_rows, HostIn, KvRows, RowRun, Seqs, StridedKv, Threads};
 use crate::options::Mask;
 use crate::dtype::Element;
 use crate::error::Error;
@@ -22,8 +22,7 @@ struct PagedKv<'a, T> {
     stride: usize,
     page_size: usize,
     /// `log2(page_size)` when it is a power of two (vLLM's 16, FlashInfer's, most engines'):
-    /// the kernel looks up four rows per key, and a shift and a mask cost a cycle each where a
-    /// 64-bit division costs tens.
+    /// a shift and a mask cost a cycle each where a 64-bit division costs tens.
     page_shift: Option<u32>,
 }
 
@@ -34,30 +33,30 @@ impl<'a, T> PagedKv<'a, T> {
         PagedKv { k, v, table, stride, page_size, page_shift }
     }
 
-    /// Element offset of (sequence, key, kv head) in a page layout. Page ids were checked
-    /// against the pages for every key a length reaches; the clamp keeps even a wrong table
-    /// inside the tensor.
+    /// The rows of (sequence, key, kv heads `kv_head..kv_head + heads`) in `x` and of the
+    /// keys after it on the same page. Page ids were checked against the pages for every key
+    /// a length reaches; the clamp keeps even a wrong table inside the tensor.
     #[inline]
-    fn offset(&self, layout: &Layout, batch: usize, key: usize, kv_head: usize) -> usize {
+    fn run<'x>(&self, x: &HostIn<'x, T>, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'x, T> {
         let (index, slot) = match self.page_shift {
             Some(shift) => (key >> shift, key & (self.page_size - 1)),
             None => (key / self.page_size, key % self.page_size),
         };
-        let page = self.table[batch * self.stride + index].max(0) as usize;
-        layout.offset(page.min(layout.batch() - 1), slot, kv_head)
+        let page = (self.table[batch * self.stride + index].max(0) as usize).min(x.layout.batch() - 1);
+        let [_, key_stride, head_stride] = x.layout.strides();
+        let first = x.layout.offset(page, slot, kv_head);
+        RowRun::new(x.data, first, self.page_size - slot, heads, x.layout.head_dim(), [key_stride, head_stride])
     }
 }
 
 impl<T: Element> KvRows<T> for PagedKv<'_, T> {
     #[inline]
-    fn k_row(&self, batch: usize, key: usize, kv_head: usize) -> &[T] {
-        let off = self.offset(&self.k.layout, batch, key, kv_head);
-        &self.k.data[off..off + self.k.layout.head_dim()]
+    fn k_run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'_, T> {
+        self.run(&self.k, batch, key, kv_head, heads)
     }
     #[inline]
-    fn v_row(&self, batch: usize, key: usize, kv_head: usize) -> &[T] {
-        let off = self.offset(&self.v.layout, batch, key, kv_head);
-        &self.v.data[off..off + self.v.layout.head_dim()]
+    fn v_run(&self, batch: usize, key: usize, kv_head: usize, heads: usize) -> RowRun<'_, T> {
+        self.run(&self.v, batch, key, kv_head, heads)
     }
 }
 

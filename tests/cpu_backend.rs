@@ -680,10 +680,11 @@ fn split_key_decode_matches_the_reference() {
 }
 
 /// NaN in a split decode: a NaN key reaches the row only when the row sees it, whichever chunk
-/// holds it; a NaN value only its own column.
+/// holds it; a NaN value only its own column; neither reaches the heads of the other kv head,
+/// computed in the same work item.
 #[test]
 fn split_key_decode_propagates_nan_only_from_visible_keys() {
-    let (b, sq, sk, h, hk, d) = (1, 1, 3000, 4, 1, 16);
+    let (b, sq, sk, h, hk, d) = (1, 1, 3000, 8, 2, 16);
     let (lq, lk) = (Layout::contiguous(b, sq, h, d), Layout::contiguous(b, sk, hk, d));
     let mut rng = Rng::fresh();
     let gen = |rng: &mut Rng, n| {
@@ -696,10 +697,11 @@ fn split_key_decode_propagates_nan_only_from_visible_keys() {
     // (poisoned key, in the value?, left window) -> whether the row sees it.
     for (key, in_value, left) in [(100, false, None), (100, false, Some(50)), (2999, false, Some(50)), (1700, true, None), (1700, true, Some(1000))] {
         let (mut k, mut v) = (k0.clone(), v0.clone());
+        // In kv head 1: query heads 4..8.
         if in_value {
-            v[lk.offset(0, key, 0) + 3] = f32::NAN;
+            v[lk.offset(0, key, 1) + 3] = f32::NAN;
         } else {
-            k[lk.offset(0, key, 0) + 3] = f32::NAN;
+            k[lk.offset(0, key, 1) + 3] = f32::NAN;
         }
         let mut out = vec![0f32; lq.numel()];
         let mut lse = vec![0f32; b * h * sq];
@@ -712,8 +714,9 @@ fn split_key_decode_propagates_nan_only_from_visible_keys() {
             &Options::default().window(left, None),
         )
         .unwrap();
-        let sees = left.map_or(true, |l| key + l >= sk - 1);
+        let sees_key = left.map_or(true, |l| key + l >= sk - 1);
         for hi in 0..h {
+            let sees = sees_key && hi >= h / hk;
             let row = &out[lq.offset(0, 0, hi)..][..d];
             let ctx = format!("key {key} in_value={in_value} left={left:?} head {hi}");
             match (sees, in_value) {

@@ -121,10 +121,11 @@ fn packed_queries_of_different_lengths_match_the_reference() {
     println!("{n} packed-query cases match the reference");
 }
 
-/// Long caches with one or two kv heads: few (sequence, kv head) blocks, so each one's keys are
-/// split into chunks on separate threads and merged; a padding slot (length 0) in the same
-/// call gives zeros and -inf. Contiguous and paged (page sizes 1, 16 and 48: pages that straddle
-/// chunk boundaries), every mask.
+/// Long caches with few (sequence, kv head) blocks (one or two kv heads, or decode over four,
+/// which one block takes together), so each one's keys are split into chunks on separate
+/// threads and merged; a padding slot (length 0) in the same call gives zeros and -inf.
+/// Contiguous and paged (page sizes 1, 16 and 48: pages that straddle chunk boundaries), every
+/// mask.
 #[test]
 fn long_kv_cache_split_into_key_chunks_matches_the_reference() {
     let attn = cpu();
@@ -137,7 +138,7 @@ fn long_kv_cache_split_into_key_chunks_matches_the_reference() {
     ];
     for (i, &store) in stores.iter().enumerate() {
         for (j, &mask) in masks.iter().enumerate() {
-            let (h, hk, q_len) = [(4, 1, 1), (8, 2, 3)][(i + j) % 2];
+            let (h, hk, q_len) = [(4, 1, 1), (8, 2, 3), (16, 4, 1)][(i + j) % 3];
             let c = KvCase::<f32>::new(&mut rng, store, 3, q_len, h, hk, 16, 2600, mask);
             assert_eq!(c.lens[2], 0);
             let (err, lse) = run(&attn, &c).unwrap();
