@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use cudarc::driver::{result, CudaFunction};
@@ -36,7 +37,7 @@ pub(crate) const MAX_QUERY_ROWS: usize = 16;
 fn max_head_dim(dtype: DType) -> usize {
     32 * vector_elems(dtype)
 }
-/// Threads per block (`DEC_WARPS * 32` in cuda/decode.cu).
+/// Threads per block (`DEC_WARPS * 32` in cuda/decode.cuh).
 const THREADS: usize = 128;
 /// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
 const MIN_CHUNK: usize = 64;
@@ -48,42 +49,43 @@ const MAX_SPLITS: usize = 128;
 /// every split shape: batch 1 at 8k/32k/128k keys 1.95/2.96/4.02 TB/s against 1.55/2.53/3.82 at
 /// two waves, batch 16 at 8k 4.09 against 3.95 (fewer block starts and tails, a shorter combine).
 const WAVES: usize = 1;
-/// Bench-only override of [`WAVES`] (0: none), set through `testing::set_decode_waves`.
-static WAVES_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+// Bench-only switches, set through `attention::testing` to measure grid shapes and the
+// combine's share on one device; process-wide. A count of 0 means the default.
+/// Overrides [`WAVES`].
+static WAVES_OVERRIDE: AtomicUsize = AtomicUsize::new(0);
+/// Caps the split count below [`MAX_SPLITS`].
+static SPLITS_CAP: AtomicUsize = AtomicUsize::new(0);
+/// Launches split grids without their combine (wrong outputs), to time the main kernel alone.
+static SKIP_COMBINE: AtomicBool = AtomicBool::new(false);
 
-/// Sets the waves a split grid aims for (0: the default [`WAVES`]); for benchmarks.
 pub(crate) fn set_waves(waves: usize) {
-    WAVES_OVERRIDE.store(waves, std::sync::atomic::Ordering::Relaxed);
+    WAVES_OVERRIDE.store(waves, Ordering::Relaxed);
 }
-
-/// Bench-only cap on the split count (0: none), set through `testing::set_decode_max_splits`.
-static SPLITS_CAP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 pub(crate) fn set_max_splits(splits: usize) {
-    SPLITS_CAP.store(splits, std::sync::atomic::Ordering::Relaxed);
+    SPLITS_CAP.store(splits, Ordering::Relaxed);
 }
-
-fn splits_cap() -> usize {
-    match SPLITS_CAP.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => MAX_SPLITS,
-        n => n.min(MAX_SPLITS),
-    }
-}
-
-/// Bench-only: launch split grids without their combine (wrong outputs), to time the main
-/// kernel alone.
-static SKIP_COMBINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 pub(crate) fn set_skip_combine(skip: bool) {
-    SKIP_COMBINE.store(skip, std::sync::atomic::Ordering::Relaxed);
+    SKIP_COMBINE.store(skip, Ordering::Relaxed);
 }
 
-fn waves() -> usize {
-    match WAVES_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => WAVES,
+/// A switch's count, or `default` where it is 0.
+fn count_or(switch: &AtomicUsize, default: usize) -> usize {
+    match switch.load(Ordering::Relaxed) {
+        0 => default,
         n => n,
     }
 }
+
+fn waves() -> usize {
+    count_or(&WAVES_OVERRIDE, WAVES)
+}
+
+fn splits_cap() -> usize {
+    count_or(&SPLITS_CAP, MAX_SPLITS).min(MAX_SPLITS)
+}
+
 /// Blocks of a decode kernel one SM holds, where the driver has not said (a simulated device,
 /// `explain` before the module is loaded): what ~220 registers per thread allow.
 const DEFAULT_RESIDENT_PER_SM: usize = 2;
@@ -489,7 +491,7 @@ impl Backend for DecodeBackend {
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];
         let mut outcome = launch(&r.main, call, grid, THREADS, 0, &mut args);
-        if outcome.is_ok() && plan.splits > 1 && !SKIP_COMBINE.load(std::sync::atomic::Ordering::Relaxed) {
+        if outcome.is_ok() && plan.splits > 1 && !SKIP_COMBINE.load(Ordering::Relaxed) {
             let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
             // Code for sm_90 on: the combine is set up while the main kernel's last blocks run
             // (its griddepcontrol.wait exists only in code compiled for sm_90+).
