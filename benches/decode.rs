@@ -144,16 +144,24 @@ fn main() {
         let plan = attn.explain(&Problem::new(DType::BF16, b, q_len, sk, h, hk, d)).plan.unwrap_or_default();
         ([dense, cache, paged[0], paged[1]], plan)
     };
-    // Seconds per dense decode call (GQA 32/8, d128).
-    let measure_dense = |b: usize, sk: usize| -> Timing {
+    // Seconds per dense decode call (GQA 32/8, d128), once per setting `before` makes: the
+    // inputs are made once.
+    let measure_dense_each = |b: usize, sk: usize, settings: &[usize], before: &dyn Fn(usize)| -> Vec<Timing> {
         let (lq, lk) = (Layout::heads_first(b, 1, 32, 128), Layout::heads_first(b, sk, 8, 128));
         let (q, k, v) = (fill(lq.numel(), 1), fill(lk.numel(), 2), fill(lk.numel(), 3));
         let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
-        time(&mut || {
-            attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&v, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default())
-                .unwrap();
-        })
+        settings
+            .iter()
+            .map(|&setting| {
+                before(setting);
+                time(&mut || {
+                    attn.forward(&Tensor::cuda(&q, lq), &Tensor::cuda(&k, lk), &Tensor::cuda(&v, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default())
+                        .unwrap();
+                })
+            })
+            .collect()
     };
+    let measure_dense = |b: usize, sk: usize| -> Timing { measure_dense_each(b, sk, &[0], &|_| {})[0] };
     let tbs = |b: usize, sk: usize, hk: usize, d: usize, secs: f64| (2 * b * hk * sk * d * 2) as f64 / secs / 1e12;
     let (h, hk, d) = (32, 8, 128);
     println!("decode (TB/s of K+V read), GQA {h}/{hk}, d={d}, bf16 on {}", attn.device_summary());
@@ -215,6 +223,25 @@ fn main() {
         let without = measure_dense(b, sk).gpu;
         attention::testing::set_decode_skip_combine(false);
         println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
+    }
+    // Kernel variants (attention::testing::set_decode_bench_flags): 1, the combine (a
+    // programmatic dependent launch on sm_90) may launch as the main blocks start rather than
+    // at their epilogue; 2, K/V loads fetch whole 128-byte lines into L2; 4, K/V loads skip L1
+    // and leave each line evict-first in L2; 8, two-warp blocks. Dense TB/s, GPU time.
+    const VARIANTS: [usize; 7] = [0, 1, 2, 4, 6, 8, 9];
+    println!("kernel variants (dense TB/s, GPU time; flags as in attention::testing::set_decode_bench_flags)");
+    print!("{:>5} {:>7}", "batch", "seqlen");
+    for f in VARIANTS {
+        print!(" {:>8}", format!("flags {f}"));
+    }
+    println!();
+    for (b, sk) in SHAPES {
+        print!("{b:>5} {sk:>7}");
+        for t in measure_dense_each(b, sk, &VARIANTS, &attention::testing::set_decode_bench_flags) {
+            print!(" {:>8.2}", tbs(b, sk, hk, d, t.gpu));
+        }
+        attention::testing::set_decode_bench_flags(0);
+        println!();
     }
     // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
     // 4 query rows (speculative decoding: paged only).

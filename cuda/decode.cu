@@ -1,4 +1,3 @@
-// attention: min-arch 7.5
 // Attention over a KV cache (decode, speculative decoding, short chunks): a few query rows per
 // sequence against a long cache, contiguous or paged. FlashDecoding's structure:
 //
@@ -209,26 +208,9 @@ __device__ __forceinline__ void dec_kernel(const DecodeParams& p) {
     }
     __syncthreads();
 
-    dec_store<D, HD, ROWS>(p, s_acc, s_ml, blk);
+    dec_store<D, HD, ROWS, DEC_WARPS>(p, s_acc, s_ml, blk);
 }
 
-#define DEC_ENTRY(SUFFIX, D, HD, ROWS)                                                                       \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_##SUFFIX##_d##HD##_r##ROWS( \
-        DecodeParams p) {                                                                                    \
-        dec_kernel<D, HD, ROWS>(p);                                                                          \
-    }
-// A K/V row must fit one warp: 256 16-bit columns are 32 lanes of 16 bytes; f32 stops at 128.
-#define DEC_ENTRIES_UP_TO_128(SUFFIX, D) \
-    DEC_ENTRY(SUFFIX, D, 64, 4)          \
-    DEC_ENTRY(SUFFIX, D, 64, 8)          \
-    DEC_ENTRY(SUFFIX, D, 128, 4)         \
-    DEC_ENTRY(SUFFIX, D, 128, 8)         \
-    DEC_COMBINE(SUFFIX, D)
-
-DEC_ENTRIES_UP_TO_128(f16, AttnF16)
-DEC_ENTRY(f16, AttnF16, 256, 4)
-DEC_ENTRY(f16, AttnF16, 256, 8)
-DEC_ENTRIES_UP_TO_128(bf16, AttnBF16)
-DEC_ENTRY(bf16, AttnBF16, 256, 4)
-DEC_ENTRY(bf16, AttnBF16, 256, 8)
-DEC_ENTRIES_UP_TO_128(f32, AttnF32)
+// The entry points (one per dtype, head_dim bucket and row count, and the combines), generated
+// from the kernel registry (src/registry.rs) by build.rs.
+#include "decode_entries.cuh"

@@ -6,6 +6,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 
+// Warps of the CUDA-core kernels (the tensor-core ones take theirs as a template argument).
 #define DEC_WARPS 4
 // Keys per tile: the m of the tensor-core kernels' K.Q^T; split shares start on whole tiles.
 #define DEC_TILE 16
@@ -50,8 +51,18 @@ struct DecodeParams {
     // (clamped to 0..total_q and to q_len rows), at the last positions of its cache.
     const int* cu_seqlens_q;
     int total_q;
-    int pad_;
+    int bench_flags;  // DEC_BENCH_*: 0 but in benchmarks that compare the variants
 };
+// Bench switches (attention::testing), bits of DecodeParams::bench_flags; every combination
+// computes the same outputs.
+// The dependent combine may launch as each main block starts, not at its epilogue (sm_90 code).
+#define DEC_BENCH_EARLY_DEPENDENTS 1
+// The tensor-core kernels' K/V loads ask L2 for whole 128-byte lines (`L2::128B`).
+#define DEC_BENCH_LOAD_128B 2
+// The tensor-core kernels' K/V loads skip L1, and the load that completes a 128-byte line marks
+// it evict-first in L2: streamed once, K/V should not displace what other kernels keep there.
+#define DEC_BENCH_LOAD_STREAM 4
+
 // (NVRTC has no offsetof: the Rust side checks the offsets; here only the size.)
 static_assert(sizeof(DecodeParams) == 256, "DecodeParams must match the Rust #[repr(C)] struct");
 
@@ -60,6 +71,39 @@ __device__ __forceinline__ void dec_load16(const void* p, unsigned (&r)[4]) {
     asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "l"(p));
+}
+
+// An L2 cache policy that marks the lines a load brings in evict-first (sm_80+).
+__device__ __forceinline__ unsigned long long dec_evict_first_policy() {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+}
+
+// 16 bytes of K or V with the cache hints `flags` asks for (DEC_BENCH_LOAD_*); `completes_line`:
+// no other load of the warp step reads the rest of this 128-byte line after this one; `policy`:
+// dec_evict_first_policy().
+__device__ __forceinline__ void dec_load16_kv(const void* p, unsigned (&r)[4], int flags, bool completes_line,
+                                              unsigned long long policy) {
+    const bool stream = flags & DEC_BENCH_LOAD_STREAM, whole = flags & DEC_BENCH_LOAD_128B;
+    if (stream && completes_line && whole) {
+        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p), "l"(policy));
+    } else if (stream && completes_line) {
+        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p), "l"(policy));
+    } else if (stream && whole) {
+        asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+    } else if (stream) {
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+    } else if (whole) {
+        asm volatile("ld.global.nc.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+    } else {
+        dec_load16(p, r);
+    }
 }
 
 // Where key j of sequence b lives, in elements from the tensor's base (head offset excluded).
@@ -90,6 +134,22 @@ __device__ __forceinline__ DecPage dec_tile_page(const DecodeParams& p, int b, i
 
 __device__ __forceinline__ long long dec_page_row(const long long (&stride)[3], DecPage pg, int i) {
     return (long long)pg.page * stride[0] + (long long)(pg.slot + i) * stride[1];
+}
+
+// Programmatic dependent launch (sm_90+; no-ops in code for older archs, which the host then
+// launches plainly): the combine is launched while the main kernel still runs, and waits here
+// until every main block has finished and its partials are visible.
+__device__ __forceinline__ void dec_wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// A main block past its key loop (or, with DEC_BENCH_EARLY_DEPENDENTS, at its start) lets the dependent
+// combine's launch begin.
+__device__ __forceinline__ void dec_allow_consumer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // Which rows a block owns: grid (splits, kv_heads x row_groups, batch); packed row
@@ -127,6 +187,7 @@ struct DecBlock {
 };
 
 __device__ __forceinline__ DecBlock dec_block(const DecodeParams& p) {
+    if (p.bench_flags & DEC_BENCH_EARLY_DEPENDENTS) dec_allow_consumer();
     DecBlock k;
     const int kv_heads = p.heads / p.kv_group;
     k.b = blockIdx.z;
@@ -192,39 +253,24 @@ __device__ __forceinline__ float dec_logit(const DecodeParams& p, float raw) {
     return p.softcap > 0.f ? p.softcap * attn_tanh(raw * p.scale / p.softcap) * DEC_LOG2E : raw * (p.scale * DEC_LOG2E);
 }
 
-// Programmatic dependent launch (sm_90+; no-ops in code for older archs, which the host then
-// launches plainly): the combine is launched while the main kernel still runs, and waits here
-// until every main block has finished and its partials are visible.
-__device__ __forceinline__ void dec_wait_for_producer() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-// A main block past its key loop lets the dependent combine's launch begin.
-__device__ __forceinline__ void dec_allow_consumer() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // The block epilogue: every warp has left its rows' running max m (base 2), sum l and
 // unnormalised accumulators in shared memory; one thread per (row, column) merges the warps,
 // normalises and stores the output and lse, or this split's partial for the combine.
-template <class D, int HD, int ROWS>
-__device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s_acc)[DEC_WARPS][ROWS][HD],
-                                          const float (&s_ml)[DEC_WARPS][ROWS][2], const DecBlock& blk) {
+template <class D, int HD, int ROWS, int WARPS>
+__device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s_acc)[WARPS][ROWS][HD],
+                                          const float (&s_ml)[WARPS][ROWS][2], const DecBlock& blk) {
     typedef typename D::storage T;
     const int b = blk.b, hk = blk.hk, row0 = blk.row0, nrows = blk.nrows;
     dec_allow_consumer();
-    for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += DEC_WARPS * 32) {
+    for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += WARPS * 32) {
         const int r = idx / p.head_dim, c = idx % p.head_dim;
         float mm = attn_neg_inf();
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) mm = attn_max(mm, s_ml[w][r][0]);
+        for (int w = 0; w < WARPS; ++w) mm = attn_max(mm, s_ml[w][r][0]);
         const float base = mm == attn_neg_inf() ? 0.f : mm;
         float ll = 0.f, aa = 0.f;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) {
+        for (int w = 0; w < WARPS; ++w) {
             const float e = attn_exp2(s_ml[w][r][0] - base);
             ll += s_ml[w][r][1] * e;
             aa += s_acc[w][r][c] * e;
@@ -349,5 +395,3 @@ __device__ __forceinline__ void dec_combine(const DecodeParams& p) {
     if (tid == 0 && p.lse != nullptr) p.lse[dec_lse_index(p, b, seq, h, qi)] = wsum == 0.f ? attn_neg_inf() : base + __logf(wsum);
 }
 
-#define DEC_COMBINE(SUFFIX, D) \
-    extern "C" __global__ void __launch_bounds__(DEC_COMBINE_THREADS) attn_decode_combine_##SUFFIX(DecodeParams p) { dec_combine<D>(p); }

@@ -1,4 +1,3 @@
-// attention: min-arch 8.0
 // Decode on tensor cores (sm_80+, f16 and bf16): the structure of cuda/decode.cu (GQA packing,
 // split-KV with a device-side share of each sequence's keys, contiguous or paged K/V), with
 // both products on mma.sync so that the instruction count per byte read stays far below what
@@ -14,7 +13,7 @@
 // so that each lane's 16 bytes are its fragment (no shuffles); V's fragments pair two keys per
 // register (one byte permute each); P^T is the score fragment transposed by movmatrix.
 //
-// Launch: block DEC_WARPS * 32 threads; grid (splits, kv_heads * row_groups, batch) with 8
+// Launch: block WARPS * 32 threads; grid (splits, kv_heads * row_groups, batch) with 8
 // packed rows per row group; attn_decode_combine as in decode.cu.
 #include "decode.cuh"
 
@@ -43,6 +42,7 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
                                          const DecPage (&pg)[U], DtcFrags<HD, U>& f) {
     constexpr int KC = HD / 32, VL = HD / 64;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const unsigned long long policy = dec_evict_first_policy();
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -52,7 +52,8 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
 #pragma unroll
             for (int c = 0; c < KC; ++c) {
                 f.kf[u][rr][c][0] = f.kf[u][rr][c][1] = f.kf[u][rr][c][2] = f.kf[u][rr][c][3] = 0u;
-                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16(kp + 32 * c + 8 * t, f.kf[u][rr][c]);
+                // A K row's 128-byte line is two loads (c even, then c odd) of 64 bytes per row.
+                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16_kv(kp + 32 * c + 8 * t, f.kf[u][rr][c], p.bench_flags, c & 1, policy);
             }
         }
 #pragma unroll
@@ -62,7 +63,8 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
 #pragma unroll
             for (int x = 0; x < VL; ++x) {
                 f.vf[u][kk][x][0] = f.vf[u][kk][x][1] = f.vf[u][kk][x][2] = f.vf[u][kk][x][3] = 0u;
-                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16(vp + 64 * x + 8 * g, f.vf[u][kk][x]);
+                // The 8 lanes of a t read a V row's whole 128-byte line.
+                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16_kv(vp + 64 * x + 8 * g, f.vf[u][kk][x], p.bench_flags, true, policy);
             }
         }
     }
@@ -154,7 +156,7 @@ __device__ __forceinline__ void dtc_step(const DecodeParams& p, int key0, const 
 // buffer that keeps the next step's loads in flight while a step computes (same registers, half
 // the tiles per step) ran no faster at any decode shape, so the bytes in flight per SM are not
 // what limits it.
-template <class D, bool BF16, int HD, int U>
+template <class D, bool BF16, int HD, int U, int WARPS>
 __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     typedef typename D::storage T;
     constexpr int KC = HD / 32;  // K (and Q) loads per row per lane: 8 columns of each 32
@@ -197,7 +199,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     const T* kbase = (const T*)p.k + (long long)blk.hk * p.k_stride[2];
     const T* vbase = (const T*)p.v + (long long)blk.hk * p.v_stride[2];
     const int kend = (int)span.k_end, b = blk.b;
-    constexpr int STEP = DEC_WARPS * DEC_TILE * U;  // keys the block advances per warp step
+    constexpr int STEP = WARPS * DEC_TILE * U;  // keys the block advances per warp step
     // A paged cache whose pages hold whole tiles (span starts are tile-aligned): one table read
     // per tile, issued a step before the loads that need it. Other page sizes read the table
     // per key (dec_row).
@@ -223,8 +225,8 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
 #pragma unroll
         for (int off = 4; off < 32; off <<= 1) l[i] += __shfl_xor_sync(0xffffffffu, l[i], off);
 
-    __shared__ float s_acc[DEC_WARPS][DTC_ROWS][HD];
-    __shared__ float s_ml[DEC_WARPS][DTC_ROWS][2];
+    __shared__ float s_acc[WARPS][DTC_ROWS][HD];
+    __shared__ float s_ml[WARPS][DTC_ROWS][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -237,20 +239,9 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         }
     }
     __syncthreads();
-    dec_store<D, HD, DTC_ROWS>(p, s_acc, s_ml, blk);
+    dec_store<D, HD, DTC_ROWS, WARPS>(p, s_acc, s_ml, blk);
 }
 
-// Tiles per warp step: 16 KiB of K/V in flight per warp (four tiles of d64, two of d128); d256
-// has room for one.
-#define DTC_ENTRY(SUFFIX, D, BF16, HD, U)                                                                  \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) attn_decode_tc_##SUFFIX##_d##HD(DecodeParams p) { \
-        dtc_kernel<D, BF16, HD, U>(p);                                                                     \
-    }
-#define DTC_ENTRIES(SUFFIX, D, BF16)  \
-    DTC_ENTRY(SUFFIX, D, BF16, 64, 4)  \
-    DTC_ENTRY(SUFFIX, D, BF16, 128, 2) \
-    DTC_ENTRY(SUFFIX, D, BF16, 256, 1) \
-    DEC_COMBINE(SUFFIX, D)
-
-DTC_ENTRIES(f16, AttnF16, false)
-DTC_ENTRIES(bf16, AttnBF16, true)
+// The entry points (tiles per warp step per head_dim: 16 KiB of K/V in flight per warp at d64
+// and d128, one tile at d256), generated from the kernel registry (src/registry.rs) by build.rs.
+#include "decode_tc_entries.cuh"

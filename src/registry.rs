@@ -1,5 +1,5 @@
 //! The kernel registry: every kernel of the prefill modules (`flash`, `flash_hopper`,
-//! `mem_efficient`, `naive`), stated once.
+//! `mem_efficient`, `naive`) and the decode modules (`decode`, `decode_tc`), stated once.
 //!
 //! Each row of [`KERNELS`] gives a kernel's module, entry name, family, element type, head_dim
 //! bucket and shape (tile sizes, warps or threads, min-blocks where used); the module gives the
@@ -17,7 +17,7 @@
 //!   runs a head_dim, launch shape, shared memory, minimum arch.
 //!
 //! So a kernel named on one side and missing or shaped differently on the other cannot be
-//! built. Modules not listed here (decode, decode_tc, append) keep their `// attention:
+//! built. Modules not listed here (append) keep their `// attention:
 //! min-arch X.Y` first-line marker and hand-written entry points; adding one means a
 //! [`Module`] variant, its rows, a [`Shape`] for its template and an `#include` of its header.
 #![allow(dead_code)]
@@ -37,11 +37,16 @@ pub enum Module {
     MemEfficient,
     /// cuda/naive.cu: the materialised-scores kernels, every arch.
     Naive,
+    /// cuda/decode.cu: the CUDA-core decode kernels (f32 FMAs), sm_75+, every dtype.
+    Decode,
+    /// cuda/decode_tc.cu: the tensor-core decode kernels (mma.sync), sm_80+, f16 and bf16.
+    DecodeTc,
 }
 
 impl Module {
     /// Every module of the registry.
-    pub const ALL: [Module; 4] = [Module::Flash, Module::FlashHopper, Module::MemEfficient, Module::Naive];
+    pub const ALL: [Module; 6] =
+        [Module::Flash, Module::FlashHopper, Module::MemEfficient, Module::Naive, Module::Decode, Module::DecodeTc];
 
     /// The module's name: its `.cu` file's stem, and its name at run time.
     pub const fn name(self) -> &'static str {
@@ -50,6 +55,8 @@ impl Module {
             Module::FlashHopper => "flash_hopper",
             Module::MemEfficient => "mem_efficient",
             Module::Naive => "naive",
+            Module::Decode => "decode",
+            Module::DecodeTc => "decode_tc",
         }
     }
 
@@ -62,6 +69,8 @@ impl Module {
             Module::FlashHopper => ArchSpec { major: 9, minor: 0, suffix: ArchSuffix::A, ptx: false },
             Module::MemEfficient => ArchSpec::new(7, 5),
             Module::Naive => ArchSpec::new(0, 0),
+            Module::Decode => ArchSpec::new(7, 5),
+            Module::DecodeTc => ArchSpec::new(8, 0),
         }
     }
 
@@ -72,6 +81,8 @@ impl Module {
             Module::FlashHopper => "flash_hopper_entries.cuh",
             Module::MemEfficient => "mem_efficient_entries.cuh",
             Module::Naive => "naive_entries.cuh",
+            Module::Decode => "decode_entries.cuh",
+            Module::DecodeTc => "decode_tc_entries.cuh",
         }
     }
 
@@ -148,6 +159,14 @@ pub enum Family {
     NaiveSoftmax,
     /// `naive_pv`: O = P·V.
     NaivePv,
+    /// `dec_kernel` (cuda/decode.cu): f32 FMAs on 16-byte vector loads, 4 or 8 packed query
+    /// rows per block.
+    DecodeSimt,
+    /// `dtc_kernel` (cuda/decode_tc.cu): mma.sync with keys as the m and 8 packed rows as the n.
+    DecodeTc,
+    /// `dec_combine` (cuda/decode.cuh): merges split-KV partials by log-sum-exp; one per dtype
+    /// in each decode module.
+    DecodeCombine,
 }
 
 impl Family {
@@ -156,6 +175,7 @@ impl Family {
         match self {
             Family::FlashHopperWs => ParamBlock::AttnTma,
             Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv => ParamBlock::Naive,
+            Family::DecodeSimt | Family::DecodeTc | Family::DecodeCombine => ParamBlock::Decode,
             _ => ParamBlock::Attn,
         }
     }
@@ -170,7 +190,18 @@ pub enum ParamBlock {
     AttnTma,
     /// `NaiveParams` (cuda/common.cuh; `naive::NaiveParams`) and the stage's pointers.
     Naive,
+    /// One `DecodeParams` (cuda/decode.cuh; `decode::DecodeParams`), by value.
+    Decode,
 }
+
+/// Warps per decode block (`DEC_WARPS` in cuda/decode.cuh, asserted by the generated headers):
+/// the main kernels' warps split a block's keys and merge through shared memory.
+pub const DECODE_WARPS: u32 = 4;
+/// Threads of a combine block (`DEC_COMBINE_THREADS`): one split's lse per thread, so also the
+/// most splits a combine merges.
+pub const DECODE_COMBINE_THREADS: u32 = 128;
+/// Packed query rows per tensor-core decode block (`DTC_ROWS`): the n of mma m16n8k16.
+pub const DECODE_TC_ROWS: u32 = 8;
 
 /// A kernel's template shape: the arguments its family's template takes besides head_dim and
 /// element type, from which the launch shape and shared memory follow.
@@ -197,6 +228,13 @@ pub enum Shape {
     NaiveTile { tile: u32 },
     /// One warp per row, `warps` rows per block (`NAIVE_SOFTMAX_WARPS`).
     NaiveRows { warps: u32 },
+    /// `dec_kernel<D, HD, ROWS>`: [`DECODE_WARPS`] warps over `rows` packed query rows.
+    DecodeSimt { rows: u32 },
+    /// `dtc_kernel<D, BF16, HD, U, WARPS>`: `warps` warps over [`DECODE_TC_ROWS`] packed rows,
+    /// each warp step `tiles` tiles of 16 keys (`U`).
+    DecodeTc { tiles: u32, warps: u32 },
+    /// `dec_combine<D>`: [`DECODE_COMBINE_THREADS`] threads per (sequence, head, query row).
+    DecodeCombine,
 }
 
 /// One kernel: a row of [`KERNELS`].
@@ -295,6 +333,31 @@ const fn me_simt(name: &'static str, d: u32, lanes_per_row: u32, block_n: u32, t
 const fn naive(name: &'static str, family: Family, dtype: Elem, shape: Shape) -> Kernel {
     Kernel { name, module: Module::Naive, family, dtype, head_dim: 0, shape, body_min_arch: None }
 }
+const fn dec_simt(name: &'static str, dtype: Elem, d: u32, rows: u32) -> Kernel {
+    Kernel {
+        name,
+        module: Module::Decode,
+        family: Family::DecodeSimt,
+        dtype,
+        head_dim: d,
+        shape: Shape::DecodeSimt { rows },
+        body_min_arch: None,
+    }
+}
+const fn dec_tc(name: &'static str, dtype: Elem, d: u32, tiles: u32, warps: u32) -> Kernel {
+    Kernel {
+        name,
+        module: Module::DecodeTc,
+        family: Family::DecodeTc,
+        dtype,
+        head_dim: d,
+        shape: Shape::DecodeTc { tiles, warps },
+        body_min_arch: None,
+    }
+}
+const fn dec_combine(name: &'static str, module: Module, dtype: Elem) -> Kernel {
+    Kernel { name, module, family: Family::DecodeCombine, dtype, head_dim: 0, shape: Shape::DecodeCombine, body_min_arch: None }
+}
 
 use Elem::{BF16, F16, F32};
 use Family::{MemEfficientAligned as MeA, MemEfficientUnaligned as MeU};
@@ -363,6 +426,44 @@ pub const KERNELS: &[Kernel] = &[
     naive("attn_naive_pv_bf16", Family::NaivePv, BF16, Shape::NaiveTile { tile: 16 }),
     naive("attn_naive_scores_f32", Family::NaiveScores, F32, Shape::NaiveTile { tile: 16 }),
     naive("attn_naive_pv_f32", Family::NaivePv, F32, Shape::NaiveTile { tile: 16 }),
+    // decode, CUDA cores (sm_75+): name, dtype, head_dim, packed rows per block (4 for up to 4
+    // rows per KV head, else 8). A K/V row is one warp's 16-byte loads at most: 256 columns of
+    // a 16-bit type, 128 of f32.
+    dec_simt("attn_decode_f16_d64_r4", F16, 64, 4),
+    dec_simt("attn_decode_f16_d64_r8", F16, 64, 8),
+    dec_simt("attn_decode_f16_d128_r4", F16, 128, 4),
+    dec_simt("attn_decode_f16_d128_r8", F16, 128, 8),
+    dec_simt("attn_decode_f16_d256_r4", F16, 256, 4),
+    dec_simt("attn_decode_f16_d256_r8", F16, 256, 8),
+    dec_combine("attn_decode_combine_f16", Module::Decode, F16),
+    dec_simt("attn_decode_bf16_d64_r4", BF16, 64, 4),
+    dec_simt("attn_decode_bf16_d64_r8", BF16, 64, 8),
+    dec_simt("attn_decode_bf16_d128_r4", BF16, 128, 4),
+    dec_simt("attn_decode_bf16_d128_r8", BF16, 128, 8),
+    dec_simt("attn_decode_bf16_d256_r4", BF16, 256, 4),
+    dec_simt("attn_decode_bf16_d256_r8", BF16, 256, 8),
+    dec_combine("attn_decode_combine_bf16", Module::Decode, BF16),
+    dec_simt("attn_decode_f32_d64_r4", F32, 64, 4),
+    dec_simt("attn_decode_f32_d64_r8", F32, 64, 8),
+    dec_simt("attn_decode_f32_d128_r4", F32, 128, 4),
+    dec_simt("attn_decode_f32_d128_r8", F32, 128, 8),
+    dec_combine("attn_decode_combine_f32", Module::Decode, F32),
+    // decode, tensor cores (sm_80+): name, dtype, head_dim, 16-key tiles per warp step (16 KiB
+    // of K/V in flight per warp at d64 and d128; d256 has registers for one), warps. Two-warp
+    // blocks (suffix `_w2`) fit twice as many per SM: grids of many short blocks overlap one
+    // block's start and drain with others' streaming (none at d256: ptxas spills there).
+    dec_tc("attn_decode_tc_f16_d64", F16, 64, 4, 4),
+    dec_tc("attn_decode_tc_f16_d128", F16, 128, 2, 4),
+    dec_tc("attn_decode_tc_f16_d256", F16, 256, 1, 4),
+    dec_tc("attn_decode_tc_f16_d64_w2", F16, 64, 4, 2),
+    dec_tc("attn_decode_tc_f16_d128_w2", F16, 128, 2, 2),
+    dec_combine("attn_decode_combine_f16", Module::DecodeTc, F16),
+    dec_tc("attn_decode_tc_bf16_d64", BF16, 64, 4, 4),
+    dec_tc("attn_decode_tc_bf16_d128", BF16, 128, 2, 4),
+    dec_tc("attn_decode_tc_bf16_d256", BF16, 256, 1, 4),
+    dec_tc("attn_decode_tc_bf16_d64_w2", BF16, 64, 4, 2),
+    dec_tc("attn_decode_tc_bf16_d128_w2", BF16, 128, 2, 2),
+    dec_combine("attn_decode_combine_bf16", Module::DecodeTc, BF16),
 ];
 
 impl Kernel {
@@ -376,6 +477,9 @@ impl Kernel {
             Shape::MeSimt { threads, .. } => threads,
             Shape::NaiveTile { tile } => tile * tile,
             Shape::NaiveRows { warps } => warps * 32,
+            Shape::DecodeSimt { .. } => DECODE_WARPS * 32,
+            Shape::DecodeTc { warps, .. } => warps * 32,
+            Shape::DecodeCombine => DECODE_COMBINE_THREADS,
         }
     }
 
@@ -397,10 +501,14 @@ impl Kernel {
             Shape::MeSimt { lanes_per_row, threads, .. } => threads / lanes_per_row,
             Shape::NaiveTile { tile } => tile,
             Shape::NaiveRows { warps } => warps,
+            Shape::DecodeSimt { rows } => rows,
+            Shape::DecodeTc { .. } => DECODE_TC_ROWS,
+            Shape::DecodeCombine => 1,
         }
     }
 
-    /// Keys per K/V tile (naive: keys or head_dim columns per block; 0 for the softmax).
+    /// Keys per K/V tile (naive: keys or head_dim columns per block; 0 for the softmax and for
+    /// decode, whose K/V go from global memory straight into registers).
     pub const fn block_n(&self) -> u32 {
         match self.shape {
             Shape::MmaSync { block_n, .. }
@@ -409,7 +517,7 @@ impl Kernel {
             | Shape::MeTensorCore { block_n, .. }
             | Shape::MeSimt { block_n, .. } => block_n,
             Shape::NaiveTile { tile } => tile,
-            Shape::NaiveRows { .. } => 0,
+            Shape::NaiveRows { .. } | Shape::DecodeSimt { .. } | Shape::DecodeTc { .. } | Shape::DecodeCombine => 0,
         }
     }
 
@@ -443,16 +551,24 @@ impl Kernel {
                 let partials = if warps_d > 1 { warps_d * bm * block_n * 4 } else { 0 };
                 (bm + (k_buffers + 1) * block_n) * d * 2 + partials
             }
-            Shape::MeSimt { .. } | Shape::NaiveTile { .. } | Shape::NaiveRows { .. } => 0,
+            Shape::MeSimt { .. }
+            | Shape::NaiveTile { .. }
+            | Shape::NaiveRows { .. }
+            | Shape::DecodeSimt { .. }
+            | Shape::DecodeTc { .. }
+            | Shape::DecodeCombine => 0,
         }
     }
 
     /// Static shared memory per block, bytes (declared in the kernel; ptxas reports it):
-    /// the f32 kernels' K and V tiles, naive's two padded tiles.
+    /// the f32 kernels' K and V tiles, naive's two padded tiles, decode's per-warp accumulators
+    /// and (max, sum) pairs per row, the combine's weights, warp partials and row vectors.
     pub const fn static_smem(&self) -> u32 {
         match self.shape {
             Shape::MeSimt { block_n, .. } => 2 * block_n * self.head_dim * 4,
             Shape::NaiveTile { tile } => 2 * tile * (tile + 1) * 4,
+            Shape::DecodeSimt { .. } | Shape::DecodeTc { .. } => self.warps() * self.block_m() * (self.head_dim + 2) * 4,
+            Shape::DecodeCombine => DECODE_COMBINE_THREADS * (4 + 16) + DECODE_COMBINE_THREADS / 32 * 4,
             _ => 0,
         }
     }
@@ -490,6 +606,12 @@ impl Kernel {
             Family::NaiveScores => format!("attn_naive_scores_{t}"),
             Family::NaiveSoftmax => "attn_naive_softmax".to_string(),
             Family::NaivePv => format!("attn_naive_pv_{t}"),
+            Family::DecodeSimt => format!("attn_decode_{t}_d{d}_r{}", self.block_m()),
+            Family::DecodeTc => match self.warps() {
+                DECODE_WARPS => format!("attn_decode_tc_{t}_d{d}"),
+                w => format!("attn_decode_tc_{t}_d{d}_w{w}"),
+            },
+            Family::DecodeCombine => format!("attn_decode_combine_{t}"),
         }
     }
 
@@ -503,6 +625,7 @@ impl Kernel {
             Family::FlashHopperWs => "const __grid_constant__ AttnParams p, const __grid_constant__ AttnTensorMap tq,\n    \
                  const __grid_constant__ AttnTensorMap tk, const __grid_constant__ AttnTensorMap tv"
                 .to_string(),
+            Family::DecodeSimt | Family::DecodeTc | Family::DecodeCombine => "DecodeParams p".to_string(),
             _ => "const AttnParams p".to_string(),
         }
     }
@@ -526,6 +649,9 @@ impl Kernel {
             }
             (_, Family::NaiveScores) => format!("naive_scores<{t}>(p, q, k, s);"),
             (_, Family::NaivePv) => format!("naive_pv<{t}>(p, s, v, o);"),
+            (Shape::DecodeSimt { rows }, _) => format!("dec_kernel<{t}, {d}, {rows}>(p);"),
+            (Shape::DecodeTc { tiles, warps }, _) => format!("dtc_kernel<{t}, {b}, {d}, {tiles}, {warps}>(p);"),
+            (Shape::DecodeCombine, _) => format!("dec_combine<{t}>(p);"),
             // The thread indices are read here, where __launch_bounds__ bounds them for the compiler.
             (_, _) => "naive_softmax(p, s, lse, threadIdx.x % ATTN_WARP_SIZE, threadIdx.x / ATTN_WARP_SIZE);".to_string(),
         }
@@ -561,8 +687,16 @@ pub fn lookup(family: Family, dtype: Elem, head_dim: usize) -> Option<&'static K
 }
 
 /// The kernel called `name`.
+///
+/// Names are unique within a module; the decode modules each have their own combine under the
+/// same name, and this gives the first (use [`kernel_in`] where the module matters).
 pub fn kernel(name: &str) -> Option<&'static Kernel> {
     KERNELS.iter().find(|k| k.name == name)
+}
+
+/// The kernel called `name` in `module`.
+pub fn kernel_in(module: Module, name: &str) -> Option<&'static Kernel> {
+    module.kernels().find(|k| k.name == name)
 }
 
 /// How many kernels `module` has (a constant: sizes [`names`]' array).
@@ -608,19 +742,23 @@ pub const fn max_head_dim(module: Module) -> usize {
 /// The constants of a module's `.cu` file that the table's shapes must match, checked by
 /// `static_assert`s in the generated header (the kernels use them outside the templates).
 fn cuda_asserts(module: Module) -> Vec<String> {
+    let assert = |constant: &str, value: u32| {
+        format!("static_assert({constant} == {value}, \"{constant} differs from the registry's (src/registry.rs)\");")
+    };
     let mut out = Vec::new();
     for k in module.kernels() {
-        let a = match k.shape {
-            Shape::NaiveTile { tile } => {
-                format!("static_assert(NAIVE_TILE == {tile}, \"NAIVE_TILE differs from the registry's (src/registry.rs)\");")
-            }
-            Shape::NaiveRows { warps } => format!(
-                "static_assert(NAIVE_SOFTMAX_WARPS == {warps}, \"NAIVE_SOFTMAX_WARPS differs from the registry's (src/registry.rs)\");"
-            ),
+        let asserts = match k.shape {
+            Shape::NaiveTile { tile } => vec![assert("NAIVE_TILE", tile)],
+            Shape::NaiveRows { warps } => vec![assert("NAIVE_SOFTMAX_WARPS", warps)],
+            Shape::DecodeSimt { .. } => vec![assert("DEC_WARPS", DECODE_WARPS)],
+            Shape::DecodeTc { .. } => vec![assert("DTC_ROWS", DECODE_TC_ROWS)],
+            Shape::DecodeCombine => vec![assert("DEC_COMBINE_THREADS", DECODE_COMBINE_THREADS)],
             _ => continue,
         };
-        if !out.contains(&a) {
-            out.push(a);
+        for a in asserts {
+            if !out.contains(&a) {
+                out.push(a);
+            }
         }
     }
     out
@@ -676,23 +814,30 @@ pub fn validate() -> Result<(), String> {
         if k.name != k.formed_name() {
             errors.push(format!("{}: the {:?} scheme names it {}", k.name, k.family, k.formed_name()));
         }
-        if KERNELS[..i].iter().any(|o| o.name == k.name) {
-            errors.push(format!("{}: listed twice", k.name));
+        if KERNELS[..i].iter().any(|o| o.name == k.name && o.module == k.module) {
+            errors.push(format!("{}: listed twice in module {}", k.name, k.module.name()));
         }
-        let module = match k.family {
-            Family::FlashMmaSync => Module::Flash,
-            Family::FlashHopper | Family::FlashHopperWide | Family::FlashHopperWs => Module::FlashHopper,
-            Family::MemEfficientAligned | Family::MemEfficientUnaligned | Family::MemEfficientSimt => Module::MemEfficient,
-            Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv => Module::Naive,
+        let modules: &[Module] = match k.family {
+            Family::FlashMmaSync => &[Module::Flash],
+            Family::FlashHopper | Family::FlashHopperWide | Family::FlashHopperWs => &[Module::FlashHopper],
+            Family::MemEfficientAligned | Family::MemEfficientUnaligned | Family::MemEfficientSimt => &[Module::MemEfficient],
+            Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv => &[Module::Naive],
+            Family::DecodeSimt => &[Module::Decode],
+            Family::DecodeTc => &[Module::DecodeTc],
+            Family::DecodeCombine => &[Module::Decode, Module::DecodeTc],
         };
-        if k.module != module {
-            errors.push(format!("{}: family {:?} belongs to module {}", k.name, k.family, module.name()));
+        if !modules.contains(&k.module) {
+            errors.push(format!("{}: family {:?} belongs to module {}", k.name, k.family, modules[0].name()));
         }
-        let naive = matches!(k.family, Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv);
-        if naive != (k.head_dim == 0) || (!naive && k.head_dim % 8 != 0) {
-            errors.push(format!("{}: head_dim {} (0 for naive, else a multiple of 8)", k.name, k.head_dim));
+        // Kernels that take any head_dim (0): naive's and the combine (head_dim is a parameter).
+        let any = matches!(k.family, Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv | Family::DecodeCombine);
+        if any != (k.head_dim == 0) || (!any && k.head_dim % 8 != 0) {
+            errors.push(format!("{}: head_dim {} (0 for naive and the combine, else a multiple of 8)", k.name, k.head_dim));
         }
-        let tc = matches!(k.shape, Shape::MmaSync { .. } | Shape::Wgmma { .. } | Shape::WgmmaWs { .. } | Shape::MeTensorCore { .. });
+        let tc = matches!(
+            k.shape,
+            Shape::MmaSync { .. } | Shape::Wgmma { .. } | Shape::WgmmaWs { .. } | Shape::MeTensorCore { .. } | Shape::DecodeTc { .. }
+        );
         if tc && k.dtype == Elem::F32 || k.family == Family::MemEfficientSimt && k.dtype != Elem::F32 {
             errors.push(format!("{}: {} on this template", k.name, k.dtype.name()));
         }
@@ -736,6 +881,10 @@ mod tests {
         assert_eq!(max_head_dim(Module::MemEfficient), 512);
         assert_eq!(count(Module::FlashHopper), 12);
         assert_eq!(names::<6>(Module::Flash)[5], "attn_flash_fwd_bf16_d256");
+        assert_eq!(name(Family::DecodeTc, BF16, 72), Some("attn_decode_tc_bf16_d128"));
+        assert_eq!(name(Family::DecodeTc, F32, 64), None);
+        assert_eq!(max_head_dim(Module::DecodeTc), 256);
+        assert_eq!((count(Module::Decode), count(Module::DecodeTc)), (19, 12));
     }
 
     #[test]
@@ -796,5 +945,25 @@ mod tests {
         assert_eq!(kernel("attn_me_fwd_f16_d512_a").unwrap().block_m(), 16);
         assert_eq!(kernel("attn_me_fwd_f32_d512").unwrap().static_smem(), 32768);
         assert_eq!(kernel("attn_naive_scores_f16").unwrap().static_smem(), 2176);
+        // Decode: the figures ptxas reported for the hand-written entries.
+        assert_eq!(kernel("attn_decode_bf16_d128_r4").unwrap().static_smem(), 8320);
+        assert_eq!(kernel("attn_decode_f16_d64_r8").unwrap().static_smem(), 8448);
+        assert_eq!(kernel("attn_decode_f16_d256_r8").unwrap().static_smem(), 33024);
+        assert_eq!(kernel("attn_decode_tc_bf16_d128").unwrap().static_smem(), 16640);
+        assert_eq!(kernel_in(Module::DecodeTc, "attn_decode_combine_f16").unwrap().static_smem(), 2576);
+    }
+
+    #[test]
+    fn decode_entries() {
+        let tc = entries_header(Module::DecodeTc);
+        assert!(tc.contains("static_assert(DTC_ROWS == 8,"));
+        assert!(tc.contains("__launch_bounds__(128) attn_decode_tc_bf16_d64(DecodeParams p) {\n    dtc_kernel<AttnBF16, true, 64, 4, 4>(p);"));
+        assert!(tc.contains("__launch_bounds__(64) attn_decode_tc_f16_d128_w2(DecodeParams p) {\n    dtc_kernel<AttnF16, false, 128, 2, 2>(p);"));
+        assert_eq!(kernel("attn_decode_tc_f16_d128_w2").unwrap().static_smem(), 8320);
+        assert!(tc.contains("__launch_bounds__(128) attn_decode_combine_f16(DecodeParams p) {\n    dec_combine<AttnF16>(p);"));
+        let simt = entries_header(Module::Decode);
+        assert!(simt.contains("attn_decode_f32_d128_r8(DecodeParams p) {\n    dec_kernel<AttnF32, 128, 8>(p);"));
+        assert!(!simt.contains("attn_decode_f32_d256"));
+        assert_eq!(kernel_in(Module::DecodeTc, "attn_decode_combine_bf16").unwrap().module, Module::DecodeTc);
     }
 }

@@ -70,3 +70,13 @@ pub fn set_decode_max_splits(splits: usize) {
 pub fn set_decode_skip_combine(skip: bool) {
     crate::gpu::decode::set_skip_combine(skip);
 }
+
+/// Benchmarks only: variants of the decode kernels, process-wide; every one computes the same
+/// outputs. Bits (`DEC_BENCH_*` in cuda/decode.cuh): 1, split grids let their combine launch as
+/// each main block starts rather than at its epilogue (sm_90 code); 2, the tensor-core kernels'
+/// K/V loads fetch whole 128-byte lines into L2; 4, those loads skip L1 and mark each line
+/// evict-first in L2 once read; 8, the tensor-core family runs its two-warp kernels (host
+/// side). 0: the defaults.
+pub fn set_decode_bench_flags(flags: usize) {
+    crate::gpu::decode::set_bench_flags(flags);
+}

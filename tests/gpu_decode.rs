@@ -132,6 +132,21 @@ fn kv_cache_f16_and_f32_match_reference() {
     sweep::<f32>(DType::F32, &[128, 36]);
 }
 
+/// The kernels' bench-only variants (cache hints on the K/V loads, the combine launched early)
+/// compute what the defaults do: the sweep with every variant switched on. (Tests running
+/// meanwhile in this process see the variants too, which they must also pass with.)
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kernel_variants_match_the_reference() {
+    let mut n = 0;
+    for flags in [7, 8] {
+        attention::testing::set_decode_bench_flags(flags);
+        n += sweep::<bf16>(DType::BF16, &[128, 64, 256]);
+    }
+    attention::testing::set_decode_bench_flags(0);
+    assert!(n > 0);
+}
+
 /// Dense decode-shaped `forward` calls (q_len ≤ 16) run on the decode kernels: GQA, MQA,
 /// heads-first (PyTorch's) layout, causal.
 #[test]

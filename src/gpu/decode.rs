@@ -26,24 +26,32 @@ use crate::dtype::DType;
 use crate::problem::Problem;
 use crate::settings::JitMode;
 use crate::call::{Addr, Call};
+use crate::registry::{self, Kernel, Module};
+use super::elem;
 
 /// The most query rows per sequence of a dense problem the decode kernels take (speculative
 /// decoding sends up to about 16); longer dense queries are prefills, which the tiled backends
 /// run. KV-cache calls run here at any query length (chunked prefill against a cache): every
 /// group of 8 packed rows reads its sequence's keys, correct but not a tiled prefill.
 pub(crate) const MAX_QUERY_ROWS: usize = 16;
-/// The largest head_dim a kernel is specialised for: a K/V row is one warp's 16-byte loads at
-/// most, 256 columns of a 16-bit type, 128 of f32.
+/// The largest head_dim a kernel is specialised for (the CUDA-core module has every dtype): a
+/// K/V row is one warp's 16-byte loads at most, 256 columns of a 16-bit type, 128 of f32.
 fn max_head_dim(dtype: DType) -> usize {
-    32 * vector_elems(dtype)
+    let e = elem(dtype);
+    Module::Decode.kernels().filter(|k| k.dtype == e).map(|k| k.head_dim as usize).max().unwrap_or(0)
 }
-/// Threads per block (`DEC_WARPS * 32` in cuda/decode.cuh).
-const THREADS: usize = 128;
+/// Warps per block of the main kernels, unless a plan takes the tensor-core family's two-warp
+/// kernels.
+const WARPS: usize = registry::DECODE_WARPS as usize;
+/// `DEC_BENCH_*` bit (host side only) that runs the tensor-core family's two-warp kernels.
+const BENCH_TWO_WARPS: usize = 8;
+/// Threads per block of the combine.
+const COMBINE_THREADS: usize = registry::DECODE_COMBINE_THREADS as usize;
 /// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
 const MIN_CHUNK: usize = 64;
 /// Most splits of one sequence: bounds the workspace, and the combine reads one split's lse per
-/// thread (`DEC_COMBINE_THREADS`, 128, in cuda/decode.cuh).
-const MAX_SPLITS: usize = 128;
+/// thread.
+const MAX_SPLITS: usize = COMBINE_THREADS;
 /// Waves of blocks a split grid aims for: one. Measured on the H200 (bf16 GQA 32/8 d128, the
 /// decode bench's waves table), one wave of long blocks beats 2, 3 and 4 waves of shorter ones at
 /// every split shape: batch 1 at 8k/32k/128k keys 1.95/2.96/4.02 TB/s against 1.55/2.53/3.82 at
@@ -57,6 +65,9 @@ static WAVES_OVERRIDE: AtomicUsize = AtomicUsize::new(0);
 static SPLITS_CAP: AtomicUsize = AtomicUsize::new(0);
 /// Launches split grids without their combine (wrong outputs), to time the main kernel alone.
 static SKIP_COMBINE: AtomicBool = AtomicBool::new(false);
+/// `DEC_BENCH_*` bits of cuda/decode.cuh for the kernels' variants (see
+/// `attention::testing::set_decode_bench_flags`).
+static BENCH_FLAGS: AtomicUsize = AtomicUsize::new(0);
 
 pub(crate) fn set_waves(waves: usize) {
     WAVES_OVERRIDE.store(waves, Ordering::Relaxed);
@@ -68,6 +79,10 @@ pub(crate) fn set_max_splits(splits: usize) {
 
 pub(crate) fn set_skip_combine(skip: bool) {
     SKIP_COMBINE.store(skip, Ordering::Relaxed);
+}
+
+pub(crate) fn set_bench_flags(flags: usize) {
+    BENCH_FLAGS.store(flags, Ordering::Relaxed);
 }
 
 /// A switch's count, or `default` where it is 0.
@@ -90,45 +105,14 @@ fn splits_cap() -> usize {
 /// `explain` before the module is loaded): what ~220 registers per thread allow.
 const DEFAULT_RESIDENT_PER_SM: usize = 2;
 
-const MODULE: &str = "decode";
-/// The tensor-core family's module (min-arch 8.0): `attn_decode_tc_<dtype>_d<head_dim>`, 8
-/// packed rows per block, and the same combine.
-const TC_MODULE: &str = "decode_tc";
-const TC_FUNCTIONS: [&str; 8] = [
-    "attn_decode_tc_f16_d64",
-    "attn_decode_tc_f16_d128",
-    "attn_decode_tc_f16_d256",
-    "attn_decode_combine_f16",
-    "attn_decode_tc_bf16_d64",
-    "attn_decode_tc_bf16_d128",
-    "attn_decode_tc_bf16_d256",
-    "attn_decode_combine_bf16",
-];
+const MODULE: &str = Module::Decode.name();
+/// Every entry point of cuda/decode.cu, from the kernel registry.
+const FUNCTIONS: [&str; registry::count(Module::Decode)] = registry::names(Module::Decode);
+/// The tensor-core family's module (sm_80+): 8 packed rows per block, and the same combine.
+const TC_MODULE: &str = Module::DecodeTc.name();
+const TC_FUNCTIONS: [&str; registry::count(Module::DecodeTc)] = registry::names(Module::DecodeTc);
 /// Packed rows per block of the tensor-core kernels (the n of mma m16n8k16).
-const TC_ROWS: usize = 8;
-/// Every entry point of cuda/decode.cu: `attn_decode_<dtype>_d<head_dim>_r<rows>` and a
-/// combine per dtype.
-const FUNCTIONS: [&str; 19] = [
-    "attn_decode_f16_d64_r4",
-    "attn_decode_f16_d64_r8",
-    "attn_decode_f16_d128_r4",
-    "attn_decode_f16_d128_r8",
-    "attn_decode_f16_d256_r4",
-    "attn_decode_f16_d256_r8",
-    "attn_decode_combine_f16",
-    "attn_decode_bf16_d64_r4",
-    "attn_decode_bf16_d64_r8",
-    "attn_decode_bf16_d128_r4",
-    "attn_decode_bf16_d128_r8",
-    "attn_decode_bf16_d256_r4",
-    "attn_decode_bf16_d256_r8",
-    "attn_decode_combine_bf16",
-    "attn_decode_f32_d64_r4",
-    "attn_decode_f32_d64_r8",
-    "attn_decode_f32_d128_r4",
-    "attn_decode_f32_d128_r8",
-    "attn_decode_combine_f32",
-];
+const TC_ROWS: usize = registry::DECODE_TC_ROWS as usize;
 
 /// Mirrors `struct DecodeParams` in cuda/decode.cuh (the kernel checks its size is 256).
 #[repr(C)]
@@ -166,7 +150,7 @@ struct DecodeParams {
     rows_per_block: i32,
     cu_seqlens_q: u64,
     total_q: i32,
-    pad: i32,
+    bench_flags: i32,
 }
 const _: () = {
     assert!(std::mem::size_of::<DecodeParams>() == 256);
@@ -187,6 +171,16 @@ pub(crate) enum Family {
     Simt,
 }
 
+impl Family {
+    /// The family's main kernels in the registry.
+    const fn registry(self) -> registry::Family {
+        match self {
+            Family::TensorCore => registry::Family::DecodeTc,
+            Family::Simt => registry::Family::DecodeSimt,
+        }
+    }
+}
+
 /// How one problem runs: the kernel and its grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
@@ -199,6 +193,8 @@ pub(crate) struct Plan {
     row_groups: usize,
     /// Blocks sharing one sequence's keys (1: no workspace, no combine).
     splits: usize,
+    /// Warps per block.
+    warps: usize,
 }
 
 impl Plan {
@@ -207,25 +203,39 @@ impl Plan {
     /// (rounding down): a grid a fraction of a wave past whole waves leaves SMs idle for that
     /// fraction's time, since a memory-bound kernel's blocks all take about as long.
     pub(crate) fn of(p: &Problem, sm_count: usize, family: Family, per_sm: usize) -> Plan {
-        let head_dim = [64, 128, 256].into_iter().find(|&d| d >= p.head_dim).unwrap_or(max_head_dim(p.dtype));
         let packed = (p.heads / p.kv_heads.max(1)) * p.seqlen_q;
         let rows = match family {
             Family::TensorCore => TC_ROWS,
             Family::Simt if packed <= 4 => 4,
             Family::Simt => 8,
         };
+        // The two-warp kernels where asked for and built (d64 and d128).
+        let two = BENCH_FLAGS.load(Ordering::Relaxed) & BENCH_TWO_WARPS != 0 && Self::kernel_of(family, p.dtype, p.head_dim, rows, 2).is_some();
+        let warps = if two { 2 } else { WARPS };
+        // The smallest bucket at or above head_dim (validation keeps it within the largest).
+        let head_dim = Self::kernel_of(family, p.dtype, p.head_dim, rows, warps)
+            .map(|k| k.head_dim as usize)
+            .unwrap_or(max_head_dim(p.dtype));
         let row_groups = packed.div_ceil(rows).max(1);
         let blocks = p.batch * p.kv_heads * row_groups;
         let wanted = (sm_count * per_sm.max(1) * waves()) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, splits_cap());
-        Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most) }
+        Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most), warps }
     }
 
-    fn function(&self, dtype: DType) -> String {
-        match self.family {
-            Family::TensorCore => format!("attn_decode_tc_{}_d{}", dtype.name(), self.head_dim),
-            Family::Simt => format!("attn_decode_{}_d{}_r{}", dtype.name(), self.head_dim, self.rows),
-        }
+    /// The registry's kernel of `family` for `dtype` with `rows` packed rows and `warps` warps
+    /// per block whose head_dim bucket is the smallest at or above `head_dim`.
+    fn kernel_of(family: Family, dtype: DType, head_dim: usize, rows: usize, warps: usize) -> Option<&'static Kernel> {
+        let (e, f) = (elem(dtype), family.registry());
+        let fits = |k: &&Kernel| {
+            k.family == f && k.dtype == e && k.head_dim as usize >= head_dim && k.block_m() as usize == rows && k.warps() as usize == warps
+        };
+        registry::KERNELS.iter().filter(fits).min_by_key(|k| k.head_dim)
+    }
+
+    /// The main kernel's entry name.
+    fn function(&self, dtype: DType) -> &'static str {
+        Self::kernel_of(self.family, dtype, self.head_dim, self.rows, self.warps).map_or("(no decode kernel)", |k| k.name)
     }
 
     /// What `explain` shows: the kernel, its grid and the split count.
@@ -274,8 +284,9 @@ struct Resolved {
     programmatic: bool,
 }
 
-/// What chooses the kernels: dtype, the head_dim bucket and whether packed rows fit 4.
-type KernelKey = (DType, usize, bool);
+/// What chooses the kernels: dtype, the head_dim bucket, whether packed rows fit 4, and the
+/// tensor-core family's warps per block.
+type KernelKey = (DType, usize, bool, usize);
 
 /// The decode backend on one device.
 pub(crate) struct DecodeBackend {
@@ -314,16 +325,18 @@ impl DecodeBackend {
     /// The kernels that run `p` on the device: a read of the cache after the first call.
     fn resolve(&self, caps: &DeviceCaps, p: &Problem) -> Result<Resolved, RunError> {
         let probe = Plan::of(p, caps.sm_count as usize, Family::Simt, DEFAULT_RESIDENT_PER_SM);
-        let key = (p.dtype, probe.head_dim, probe.rows == 4);
+        let family = self.family(caps, p);
+        let warps = Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).warps;
+        let key = (p.dtype, probe.head_dim, probe.rows == 4, warps);
         if let Some(r) = self.resolved.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(r.clone());
         }
-        let family = self.family(caps, p);
         let (dev, module) = self.kernels(family).loaded()?;
         // The kernel's name does not depend on the split count: name it, then ask its occupancy.
-        let main = module.launchable(&Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype))?.clone();
-        let combine = module.launchable(&format!("attn_decode_combine_{}", p.dtype.name()))?.clone();
-        let per_sm = resident_blocks(&main, THREADS, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
+        let main = module.launchable(Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype))?.clone();
+        let combine = registry::lookup(registry::Family::DecodeCombine, elem(p.dtype), 0).map_or("(no combine)", |k| k.name);
+        let combine = module.launchable(combine)?.clone();
+        let per_sm = resident_blocks(&main, warps * 32, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
         let programmatic = module.source.compiled_for(dev.caps.cc) >= ComputeCapability::new(9, 0);
         let r = Resolved { family, main, combine, per_sm, programmatic };
         self.resolved.write().unwrap_or_else(|e| e.into_inner()).insert(key, r.clone());
@@ -457,7 +470,7 @@ impl Backend for DecodeBackend {
             rows_per_block: plan.rows as i32,
             cu_seqlens_q: call.kv.as_ref().and_then(|kv| kv.query_starts).map(Addr::device_or_null).unwrap_or(0),
             total_q: call.q.layout.seqlen() as i32,
-            pad: 0,
+            bench_flags: BENCH_FLAGS.load(Ordering::Relaxed) as i32,
         };
         let stream = call.stream;
         let bytes = plan.workspace_bytes(p);
@@ -490,12 +503,12 @@ impl Backend for DecodeBackend {
         }
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];
-        let mut outcome = launch(&r.main, call, grid, THREADS, 0, &mut args);
+        let mut outcome = launch(&r.main, call, grid, plan.warps * 32, 0, &mut args);
         if outcome.is_ok() && plan.splits > 1 && !SKIP_COMBINE.load(Ordering::Relaxed) {
             let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
             // Code for sm_90 on: the combine is set up while the main kernel's last blocks run
             // (its griddepcontrol.wait exists only in code compiled for sm_90+).
-            outcome = launch_dependent(&r.combine, call, grid, THREADS, &mut args, r.programmatic);
+            outcome = launch_dependent(&r.combine, call, grid, COMBINE_THREADS, &mut args, r.programmatic);
         }
         if let Some(ws) = workspace {
             // SAFETY: allocated above on this stream; the kernels using it are ordered before.
@@ -538,11 +551,11 @@ mod tests {
                 for (h, hk, sq) in [(32, 8, 1), (8, 8, 16), (64, 1, 16)] {
                     let problem = Problem::new(dtype, 1, sq, 1000, h, hk, d);
                     let plan = Plan::of(&problem, 80, Family::Simt, 2);
-                    assert!(FUNCTIONS.contains(&plan.function(dtype).as_str()), "{dtype} d={d}");
+                    assert!(FUNCTIONS.contains(&plan.function(dtype)), "{dtype} d={d}");
                     assert!(plan.head_dim >= d);
                     if dtype != DType::F32 {
                         let plan = Plan::of(&problem, 80, Family::TensorCore, 2);
-                        assert!(TC_FUNCTIONS.contains(&plan.function(dtype).as_str()), "{dtype} d={d}");
+                        assert!(TC_FUNCTIONS.contains(&plan.function(dtype)), "{dtype} d={d}");
                         assert_eq!(plan.rows, TC_ROWS);
                     }
                 }
