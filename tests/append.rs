@@ -1,7 +1,8 @@
 //! Appending new keys and values to KV caches on host memory (`append_kv` and the fused
 //! `forward_kvcache_append`): contiguous caches in both orders and vLLM / HND pages of 1, 16
 //! and 256 rows, new rows in several layouts (vLLM's `[num_tokens, kv_heads, d]` included),
-//! 1 and 7 new rows per sequence, padding tokens (slot -1), lengths at the cache's capacity.
+//! 1 and 7 new rows per sequence, padding tokens (slot -1), lengths at the cache's capacity,
+//! and packed rows (`KvCacheMut::with_varlen_queries`: 0-row sequences, a 300-row chunk).
 //! Every cache is NaN-poisoned outside the rows it held and compared bit for bit with the one
 //! computed independently in tests/common/append.rs; the fused call equals append then
 //! `forward_kvcache` and matches the f64 reference; every bad input is a typed error naming

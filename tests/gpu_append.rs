@@ -4,7 +4,10 @@
 //! tokens, lengths at the cache's capacity, 16-byte vector and element copies, all three
 //! dtypes; caches NaN-poisoned outside the rows they held and compared bit for bit with the
 //! one computed on the host; device slots and lengths outside the cache skipped without a
-//! fault; a CUDA graph of append + attention replayed with new slots, lengths and rows. They
+//! fault; a CUDA graph of append + attention replayed with new slots, lengths and rows. Packed
+//! rows (`KvCacheMut::with_varlen_queries`) likewise, with device prefix sums: every store, a
+//! graph replayed with new prefix sums, malformed sums that must write only inside the cache
+//! (guard bytes around it). They
 //! need a CUDA device, so they are `#[ignore]`d without one (CI) and run on the GPU machine
 //! with `--include-ignored`; run there without a device they fail (never pass by skipping).
 //! `append_bandwidth` is a report (1000 appends of 128 tokens x 8 kv heads x d128 bf16, timed
