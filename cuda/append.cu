@@ -3,13 +3,17 @@
 // `reshape_and_cache`): row (token t, kv head h) of k_new/v_new is copied to
 //
 //  * a contiguous cache `[batch, max_len, kv_heads, d]`: sequence b = t / new_len, position
-//    lens[b] - new_len + (t % new_len) (lens counts the keys with the new rows included);
+//    lens[b] - new_len + (t % new_len) (lens counts the keys with the new rows included); with
+//    packed rows (cu_seqlens, vLLM v1's mixed batches) sequence b is the one whose rows
+//    cu_seqlens[b]..cu_seqlens[b + 1] hold t, n their count, position lens[b] - n + (t -
+//    cu_seqlens[b]);
 //  * a paged cache `[num_pages, page_size, kv_heads, d]`: page slot / page_size, row
 //    slot % page_size, where slot = slot_mapping[t] (int64, vLLM's `slot_mapping`).
 //
-// Lengths and slots are read only here, never on the host, so a CUDA graph replays with new
-// ones. A destination outside the cache (a negative slot: vLLM's padding tokens; a slot at or
-// past num_pages * page_size; a position outside [0, max_len)) is skipped: wrong rows, never an
+// Lengths, prefix sums and slots are read only here, never on the host, so a CUDA graph replays
+// with new ones. A destination outside the cache (a negative slot: vLLM's padding tokens; a slot
+// at or past num_pages * page_size; a position outside [0, max_len)) is skipped, and prefix sums
+// are clamped as the attention kernels clamp them (decode.cuh's dec_seq): wrong rows, never an
 // access outside the caller's buffers.
 //
 // A pure copy: bit-exact, no conversion, so one body serves every dtype; the entry points are
@@ -29,6 +33,7 @@ struct AppendParams {
     unsigned long long dst[2];   // k_cache, v_cache
     unsigned long long lens;     // contiguous: int32 [batch]
     unsigned long long slots;    // paged: int64 [tokens]
+    unsigned long long cu_seqlens;  // contiguous, packed rows: int32 [seqs + 1]; 0 otherwise
     long long tokens;            // batch * new_len rows of k_new
     long long num_slots;         // paged: num_pages * page_size
     int new_len;                 // rows per sequence of k_new
@@ -37,12 +42,42 @@ struct AppendParams {
     int max_len;                 // contiguous: positions per sequence
     int page_size;               // paged: rows per page
     int paged;                   // 1: slots, 0: lens
+    int seqs;                    // packed rows: sequences (entries of lens)
+    int max_q;                   // packed rows: the most any sequence has
 };
-static_assert(sizeof(AppendParams) == 184, "AppendParams must match the Rust #[repr(C)] struct");
+static_assert(sizeof(AppendParams) == 200, "AppendParams must match the Rust #[repr(C)] struct");
 
 struct alignas(16) AppendVec16 {
     unsigned int w[4];
 };
+
+// Prefix sum k clamped into [0, tokens]: a malformed device array stays inside k_new's rows.
+__device__ __forceinline__ long long append_cu(const AppendParams& p, const int* cu, int k) {
+    return min(max((long long)cu[k], 0LL), p.tokens);
+}
+
+// Packed rows: token t's sequence (the last whose clamped start is at most t, by binary search),
+// and its position there; false when t is none of the clamped rows of that sequence (an array
+// that is not non-decreasing) or past the max_q rows the attention reads of it.
+__device__ __forceinline__ bool append_packed(const AppendParams& p, long long t, long long& seq, long long& pos) {
+    const int* cu = reinterpret_cast<const int*>(p.cu_seqlens);
+    int lo = 0, hi = p.seqs;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (append_cu(p, cu, mid) <= t) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    const long long q0 = append_cu(p, cu, lo);
+    const long long n = min(max(append_cu(p, cu, lo + 1), q0) - q0, (long long)p.max_q);
+    const long long i = t - q0;
+    if (i < 0 || i >= n) return false;
+    seq = lo;
+    pos = (long long)reinterpret_cast<const int*>(p.lens)[lo] - n + i;
+    return true;
+}
 
 // One grid-stride loop over the rows' copies of keys (KV = 0) or values (KV = 1). Index is int
 // when every index fits (the usual case: cheaper divisions), long long otherwise. E: element
@@ -69,9 +104,14 @@ __device__ __forceinline__ void append_loop(const AppendParams& p) {
             page = slot / p.page_size;
             row = slot - page * p.page_size;
         } else {
-            const long long pos = (long long)reinterpret_cast<const int*>(p.lens)[b] - p.new_len + (long long)j;
+            long long seq = (long long)b, pos;
+            if (p.cu_seqlens != 0) {
+                if (!append_packed(p, (long long)t, seq, pos)) continue;
+            } else {
+                pos = (long long)reinterpret_cast<const int*>(p.lens)[b] - p.new_len + (long long)j;
+            }
             if (pos < 0 || pos >= p.max_len) continue;  // a length the cache cannot hold
-            page = (long long)b;
+            page = seq;
             row = pos;
         }
         const C* s = reinterpret_cast<const C*>(src + (long long)b * p.src_stride[KV][0] + (long long)j * p.src_stride[KV][1] +

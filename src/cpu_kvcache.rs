@@ -176,40 +176,53 @@ fn per_sequence<T: Element, R: KvRows<T>>(
 
 /// Where the rows of a host append go.
 pub(crate) enum HostTarget<'a> {
-    /// Contiguous cache: row `i` of sequence `b` to position `lens[b] - new_len + i`.
-    Lens { lens: &'a [i32], max_len: usize },
+    /// Contiguous cache: row `i` of sequence `b`'s `n` to position `lens[b] - n + i`, where `n`
+    /// is `new_len` and the rows are `[batch, new_len]`, or with packed rows (`cu`, `batch + 1`
+    /// prefix sums over the tokens) `cu[b + 1] - cu[b]`.
+    Lens { lens: &'a [i32], max_len: usize, cu: Option<&'a [i32]> },
     /// Pages: token `t` to slot `slots[t]` (page `slot / page_size`, row `slot % page_size`).
     Slots { slots: &'a [i64], page_size: usize, num_slots: usize },
 }
 
-/// Copies each (token, kv head) row of `src` (`[batch, new_len, kv_heads, d]`) to the row of
-/// `dst` (the cache) that `target` names: the host side of [`crate::Attention::append_kv`].
-/// Validation checked host lengths (`new_len..=max_len`) and slots (below `num_slots`; negative
-/// ones mark padding tokens); a destination outside the cache is skipped, as on the device.
+/// Copies each (token, kv head) row of `src` (`[batch, new_len, kv_heads, d]`, tokens in
+/// row-major order) to the row of `dst` (the cache) that `target` names: the host side of
+/// [`crate::Attention::append_kv`]. Validation checked host lengths (each sequence's new rows
+/// up to `max_len`), prefix sums (from 0 to the tokens, non-decreasing) and slots (below
+/// `num_slots`; negative ones mark padding tokens); a destination outside the cache is skipped,
+/// as on the device.
 pub(crate) fn append_rows<T: Copy>(src: &[T], src_layout: Layout, dst: &mut [T], dst_layout: Layout, target: &HostTarget<'_>) {
     let [batch, new_len, kv_heads, d] = src_layout.shape();
-    for b in 0..batch {
-        for i in 0..new_len {
-            let (page, row) = match *target {
-                HostTarget::Lens { lens, max_len } => {
-                    let pos = lens[b] as i64 - new_len as i64 + i as i64;
-                    if pos < 0 || pos >= max_len as i64 {
-                        continue;
+    for t in 0..batch * new_len {
+        let (sb, si) = (t / new_len, t % new_len);
+        let (page, row) = match *target {
+            HostTarget::Lens { lens, max_len, cu } => {
+                // The token's sequence, its count of new rows and this row's index among them.
+                let (seq, n, i) = match cu {
+                    None => (sb, new_len, si),
+                    Some(cu) => {
+                        // The last sequence starting at or before t (cu[0] = 0 <= t): the one
+                        // holding it, past any empty ones that start there too.
+                        let s = cu.partition_point(|&c| c as usize <= t) - 1;
+                        (s, (cu[s + 1] - cu[s]) as usize, t - cu[s] as usize)
                     }
-                    (b, pos as usize)
+                };
+                let pos = lens[seq] as i64 - n as i64 + i as i64;
+                if pos < 0 || pos >= max_len as i64 {
+                    continue;
                 }
-                HostTarget::Slots { slots, page_size, num_slots } => {
-                    let slot = slots[b * new_len + i];
-                    if slot < 0 || slot as u64 >= num_slots as u64 {
-                        continue;
-                    }
-                    (slot as usize / page_size, slot as usize % page_size)
-                }
-            };
-            for h in 0..kv_heads {
-                let (from, to) = (src_layout.offset(b, i, h), dst_layout.offset(page, row, h));
-                dst[to..to + d].copy_from_slice(&src[from..from + d]);
+                (seq, pos as usize)
             }
+            HostTarget::Slots { slots, page_size, num_slots } => {
+                let slot = slots[t];
+                if slot < 0 || slot as u64 >= num_slots as u64 {
+                    continue;
+                }
+                (slot as usize / page_size, slot as usize % page_size)
+            }
+        };
+        for h in 0..kv_heads {
+            let (from, to) = (src_layout.offset(sb, si, h), dst_layout.offset(page, row, h));
+            dst[to..to + d].copy_from_slice(&src[from..from + d]);
         }
     }
 }

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaStream, DevicePtr, SyncOnDrop};
 use crate::cpu_kvcache::{append_rows, HostTarget};
 use crate::dtype::Element;
 use crate::error::Error;
-use crate::gpu::append::{AppendCall, AppendKernels, AppendTarget};
+use crate::gpu::append::{AppendCall, AppendKernels, AppendTarget, PackedRows};
 use crate::options::Options;
 use crate::problem::{KvCacheKind, MemoryKind, Problem};
 use crate::reason::BackendKind;
@@ -211,6 +211,30 @@ impl<'a> Workspace<'a> {
     }
 }
 
+/// Checks packed-query prefix sums (`cu_seqlens_q`, `max_seqlen_q`) against a packed tensor of
+/// `rows` rows, by the rules the attention and the append share: at least one sequence, a
+/// maximum in `1..=MAX_DIM`, memory that `memory_like` accepts, host sums in full
+/// ([`SeqLens::check_host`]). Returns their address and the number of sequences.
+fn check_packed(
+    cu: &SeqLens<'_>,
+    max_q: usize,
+    rows: usize,
+    memory_like: impl FnOnce(MemoryKind) -> Result<(), Error>,
+) -> Result<(Addr, usize), Error> {
+    if cu.len() < 2 {
+        return Err(Error::invalid("cu_seqlens_q", format!("{} entries", cu.len()), "batch + 1 >= 2 prefix sums"));
+    }
+    if max_q == 0 || max_q > MAX_DIM {
+        return Err(Error::invalid("max_seqlen_q", max_q.to_string(), format!("1..={MAX_DIM}")));
+    }
+    let (ca, _, cm) = peek_in(&cu.mem);
+    memory_like(cm)?;
+    if let InMem::Host(v) = &cu.mem {
+        SeqLens::check_host(v, rows, max_q, "cu_seqlens_q")?;
+    }
+    Ok((ca, cu.len() - 1))
+}
+
 /// Validates a KV-cache call: one check per constraint, each naming the argument. q and out
 /// are `[batch, q_len, heads, head_dim]`; query row `i` of sequence `b` sits at position
 /// `lens[b] - q_len + i`, so causal masks and windows align bottom-right per sequence.
@@ -241,18 +265,8 @@ pub(crate) fn validate_kvcache<'c, T: Element>(
             if qb != 1 {
                 return Err(Error::invalid("q", format!("batch {qb}"), "1 with packed queries (q is [1, total_q, heads, head_dim])"));
             }
-            if cu.len() < 2 {
-                return Err(Error::invalid("cu_seqlens_q", format!("{} entries", cu.len()), "batch + 1 >= 2 prefix sums"));
-            }
-            if *max_q == 0 || *max_q > MAX_DIM {
-                return Err(Error::invalid("max_seqlen_q", max_q.to_string(), format!("1..={MAX_DIM}")));
-            }
-            let (ca, _, cm) = peek_in(&cu.mem);
-            check_memory_like_q("cu_seqlens_q", cm, qm)?;
-            if let InMem::Host(v) = &cu.mem {
-                SeqLens::check_host(v, q_rows, *max_q, "cu_seqlens_q")?;
-            }
-            (cu.len() - 1, *max_q, Some(ca))
+            let (ca, batch) = check_packed(cu, *max_q, q_rows, |m| check_memory_like_q("cu_seqlens_q", m, qm))?;
+            (batch, *max_q, Some(ca))
         }
     };
     let [kb, ks, hk, kd] = ko.layout.shape();
@@ -519,19 +533,21 @@ pub struct KvCacheMut<'a, T: Element> {
     pub(crate) slots: Option<SlotMapping<'a>>,
     /// Paged: the block table the attention reads the pages through.
     pub(crate) table: Option<BlockTable<'a>>,
+    /// Packed rows: `cu_seqlens_q` and the most rows any sequence has.
+    pub(crate) queries: Option<(SeqLens<'a>, usize)>,
 }
 
 impl<'a, T: Element> KvCacheMut<'a, T> {
     /// A contiguous cache: k and v `[batch, max_len, kv_heads, head_dim]` (any strides) and each
     /// sequence's length, the rows about to be appended included.
     pub fn contiguous(k: TensorMut<'a, T>, v: TensorMut<'a, T>, lens: CacheLens<'a>) -> Self {
-        KvCacheMut { k, v, lens: Some(lens), slots: None, table: None }
+        KvCacheMut { k, v, lens: Some(lens), slots: None, table: None, queries: None }
     }
 
     /// A paged cache: k and v pages `[num_pages, page_size, kv_heads, head_dim]` (any strides)
     /// and the slot of each new token.
     pub fn paged(k_pages: TensorMut<'a, T>, v_pages: TensorMut<'a, T>, slots: SlotMapping<'a>) -> Self {
-        KvCacheMut { k: k_pages, v: v_pages, lens: None, slots: Some(slots), table: None }
+        KvCacheMut { k: k_pages, v: v_pages, lens: None, slots: Some(slots), table: None, queries: None }
     }
 
     /// Adds what attention over the pages reads: the block table and each sequence's length,
@@ -564,6 +580,52 @@ impl<'a, T: Element> KvCacheMut<'a, T> {
     pub fn with_block_table(mut self, table: BlockTable<'a>, lens: CacheLens<'a>) -> Self {
         self.table = Some(table);
         self.lens = Some(lens);
+        self
+    }
+
+    /// Packed rows of different counts per sequence (vLLM v1's batches: prefill chunks beside
+    /// single decode tokens), as [`KvCache::with_varlen_queries`] takes them: `k_new`/`v_new`
+    /// are `[1, total_q, kv_heads, head_dim]` (or `[total_q, 1, kv_heads, head_dim]`), one new
+    /// K/V row per query token, and sequence `b`'s rows are rows
+    /// `cu_seqlens_q[b]..cu_seqlens_q[b + 1]` (`batch + 1` int32 prefix sums, in the cache's
+    /// memory). In a contiguous cache row `i` of sequence `b`'s `n` goes to position
+    /// `lens[b] - n + i` (a sequence with no rows gets nothing); in pages each row goes to its
+    /// slot as without packed rows. The fused
+    /// [`Attention::forward_kvcache_append`](crate::Attention::forward_kvcache_append) reads q
+    /// and out as `[1, total_q, heads, head_dim]` with the same prefix sums (lse
+    /// `[heads, total_q]`), so q has exactly one row per new K/V row.
+    ///
+    /// Host prefix sums are checked before anything is written (as [`SeqLens::check_host`]
+    /// says, and for a contiguous cache each sequence's rows at most its length). Device ones
+    /// are never read on the host (a CUDA graph replays with new ones): the kernel clamps them
+    /// to the rows given and `max_seqlen_q`, so a bad one writes a wrong row inside the cache,
+    /// never outside it.
+    ///
+    /// ```
+    /// use attention::{CacheLens, KvCacheMut, Layout, Options, SeqLens, Tensor, TensorMut};
+    /// // Three sequences: 0 decodes one token (6 keys with it), 1 is idle this step (no rows),
+    /// // 2 prefills a 3-token chunk after 2 cached keys (5 with it).
+    /// let (b, cap, h, hk, d) = (3, 8, 4, 2, 16);
+    /// let lc = Layout::contiguous(b, cap, hk, d);
+    /// let (mut k, mut v) = (vec![0.25f32; lc.numel()], vec![0.25f32; lc.numel()]);
+    /// let (lq, ln) = (Layout::contiguous(1, 4, h, d), Layout::contiguous(1, 4, hk, d));
+    /// let (q, new) = (vec![0.5f32; lq.numel()], vec![1.0f32; ln.numel()]);
+    /// let mut out = vec![0.0f32; lq.numel()];
+    /// let (lens, cu) = ([6, 3, 5], [0, 1, 1, 4]);
+    /// let mut cache = KvCacheMut::contiguous(TensorMut::host(&mut k, lc), TensorMut::host(&mut v, lc), CacheLens::host(&lens))
+    ///     .with_varlen_queries(SeqLens::host(&cu), 3);
+    /// let attn = attention::select().unwrap();
+    /// attn.forward_kvcache_append(&Tensor::host(&q, lq), &Tensor::host(&new, ln), &Tensor::host(&new, ln), &mut cache,
+    ///     &mut TensorMut::host(&mut out, lq), None, &Options::default().causal(true)).unwrap();
+    /// drop(cache);
+    /// assert_eq!(k[lc.offset(0, 5, 0)], 1.0); // sequence 0's token at position 6 - 1
+    /// assert_eq!(k[lc.offset(1, 2, 1)], 0.25); // sequence 1 untouched
+    /// assert!((2..5).all(|p| v[lc.offset(2, p, 1)] == 1.0)); // the chunk at 5 - 3 + i
+    /// assert!(out.iter().all(|&x| x > 0.25 && x < 1.0));
+    /// ```
+    #[must_use]
+    pub fn with_varlen_queries(mut self, cu_seqlens_q: SeqLens<'a>, max_seqlen_q: usize) -> Self {
+        self.queries = Some((cu_seqlens_q, max_seqlen_q));
         self
     }
 }
@@ -632,6 +694,27 @@ pub(crate) fn validate_append<T: Element>(
     }
     // batch * new_len rows: at most k_new's element count, which fits.
     let tokens = b * new_len;
+    // Packed rows: the tokens of every sequence in one row of k_new (or one token per batch
+    // entry), sequence s's at cu_seqlens_q[s]..cu_seqlens_q[s + 1].
+    let packed = match &cache.queries {
+        None => None,
+        Some((cu, max_q)) => {
+            if b != 1 && new_len != 1 {
+                return Err(Error::invalid(
+                    "k_new",
+                    format!("shape {}", shape_str(&kn.layout)),
+                    "[1, total_q, kv_heads, head_dim] or [total_q, 1, kv_heads, head_dim] with packed queries (one new row per query token)",
+                ));
+            }
+            let (addr, seqs) = check_packed(cu, *max_q, tokens, |m| check_memory_like_cache("cu_seqlens_q", m, kcm))?;
+            check_f32_or_i32_pointer("cu_seqlens_q", addr)?;
+            let host = match &cu.mem {
+                InMem::Host(v) => Some(*v),
+                _ => None,
+            };
+            Some((PackedRows { cu_seqlens: addr, seqs, max_q: *max_q }, host))
+        }
+    };
     let (target, index_range) = match &cache.slots {
         None => {
             if cache.table.is_some() {
@@ -642,30 +725,47 @@ pub(crate) fn validate_append<T: Element>(
                 ));
             }
             let lens = cache.lens.as_ref().ok_or_else(|| Error::invalid("cache_lens", "none", "one length per sequence"))?;
-            if b != cb {
-                return Err(Error::invalid("k_new", format!("batch {b}"), format!("k_cache's batch {cb} (a contiguous cache has one row per sequence)")));
-            }
-            if new_len > cs {
-                return Err(Error::invalid("k_new", format!("{new_len} new rows per sequence"), format!("at most k_cache's max_len {cs}")));
-            }
+            let seqs = match &packed {
+                None if b != cb => {
+                    return Err(Error::invalid("k_new", format!("batch {b}"), format!("k_cache's batch {cb} (a contiguous cache has one row per sequence)")));
+                }
+                None if new_len > cs => {
+                    return Err(Error::invalid("k_new", format!("{new_len} new rows per sequence"), format!("at most k_cache's max_len {cs}")));
+                }
+                None => b,
+                Some((p, _)) if p.seqs != cb => {
+                    return Err(Error::invalid(
+                        "cu_seqlens_q",
+                        format!("{} sequences", p.seqs),
+                        format!("k_cache's batch {cb} (a contiguous cache has one row per sequence)"),
+                    ));
+                }
+                Some((p, _)) => p.seqs,
+            };
             let (la, _, lm) = peek_in(&lens.mem);
-            if lens.len() != b {
-                return Err(Error::invalid("cache_lens", format!("{} entries", lens.len()), format!("one per sequence: k_new's batch {b}")));
+            if lens.len() != seqs {
+                return Err(Error::invalid("cache_lens", format!("{} entries", lens.len()), format!("one per sequence: {seqs}")));
             }
             check_memory_like_cache("cache_lens", lm, kcm)?;
             match &lens.mem {
                 InMem::Host(l) => {
-                    if let Some((i, &l)) = l.iter().enumerate().find(|&(_, &l)| l < 0 || (l as usize) < new_len || l as usize > cs) {
+                    // Host lengths come with host prefix sums (both in the cache's memory).
+                    let rows = |s: usize| match &packed {
+                        Some((_, Some(cu))) => (cu[s + 1] - cu[s]) as usize,
+                        _ => new_len,
+                    };
+                    if let Some((i, &l)) = l.iter().enumerate().find(|&(i, &l)| l < 0 || (l as usize) < rows(i) || l as usize > cs) {
+                        let n = rows(i);
                         return Err(Error::invalid(
                             "cache_lens",
                             format!("entry {i} = {l}"),
-                            format!("lengths in {new_len}..={cs}: each sequence's keys with its {new_len} new rows included, within the cache's capacity"),
+                            format!("lengths in {n}..={cs}: sequence {i}'s keys with its {n} new rows included, within the cache's capacity"),
                         ));
                     }
                 }
                 _ => check_f32_or_i32_pointer("cache_lens", la)?,
             }
-            (AppendTarget::Lens { lens: la, max_len: cs }, ("cache_lens", four_byte_range(la, b)))
+            (AppendTarget::Lens { lens: la, max_len: cs, packed: packed.map(|(p, _)| p) }, ("cache_lens", four_byte_range(la, seqs)))
         }
         Some(slots) => {
             let (sa, _, sm) = peek_in(&slots.mem);
@@ -701,9 +801,10 @@ pub(crate) fn validate_append<T: Element>(
         }
     };
     // What the kernel writes must share no byte with anything it reads or with each other.
-    let reads = [("k_new", byte_range(&kn, elem)), ("v_new", byte_range(&vn, elem)), index_range];
+    let cu_range = packed.and_then(|(p, _)| four_byte_range(p.cu_seqlens, p.seqs + 1));
+    let reads = [("k_new", byte_range(&kn, elem)), ("v_new", byte_range(&vn, elem)), index_range, ("cu_seqlens_q", cu_range)];
     let vc_range = byte_range(&vc, elem);
-    check_disjoint(("k_cache", byte_range(&kc, elem)), &[reads[0], reads[1], reads[2], ("v_cache", vc_range)])?;
+    check_disjoint(("k_cache", byte_range(&kc, elem)), &[reads[0], reads[1], reads[2], reads[3], ("v_cache", vc_range)])?;
     check_disjoint(("v_cache", vc_range), &reads)?;
     let memory = call_memory(kcm, [vcm, knm, vnm]);
     Ok((AppendCall { dtype: T::DTYPE, k_new: kn, v_new: vn, k_cache: kc, v_cache: vc, target, tokens }, memory))
@@ -713,10 +814,17 @@ pub(crate) fn validate_append<T: Element>(
 fn append_host<T: Element>(k_new: &Tensor<'_, T>, v_new: &Tensor<'_, T>, cache: &mut KvCacheMut<'_, T>, call: &AppendCall) -> Result<(), Error> {
     let host = |arg: &'static str| Error::invalid(arg, "device memory", "host memory like k_cache");
     let target = match call.target {
-        AppendTarget::Lens { max_len, .. } => match cache.lens.as_ref().map(|l| &l.mem) {
-            Some(InMem::Host(lens)) => HostTarget::Lens { lens, max_len },
-            _ => return Err(host("cache_lens")),
-        },
+        AppendTarget::Lens { max_len, packed, .. } => {
+            let cu = match (packed, cache.queries.as_ref().map(|(cu, _)| &cu.mem)) {
+                (None, _) => None,
+                (Some(_), Some(InMem::Host(cu))) => Some(*cu),
+                (Some(_), _) => return Err(host("cu_seqlens_q")),
+            };
+            match cache.lens.as_ref().map(|l| &l.mem) {
+                Some(InMem::Host(lens)) => HostTarget::Lens { lens, max_len, cu },
+                _ => return Err(host("cache_lens")),
+            }
+        }
         AppendTarget::Slots { page_size, num_pages, .. } => match cache.slots.as_ref().map(|s| &s.mem) {
             Some(InMem::Host(slots)) => HostTarget::Slots { slots, page_size, num_slots: num_pages * page_size },
             _ => return Err(host("slot_mapping")),
@@ -783,6 +891,7 @@ fn order_append<'c, T: Element>(
     k_new: &'c InMem<'_, T>,
     v_new: &'c InMem<'_, T>,
     lens: Option<&'c InMem<'_, i32>>,
+    cu_seqlens: Option<&'c InMem<'_, i32>>,
     slots: Option<&'c InMem<'_, i64>>,
     k_cache: &'c mut OutMem<'_, T>,
     v_cache: &'c mut OutMem<'_, T>,
@@ -792,7 +901,7 @@ fn order_append<'c, T: Element>(
     let mut o = Orderer::new(launch, raw_launch);
     o.read(k_new)?;
     o.read(v_new)?;
-    if let Some(l) = lens {
+    for l in [lens, cu_seqlens].into_iter().flatten() {
         o.read(l)?;
     }
     if let Some(s) = slots {
@@ -830,6 +939,7 @@ pub(crate) fn append<T: Element>(
         &k_new.mem,
         &v_new.mem,
         cache.lens.as_ref().filter(|_| cache.slots.is_none()).map(|l| &l.mem),
+        cache.queries.as_ref().filter(|_| cache.slots.is_none()).map(|(cu, _)| &cu.mem),
         cache.slots.as_ref().map(|s| &s.mem),
         &mut cache.k.mem,
         &mut cache.v.mem,
@@ -850,6 +960,7 @@ fn attention_view<'b, T: Element>(
     call: &AppendCall,
     lens: &'b Option<CacheLens<'_>>,
     table: &'b Option<BlockTable<'_>>,
+    queries: &'b Option<(SeqLens<'_>, usize)>,
 ) -> Result<KvCache<'b, T>, Error> {
     let table = match call.target {
         AppendTarget::Lens { .. } => None,
@@ -860,9 +971,13 @@ fn attention_view<'b, T: Element>(
     let lens = lens.as_ref().ok_or_else(|| Error::invalid("cache_lens", "none", "one length per sequence"))?;
     let lens = CacheLens { mem: reborrow(&lens.mem) };
     let (k, v) = (Tensor { mem: k, layout: call.k_cache.layout }, Tensor { mem: v, layout: call.v_cache.layout });
-    Ok(match table {
+    let cache = match table {
         None => KvCache::contiguous(k, v, lens),
         Some(t) => KvCache::paged(k, v, BlockTable { mem: reborrow(&t.mem), pages_per_seq: t.pages_per_seq, row_stride: t.row_stride }, lens),
+    };
+    Ok(match queries {
+        None => cache,
+        Some((cu, max_q)) => cache.with_varlen_queries(SeqLens { mem: reborrow(&cu.mem) }, *max_q),
     })
 }
 
@@ -898,8 +1013,17 @@ pub(crate) fn forward_append<T: Element>(
     let host = memory == MemoryKind::Host;
     {
         let (k, v) = (read_view(&cache.k.mem, &call.k_cache), read_view(&cache.v.mem, &call.v_cache));
-        let view = attention_view(k, v, &call, &cache.lens, &cache.table)?;
+        let view = attention_view(k, v, &call, &cache.lens, &cache.table, &cache.queries)?;
         let checked = validate_kvcache(q, &view, out, lse.as_deref_mut(), opts, None)?;
+        // One prefix-sum array splits both q and the new rows into sequences: host ones were
+        // checked against each, device ones cannot be, so the counts must match here.
+        if cache.queries.is_some() && q.layout.seqlen() != call.tokens {
+            return Err(Error::invalid(
+                "q",
+                format!("{} packed rows", q.layout.seqlen()),
+                format!("k_new's {} tokens: one new K/V row per query row with packed queries", call.tokens),
+            ));
+        }
         // The append writes the cache before q is read: they must not share a byte.
         let elem = std::mem::size_of::<T>();
         let q_range = [("q", byte_range(&checked.q, elem))];
@@ -910,7 +1034,7 @@ pub(crate) fn forward_append<T: Element>(
     if host {
         append_host(k_new, v_new, cache, &call)?;
         let (k, v) = (read_view(&cache.k.mem, &call.k_cache), read_view(&cache.v.mem, &call.v_cache));
-        let view = attention_view(k, v, &call, &cache.lens, &cache.table)?;
+        let view = attention_view(k, v, &call, &cache.lens, &cache.table, &cache.queries)?;
         let checked = validate_kvcache(q, &view, out, lse, opts, None)?;
         return attn.dispatch_call(checked);
     }
@@ -923,6 +1047,7 @@ pub(crate) fn forward_append<T: Element>(
         &k_new.mem,
         &v_new.mem,
         cache.lens.as_ref().filter(|_| !paged).map(|l| &l.mem),
+        cache.queries.as_ref().filter(|_| !paged).map(|(cu, _)| &cu.mem),
         cache.slots.as_ref().map(|s| &s.mem),
         &mut cache.k.mem,
         &mut cache.v.mem,
@@ -930,7 +1055,7 @@ pub(crate) fn forward_append<T: Element>(
         stream,
     )?;
     AppendKernels::launch(dev, &module, &call, memory, stream)?;
-    let view = attention_view(raw_view(&call.k_cache), raw_view(&call.v_cache), &call, &cache.lens, &cache.table)?;
+    let view = attention_view(raw_view(&call.k_cache), raw_view(&call.v_cache), &call, &cache.lens, &cache.table, &cache.queries)?;
     let checked = validate_kvcache(q, &view, out, lse, opts, None)?;
     let ran = attn.dispatch_call(checked);
     // Recorded after both launches: a later writer of the cache waits for the attention's reads.

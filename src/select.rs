@@ -811,6 +811,9 @@ impl Attention {
     ///   to slot `slots[t]` (a negative slot: a padding token, skipped). vLLM's `[num_tokens,
     ///   kv_heads, d]` is `Layout::contiguous(num_tokens, 1, kv_heads, d)` (or `(1, num_tokens,
     ///   ...)`: both flatten to the same tokens).
+    /// - Packed rows ([`KvCacheMut::with_varlen_queries`], vLLM v1's mixed batches): `[1,
+    ///   total_q, kv_heads, head_dim]`, sequence `b`'s `n` rows those its `cu_seqlens_q` give,
+    ///   at positions `lens[b] - n + i` of a contiguous cache (pages: at their slots).
     ///
     /// Host caches are copied on the calling thread. Device caches are written by one kernel on
     /// k_cache's stream (cudarc slices are ordered there like every call's operands): no
@@ -849,7 +852,9 @@ impl Attention {
     /// is written: a bad argument is an error that leaves the cache and `out` as they were.
     /// On the device both kernels run on `out`'s stream, one after the other (two launches, no
     /// host synchronisation between them, graph-capturable); the cache must not share memory
-    /// with q, k_new, v_new, out or lse.
+    /// with q, k_new, v_new, out or lse. With packed rows
+    /// ([`KvCacheMut::with_varlen_queries`]) q and out are `[1, total_q, heads, head_dim]`, one
+    /// query row per new K/V row, and lse is `[heads, total_q]`.
     ///
     /// ```
     /// use attention::{CacheLens, KvCacheMut, Layout, Options, Tensor, TensorMut};

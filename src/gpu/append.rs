@@ -38,7 +38,7 @@ const THREADS: usize = 256;
 /// Most blocks along x; a grid-stride loop covers what is past them.
 const MAX_BLOCKS: usize = 1 << 16;
 
-/// Mirrors `struct AppendParams` in cuda/append.cu (the kernel checks its size is 184).
+/// Mirrors `struct AppendParams` in cuda/append.cu (the kernel checks its size is 200).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct AppendParams {
@@ -48,6 +48,7 @@ struct AppendParams {
     dst: [u64; 2],
     lens: u64,
     slots: u64,
+    cu_seqlens: u64,
     tokens: i64,
     num_slots: i64,
     new_len: i32,
@@ -56,22 +57,37 @@ struct AppendParams {
     max_len: i32,
     page_size: i32,
     paged: i32,
+    seqs: i32,
+    max_q: i32,
 }
 const _: () = {
-    assert!(std::mem::size_of::<AppendParams>() == 184);
+    assert!(std::mem::size_of::<AppendParams>() == 200);
     assert!(std::mem::offset_of!(AppendParams, src) == 96);
     assert!(std::mem::offset_of!(AppendParams, lens) == 128);
-    assert!(std::mem::offset_of!(AppendParams, tokens) == 144);
-    assert!(std::mem::offset_of!(AppendParams, new_len) == 160);
-    assert!(std::mem::offset_of!(AppendParams, paged) == 180);
+    assert!(std::mem::offset_of!(AppendParams, cu_seqlens) == 144);
+    assert!(std::mem::offset_of!(AppendParams, tokens) == 152);
+    assert!(std::mem::offset_of!(AppendParams, new_len) == 168);
+    assert!(std::mem::offset_of!(AppendParams, paged) == 188);
+    assert!(std::mem::offset_of!(AppendParams, max_q) == 196);
 };
+
+/// Packed rows of a contiguous append (`KvCacheMut::with_varlen_queries`): sequence `s`'s new
+/// rows are tokens `cu_seqlens[s]..cu_seqlens[s + 1]`, at most `max_q` of them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PackedRows {
+    /// int32 `[seqs + 1]` prefix sums, in the cache's memory.
+    pub cu_seqlens: Addr,
+    pub seqs: usize,
+    pub max_q: usize,
+}
 
 /// Where the new rows go.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum AppendTarget {
     /// A contiguous cache `[batch, max_len, kv_heads, d]`: row `i` of sequence `b` goes to
-    /// position `lens[b] - new_len + i` (int32 lengths, the new rows included).
-    Lens { lens: Addr, max_len: usize },
+    /// position `lens[b] - new_len + i` (int32 lengths, the new rows included), or with packed
+    /// rows `lens[b] - n + i`, `n` the sequence's count of them.
+    Lens { lens: Addr, max_len: usize, packed: Option<PackedRows> },
     /// Pages `[num_pages, page_size, kv_heads, d]`: token `t` goes to slot `slots[t]` (int64,
     /// page `slot / page_size`, row `slot % page_size`; negative: skipped).
     Slots { slots: Addr, page_size: usize, num_pages: usize },
@@ -109,9 +125,14 @@ impl AppendCall {
         let d = self.k_new.layout.head_dim();
         let row_vecs = if self.vectorised() { d * elem / 16 } else { d };
         let (lens, slots, max_len, page_size, num_slots, paged) = match self.target {
-            AppendTarget::Lens { lens, max_len } => (lens.device_or_null(), 0, max_len, 0, 0, 0),
+            AppendTarget::Lens { lens, max_len, .. } => (lens.device_or_null(), 0, max_len, 0, 0, 0),
             // num_pages * page_size is at most the pages' element count: it fits.
             AppendTarget::Slots { slots, page_size, num_pages } => (0, slots.device_or_null(), 0, page_size, num_pages * page_size, 1),
+        };
+        // Null prefix sums: the kernel's fixed-length path.
+        let (cu_seqlens, seqs, max_q) = match self.target {
+            AppendTarget::Lens { packed: Some(p), .. } => (p.cu_seqlens.device_or_null(), p.seqs, p.max_q),
+            _ => (0, 0, 0),
         };
         AppendParams {
             src_stride: [strides(&self.k_new), strides(&self.v_new)],
@@ -120,6 +141,7 @@ impl AppendCall {
             dst: [self.k_cache.addr.device_or_null(), self.v_cache.addr.device_or_null()],
             lens,
             slots,
+            cu_seqlens,
             tokens: self.tokens as i64,
             num_slots: num_slots as i64,
             new_len: self.k_new.layout.seqlen() as i32,
@@ -128,13 +150,17 @@ impl AppendCall {
             max_len: max_len as i32,
             page_size: page_size as i32,
             paged,
+            // Validated: at most the cache's batch and MAX_DIM, both i32.
+            seqs: seqs as i32,
+            max_q: max_q as i32,
         }
     }
 
     /// A short description for errors: `bf16 append of 128 rows x 8 kv heads x d128 (paged)`.
     fn describe(&self) -> String {
         let kind = match self.target {
-            AppendTarget::Lens { .. } => "contiguous".to_string(),
+            AppendTarget::Lens { packed: None, .. } => "contiguous".to_string(),
+            AppendTarget::Lens { packed: Some(p), .. } => format!("contiguous, {} sequences of packed rows", p.seqs),
             AppendTarget::Slots { page_size, .. } => format!("paged, {page_size} rows per page"),
         };
         format!(
@@ -179,7 +205,12 @@ impl AppendKernels {
             dev.check_addr(name, o.addr, o.layout.span().unwrap_or(0) as u64 * elem, "k_cache")?;
         }
         match call.target {
-            AppendTarget::Lens { lens, .. } => dev.check_addr("cache_lens", lens, call.k_cache.layout.batch() as u64 * 4, "k_cache")?,
+            AppendTarget::Lens { lens, packed, .. } => {
+                dev.check_addr("cache_lens", lens, call.k_cache.layout.batch() as u64 * 4, "k_cache")?;
+                if let Some(p) = packed {
+                    dev.check_addr("cu_seqlens_q", p.cu_seqlens, (p.seqs as u64 + 1) * 4, "k_cache")?;
+                }
+            }
             AppendTarget::Slots { slots, .. } => dev.check_addr("slot_mapping", slots, call.tokens as u64 * 8, "k_cache")?,
         }
         let name = format!("attn_append_{}{}", call.dtype.name(), if call.vectorised() { "_v16" } else { "" });
@@ -227,7 +258,7 @@ mod tests {
             v_new: op(1 << 20, new),
             k_cache: op(2 << 20, cache),
             v_cache: op(3 << 20, cache),
-            target: AppendTarget::Lens { lens: Addr::Device(4 << 20), max_len: cache.seqlen() },
+            target: AppendTarget::Lens { lens: Addr::Device(4 << 20), max_len: cache.seqlen(), packed: None },
             tokens: new.batch() * new.seqlen(),
         };
         assert!(call(DType::BF16, n, c, 0).vectorised());
@@ -244,5 +275,12 @@ mod tests {
         paged.target = AppendTarget::Slots { slots: Addr::Device(8 << 20), page_size: 16, num_pages: 10 };
         let p = paged.params();
         assert_eq!((p.paged, p.num_slots, p.page_size, p.slots, p.lens), (1, 160, 16, 8 << 20, 0));
+        assert_eq!((p.cu_seqlens, p.seqs, p.max_q), (0, 0, 0));
+        // Packed rows: the prefix sums, the sequences and the bound reach the kernel.
+        let mut packed = call(DType::BF16, Layout::contiguous(1, 5, 8, 128), c, 0);
+        packed.target =
+            AppendTarget::Lens { lens: Addr::Device(4 << 20), max_len: 64, packed: Some(PackedRows { cu_seqlens: Addr::Device(12 << 20), seqs: 2, max_q: 4 }) };
+        let p = packed.params();
+        assert_eq!((p.paged, p.cu_seqlens, p.seqs, p.max_q, p.tokens, p.new_len), (0, 12 << 20, 2, 4, 5, 5));
     }
 }

@@ -8,8 +8,9 @@
 
 use attention::{Element, Layout};
 
+use crate::common::gpu::lse_error;
 use crate::common::kv::{KvCase, Store};
-use crate::common::reference::RefMask;
+use crate::common::reference::{rel_err, RefMask};
 use crate::common::rng::Rng;
 
 /// How the new rows are laid out: `[batch, new_len, kv_heads, d]` or, for pages, any view
@@ -198,6 +199,127 @@ impl<T: Element> AppendCase<T> {
     }
 }
 
+/// A case's append as packed rows (`KvCacheMut::with_varlen_queries`, vLLM v1's mixed
+/// batches): sequence `b` appends only the last `rows[b]` of the case's `new_len` new rows (the
+/// ones before them count as cached already), and its query rows are those same positions. The
+/// cache after is the case's own `after`.
+pub struct Packed<T> {
+    /// Each sequence's packed rows (the asked counts, 0 for a sequence holding no keys).
+    pub rows: Vec<usize>,
+    /// `batch + 1` prefix sums over `rows`.
+    pub cu: Vec<i32>,
+    /// The most rows of any sequence (at least 1).
+    pub max_q: usize,
+    /// The cache before: the case's, plus every new row that is not packed.
+    pub before: Vec<T>,
+    /// The packed new rows in `ln` (`[1, total_q, ..]`, `[total_q, 1, ..]` or padded rows).
+    pub k_new: Vec<T>,
+    pub v_new: Vec<T>,
+    pub ln: Layout,
+    /// Paged: the packed rows' slots.
+    pub slots: Vec<i64>,
+    /// q `[1, total_q, heads, d]` and the reference out and lse (`[heads, total_q]`).
+    pub q: Vec<T>,
+    pub lq: Layout,
+    pub ref_out: Vec<f64>,
+    pub ref_lse: Vec<f64>,
+}
+
+impl<T: Element> AppendCase<T> {
+    /// The case's append as packed rows: `rows[b]` (at most `new_len`) of sequence `b`, in
+    /// `layout` (`OneRow`, `Tokens`, or `Padded`: `[1, total_q]` with 8 elements after each
+    /// token row). Refreshes the case's stored reference.
+    pub fn packed(&mut self, rows: &[usize], layout: NewLayout) -> Packed<T> {
+        let (batch, new_len, hk, d, n) = (self.kv.batch, self.new_len, self.kv.kv_heads, self.kv.d, self.n);
+        assert_eq!(rows.len(), batch);
+        let rows: Vec<usize> = rows.iter().zip(&self.kv.lens).map(|(&r, &l)| {
+            assert!(r <= new_len);
+            if l == 0 { 0 } else { r }
+        }).collect();
+        self.kv.refresh();
+        let (cu, q, lq, ref_out, ref_lse) = self.kv.packed(&rows);
+        let total = *cu.last().unwrap() as usize;
+        assert!(total > 0, "a call has at least one packed row");
+        let ln = match layout {
+            NewLayout::OneRow => Layout::contiguous(1, total, hk, d),
+            NewLayout::Tokens => Layout::contiguous(total, 1, hk, d),
+            NewLayout::Padded => Layout::strided([1, total, hk, d], [total * (hk * d + 8), hk * d + 8, d]),
+            other => panic!("{other:?} is not a packed layout"),
+        };
+        let [_, ls, _, _] = ln.shape();
+        let mut before = self.before.clone();
+        let (mut k_new, mut v_new) = (vec![nan::<T>(); ln.span().unwrap()], vec![nan::<T>(); ln.span().unwrap()]);
+        let mut slots = Vec::with_capacity(total);
+        let [_, bs, _, _] = self.ln.shape();
+        let mut p = 0;
+        for (b, &packed) in rows.iter().enumerate() {
+            let len = self.kv.lens[b] as usize;
+            for i in 0..new_len {
+                let t = b * new_len + i;
+                if i + packed < new_len {
+                    // Not packed: cached already.
+                    if len > 0 {
+                        for kh in 0..hk {
+                            let c = self.kv.key_offset(b, len - new_len + i, kh);
+                            before[c..c + d].copy_from_slice(&self.after[c..c + d]);
+                            before[n + c..n + c + d].copy_from_slice(&self.after[n + c..n + c + d]);
+                        }
+                    }
+                    continue;
+                }
+                for kh in 0..hk {
+                    let (from, to) = (self.ln.offset(t / bs, t % bs, kh), ln.offset(p / ls, p % ls, kh));
+                    k_new[to..to + d].copy_from_slice(&self.k_new[from..from + d]);
+                    v_new[to..to + d].copy_from_slice(&self.v_new[from..from + d]);
+                }
+                if self.paged {
+                    slots.push(self.slots[t]);
+                }
+                p += 1;
+            }
+        }
+        let max_q = rows.iter().copied().max().unwrap_or(0).max(1);
+        Packed { rows, cu, max_q, before, k_new, v_new, ln, slots, q, lq, ref_out, ref_lse }
+    }
+}
+
+/// What one way of appending and attending left: the cache, out and lse.
+pub struct Run<'a, T> {
+    pub cache: &'a [T],
+    pub out: &'a [T],
+    pub lse: &'a [f32],
+}
+
+impl<T: Element> AppendCase<T> {
+    /// The case in one line, with its packed rows if any.
+    pub fn describe_rows(&self, p: Option<&Packed<T>>) -> String {
+        match p {
+            None => self.describe(),
+            Some(p) => format!("{} packed rows {:?} in {:?}", self.describe(), p.rows, p.ln),
+        }
+    }
+
+    /// Checks a fused call against `append_kv` then `forward_kvcache` from the same cache (the
+    /// case's before, or its packed rows'): both caches are the case's after, out and lse agree
+    /// bit for bit, out has no NaN and is within `tol` of the f64 reference, and for packed
+    /// rows so is the lse.
+    pub fn check_fused(&self, p: Option<&Packed<T>>, separate: Run<'_, T>, fused: Run<'_, T>, tol: f64, seed: u64) {
+        let (what, mask) = (self.describe_rows(p), self.kv.mask);
+        assert_eq!(first_difference(separate.cache, &self.after), None, "{what}: appended cache (seed {seed:#x})");
+        assert_eq!(first_difference(fused.cache, &self.after), None, "{what}: fused cache (seed {seed:#x})");
+        assert_eq!(first_difference(fused.out, separate.out), None, "{what}: fused output differs from append + forward_kvcache (seed {seed:#x})");
+        assert_eq!(first_difference(fused.lse, separate.lse), None, "{what}: fused lse differs (seed {seed:#x})");
+        let got: Vec<f64> = fused.out.iter().map(|x| x.to_f32() as f64).collect();
+        assert!(got.iter().all(|x| x.is_finite()), "{what}: NaN in the output (seed {seed:#x})");
+        let err = rel_err(&got, &p.map_or_else(|| self.reference(), |p| p.ref_out.clone()));
+        assert!(err < tol, "{what} {mask:?}: rel {err:.2e} against the reference (seed {seed:#x})");
+        if let Some(p) = p {
+            let lse_err = lse_error(fused.lse.iter().map(|&x| x as f64), p.ref_lse.iter().copied());
+            assert!(lse_err < 1e-3, "{what} {mask:?}: lse off by {lse_err:.2e} (seed {seed:#x})");
+        }
+    }
+}
+
 /// The first element whose bits differ (NaN payloads included), if any.
 pub fn first_difference<T: Element>(got: &[T], want: &[T]) -> Option<usize> {
     assert_eq!(got.len(), want.len());
@@ -222,3 +344,10 @@ pub fn new_layouts(store: Store) -> &'static [NewLayout] {
         _ => &[NewLayout::Tokens, NewLayout::OneRow, NewLayout::Contiguous, NewLayout::Padded],
     }
 }
+
+/// Packed row counts per sequence (vLLM v1's mixed batches): decodes, idle sequences (0 rows),
+/// speculative and chunked-prefill rows; the last mix holds a 300-row chunk. Sequence 0 holds
+/// the most keys (a paged case gives sequences shorter than its rows none), so it has rows.
+pub const PACKED_ROWS: [&[usize]; 3] = [&[1, 0, 7, 3], &[5, 0, 1], &[300, 1, 0, 16]];
+/// The packed layouts of the new rows: `[1, total_q]`, vLLM's `[total_q, 1]`, padded rows.
+pub const PACKED_LAYOUTS: [NewLayout; 3] = [NewLayout::OneRow, NewLayout::Tokens, NewLayout::Padded];

@@ -115,6 +115,12 @@ impl<T: Element> KvCase<T> {
         c.reference().0
     }
 
+    /// Recomputes the stored reference (`ref_out`, `ref_lse`, which [`KvCase::packed`] reads)
+    /// for the case's current keys, values, lengths and table.
+    pub fn refresh(&mut self) {
+        (self.ref_out, self.ref_lse) = self.reference();
+    }
+
     /// Element offset of key `j`, head `kh` of sequence `s` in k (or in v, plus `v_offset`).
     pub fn key_offset(&self, s: usize, j: usize, kh: usize) -> usize {
         match self.store {
