@@ -19,14 +19,13 @@
 //! -jN` never runs more than N jobs at once. Without a jobserver, up to
 //! `NUM_JOBS` at once.
 //!
-//! The modules of the kernel registry (`src/registry.rs`: flash, flash_hopper, mem_efficient,
-//! naive) take their minimum arch and their entry points from it: each one's entry points are
-//! generated into `$OUT_DIR/gen/<module>_entries.cuh`, which its `.cu` file includes (nvcc finds
-//! it through `-I`; NVRTC gets it embedded with the sources), and every image nvcc builds is
-//! checked to hold exactly the registry's kernels. Another `.cu` file whose first line is
-//! `// attention: min-arch X.Y` is only built for the entries of the arch list at or above
-//! compute capability X.Y. A module is built for the arch list entries that provide its minimum
-//! (`ArchSpec::provides`: an arch-specific `9.0a` minimum takes exactly the `9.0a` entry).
+//! Every module (`cuda/<module>.cu`) is in the kernel registry (`src/registry.rs`), which gives
+//! its minimum arch and its entry points: each one's entry points are generated into
+//! `$OUT_DIR/gen/<module>_entries.cuh`, which its `.cu` file includes (nvcc finds it through
+//! `-I`; NVRTC gets it embedded with the sources), and every image nvcc builds is checked to hold
+//! exactly the registry's kernels. A module is built for the arch list entries that provide its
+//! minimum (`ArchSpec::provides`: an arch-specific `9.0a` minimum takes exactly the `9.0a`
+//! entry).
 
 #[allow(dead_code)]
 #[path = "src/arch.rs"]
@@ -42,7 +41,7 @@ mod registry;
 #[path = "build/ptxas.rs"]
 mod ptxas;
 
-use arch::{ArchSpec, ArchSuffix};
+use arch::ArchSpec;
 use ptxas::{arch_key, parse_ptxas, Resources};
 use std::env;
 use std::fmt::Write as _;
@@ -67,8 +66,6 @@ const NO_NVCC_WARNING: &str =
     "nvcc not found (looked in NVCC, CUDA_HOME, CUDA_PATH, PATH); kernels will be \
 compiled at first use by NVRTC. Set NVCC or CUDA_HOME to build them ahead of time.";
 
-const MARKER: &str = "// attention:";
-
 fn main() {
     // Cargo's jobserver, taken first thing: on Unix it is a pair of inherited file descriptors
     // (or a fifo), best claimed before this process opens any file of its own. `check_pipe`
@@ -86,10 +83,10 @@ struct Module {
     /// File stem, the module's name at run time (`naive`).
     stem: String,
     path: PathBuf,
-    /// From the registry, else the `// attention: min-arch X.Y` marker; 0.0 when absent.
+    /// The registry's.
     min_arch: ArchSpec,
-    /// The module's entry in the registry, if it has one.
-    registry: Option<registry::Module>,
+    /// The module's entry in the registry.
+    registry: registry::Module,
 }
 
 /// A working nvcc.
@@ -155,38 +152,28 @@ fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
         if let Some(stem) = name.strip_suffix(".cu") {
             let text = fs::read_to_string(path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let marker = parse_marker(name, text.lines().next().unwrap_or(""))?;
-            let entry = registry::Module::from_name(stem);
-            let min_arch = match (entry, marker) {
-                (Some(_), Some(_)) => {
-                    return Err(format!(
-                        "cuda/{name}: module {stem} is in src/registry.rs, which gives its min-arch: \
-                         remove the \"{MARKER} min-arch\" marker"
-                    ))
-                }
-                (Some(m), None) => {
-                    let include = format!("#include \"{}\"", m.header());
-                    if !text.lines().any(|l| l.trim() == include) {
-                        return Err(format!(
-                            "cuda/{name}: module {stem} is in src/registry.rs but does not {include} \
-                             (its generated entry points)"
-                        ));
-                    }
-                    m.min_arch()
-                }
-                (None, Some((major, minor))) => ArchSpec::new(major, minor),
-                (None, None) => ArchSpec::new(0, 0),
+            let Some(entry) = registry::Module::from_name(stem) else {
+                return Err(format!(
+                    "cuda/{name}: module {stem} is not in src/registry.rs (every module's kernels, \
+                     minimum arch and entry points are stated there)"
+                ));
             };
+            let include = format!("#include \"{}\"", entry.header());
+            if !text.lines().any(|l| l.trim() == include) {
+                return Err(format!(
+                    "cuda/{name}: module {stem} does not {include} (its generated entry points)"
+                ));
+            }
             modules.push(Module {
                 stem: stem.to_string(),
                 path: path.clone(),
-                min_arch,
+                min_arch: entry.min_arch(),
                 registry: entry,
             });
         }
     }
     for m in registry::Module::ALL {
-        if !modules.iter().any(|module| module.registry == Some(m)) {
+        if !modules.iter().any(|module| module.registry == m) {
             return Err(format!("src/registry.rs lists module {0}, and there is no cuda/{0}.cu", m.name()));
         }
     }
@@ -249,7 +236,6 @@ fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
                 &archs,
                 &compiled,
                 &sources,
-                &modules,
                 "",
             );
         }
@@ -295,7 +281,6 @@ fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
         &archs,
         &compiled,
         &sources,
-        &modules,
         &report,
     )
 }
@@ -326,26 +311,6 @@ fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
         fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
-}
-
-/// Parses the optional first-line marker of a `.cu` file.
-fn parse_marker(file: &str, first_line: &str) -> Result<Option<(u32, u32)>, String> {
-    let line = first_line.trim();
-    let Some(rest) = line.strip_prefix(MARKER) else {
-        return Ok(None);
-    };
-    let bad = || {
-        format!(
-            "cuda/{file}: malformed marker {line:?}: expected \"{MARKER} min-arch X.Y\", e.g. \
-             \"{MARKER} min-arch 8.0\""
-        )
-    };
-    let value = rest.trim().strip_prefix("min-arch").ok_or_else(bad)?.trim();
-    let spec: ArchSpec = value.parse().map_err(|_| bad())?;
-    if spec.suffix != ArchSuffix::None || spec.ptx {
-        return Err(bad());
-    }
-    Ok(Some(spec.cc()))
 }
 
 /// Runs `nvcc --version` and extracts the version ("13.0.88").
@@ -731,10 +696,8 @@ fn compile_module(
     let log_path = out_dir.join(format!("{}.ptxas.log", module.stem));
     fs::write(&log_path, &log).map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
     let resources = parse_ptxas(&log);
-    if let Some(m) = module.registry {
-        check_registry_image(m, &archs, &resources)
-            .map_err(|e| format!("{e} (see {}; the table is src/registry.rs)", log_path.display()))?;
-    }
+    check_registry_image(module.registry, &archs, &resources)
+        .map_err(|e| format!("{e} (see {}; the table is src/registry.rs)", log_path.display()))?;
     Ok(Compiled {
         stem: module.stem.clone(),
         fatbin: Some(fatbin),
@@ -864,7 +827,6 @@ fn write_kernels_rs(
     archs: &[ArchSpec],
     compiled: &[Compiled],
     sources: &[(String, PathBuf)],
-    modules: &[Module],
     report: &str,
 ) -> Result<(), String> {
     let path_str = |p: &Path| -> Result<String, String> {
@@ -913,23 +875,6 @@ fn write_kernels_rs(
     s.push_str("pub static SOURCES: &[(&str, &str)] = &[\n");
     for (name, path) in sources {
         let _ = writeln!(s, "    ({name:?}, include_str!({})),", path_str(path)?);
-    }
-    s.push_str("];\n");
-    s.push_str(
-        "/// Per-module minimum arch: the registry's (src/registry.rs), else the `// attention: min-arch X.Y` \
-         marker's; 0.0 when absent.\n",
-    );
-    s.push_str("/// As (module, (major, minor), suffix): the suffix is \"a\" for an arch-specific minimum (9.0a).\n");
-    s.push_str("pub static MIN_ARCH: &[(&str, (u32, u32), &str)] = &[\n");
-    for m in modules {
-        let _ = writeln!(
-            s,
-            "    ({:?}, ({}, {}), {:?}),",
-            m.stem,
-            m.min_arch.major,
-            m.min_arch.minor,
-            m.min_arch.suffix.as_str()
-        );
     }
     s.push_str("];\n");
     s.push_str("/// The ptxas resource report (registers, spills, shared memory per kernel and arch); \"\" without nvcc.\n");

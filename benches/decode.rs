@@ -224,11 +224,10 @@ fn main() {
         attention::testing::set_decode_skip_combine(false);
         println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
     }
-    // Kernel variants (attention::testing::set_decode_bench_flags): 1, the combine (a
-    // programmatic dependent launch on sm_90) may launch as the main blocks start rather than
-    // at their epilogue; 2, K/V loads fetch whole 128-byte lines into L2; 4, K/V loads skip L1
-    // and leave each line evict-first in L2; 8, two-warp blocks. Dense TB/s, GPU time.
-    const VARIANTS: [usize; 7] = [0, 1, 2, 4, 6, 8, 9];
+    // Kernel variants (attention::testing::set_decode_bench_flags): 0, the defaults; 1, K/V
+    // loads without cache hints; 2, 4, 6, K/V prefetched into L2 1, 2, 3 warp steps ahead; 8,
+    // four-warp blocks always; 16, two-warp blocks always. Dense TB/s, GPU time.
+    const VARIANTS: [usize; 7] = [0, 1, 2, 4, 6, 8, 16];
     println!("kernel variants (dense TB/s, GPU time; flags as in attention::testing::set_decode_bench_flags)");
     print!("{:>5} {:>7}", "batch", "seqlen");
     for f in VARIANTS {

@@ -1,4 +1,3 @@
-// attention: min-arch 7.5
 // Appending new keys and values to a KV cache (FlashAttention's in-call append, vLLM's
 // `reshape_and_cache`): row (token t, kv head h) of k_new/v_new is copied to
 //
@@ -142,18 +141,7 @@ __device__ __forceinline__ void append_kernel(const AppendParams& p) {
     }
 }
 
-// At least one block per SM, not full occupancy: left to itself ptxas caps sm_120 at 40
-// registers (1536 threads per SM) and spills.
-#define APPEND_ENTRY(NAME, E, C)                                                                   \
-    extern "C" __global__ void __launch_bounds__(APPEND_THREADS, 1) NAME(const AppendParams p) {      \
-        append_kernel<E, C>(p);                                                                    \
-    }
-
-// Element copies (any head_dim, any alignment of the element size).
-APPEND_ENTRY(attn_append_f16, unsigned short, unsigned short)
-APPEND_ENTRY(attn_append_bf16, unsigned short, unsigned short)
-APPEND_ENTRY(attn_append_f32, unsigned int, unsigned int)
-// 16-byte vector copies.
-APPEND_ENTRY(attn_append_f16_v16, unsigned short, AppendVec16)
-APPEND_ENTRY(attn_append_bf16_v16, unsigned short, AppendVec16)
-APPEND_ENTRY(attn_append_f32_v16, unsigned int, AppendVec16)
+// The entry points (element and 16-byte vector copies per dtype; at least one block per SM, not
+// full occupancy: left to itself ptxas caps sm_120 at 40 registers and spills), generated from
+// the kernel registry (src/registry.rs) by build.rs.
+#include "append_entries.cuh"

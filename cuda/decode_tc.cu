@@ -70,6 +70,25 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
     }
 }
 
+// Prefetches into L2 the K/V lines of the warp step at key0 (keys past the share: none): 16U
+// keys of HD / 32 lines each (K and V rows), 4 per lane whatever the head_dim.
+template <class T, int HD, int U>
+__device__ __forceinline__ void dtc_prefetch(const DecodeParams& p, int b, const T* kbase, const T* vbase, int kend, int key0) {
+    constexpr int ROW_LINES = HD * (int)sizeof(T) / 128;  // 128-byte lines per K or V row
+    static_assert(16 * U * 2 * ROW_LINES == 128, "a warp step is 128 lines");
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int line = 32 * i + lane;
+        const int key = line / (2 * ROW_LINES), rem = line % (2 * ROW_LINES);
+        const int j = key0 + key, col = (rem % ROW_LINES) * (128 / (int)sizeof(T));
+        if (j >= kend || col >= p.head_dim) continue;  // a line past the row's last column may be past the tensor
+        const bool is_v = rem >= ROW_LINES;
+        const T* base = is_v ? vbase + dec_row(p, p.v_stride, b, j) : kbase + dec_row(p, p.k_stride, b, j);
+        dec_prefetch_l2(base + col);
+    }
+}
+
 // The pages of the U tiles of the warp step at key0 (tiled paged caches; else unused).
 template <int U>
 __device__ __forceinline__ void dtc_pages(const DecodeParams& p, int b, int kend, bool tiled, int key0, DecPage (&pg)[U]) {
@@ -210,7 +229,11 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         DtcFrags<HD, U> f;
         DecPage pg[U], next[U];
         dtc_pages(p, b, kend, tiled, first, pg);
+        // Bench switch: prefetch `ahead` warp steps ahead into L2 (the first `ahead` now).
+        const int ahead = (p.bench_flags >> DEC_BENCH_PREFETCH_SHIFT) & DEC_BENCH_PREFETCH_MASK;
+        for (int s = 1; s < ahead; ++s) dtc_prefetch<T, HD, U>(p, b, kbase, vbase, kend, first + s * STEP);
         for (int key0 = first; key0 < kend; key0 += STEP) {
+            if (ahead) dtc_prefetch<T, HD, U>(p, b, kbase, vbase, kend, key0 + ahead * STEP);
             dtc_pages(p, b, kend, tiled, key0 + STEP, next);
             dtc_load<T, HD, U>(p, b, kbase, vbase, kend, tiled, key0, pg, f);
             dtc_step<BF16, HD, U>(p, key0, f, qf, jlo, jhi, m, l, o);

@@ -1,5 +1,6 @@
 //! The kernel registry: every kernel of the prefill modules (`flash`, `flash_hopper`,
-//! `mem_efficient`, `naive`) and the decode modules (`decode`, `decode_tc`), stated once.
+//! `mem_efficient`, `naive`), the decode modules (`decode`, `decode_tc`) and the KV-cache append
+//! (`append`), stated once.
 //!
 //! Each row of [`KERNELS`] gives a kernel's module, entry name, family, element type, head_dim
 //! bucket and shape (tile sizes, warps or threads, min-blocks where used); the module gives the
@@ -17,8 +18,8 @@
 //!   runs a head_dim, launch shape, shared memory, minimum arch.
 //!
 //! So a kernel named on one side and missing or shaped differently on the other cannot be
-//! built. Modules not listed here (append) keep their `// attention:
-//! min-arch X.Y` first-line marker and hand-written entry points; adding one means a
+//! built. A `.cu` file not listed here would keep a `// attention: min-arch X.Y` first-line
+//! marker and hand-written entry points (none does); adding one to the registry means a
 //! [`Module`] variant, its rows, a [`Shape`] for its template and an `#include` of its header.
 #![allow(dead_code)]
 
@@ -41,12 +42,21 @@ pub enum Module {
     Decode,
     /// cuda/decode_tc.cu: the tensor-core decode kernels (mma.sync), sm_80+, f16 and bf16.
     DecodeTc,
+    /// cuda/append.cu: the KV-cache append (a copy), sm_75+.
+    Append,
 }
 
 impl Module {
     /// Every module of the registry.
-    pub const ALL: [Module; 6] =
-        [Module::Flash, Module::FlashHopper, Module::MemEfficient, Module::Naive, Module::Decode, Module::DecodeTc];
+    pub const ALL: [Module; 7] = [
+        Module::Flash,
+        Module::FlashHopper,
+        Module::MemEfficient,
+        Module::Naive,
+        Module::Decode,
+        Module::DecodeTc,
+        Module::Append,
+    ];
 
     /// The module's name: its `.cu` file's stem, and its name at run time.
     pub const fn name(self) -> &'static str {
@@ -57,6 +67,7 @@ impl Module {
             Module::Naive => "naive",
             Module::Decode => "decode",
             Module::DecodeTc => "decode_tc",
+            Module::Append => "append",
         }
     }
 
@@ -71,6 +82,7 @@ impl Module {
             Module::Naive => ArchSpec::new(0, 0),
             Module::Decode => ArchSpec::new(7, 5),
             Module::DecodeTc => ArchSpec::new(8, 0),
+            Module::Append => ArchSpec::new(7, 5),
         }
     }
 
@@ -83,6 +95,7 @@ impl Module {
             Module::Naive => "naive_entries.cuh",
             Module::Decode => "decode_entries.cuh",
             Module::DecodeTc => "decode_tc_entries.cuh",
+            Module::Append => "append_entries.cuh",
         }
     }
 
@@ -167,6 +180,10 @@ pub enum Family {
     /// `dec_combine` (cuda/decode.cuh): merges split-KV partials by log-sum-exp; one per dtype
     /// in each decode module.
     DecodeCombine,
+    /// `append_kernel` (cuda/append.cu) copying element by element: any head_dim and alignment.
+    Append,
+    /// `append_kernel` copying 16-byte vectors (entry suffix `_v16`).
+    AppendVec16,
 }
 
 impl Family {
@@ -176,6 +193,7 @@ impl Family {
             Family::FlashHopperWs => ParamBlock::AttnTma,
             Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv => ParamBlock::Naive,
             Family::DecodeSimt | Family::DecodeTc | Family::DecodeCombine => ParamBlock::Decode,
+            Family::Append | Family::AppendVec16 => ParamBlock::Append,
             _ => ParamBlock::Attn,
         }
     }
@@ -192,6 +210,8 @@ pub enum ParamBlock {
     Naive,
     /// One `DecodeParams` (cuda/decode.cuh; `decode::DecodeParams`), by value.
     Decode,
+    /// One `AppendParams` (cuda/append.cu; `append::AppendParams`), by value.
+    Append,
 }
 
 /// Warps per decode block (`DEC_WARPS` in cuda/decode.cuh, asserted by the generated headers):
@@ -235,6 +255,10 @@ pub enum Shape {
     DecodeTc { tiles: u32, warps: u32 },
     /// `dec_combine<D>`: [`DECODE_COMBINE_THREADS`] threads per (sequence, head, query row).
     DecodeCombine,
+    /// `append_kernel<E, C>`: a grid-stride copy, `threads` per block, at least one block per
+    /// SM (`__launch_bounds__(threads, 1)`: left to itself ptxas caps sm_120 at 40 registers and
+    /// spills).
+    AppendCopy { threads: u32 },
 }
 
 /// One kernel: a row of [`KERNELS`].
@@ -355,6 +379,9 @@ const fn dec_tc(name: &'static str, dtype: Elem, d: u32, tiles: u32, warps: u32)
         body_min_arch: None,
     }
 }
+const fn append(name: &'static str, family: Family, dtype: Elem) -> Kernel {
+    Kernel { name, module: Module::Append, family, dtype, head_dim: 0, shape: Shape::AppendCopy { threads: 256 }, body_min_arch: None }
+}
 const fn dec_combine(name: &'static str, module: Module, dtype: Elem) -> Kernel {
     Kernel { name, module, family: Family::DecodeCombine, dtype, head_dim: 0, shape: Shape::DecodeCombine, body_min_arch: None }
 }
@@ -464,6 +491,14 @@ pub const KERNELS: &[Kernel] = &[
     dec_tc("attn_decode_tc_bf16_d64_w2", BF16, 64, 4, 2),
     dec_tc("attn_decode_tc_bf16_d128_w2", BF16, 128, 2, 2),
     dec_combine("attn_decode_combine_bf16", Module::DecodeTc, BF16),
+    // append (sm_75+): element copies (any head_dim, any alignment of the element size), then
+    // 16-byte vector copies.
+    append("attn_append_f16", Family::Append, F16),
+    append("attn_append_bf16", Family::Append, BF16),
+    append("attn_append_f32", Family::Append, F32),
+    append("attn_append_f16_v16", Family::AppendVec16, F16),
+    append("attn_append_bf16_v16", Family::AppendVec16, BF16),
+    append("attn_append_f32_v16", Family::AppendVec16, F32),
 ];
 
 impl Kernel {
@@ -480,6 +515,7 @@ impl Kernel {
             Shape::DecodeSimt { .. } => DECODE_WARPS * 32,
             Shape::DecodeTc { warps, .. } => warps * 32,
             Shape::DecodeCombine => DECODE_COMBINE_THREADS,
+            Shape::AppendCopy { threads } => threads,
         }
     }
 
@@ -504,6 +540,7 @@ impl Kernel {
             Shape::DecodeSimt { rows } => rows,
             Shape::DecodeTc { .. } => DECODE_TC_ROWS,
             Shape::DecodeCombine => 1,
+            Shape::AppendCopy { .. } => 0,
         }
     }
 
@@ -517,7 +554,11 @@ impl Kernel {
             | Shape::MeTensorCore { block_n, .. }
             | Shape::MeSimt { block_n, .. } => block_n,
             Shape::NaiveTile { tile } => tile,
-            Shape::NaiveRows { .. } | Shape::DecodeSimt { .. } | Shape::DecodeTc { .. } | Shape::DecodeCombine => 0,
+            Shape::NaiveRows { .. }
+            | Shape::DecodeSimt { .. }
+            | Shape::DecodeTc { .. }
+            | Shape::DecodeCombine
+            | Shape::AppendCopy { .. } => 0,
         }
     }
 
@@ -530,7 +571,7 @@ impl Kernel {
     pub const fn min_blocks(&self) -> Option<u32> {
         match self.shape {
             Shape::Wgmma { min_blocks, .. } => Some(min_blocks),
-            Shape::WgmmaWs { .. } => Some(1),
+            Shape::WgmmaWs { .. } | Shape::AppendCopy { .. } => Some(1),
             _ => None,
         }
     }
@@ -556,7 +597,8 @@ impl Kernel {
             | Shape::NaiveRows { .. }
             | Shape::DecodeSimt { .. }
             | Shape::DecodeTc { .. }
-            | Shape::DecodeCombine => 0,
+            | Shape::DecodeCombine
+            | Shape::AppendCopy { .. } => 0,
         }
     }
 
@@ -612,6 +654,8 @@ impl Kernel {
                 w => format!("attn_decode_tc_{t}_d{d}_w{w}"),
             },
             Family::DecodeCombine => format!("attn_decode_combine_{t}"),
+            Family::Append => format!("attn_append_{t}"),
+            Family::AppendVec16 => format!("attn_append_{t}_v16"),
         }
     }
 
@@ -626,6 +670,7 @@ impl Kernel {
                  const __grid_constant__ AttnTensorMap tk, const __grid_constant__ AttnTensorMap tv"
                 .to_string(),
             Family::DecodeSimt | Family::DecodeTc | Family::DecodeCombine => "DecodeParams p".to_string(),
+            Family::Append | Family::AppendVec16 => "const AppendParams p".to_string(),
             _ => "const AttnParams p".to_string(),
         }
     }
@@ -652,6 +697,12 @@ impl Kernel {
             (Shape::DecodeSimt { rows }, _) => format!("dec_kernel<{t}, {d}, {rows}>(p);"),
             (Shape::DecodeTc { tiles, warps }, _) => format!("dtc_kernel<{t}, {b}, {d}, {tiles}, {warps}>(p);"),
             (Shape::DecodeCombine, _) => format!("dec_combine<{t}>(p);"),
+            (Shape::AppendCopy { .. }, family) => {
+                // A pure copy: the storage's bits, as one element or one 16-byte vector.
+                let e = if self.dtype == Elem::F32 { "unsigned int" } else { "unsigned short" };
+                let c = if family == Family::AppendVec16 { "AppendVec16" } else { e };
+                format!("append_kernel<{e}, {c}>(p);")
+            }
             // The thread indices are read here, where __launch_bounds__ bounds them for the compiler.
             (_, _) => "naive_softmax(p, s, lse, threadIdx.x % ATTN_WARP_SIZE, threadIdx.x / ATTN_WARP_SIZE);".to_string(),
         }
@@ -753,6 +804,7 @@ fn cuda_asserts(module: Module) -> Vec<String> {
             Shape::DecodeSimt { .. } => vec![assert("DEC_WARPS", DECODE_WARPS)],
             Shape::DecodeTc { .. } => vec![assert("DTC_ROWS", DECODE_TC_ROWS)],
             Shape::DecodeCombine => vec![assert("DEC_COMBINE_THREADS", DECODE_COMBINE_THREADS)],
+            Shape::AppendCopy { threads } => vec![assert("APPEND_THREADS", threads)],
             _ => continue,
         };
         for a in asserts {
@@ -825,14 +877,19 @@ pub fn validate() -> Result<(), String> {
             Family::DecodeSimt => &[Module::Decode],
             Family::DecodeTc => &[Module::DecodeTc],
             Family::DecodeCombine => &[Module::Decode, Module::DecodeTc],
+            Family::Append | Family::AppendVec16 => &[Module::Append],
         };
         if !modules.contains(&k.module) {
             errors.push(format!("{}: family {:?} belongs to module {}", k.name, k.family, modules[0].name()));
         }
-        // Kernels that take any head_dim (0): naive's and the combine (head_dim is a parameter).
-        let any = matches!(k.family, Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv | Family::DecodeCombine);
+        // Kernels that take any head_dim (0): naive's, the combine and the append (head_dim is a
+        // parameter).
+        let any = matches!(
+            k.family,
+            Family::NaiveScores | Family::NaiveSoftmax | Family::NaivePv | Family::DecodeCombine | Family::Append | Family::AppendVec16
+        );
         if any != (k.head_dim == 0) || (!any && k.head_dim % 8 != 0) {
-            errors.push(format!("{}: head_dim {} (0 for naive and the combine, else a multiple of 8)", k.name, k.head_dim));
+            errors.push(format!("{}: head_dim {} (0 for naive, the combine and the append, else a multiple of 8)", k.name, k.head_dim));
         }
         let tc = matches!(
             k.shape,
@@ -965,5 +1022,11 @@ mod tests {
         assert!(simt.contains("attn_decode_f32_d128_r8(DecodeParams p) {\n    dec_kernel<AttnF32, 128, 8>(p);"));
         assert!(!simt.contains("attn_decode_f32_d256"));
         assert_eq!(kernel_in(Module::DecodeTc, "attn_decode_combine_bf16").unwrap().module, Module::DecodeTc);
+        let append = entries_header(Module::Append);
+        assert!(append.contains("static_assert(APPEND_THREADS == 256,"));
+        assert!(append.contains(
+            "__launch_bounds__(256, 1) attn_append_bf16_v16(const AppendParams p) {\n    append_kernel<unsigned short, AppendVec16>(p);"
+        ));
+        assert!(append.contains("attn_append_f32(const AppendParams p) {\n    append_kernel<unsigned int, unsigned int>(p);"));
     }
 }

@@ -72,11 +72,9 @@ pub fn set_decode_skip_combine(skip: bool) {
 }
 
 /// Benchmarks only: variants of the decode kernels, process-wide; every one computes the same
-/// outputs. Bits (`DEC_BENCH_*` in cuda/decode.cuh): 1, split grids let their combine launch as
-/// each main block starts rather than at its epilogue (sm_90 code); 2, the tensor-core kernels'
-/// K/V loads fetch whole 128-byte lines into L2; 4, those loads skip L1 and mark each line
-/// evict-first in L2 once read; 8, the tensor-core family runs its two-warp kernels (host
-/// side). 0: the defaults.
+/// outputs. Bits (`DEC_BENCH_*` in cuda/decode.cuh): 1, the tensor-core kernels' K/V loads
+/// without cache hints; 2-4 (the value / 2), how many warp steps ahead they prefetch K/V into
+/// L2; 8, four-warp blocks always; 16, two-warp blocks always (where built). 0: the defaults.
 pub fn set_decode_bench_flags(flags: usize) {
     crate::gpu::decode::set_bench_flags(flags);
 }

@@ -139,7 +139,8 @@ fn kv_cache_f16_and_f32_match_reference() {
 #[ignore = "needs a CUDA device"]
 fn kernel_variants_match_the_reference() {
     let mut n = 0;
-    for flags in [7, 8] {
+    // Plain loads with a 3-step prefetch; two-warp blocks with a 1-step one; four-warp blocks.
+    for flags in [7, 18, 12] {
         attention::testing::set_decode_bench_flags(flags);
         n += sweep::<bf16>(DType::BF16, &[128, 64, 256]);
     }

@@ -22,19 +22,11 @@ use crate::dtype::DType;
 use crate::problem::MemoryKind;
 use crate::error::{Error, Rejection};
 use crate::settings::JitMode;
+use crate::registry::{self, Family, Module};
 
-const MODULE: &str = "append";
-/// Element copies and 16-byte vector copies, per dtype.
-const FUNCTIONS: [&str; 6] = [
-    "attn_append_f16",
-    "attn_append_bf16",
-    "attn_append_f32",
-    "attn_append_f16_v16",
-    "attn_append_bf16_v16",
-    "attn_append_f32_v16",
-];
-/// Threads per block (`APPEND_THREADS` in cuda/append.cu).
-const THREADS: usize = 256;
+const MODULE: &str = Module::Append.name();
+/// Element copies and 16-byte vector copies, per dtype, from the kernel registry.
+const FUNCTIONS: [&str; registry::count(Module::Append)] = registry::names(Module::Append);
 /// Most blocks along x; a grid-stride loop covers what is past them.
 const MAX_BLOCKS: usize = 1 << 16;
 
@@ -213,16 +205,18 @@ impl AppendKernels {
             }
             AppendTarget::Slots { slots, .. } => dev.check_addr("slot_mapping", slots, call.tokens as u64 * 8, "k_cache")?,
         }
-        let name = format!("attn_append_{}{}", call.dtype.name(), if call.vectorised() { "_v16" } else { "" });
-        let func = module.launchable(&name).map_err(|e| unavailable(call, e))?;
+        let family = if call.vectorised() { Family::AppendVec16 } else { Family::Append };
+        let kernel = registry::lookup(family, super::elem(call.dtype), 0).expect("the registry has an append kernel per dtype");
+        let func = module.launchable(kernel.name).map_err(|e| unavailable(call, e))?;
         let mut params = call.params();
         let items = call.tokens * call.k_new.layout.heads() * params.row_vecs as usize;
-        let blocks = items.div_ceil(THREADS).clamp(1, MAX_BLOCKS);
+        let threads = kernel.threads() as usize;
+        let blocks = items.div_ceil(threads).clamp(1, MAX_BLOCKS);
         let mut args = [&mut params as *mut AppendParams as *mut c_void];
         // SAFETY: one argument, a live AppendParams as the entry point declares it; every
         // pointer inside was checked against its allocation above, and the kernel writes only
         // rows of k_cache/v_cache inside their layouts (destinations outside are skipped).
-        unsafe { result::launch_kernel(func.cu_function(), (blocks as u32, 2, 1), (THREADS as u32, 1, 1), 0, stream, &mut args) }
+        unsafe { result::launch_kernel(func.cu_function(), (blocks as u32, 2, 1), (threads as u32, 1, 1), 0, stream, &mut args) }
             .map_err(|e| cuda_error("cuLaunchKernel", e.0))
     }
 }

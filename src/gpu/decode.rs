@@ -43,8 +43,11 @@ fn max_head_dim(dtype: DType) -> usize {
 /// Warps per block of the main kernels, unless a plan takes the tensor-core family's two-warp
 /// kernels.
 const WARPS: usize = registry::DECODE_WARPS as usize;
-/// `DEC_BENCH_*` bit (host side only) that runs the tensor-core family's two-warp kernels.
-const BENCH_TWO_WARPS: usize = 8;
+/// Bench-only bits of [`BENCH_FLAGS`] the host keeps (the kernels' own are `DEC_BENCH_*` in
+/// cuda/decode.cuh): the tensor-core family always on four-warp blocks, or always on two-warp
+/// blocks where built.
+const BENCH_FOUR_WARPS: usize = 8;
+const BENCH_TWO_WARPS: usize = 16;
 /// Threads per block of the combine.
 const COMBINE_THREADS: usize = registry::DECODE_COMBINE_THREADS as usize;
 /// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
@@ -209,15 +212,23 @@ impl Plan {
             Family::Simt if packed <= 4 => 4,
             Family::Simt => 8,
         };
-        // The two-warp kernels where asked for and built (d64 and d128).
-        let two = BENCH_FLAGS.load(Ordering::Relaxed) & BENCH_TWO_WARPS != 0 && Self::kernel_of(family, p.dtype, p.head_dim, rows, 2).is_some();
+        let row_groups = packed.div_ceil(rows).max(1);
+        let blocks = p.batch * p.kv_heads * row_groups;
+        // Two-warp blocks (where built: d64, d128) when four-warp blocks need no split and more
+        // than one wave: twice as many fit an SM, so one block's start and drain overlap others'
+        // streaming. Measured on the H200 (bf16 GQA 32/8 d128, decode bench): +1-3% at batch 64
+        // and 128 from 1k to 32k keys; 5-14% slower at batch 1, where the grid splits.
+        let flags = BENCH_FLAGS.load(Ordering::Relaxed);
+        let many = blocks > sm_count * DEFAULT_RESIDENT_PER_SM;
+        let two = family == Family::TensorCore
+            && flags & BENCH_FOUR_WARPS == 0
+            && (many || flags & BENCH_TWO_WARPS != 0)
+            && Self::kernel_of(family, p.dtype, p.head_dim, rows, 2).is_some();
         let warps = if two { 2 } else { WARPS };
         // The smallest bucket at or above head_dim (validation keeps it within the largest).
         let head_dim = Self::kernel_of(family, p.dtype, p.head_dim, rows, warps)
             .map(|k| k.head_dim as usize)
             .unwrap_or(max_head_dim(p.dtype));
-        let row_groups = packed.div_ceil(rows).max(1);
-        let blocks = p.batch * p.kv_heads * row_groups;
         let wanted = (sm_count * per_sm.max(1) * waves()) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, splits_cap());
         Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most), warps }
@@ -537,6 +548,11 @@ mod tests {
         assert_eq!(Plan::of(&Problem::new(DType::BF16, 16, 1, 8192, 32, 8, 128), 132, Family::TensorCore, 2).splits, 2);
         // Short keys cap the split count at one split per MIN_CHUNK keys.
         assert_eq!(Plan::of(&Problem::new(DType::BF16, 1, 1, 100, 32, 8, 128), 132, Family::Simt, 4).splits, 2);
+        // Two-warp blocks where four-warp ones need no split and more than one wave.
+        let big = Problem::new(DType::BF16, 128, 1, 8192, 32, 8, 128);
+        assert_eq!((Plan::of(&big, 132, Family::TensorCore, 4).warps, Plan::of(&big, 132, Family::TensorCore, 4).function(DType::BF16)), (2, "attn_decode_tc_bf16_d128_w2"));
+        assert_eq!(Plan::of(&p, 132, Family::TensorCore, 2).warps, 4);
+        assert_eq!(Plan::of(&Problem::new(DType::BF16, 128, 1, 8192, 32, 8, 256), 132, Family::TensorCore, 2).warps, 4);
         // A large batch fills the GPU without splitting.
         assert_eq!(Plan::of(&Problem::new(DType::BF16, 128, 1, 8192, 32, 8, 128), 132, Family::Simt, 4).splits, 1);
         // Speculative decoding: 4 heads x 5 rows = 20 packed rows, 3 groups of 8.

@@ -16,19 +16,10 @@ pub(crate) fn source(file: &str) -> Option<&'static str> {
     SOURCES.iter().find(|(f, _)| *f == file).map(|(_, s)| *s)
 }
 
-/// The minimum arch of a module: the registry's (src/registry.rs), else its `// attention:
-/// min-arch X.Y` marker's; 0.0 when it has neither. May be arch-specific (`9.0a`).
+/// The minimum arch of a module: the registry's (src/registry.rs); 0.0 for a name it does not
+/// have. May be arch-specific (`9.0a`).
 pub(crate) fn module_min_arch(module: &str) -> crate::arch::ArchSpec {
-    use crate::arch::{ArchSpec, ArchSuffix};
-    let Some(&(_, (major, minor), suffix)) = MIN_ARCH.iter().find(|(m, _, _)| *m == module) else {
-        return ArchSpec::new(0, 0);
-    };
-    let suffix = match suffix {
-        "a" => ArchSuffix::A,
-        "f" => ArchSuffix::F,
-        _ => ArchSuffix::None,
-    };
-    ArchSpec { suffix, ..ArchSpec::new(major, minor) }
+    crate::registry::Module::from_name(module).map_or(crate::arch::ArchSpec::new(0, 0), |m| m.min_arch())
 }
 
 /// The oldest compute capability a module's kernels target ([`module_min_arch`] without its
@@ -52,8 +43,6 @@ mod tests {
             assert_eq!(module_min_arch(m.name()), m.min_arch(), "{}", m.name());
             assert!(source(&format!("{}.cu", m.name())).is_some_and(|s| s.contains(&format!("#include \"{}\"", m.header()))));
         }
-        // The others keep their marker.
-        assert_eq!(min_arch("append"), crate::arch::ComputeCapability::new(7, 5));
     }
 
     /// The nvcc build's ptxas report (when there is one) lists exactly the registry's kernels
