@@ -1,11 +1,11 @@
-//! GPU tests. They need a CUDA device, so they are `#[ignore]`d on machines without one (CI)
-//! and run on the GPU machine with:
+//! GPU tests. They need a CUDA device (the JIT and emulated-arch ones libnvrtc too), so they
+//! are ignored unless the `gpu-tests` (and `nvrtc-tests`) features are on; on the GPU machine:
 //!
 //! ```text
-//! cargo test --release --test gpu -- --include-ignored --nocapture
+//! cargo test --release --features gpu-tests,nvrtc-tests --test gpu -- --nocapture
 //! ```
 //!
-//! Run there without a device they fail (they never pass by skipping).
+//! With the features on and no device they fail (they never pass by skipping).
 
 mod common;
 
@@ -109,7 +109,7 @@ fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, ex
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn ranked_selection_matches_reference_on_every_shape_and_dtype() {
     let (attn, stream) = gpu();
     eprintln!(
@@ -122,7 +122,7 @@ fn ranked_selection_matches_reference_on_every_shape_and_dtype() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn naive_matches_reference_on_every_shape_and_dtype() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Naive).select().unwrap();
@@ -132,7 +132,7 @@ fn naive_matches_reference_on_every_shape_and_dtype() {
 /// Every head_dim flash takes (specialised and rounded up) against odd sequence lengths,
 /// sq ≠ sk, MHA/GQA/MQA, causal or not, both layouts, f16 and bf16.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_matches_reference_across_head_dims_and_lengths() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
@@ -170,7 +170,7 @@ fn flash_matches_reference_across_head_dims_and_lengths() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn naive_through_jit_always_matches_reference() {
     let (_, stream) = gpu();
     let dir = std::env::temp_dir().join(format!("attn-jit-{}", std::process::id()));
@@ -191,18 +191,20 @@ fn naive_through_jit_always_matches_reference() {
 }
 
 /// Only meaningful in a build made without the device's arch: scripts/device-bundle.sh builds
-/// one with ATTN_CUDA_ARCH_LIST=8.0, and scripts/device-run.sh runs it with --include-ignored
-/// and ATTN_TEST_EXPECT_NO_IMAGE=1, which states "this build has no image for the device".
+/// one with ATTN_CUDA_ARCH_LIST=8.0, and scripts/device-run.sh runs it there with
+/// ATTN_TEST_EXPECT_NO_IMAGE=1, which states "this build has no image for the device". That
+/// variable is this test's own switch (a build property no feature can state); the features
+/// only say what it needs to run at all (a GPU, and NVRTC for the repair).
 ///
 /// The precondition (an nvcc build with neither a cubin nor PTX the device can run) is checked
 /// against what the build really embeds, never assumed:
 /// - ATTN_TEST_EXPECT_NO_IMAGE set and the build has an image (or is not an nvcc build): fails,
 ///   naming the build's arch list and the device, so the sm_80 step cannot pass vacuously.
 /// - The precondition holds: the test runs, with or without the variable.
-/// - Neither (the normal all-arch build, where the GPU suite also runs with --include-ignored):
+/// - Neither (the normal all-arch build, where the whole GPU suite runs):
 ///   prints "not applicable: ..." and passes; that build has nothing to repair.
 #[test]
-#[ignore = "runs only in the sm_80-only build (ATTN_CUDA_ARCH_LIST=8.0): scripts/device-run.sh runs it there with --include-ignored and ATTN_TEST_EXPECT_NO_IMAGE=1"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn build_without_the_device_arch_repairs_itself_or_explains() {
     let (attn, stream) = gpu();
     let caps = attn.device_caps().unwrap().clone();
@@ -260,7 +262,7 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn tiny_workspace_is_chunked_not_out_of_memory() {
     let (_, stream) = gpu();
     // 1 MiB holds 256 rows of 1024 keys: the call must chunk rows and heads.
@@ -274,7 +276,7 @@ fn tiny_workspace_is_chunked_not_out_of_memory() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn raw_pointers_outside_their_allocation_are_rejected() {
     let (attn, stream) = gpu();
     let l = Layout::contiguous(1, 64, 2, 64);
@@ -340,7 +342,7 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
 /// A few flash cases that touch every masking and tail path: small enough to run under
 /// compute-sanitizer (memcheck, racecheck) on the device.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_small_cases_for_sanitizers() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
@@ -358,7 +360,7 @@ fn flash_small_cases_for_sanitizers() {
 
 /// Sliding windows and soft-capping on flash and naive (both dtypes flash takes; f32 on naive).
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn windows_and_softcap_match_reference() {
     let (_, stream) = gpu();
     let mut rng = Rng::fresh();
@@ -402,14 +404,14 @@ fn windows_and_softcap_match_reference() {
 /// allocation, no sync, no host-side data-dependent branch inside `forward`), replayed after the
 /// inputs change.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_forward_is_graph_capturable() {
     graph_capture(BackendKind::Flash);
 }
 
 /// As `flash_forward_is_graph_capturable`, for mem_efficient.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn mem_efficient_forward_is_graph_capturable() {
     graph_capture(BackendKind::MemEfficient);
 }
@@ -485,7 +487,7 @@ fn graph_capture(kind: BackendKind) {
 /// sequence) through flash: every specialisation, MHA/GQA(8:1)/MQA, causal, windowed and
 /// soft-capped, both packed layouts, f16 and bf16.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_varlen_matches_reference() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
@@ -533,7 +535,7 @@ fn flash_varlen_matches_reference() {
 /// so the call completes without a fault (memcheck runs this), the context stays healthy, and
 /// a forced backend without varlen support says so.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn malformed_device_seqlens_never_fault() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
@@ -560,7 +562,7 @@ fn malformed_device_seqlens_never_fault() {
 /// the driver, so the code a T4 runs is what runs here; selection is a T4's (no flash), and the
 /// whole matrix still matches the reference.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn emulated_turing_runs_its_own_code_and_matches_reference() {
     let (_, stream) = gpu();
     let dir = std::env::temp_dir().join(format!("attn-emu-{}", std::process::id()));

@@ -5,8 +5,8 @@
 //! dtypes; caches NaN-poisoned outside the rows they held and compared bit for bit with the
 //! one computed on the host; device slots and lengths outside the cache skipped without a
 //! fault; a CUDA graph of append + attention replayed with new slots, lengths and rows. They
-//! need a CUDA device, so they are `#[ignore]`d without one (CI) and run on the GPU machine
-//! with `--include-ignored`; run there without a device they fail (never pass by skipping).
+//! need a CUDA device, so they are ignored unless the `gpu-tests` feature is on; with it on and
+//! no device they fail (never pass by skipping).
 //! `append_bandwidth` is a report (1000 appends of 128 tokens x 8 kv heads x d128 bf16, timed
 //! with CUDA events): run it by name with `--ignored --nocapture`.
 
@@ -142,7 +142,7 @@ fn append_sweep<T: Element + DeviceRepr>(dims: &[usize]) -> usize {
 /// head_dim 128 and 64 move as 16-byte vectors (Padded rows stay 16-byte aligned); 36 of a
 /// 16-bit type (72-byte rows) takes the element copy, 36 of f32 (144 bytes) vectors.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn device_appends_write_exactly_the_new_rows() {
     append_sweep::<bf16>(&[128, 36]);
     append_sweep::<f16>(&[64, 36]);
@@ -151,7 +151,7 @@ fn device_appends_write_exactly_the_new_rows() {
 
 /// The element copy also runs for 16-byte rows whose base is not 16-byte aligned.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn unaligned_new_rows_take_the_element_copy() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -214,7 +214,7 @@ fn fused_sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
 }
 
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn fused_append_and_attention_on_the_device_match_the_reference() {
     fused_sweep::<bf16>(DType::BF16, &[128, 64]);
     fused_sweep::<f16>(DType::F16, &[128]);
@@ -241,7 +241,7 @@ fn apply<T: Element>(c: &AppendCase<T>, dest: impl Fn(usize, usize) -> Option<(u
 /// Device slots and lengths are never checked on the host: ones outside the cache leave their
 /// rows unwritten, everything else is written, and nothing faults.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn out_of_range_device_slots_and_lengths_are_skipped() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -285,7 +285,7 @@ fn out_of_range_device_slots_and_lengths_are_skipped() {
 /// What validation rejects on the device: new rows or a V cache sharing bytes with the K cache,
 /// q sharing bytes with the cache in the fused call. Nothing is written.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn overlapping_device_buffers_are_rejected() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -324,7 +324,7 @@ fn overlapping_device_buffers_are_rejected() {
 /// with new slot mappings, lengths (a padding sequence included) and new rows: every replay
 /// writes exactly the new rows and matches the reference.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn fused_graph_replays_with_new_slots_lengths_and_rows() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (attn, default_stream) = gpu();
@@ -395,7 +395,7 @@ fn fused_graph_replays_with_new_slots_lengths_and_rows() {
 /// Small cases for compute-sanitizer (memcheck, racecheck): 1-row pages, padding tokens,
 /// contiguous with lengths at capacity, vector and element copies.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn append_small_cases_for_sanitizers() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();

@@ -1,9 +1,9 @@
 //! GPU tests of the decode backend: KV-cache calls (contiguous and paged, page sizes 1 to 256,
 //! vLLM and FlashInfer layouts, GQA, 1 to 16 query rows, masks, soft-cap, lse, padding slots of
 //! length 0, split and unsplit grids), dense decode-shaped `forward` calls, and a CUDA graph
-//! replayed with new lengths and block tables. They need a CUDA device, so they are
-//! `#[ignore]`d without one (CI) and run on the GPU machine with `--include-ignored`; run there
-//! without a device they fail (never pass by skipping).
+//! replayed with new lengths and block tables. They need a CUDA device, so they are ignored
+//! unless the `gpu-tests` feature is on; with it on and no device they fail (never pass by
+//! skipping).
 
 mod common;
 
@@ -120,13 +120,13 @@ fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
 }
 
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kv_cache_bf16_matches_reference() {
     sweep::<bf16>(DType::BF16, &[128, 64, 256]);
 }
 
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kv_cache_f16_and_f32_match_reference() {
     sweep::<f16>(DType::F16, &[128, 40]);
     sweep::<f32>(DType::F32, &[128, 36]);
@@ -135,7 +135,7 @@ fn kv_cache_f16_and_f32_match_reference() {
 /// Dense decode-shaped `forward` calls (q_len ≤ 16) run on the decode kernels: GQA, MQA,
 /// heads-first (PyTorch's) layout, causal.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn dense_decode_shapes_run_on_the_decode_backend() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -177,7 +177,7 @@ fn dense_decode_shapes_run_on_the_decode_backend() {
 /// A paged decode captured once in a CUDA graph and replayed with new lengths (padding slots of
 /// length 0 included) and new block tables: every replay matches the reference.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn paged_decode_graph_replays_with_new_lengths_and_tables() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (attn, default_stream) = gpu();
@@ -227,7 +227,7 @@ fn paged_decode_graph_replays_with_new_lengths_and_tables() {
 /// allocates nothing, so the graph holds kernels only; a workspace too small for the plan's
 /// splits still gives the right rows (fewer splits); one on another stream is a typed error.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use attention::{Problem, Workspace};
@@ -296,7 +296,7 @@ fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() 
 /// A few small cases for compute-sanitizer (memcheck, racecheck): paged with 1- and 16-key
 /// pages, contiguous, split and unsplit grids, 1 and 5 query rows, a padding slot.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kv_cache_small_cases_for_sanitizers() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -317,7 +317,7 @@ fn kv_cache_small_cases_for_sanitizers() {
 /// and paged caches, split and unsplit grids, f16/bf16 (tensor cores) and f32 (CUDA cores),
 /// with lse `[heads, total_q]`; rows outside every sequence stay as they were (poison kept).
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn packed_queries_of_different_lengths_match_the_reference() {
     fn case<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, rng: &mut Rng, store: Store, rows: &[usize], max_len: usize, mask: RefMask) {
         let c = KvCase::<T>::new(rng, store, rows.len(), 40, 8, 2, 128, max_len, mask);

@@ -1,11 +1,12 @@
 //! GPU tests of the memory-efficient backend, forced with `Selector::backend`. They need a CUDA
-//! device, so they are `#[ignore]`d on machines without one (CI) and run on the GPU machine with:
+//! device (the sm_75 ones libnvrtc too), so they are ignored unless the `gpu-tests` (and
+//! `nvrtc-tests`) features are on; on the GPU machine:
 //!
 //! ```text
-//! cargo test --release --test gpu_mem_efficient -- --include-ignored --nocapture
+//! cargo test --release --features gpu-tests,nvrtc-tests --test gpu_mem_efficient -- --nocapture
 //! ```
 //!
-//! Run there without a device they fail (they never pass by skipping). Each matrix runs twice:
+//! With the features on and no device they fail (they never pass by skipping). Each matrix runs twice:
 //! on the device's own arch, and as sm_75 (`Selector::emulate_arch`: the module is compiled by
 //! NVRTC as compute_75 PTX, so the Turing code path — m16n8k8, no cp.async — is what runs).
 
@@ -156,7 +157,7 @@ fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, dt
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn mem_efficient_matches_reference_across_head_dims_lengths_and_masks() {
     let stream = stream();
     let attn = mem_efficient(false);
@@ -170,7 +171,7 @@ fn mem_efficient_matches_reference_across_head_dims_lengths_and_masks() {
 
 /// The same matrix on the sm_75 code path; bf16 must be refused there with a DType reason.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn mem_efficient_sm75_path_matches_reference() {
     let stream = stream();
     let attn = mem_efficient(true);
@@ -191,7 +192,7 @@ fn mem_efficient_sm75_path_matches_reference() {
 /// Base pointers off 16-byte alignment (head_dim a multiple of 8, so only the base is off): the
 /// element-wise kernels run and never read or write outside the tensors.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn mem_efficient_unaligned_base_pointers() {
     let stream = stream();
     for turing in [false, true] {
@@ -218,7 +219,7 @@ fn mem_efficient_unaligned_base_pointers() {
 /// sequence): every kernel bucket and dtype, MHA/GQA/MQA, every mask, both layouts, native and
 /// as sm_75.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn mem_efficient_varlen_matches_reference() {
     let stream = stream();
     let batches: [(&[usize], &[usize]); 3] = [
@@ -265,7 +266,7 @@ fn mem_efficient_varlen_matches_reference() {
 /// A few small cases touching every code path (each dtype, aligned and element-wise loads, the
 /// split-head_dim d=512 kernel, masks, fully masked rows), quick enough for compute-sanitizer.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn mem_efficient_small_cases_for_sanitizers() {
     let stream = stream();
     let attn = mem_efficient(false);

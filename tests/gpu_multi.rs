@@ -3,11 +3,12 @@
 //! of the other device refused with typed errors; an ordinal past the visible devices refused
 //! at `select()`.
 //!
-//! Every test needs GPUs, so all are `#[ignore]`d (CI has none) and run on the device machine
-//! with `--include-ignored`. The `two_gpus_*` tests need two GPUs: on a machine with fewer they
-//! FAIL with "needs 2 GPUs, found N" — they never pass by skipping. The one test that needs a
-//! single GPU (`device_past_the_visible_count_is_an_error_and_two_handles_share_device_0`)
-//! runs on any machine with a GPU.
+//! Every test needs GPUs, so all are ignored unless a feature says the machine has them. The
+//! `two_gpus_*` tests need two GPUs (feature `multi-gpu-tests`, and `nvrtc-tests` for the JIT
+//! one): with it on and fewer GPUs they FAIL with "needs 2 GPUs, found N" — they never pass by
+//! skipping. The one test that needs a single GPU
+//! (`device_past_the_visible_count_is_an_error_and_two_handles_share_device_0`) runs with
+//! `gpu-tests` on any machine with a GPU.
 //!
 //! Results are checked against the f64 reference of tests/common (random shapes; the seed is
 //! printed with every failure).
@@ -251,7 +252,7 @@ fn worker_seed(seed: u64, device: usize, thread: usize) -> u64 {
 /// naming the ordinal, the count and `CUDA_VISIBLE_DEVICES`; and two handles for device 0,
 /// selected on two threads at once, each run checked calls on their own streams at once.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn device_past_the_visible_count_is_an_error_and_two_handles_share_device_0() {
     let n = visible_devices();
     assert!(n >= 1, "needs a CUDA device, found none ({})", visible_env());
@@ -313,7 +314,7 @@ fn device_past_the_visible_count_is_an_error_and_two_handles_share_device_0() {
 /// kernel modules (every GPU backend's image loads on each), and each runs a checked call on
 /// tensors of its own device.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_one_handle_per_device_with_its_own_caps_and_modules() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -339,7 +340,7 @@ fn two_gpus_one_handle_per_device_with_its_own_caps_and_modules() {
 /// directory: each device compiles (or reads from the shared cache) and loads its own module,
 /// the cache ends with whole entries and no temporary files, and both run checked calls.
 #[test]
-#[ignore = "needs 2 GPUs and libnvrtc"]
+#[cfg_attr(not(all(feature = "multi-gpu-tests", feature = "nvrtc-tests")), ignore = "needs 2 CUDA GPUs and libnvrtc: cargo test --features multi-gpu-tests,nvrtc-tests")]
 fn two_gpus_jit_modules_per_device_share_one_cache_safely() {
     require_two_gpus();
     let dir = std::env::temp_dir().join(format!("attn-multi-gpu-jit-{}", std::process::id()));
@@ -387,7 +388,7 @@ fn two_gpus_jit_modules_per_device_share_one_cache_safely() {
 /// Eight threads on each device at once, each on its own stream, random prefill, dense-decode
 /// and KV-cache shapes in bf16 and f16: every result checked against the f64 reference.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_eight_threads_each_forward_and_kvcache_all_checked() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -459,7 +460,7 @@ fn spot_check(out: &[bf16], q: &[bf16], k: &[bf16], v: &[bf16], l: Layout, rows:
 /// output of every thread is compared with the first, which is spot-checked against the f64
 /// reference.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_both_busy_throughput_at_least_1_8x_one() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -563,7 +564,7 @@ fn untouched<T: Element + DeviceRepr>(s: &Arc<CudaStream>, buf: &CudaSlice<T>) -
 /// `Reason::OtherDevice` for every GPU backend; raw pointers of the other device (which carry
 /// no ordinal) are caught by the range check, naming the argument.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_tensors_and_raw_pointers_of_the_other_device_are_typed_errors() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
