@@ -23,7 +23,7 @@ use attention::{
     Attention, BackendKind, BlockTable, CacheLens, Element, Error, JitMode, KvCache, Layout, LseMut, Options, Reason,
     Selector, Settings, Tensor, TensorMut,
 };
-use common::gpu::{lse_error, random, run_masked, s as shape, tolerance, Outcome};
+use common::gpu::{lse_error, random, run, s as shape, tolerance, Case, Outcome, Place};
 use common::kv::{KvCase, Store};
 use common::reference::{attention_f64, rel_err, RefInput, RefMask};
 use common::rng::Rng;
@@ -170,13 +170,10 @@ fn checked_dense<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>,
     let sk = sq + rng.below(if decode { 2000 } else { 256 }) as usize;
     let mask = RefMask { causal, ..RefMask::default() };
     let heads_first = rng.below(2) == 0;
-    let o = run_masked::<T>(attn, s, rng, shape(b, sq, sk, h, hk, d), mask, heads_first, 0)
-        .unwrap_or_else(|e| panic!("{what}: {} b={b} {sq}x{sk} h={h}/{hk} d={d} causal={causal}: {e}", T::DTYPE));
-    assert!(
-        o.nan == 0 && o.rel < tolerance(T::DTYPE) && o.lse_err < 1e-3 && o.ran.is_gpu(),
-        "{what}: {} b={b} {sq}x{sk} h={h}/{hk} d={d} causal={causal} heads_first={heads_first}: {o:?}",
-        T::DTYPE
-    );
+    let case = Case::dense(T::DTYPE, shape(b, sq, sk, h, hk, d), mask, heads_first);
+    let o = run(attn, &Place::Device(s.clone()), rng, &case).unwrap_or_else(|e| panic!("{what}: {case}: {e}"));
+    assert!(o.ran.is_gpu(), "{what}: {case}: ran {}", o.ran);
+    o.verdict(&case).unwrap_or_else(|why| panic!("{what}: {case}: {why}"));
     o
 }
 

@@ -189,10 +189,6 @@ impl<T: Element> KvCase<T> {
 
     /// The options matching the mask.
     pub fn options(&self) -> attention::Options {
-        let mut o = attention::Options::default().causal(self.mask.causal).window(self.mask.left, self.mask.right);
-        if let Some(c) = self.mask.softcap {
-            o = o.softcap(c as f32);
-        }
-        o
+        super::gpu::options(&self.mask)
     }
 }
