@@ -9,85 +9,27 @@ mod common;
 
 use std::sync::Arc;
 
-use attention::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr};
+use attention::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use attention::{
     Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Tensor, TensorMut,
 };
 use common::gpu::{gpu, lse_error, random, tolerance};
-use common::kv::{KvCase, Store};
+use common::gpu::Place;
+use common::kv::{cache_over, run_kv, upload, KvCase, Store, SWEPT_STORES};
 use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
 
-/// Device copies of a case's buffers.
-struct Dev<T> {
-    q: CudaSlice<T>,
-    kv: CudaSlice<T>,
-    v_sep: Option<CudaSlice<T>>,
-    table: CudaSlice<i32>,
-    lens: CudaSlice<i32>,
-}
-
-fn upload<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> Dev<T> {
-    let table = if c.table.is_empty() { vec![0] } else { c.table.clone() };
-    Dev {
-        q: s.clone_htod(&c.q).unwrap(),
-        kv: s.clone_htod(&c.k).unwrap(),
-        v_sep: (c.v_offset == 0).then(|| s.clone_htod(&c.v).unwrap()),
-        table: s.clone_htod(&table).unwrap(),
-        lens: s.clone_htod(&c.lens).unwrap(),
-    }
-}
-
-/// The case's K and V views of its device buffers (vLLM's layout: one buffer holding both).
-fn kv_views<'a, T: DeviceRepr>(c: &KvCase<T>, d: &'a Dev<T>) -> (CudaView<'a, T>, CudaView<'a, T>) {
-    let n = c.lk.numel();
-    let v = match &d.v_sep {
-        Some(v) => v.slice(0..n),
-        None => d.kv.slice(c.v_offset..c.v_offset + n),
-    };
-    (d.kv.slice(0..n), v)
-}
-
-/// The case's cache (contiguous or paged, as its store says) over those views.
-fn cache_of<'a, T: Element + DeviceRepr>(c: &KvCase<T>, d: &'a Dev<T>, k: &'a CudaView<'a, T>, v: &'a CudaView<'a, T>) -> KvCache<'a, T> {
-    let (k, v) = (Tensor::cuda(k, c.lk), Tensor::cuda(v, c.lk));
-    let lens = CacheLens::cuda(&d.lens);
-    match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
-    }
-}
-
 /// Runs a case through `forward_kvcache` on the device; (backend, rel. error, lse error).
 fn run<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &KvCase<T>) -> (BackendKind, f64, f64) {
-    let d = upload(s, c);
-    let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); c.lq.numel()]).unwrap();
-    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; c.batch * c.heads * c.q_len]).unwrap();
-    let (kview, vview) = kv_views(c, &d);
-    let cache = cache_of(c, &d, &kview, &vview);
-    let ran = attn
-        .forward_kvcache(&Tensor::cuda(&d.q, c.lq), &cache, &mut TensorMut::cuda(&mut out, c.lq), Some(&mut LseMut::cuda(&mut lse)), &c.options())
-        .unwrap();
-    let got: Vec<f64> = s.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f32() as f64).collect();
-    let l = s.clone_dtoh(&lse).unwrap();
-    (ran, rel_err(&got, &c.ref_out), lse_error(l.iter().map(|&x| x as f64), c.ref_lse.iter().copied()))
+    run_kv(attn, &Place::Device(s.clone()), c).unwrap()
 }
 
 fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
     let seed = rng.get_seed();
-    let stores = [
-        Store::Contiguous,
-        Store::ContiguousHeadsFirst,
-        Store::PagedVllm { page_size: 1 },
-        Store::PagedVllm { page_size: 16 },
-        Store::PagedHnd { page_size: 32 },
-        Store::PagedVllm { page_size: 64 },
-        Store::PagedHnd { page_size: 256 },
-    ];
     let masks = [
         RefMask::default(),
         RefMask { causal: true, ..RefMask::default() },
@@ -95,7 +37,7 @@ fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
         RefMask { softcap: Some(20.0), causal: true, ..RefMask::default() },
     ];
     let mut n = 0;
-    for (i, &store) in stores.iter().enumerate() {
+    for (i, &store) in SWEPT_STORES.iter().enumerate() {
         for &d in dims {
             for (batch, h, hk) in [(1, 32, 8), (3, 8, 8), (5, 16, 2), (2, 8, 1)] {
                 for q_len in [1, 2, 5, 16] {
@@ -331,8 +273,10 @@ fn packed_queries_of_different_lengths_match_the_reference() {
         let (qd, cud) = (s.clone_htod(&qx).unwrap(), s.clone_htod(&cu).unwrap());
         let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); lq1.numel()]).unwrap();
         let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; 8 * (total + 1)]).unwrap();
-        let (kview, vview) = kv_views(&c, &d);
-        let cache = cache_of(&c, &d, &kview, &vview).with_varlen_queries(attention::SeqLens::cuda(&cud), 40);
+        let (kview, vview) = d.views(&c);
+        let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
+        let table = BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride);
+        let cache = cache_over(&c, k, v, table, CacheLens::cuda(&d.lens)).with_varlen_queries(attention::SeqLens::cuda(&cud), 40);
         let ran = attn
             .forward_kvcache(&Tensor::cuda(&qd, lq1), &cache, &mut TensorMut::cuda(&mut out, lq1), Some(&mut LseMut::cuda(&mut lse)), &c.options())
             .unwrap();

@@ -23,8 +23,8 @@ use attention::{
     Attention, BackendKind, BlockTable, CacheLens, Element, Error, JitMode, KvCache, Layout, LseMut, Options, Reason,
     Selector, Settings, Tensor, TensorMut,
 };
-use common::gpu::{lse_error, random, run, s as shape, tolerance, Case, Outcome, Place};
-use common::kv::{KvCase, Store};
+use common::gpu::{random, run, s as shape, tolerance, Case, Outcome, Place};
+use common::kv::{cache_over, run_kv, upload, KvCase, KvDev, Store};
 use common::reference::{attention_f64, rel_err, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
@@ -71,26 +71,6 @@ fn gpu(ordinal: usize) -> (Attention, Arc<CudaContext>) {
     (attn, CudaContext::new(ordinal).unwrap())
 }
 
-/// Device copies of a KV-cache case's buffers (as tests/gpu_decode.rs).
-struct KvDev<T> {
-    q: CudaSlice<T>,
-    kv: CudaSlice<T>,
-    v_sep: Option<CudaSlice<T>>,
-    table: CudaSlice<i32>,
-    lens: CudaSlice<i32>,
-}
-
-fn upload_kv<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> KvDev<T> {
-    let table = if c.table.is_empty() { vec![0] } else { c.table.clone() };
-    KvDev {
-        q: s.clone_htod(&c.q).unwrap(),
-        kv: s.clone_htod(&c.k).unwrap(),
-        v_sep: (c.v_offset == 0).then(|| s.clone_htod(&c.v).unwrap()),
-        table: s.clone_htod(&table).unwrap(),
-        lens: s.clone_htod(&c.lens).unwrap(),
-    }
-}
-
 /// The K and V tensors of a case's device buffers (stores with separate K and V buffers).
 fn kv_views<'a, T: Element + DeviceRepr>(c: &KvCase<T>, d: &'a KvDev<T>) -> (Tensor<'a, T>, Tensor<'a, T>) {
     let v = d.v_sep.as_ref().expect("a store with separate K and V buffers (not vLLM's)");
@@ -105,40 +85,7 @@ fn kv_cache<'a, T: Element + DeviceRepr>(
     lens: &'a KvDev<T>,
 ) -> KvCache<'a, T> {
     let (k, v) = kv_views(c, kv);
-    let lens = CacheLens::cuda(&lens.lens);
-    match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&table.table, c.pages_per_seq, c.table_stride), lens),
-    }
-}
-
-/// Runs a case through `forward_kvcache` on `s`: (backend, rel. error, lse error).
-fn run_kv<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &KvCase<T>) -> Result<(BackendKind, f64, f64), Error> {
-    let d = upload_kv(s, c);
-    let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); c.lq.numel()]).unwrap();
-    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; c.batch * c.heads * c.q_len]).unwrap();
-    let n = c.lk.numel();
-    let kview = d.kv.slice(0..n);
-    let vview = match &d.v_sep {
-        Some(v) => v.slice(0..n),
-        None => d.kv.slice(c.v_offset..c.v_offset + n),
-    };
-    let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
-    let lens = CacheLens::cuda(&d.lens);
-    let cache = match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
-    };
-    let ran = attn.forward_kvcache(
-        &Tensor::cuda(&d.q, c.lq),
-        &cache,
-        &mut TensorMut::cuda(&mut out, c.lq),
-        Some(&mut LseMut::cuda(&mut lse)),
-        &c.options(),
-    )?;
-    let got: Vec<f64> = s.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f32() as f64).collect();
-    let l = s.clone_dtoh(&lse).unwrap();
-    Ok((ran, rel_err(&got, &c.ref_out), lse_error(l.iter().map(|&x| x as f64), c.ref_lse.iter().copied())))
+    cache_over(c, k, v, BlockTable::cuda(&table.table, c.pages_per_seq, c.table_stride), CacheLens::cuda(&lens.lens))
 }
 
 /// What one worker did.
@@ -195,7 +142,7 @@ fn checked_kv<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, rn
     let mask = RefMask { causal: rng.below(2) == 0, ..RefMask::default() };
     let c = KvCase::<T>::new(rng, store, batch, q_len, h, hk, d, max_len, mask);
     let (ran, err, lse) =
-        run_kv(attn, s, &c).unwrap_or_else(|e| panic!("{what}: {} {store:?} b={batch} q_len={q_len} h={h}/{hk} d={d}: {e}", T::DTYPE));
+        run_kv(attn, &Place::Device(s.clone()), &c).unwrap_or_else(|e| panic!("{what}: {} {store:?} b={batch} q_len={q_len} h={h}/{hk} d={d}: {e}", T::DTYPE));
     assert!(
         err < tolerance(T::DTYPE) && lse < 2e-3 && ran.is_gpu(),
         "{what}: {} {store:?} b={batch} q_len={q_len} h={h}/{hk} d={d} lens={:?} {mask:?}: ran {ran}, rel {err:.2e}, lse {lse:.2e}",
@@ -632,7 +579,7 @@ fn two_gpus_tensors_and_raw_pointers_of_the_other_device_are_typed_errors() {
 
     // KV cache: cache, lengths or block table of the other device.
     let c = KvCase::<bf16>::new(&mut rng, Store::PagedHnd { page_size: 16 }, 3, 1, 8, 2, 64, 100, RefMask::default());
-    let kv = [upload_kv(&streams[0], &c), upload_kv(&streams[1], &c)];
+    let kv = [upload(&streams[0], &c), upload(&streams[1], &c)];
     for mine in 0..2 {
         let other = 1 - mine;
         let attn = &handles[mine].0;
