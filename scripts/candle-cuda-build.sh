@@ -87,8 +87,9 @@ for line in sys.stdin:
 }
 start=$(date +%s)
 echo "building (log: $log) ..."
-test_exe=$(cargo test --release --no-run --features candle-cuda --test candle --message-format=json 2>>"$log" | pick candle)
-example_exe=$(cargo build --release --features candle-cuda --example candle_kv_cache --message-format=json 2>>"$log" | pick candle_kv_cache)
+# gpu-tests un-ignores the CUDA tests; the example takes it too, so the crate is built once.
+test_exe=$(cargo test --release --no-run --features candle-cuda,gpu-tests --test candle --message-format=json 2>>"$log" | pick candle)
+example_exe=$(cargo build --release --features candle-cuda,gpu-tests --example candle_kv_cache --message-format=json 2>>"$log" | pick candle_kv_cache)
 echo "built in $(( $(date +%s) - start )) s"
 [ -n "$test_exe" ] && [ -x "$test_exe" ] || { echo "candle-cuda-build: no test executable"; exit 1; }
 [ -n "$example_exe" ] && [ -x "$example_exe" ] || { echo "candle-cuda-build: no example executable"; exit 1; }

@@ -2,6 +2,9 @@
 # Builds, here, everything the GPU machine runs (it has no Rust): test, example and bench
 # binaries, with kernels compiled by nvcc for the default list, plus a second gpu-test binary
 # built for sm_80 only (to exercise the JIT repair of a missing arch). Output: .carry/
+# The test binaries are built with the switches the GPU machine satisfies (a GPU, libnvrtc), so
+# its tests run without --include-ignored; every cargo call here takes the same features, so
+# the library and its kernels are built once for all of them.
 # Usage: NVCC=/path/to/nvcc scripts/device-bundle.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' "$@"
 }
 export NVCC ATTN_DENY_SPILLS=1 ATTN_REQUIRE_NVCC=1
+features=(--features gpu-tests,nvrtc-tests)
 # cudarc picks its bindings from the nvcc on PATH: the device's driver is CUDA 13.0, like it.
 export PATH="$(dirname "$NVCC"):$PATH"
 # The anchors script lives beside the checkout (../shared), or where SHARED points.
@@ -32,25 +36,25 @@ if [ -n "${QUICK:-}" ]; then
   # Iterating on a kernel: the gpu tests and the bench, built for sm_90a only, in a target of
   # their own (a different arch list would rebuild the main target's kernels).
   export ATTN_CUDA_ARCH_LIST=9.0a CARGO_TARGET_DIR=target/quick
-  cargo test --release --no-run --test gpu --test gpu_mem_efficient --test gpu_decode --test gpu_append --message-format=json 2>>"$log" |
+  cargo test --release --no-run "${features[@]}" --test gpu --test gpu_mem_efficient --test gpu_decode --test gpu_append --message-format=json 2>>"$log" |
     pick gpu,gpu_mem_efficient,gpu_decode,gpu_append | while read -r name exe; do cp "$exe" "$out/test-$name"; done
-  cargo bench --no-run --message-format=json 2>>"$log" | pick attention bench |
+  cargo bench --no-run "${features[@]}" --message-format=json 2>>"$log" | pick attention bench |
     while read -r name exe; do cp "$exe" "$out/bench"; done
-  cargo bench --no-run --message-format=json 2>>"$log" | pick decode bench |
+  cargo bench --no-run "${features[@]}" --message-format=json 2>>"$log" | pick decode bench |
     while read -r name exe; do cp "$exe" "$out/bench-decode"; done
   cp "$shared/anchors/torch_sdpa.py" "$out/"
   strip "$out"/test-* "$out"/bench 2>>"$log" || true
   ls -la "$out"; exit 0
 fi
-cargo test --release --no-run --message-format=json 2>>"$log" | pick gpu,jit,gpu_mem_efficient,gpu_hardening,gpu_decode,gpu_multi,gpu_append |
+cargo test --release --no-run "${features[@]}" --message-format=json 2>>"$log" | pick gpu,jit,gpu_mem_efficient,gpu_hardening,gpu_decode,gpu_multi,gpu_append |
   while read -r name exe; do cp "$exe" "$out/test-$name"; done
-cargo build --release --bin attention-doctor --message-format=json 2>>"$log" | pick attention-doctor |
+cargo build --release "${features[@]}" --bin attention-doctor --message-format=json 2>>"$log" | pick attention-doctor |
   while read -r name exe; do cp "$exe" "$out/doctor"; done
-cargo bench --no-run --message-format=json 2>>"$log" | pick attention bench |
+cargo bench --no-run "${features[@]}" --message-format=json 2>>"$log" | pick attention bench |
   while read -r name exe; do cp "$exe" "$out/bench"; done
-cargo bench --no-run --message-format=json 2>>"$log" | pick decode bench |
+cargo bench --no-run "${features[@]}" --message-format=json 2>>"$log" | pick decode bench |
   while read -r name exe; do cp "$exe" "$out/bench-decode"; done
-ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run --test gpu --message-format=json 2>>"$log" |
+ATTN_CUDA_ARCH_LIST=8.0 CARGO_TARGET_DIR=target/sm80 cargo test --release --no-run "${features[@]}" --test gpu --message-format=json 2>>"$log" |
   pick gpu | while read -r name exe; do cp "$exe" "$out/test-gpu-sm80"; done
 cp "$shared/anchors/torch_sdpa.py" "$out/"
 strip "$out"/test-* "$out"/doctor "$out"/bench* 2>>"$log" || true

@@ -1,5 +1,5 @@
 //! `attention::candle` against candle's own matmul-softmax attention on the same tensors
-//! (CPU device here; the CUDA test runs with `--features candle-cuda -- --ignored` on a GPU).
+//! (CPU device here; the CUDA tests run on a GPU with `--features candle-cuda,gpu-tests`).
 
 use attention::candle::{attention, attention_varlen, Error, TensorError};
 use attention::Options;
@@ -207,7 +207,7 @@ fn kv_cache_contiguous_and_paged_match_per_sequence_attention() {
 
 #[cfg(feature = "candle-cuda")]
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features candle-cuda --test candle -- --ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn cuda_kv_cache_matches_cpu() {
     let dev = Device::new_cuda(0).unwrap();
     let (b, cap, h, hk, d, q_len) = (2, 64, 8, 2, 64, 1);
@@ -229,7 +229,7 @@ fn cuda_kv_cache_matches_cpu() {
 
 #[cfg(feature = "candle-cuda")]
 #[test]
-#[ignore = "needs a CUDA GPU: cargo test --features candle-cuda --test candle -- --ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn cuda_device_matches_cpu() {
     let dev = Device::new_cuda(0).unwrap();
     for dt in [DType::F16, DType::BF16, DType::F32] {

@@ -1,11 +1,11 @@
-//! GPU tests. They need a CUDA device, so they are `#[ignore]`d on machines without one (CI)
-//! and run on the GPU machine with:
+//! GPU tests. They need a CUDA device (the JIT and emulated-arch ones libnvrtc too), so they
+//! are ignored unless the `gpu-tests` (and `nvrtc-tests`) features are on; on the GPU machine:
 //!
 //! ```text
-//! cargo test --release --test gpu -- --include-ignored --nocapture
+//! cargo test --release --features gpu-tests,nvrtc-tests --test gpu -- --nocapture
 //! ```
 //!
-//! Run there without a device they fail (they never pass by skipping).
+//! With the features on and no device they fail (they never pass by skipping).
 
 mod common;
 
@@ -13,15 +13,15 @@ use std::sync::Arc;
 
 use attention::cudarc::driver::{CudaSlice, CudaStream};
 use attention::{
-    BackendKind, DType, Element, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector,
-    SeqLens, Settings, Tensor, TensorMut, VarLen,
+    BackendKind, DType, Error, JitMode, KernelBuild, Layout, LseMut, Options, Reason, Selector, SeqLens, Settings, Tensor,
+    TensorMut, VarLen,
+};
+use common::gpu::{
+    check_all, check_lists_on_the_cpu, gpu, lse_error, random, run, s, tolerance, Case, Outcome, Place, Shape, Tally, Tol,
 };
 use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
-use common::gpu::{gpu, lse_error, run_masked, run_varlen, s, tolerance, Outcome, Shape};
 use common::rng::Rng;
 use half::{bf16, f16};
-
-
 
 /// Odd sizes on purpose: seqlen 1, non-multiples of 16, sq ≠ sk both ways, GQA, MQA, odd d.
 const SHAPES: [Shape; 10] = [
@@ -36,18 +36,6 @@ const SHAPES: [Shape; 10] = [
     s(1, 4097, 127, 2, 2, 64),
     s(2, 64, 4097, 8, 1, 160),
 ];
-
-/// Runs one case on the GPU through `attn` and compares with the f64 reference.
-fn run_case<T: Element + attention::cudarc::driver::DeviceRepr>(
-    attn: &attention::Attention,
-    stream: &Arc<CudaStream>,
-    rng: &mut Rng,
-    sh: Shape,
-    causal: bool,
-    heads_first: bool,
-) -> Result<Outcome, Error> {
-    run_masked::<T>(attn, stream, rng, sh, RefMask { causal, ..RefMask::default() }, heads_first, 0)
-}
 
 /// Whether the decode backend (ranked first on every arch from sm_75) takes the case: at most
 /// 16 query rows, head_dim a multiple of one 16-byte vector and at most 32 of them.
@@ -70,46 +58,31 @@ fn ranked(dtype: DType, sh: &Shape) -> BackendKind {
     }
 }
 
-fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, expect: impl Fn(DType, &Shape) -> BackendKind) {
-    let mut rng = Rng::fresh();
-    eprintln!("[{label}] seed {:#x}", rng.get_seed());
-    let mut failures = Vec::new();
-    let mut worst = [0f64; 3];
-    let mut count = 0;
+/// Causal or not (bottom-right aligned), no window.
+fn causal_mask(causal: bool) -> RefMask {
+    RefMask { causal, ..RefMask::default() }
+}
+
+/// One matrix: every shape, causal or not, every dtype (60 cases); `expect` names the backend
+/// that must run each.
+fn matrix_cases(expect: impl Fn(DType, &Shape) -> BackendKind) -> Vec<Case> {
+    let mut cases = Vec::new();
     for (si, sh) in SHAPES.iter().enumerate() {
         for causal in [false, true] {
-            let heads_first = si % 2 == 1;
             for dtype in [DType::F16, DType::BF16, DType::F32] {
-                let r = match dtype {
-                    DType::F16 => run_case::<f16>(attn, stream, &mut rng, *sh, causal, heads_first),
-                    DType::BF16 => run_case::<bf16>(attn, stream, &mut rng, *sh, causal, heads_first),
-                    DType::F32 => run_case::<f32>(attn, stream, &mut rng, *sh, causal, heads_first),
-                };
-                count += 1;
-                let case = format!("{dtype} {sh:?} causal={causal} heads_first={heads_first}");
-                match r {
-                    Ok(o) => {
-                        let i = dtype as usize;
-                        worst[i] = worst[i].max(o.rel);
-                        let ok = o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 && o.ran == expect(dtype, sh);
-                        if !ok {
-                            failures.push(format!("{case}: rel {:.2e} lse {:.2e} nan {} ran {}", o.rel, o.lse_err, o.nan, o.ran));
-                        }
-                    }
-                    Err(e) => failures.push(format!("{case}: {e}")),
-                }
+                cases.push(Case::dense(dtype, *sh, causal_mask(causal), si % 2 == 1).expect(expect(dtype, sh)));
             }
         }
     }
-    eprintln!(
-        "[{label}] {count} cases, worst rel error f16 {:.2e} bf16 {:.2e} f32 {:.2e}, {} failures",
-        worst[0], worst[1], worst[2], failures.len()
-    );
-    assert!(failures.is_empty(), "[{label}] failures:\n{}", failures.join("\n"));
+    cases
+}
+
+fn matrix(attn: &attention::Attention, stream: &Arc<CudaStream>, label: &str, expect: impl Fn(DType, &Shape) -> BackendKind) {
+    check_all(attn, &Place::Device(stream.clone()), label, matrix_cases(expect));
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn ranked_selection_matches_reference_on_every_shape_and_dtype() {
     let (attn, stream) = gpu();
     eprintln!(
@@ -122,7 +95,7 @@ fn ranked_selection_matches_reference_on_every_shape_and_dtype() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn naive_matches_reference_on_every_shape_and_dtype() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Naive).select().unwrap();
@@ -130,17 +103,10 @@ fn naive_matches_reference_on_every_shape_and_dtype() {
 }
 
 /// Every head_dim flash takes (specialised and rounded up) against odd sequence lengths,
-/// sq ≠ sk, MHA/GQA/MQA, causal or not, both layouts, f16 and bf16.
-#[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
-fn flash_matches_reference_across_head_dims_and_lengths() {
-    let (_, stream) = gpu();
-    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
-    let mut rng = Rng::fresh();
-    eprintln!("[flash] seed {:#x}", rng.get_seed());
+/// sq ≠ sk, MHA/GQA/MQA, causal or not, both layouts, f16 and bf16 (360 cases).
+fn flash_sweep_cases() -> Vec<Case> {
     let lens = [1usize, 7, 63, 64, 65, 127, 128, 129, 1000, 4097];
-    let mut failures = Vec::new();
-    let (mut count, mut worst) = (0, [0f64; 2]);
+    let mut cases = Vec::new();
     for (i, d) in [8usize, 40, 64, 72, 96, 128, 160, 192, 256].into_iter().enumerate() {
         for (j, &sq) in lens.iter().enumerate() {
             let sk = lens[(j * 3 + i) % lens.len()];
@@ -150,27 +116,25 @@ fn flash_matches_reference_across_head_dims_and_lengths() {
             let sh = if big { s(1, sq, sk, 2, 1, d) } else { s(1 + (i + j) % 2, sq, sk, h, hk, d) };
             for causal in [false, true] {
                 let heads_first = (i + j) % 2 == 0;
-                for (k, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
-                    let r = match dtype {
-                        DType::F16 => run_case::<f16>(&attn, &stream, &mut rng, sh, causal, heads_first),
-                        _ => run_case::<bf16>(&attn, &stream, &mut rng, sh, causal, heads_first),
-                    };
-                    count += 1;
-                    match r {
-                        Ok(o) if o.nan == 0 && o.rel < tolerance(dtype) && o.lse_err < 1e-3 => worst[k] = worst[k].max(o.rel),
-                        Ok(o) => failures.push(format!("{dtype} {sh:?} causal={causal}: rel {:.2e} lse {:.2e} nan {}", o.rel, o.lse_err, o.nan)),
-                        Err(e) => failures.push(format!("{dtype} {sh:?} causal={causal}: {e}")),
-                    }
+                for dtype in [DType::F16, DType::BF16] {
+                    cases.push(Case::dense(dtype, sh, causal_mask(causal), heads_first).expect(BackendKind::Flash));
                 }
             }
         }
     }
-    eprintln!("[flash] {count} cases, worst rel error f16 {:.2e} bf16 {:.2e}, {} failures", worst[0], worst[1], failures.len());
-    assert!(failures.is_empty(), "[flash] failures:\n{}", failures.join("\n"));
+    cases
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
+fn flash_matches_reference_across_head_dims_and_lengths() {
+    let (_, stream) = gpu();
+    let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
+    check_all(&attn, &Place::Device(stream), "flash", flash_sweep_cases());
+}
+
+#[test]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn naive_through_jit_always_matches_reference() {
     let (_, stream) = gpu();
     let dir = std::env::temp_dir().join(format!("attn-jit-{}", std::process::id()));
@@ -191,18 +155,20 @@ fn naive_through_jit_always_matches_reference() {
 }
 
 /// Only meaningful in a build made without the device's arch: scripts/device-bundle.sh builds
-/// one with ATTN_CUDA_ARCH_LIST=8.0, and scripts/device-run.sh runs it with --include-ignored
-/// and ATTN_TEST_EXPECT_NO_IMAGE=1, which states "this build has no image for the device".
+/// one with ATTN_CUDA_ARCH_LIST=8.0, and scripts/device-run.sh runs it there with
+/// ATTN_TEST_EXPECT_NO_IMAGE=1, which states "this build has no image for the device". That
+/// variable is this test's own switch (a build property no feature can state); the features
+/// only say what it needs to run at all (a GPU, and NVRTC for the repair).
 ///
 /// The precondition (an nvcc build with neither a cubin nor PTX the device can run) is checked
 /// against what the build really embeds, never assumed:
 /// - ATTN_TEST_EXPECT_NO_IMAGE set and the build has an image (or is not an nvcc build): fails,
 ///   naming the build's arch list and the device, so the sm_80 step cannot pass vacuously.
 /// - The precondition holds: the test runs, with or without the variable.
-/// - Neither (the normal all-arch build, where the GPU suite also runs with --include-ignored):
+/// - Neither (the normal all-arch build, where the whole GPU suite runs):
 ///   prints "not applicable: ..." and passes; that build has nothing to repair.
 #[test]
-#[ignore = "runs only in the sm_80-only build (ATTN_CUDA_ARCH_LIST=8.0): scripts/device-run.sh runs it there with --include-ignored and ATTN_TEST_EXPECT_NO_IMAGE=1"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn build_without_the_device_arch_repairs_itself_or_explains() {
     let (attn, stream) = gpu();
     let caps = attn.device_caps().unwrap().clone();
@@ -239,8 +205,8 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
     // JIT off: an error naming the arches built and the setting that fixes it; never a copy
     // of device memory to the CPU backend.
     let never = Selector::from_settings(Settings { jit: JitMode::Never, ..Settings::from_env().unwrap() }).select().unwrap();
-    let mut rng = Rng::fresh();
-    let err = run_case::<bf16>(&never, &stream, &mut rng, SHAPES[1], false, false).err().expect("must fail without an image");
+    let case = Case::dense(DType::BF16, SHAPES[1], RefMask::default(), false);
+    let err = run(&never, &Place::Device(stream), &mut Rng::fresh(), &case).expect_err("must fail without an image");
     let text = err.to_string();
     eprintln!("[never] {text}");
     match &err {
@@ -260,21 +226,22 @@ fn build_without_the_device_arch_repairs_itself_or_explains() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn tiny_workspace_is_chunked_not_out_of_memory() {
     let (_, stream) = gpu();
     // 1 MiB holds 256 rows of 1024 keys: the call must chunk rows and heads.
     let attn = Selector::from_env().unwrap().backend(BackendKind::Naive).naive_workspace_mb(1).select().unwrap();
-    let mut rng = Rng::fresh();
-    for causal in [false, true] {
-        let o = run_case::<bf16>(&attn, &stream, &mut rng, s(2, 1500, 1024, 4, 2, 64), causal, true).unwrap();
-        eprintln!("[chunked] causal={causal} rel {:.2e} lse {:.2e}", o.rel, o.lse_err);
-        assert!(o.nan == 0 && o.rel < tolerance(DType::BF16) && o.lse_err < 1e-3);
-    }
+    check_all(&attn, &Place::Device(stream), "chunked", chunked_cases());
+}
+
+/// Two naive cases whose scores overflow a 1 MiB workspace many times over.
+fn chunked_cases() -> Vec<Case> {
+    let sh = s(2, 1500, 1024, 4, 2, 64);
+    [false, true].map(|causal| Case::dense(DType::BF16, sh, causal_mask(causal), true).expect(BackendKind::Naive)).to_vec()
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn raw_pointers_outside_their_allocation_are_rejected() {
     let (attn, stream) = gpu();
     let l = Layout::contiguous(1, 64, 2, 64);
@@ -340,76 +307,76 @@ fn raw_pointers_outside_their_allocation_are_rejected() {
 /// A few flash cases that touch every masking and tail path: small enough to run under
 /// compute-sanitizer (memcheck, racecheck) on the device.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_small_cases_for_sanitizers() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
-    let mut rng = Rng::fresh();
+    check_all(&attn, &Place::Device(stream), "flash small", flash_small_cases());
+}
+
+/// 16 flash cases: both dtypes and layouts, causal or not, tails on both lengths, GQA/MQA.
+fn flash_small_cases() -> Vec<Case> {
     let shapes = [s(1, 65, 129, 4, 2, 40), s(2, 1, 300, 8, 1, 128), s(1, 130, 70, 2, 2, 256), s(1, 7, 7, 2, 2, 64)];
+    let mut cases = Vec::new();
     for sh in shapes {
         for causal in [false, true] {
-            let o = run_case::<bf16>(&attn, &stream, &mut rng, sh, causal, true).unwrap();
-            assert!(o.nan == 0 && o.rel < tolerance(DType::BF16) && o.lse_err < 1e-3, "{sh:?} causal={causal}");
-            let o = run_case::<f16>(&attn, &stream, &mut rng, sh, causal, false).unwrap();
-            assert!(o.nan == 0 && o.rel < tolerance(DType::F16) && o.lse_err < 1e-3, "{sh:?} causal={causal}");
+            cases.push(Case::dense(DType::BF16, sh, causal_mask(causal), true).expect(BackendKind::Flash));
+            cases.push(Case::dense(DType::F16, sh, causal_mask(causal), false).expect(BackendKind::Flash));
         }
     }
+    cases
 }
 
 /// Sliding windows and soft-capping on flash and naive (both dtypes flash takes; f32 on naive).
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn windows_and_softcap_match_reference() {
     let (_, stream) = gpu();
-    let mut rng = Rng::fresh();
-    eprintln!("[window] seed {:#x}", rng.get_seed());
-    let windows = [(Some(0), Some(0)), (Some(31), None), (None, Some(5)), (Some(100), Some(0)), (Some(7), Some(130))];
-    let shapes = [s(1, 200, 200, 4, 2, 64), s(2, 65, 300, 2, 1, 128), s(1, 300, 129, 2, 2, 256), s(1, 1, 500, 8, 1, 40)];
-    let mut failures = Vec::new();
-    let mut count = 0;
+    let place = Place::Device(stream);
+    // One tally over both backends, so a failure on flash still shows naive's results.
+    let mut tally = Tally::new("window");
     for kind in [BackendKind::Flash, BackendKind::Naive] {
         let attn = Selector::from_env().unwrap().backend(kind).select().unwrap();
-        for (i, sh) in shapes.iter().enumerate() {
-            for (j, &(left, right)) in windows.iter().enumerate() {
-                for causal in [false, true] {
-                    let softcap = [None, Some(1.5f64), Some(30.0)][(i + j) % 3];
-                    let mask = RefMask { causal, left, right, softcap };
-                    let dtypes: &[DType] = if kind == BackendKind::Flash { &[DType::F16, DType::BF16] } else { &[DType::BF16, DType::F32] };
-                    for &dtype in dtypes {
-                        let r = match dtype {
-                            DType::F16 => run_masked::<f16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0, 0),
-                            DType::BF16 => run_masked::<bf16>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0, 0),
-                            DType::F32 => run_masked::<f32>(&attn, &stream, &mut rng, *sh, mask, i % 2 == 0, 0),
-                        };
-                        count += 1;
-                        // Soft-capping (attn_tanh, absolute error ~1e-7) needs no wider tolerance.
-                        let tol = tolerance(dtype);
-                        match r {
-                            Ok(o) if o.nan == 0 && o.rel < tol && o.lse_err < 2e-3 && o.ran == kind => {}
-                            Ok(o) => failures.push(format!("{kind} {dtype} {sh:?} {mask:?}: rel {:.2e} lse {:.2e} nan {}", o.rel, o.lse_err, o.nan)),
-                            Err(e) => failures.push(format!("{kind} {dtype} {sh:?} {mask:?}: {e}")),
-                        }
-                    }
+        for case in window_cases(kind) {
+            tally.run(&attn, &place, &case);
+        }
+    }
+    tally.finish();
+}
+
+/// 80 cases for `kind` (flash or naive): every window (one-sided, both, zero-width, wider than
+/// the keys), causal or not, soft-cap none/1.5/30 in rotation, on four shapes.
+fn window_cases(kind: BackendKind) -> Vec<Case> {
+    let windows = [(Some(0), Some(0)), (Some(31), None), (None, Some(5)), (Some(100), Some(0)), (Some(7), Some(130))];
+    let shapes = [s(1, 200, 200, 4, 2, 64), s(2, 65, 300, 2, 1, 128), s(1, 300, 129, 2, 2, 256), s(1, 1, 500, 8, 1, 40)];
+    let dtypes: &[DType] = if kind == BackendKind::Flash { &[DType::F16, DType::BF16] } else { &[DType::BF16, DType::F32] };
+    let mut cases = Vec::new();
+    for (i, sh) in shapes.iter().enumerate() {
+        for (j, &(left, right)) in windows.iter().enumerate() {
+            for causal in [false, true] {
+                let softcap = [None, Some(1.5f64), Some(30.0)][(i + j) % 3];
+                let mask = RefMask { causal, left, right, softcap };
+                for &dtype in dtypes {
+                    cases.push(Case::dense(dtype, *sh, mask, i % 2 == 0).expect(kind));
                 }
             }
         }
     }
-    eprintln!("[window] {count} cases, {} failures", failures.len());
-    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    cases
 }
 
 /// A forward of each fused backend captured into a CUDA graph (global capture mode: no
 /// allocation, no sync, no host-side data-dependent branch inside `forward`), replayed after the
 /// inputs change.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_forward_is_graph_capturable() {
     graph_capture(BackendKind::Flash);
 }
 
 /// As `flash_forward_is_graph_capturable`, for mem_efficient.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn mem_efficient_forward_is_graph_capturable() {
     graph_capture(BackendKind::MemEfficient);
 }
@@ -428,11 +395,7 @@ fn graph_capture(kind: BackendKind) {
     let mut rng = Rng::fresh();
     let sh = s(2, 300, 257, 8, 2, 128);
     let (lq, lk) = (Layout::contiguous(sh.b, sh.sq, sh.h, sh.d), Layout::contiguous(sh.b, sh.sk, sh.hk, sh.d));
-    let gen = |rng: &mut Rng, n: usize| {
-        let mut v = vec![bf16::ZERO; n];
-        rng.fill(&mut v, bf16::from_f32);
-        v
-    };
+    let gen = |rng: &mut Rng, n: usize| random::<bf16>(rng, n);
     let mut dq = stream.clone_htod(&gen(&mut rng, lq.numel())).unwrap();
     let mut dk = stream.clone_htod(&gen(&mut rng, lk.numel())).unwrap();
     let mut dv = stream.clone_htod(&gen(&mut rng, lk.numel())).unwrap();
@@ -485,12 +448,16 @@ fn graph_capture(kind: BackendKind) {
 /// sequence) through flash: every specialisation, MHA/GQA(8:1)/MQA, causal, windowed and
 /// soft-capped, both packed layouts, f16 and bf16.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn flash_varlen_matches_reference() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
-    let mut rng = Rng::fresh();
-    eprintln!("[varlen] seed {:#x}", rng.get_seed());
+    check_all(&attn, &Place::Device(stream), "varlen", flash_varlen_cases());
+}
+
+/// 56 packed batches: every head_dim bucket × four batches × f16/bf16, heads, mask and layout
+/// in rotation.
+fn flash_varlen_cases() -> Vec<Case> {
     let batches: [(&[usize], &[usize]); 4] = [
         (&[1, 0, 7, 129, 64, 65], &[1, 5, 0, 129, 200, 63]),
         (&[300], &[1000]),
@@ -503,37 +470,25 @@ fn flash_varlen_matches_reference() {
         RefMask { causal: true, left: Some(40), ..RefMask::default() },
         RefMask { left: Some(9), right: Some(3), softcap: Some(20.0), ..RefMask::default() },
     ];
-    let mut failures = Vec::new();
-    let (mut count, mut worst) = (0, [0f64; 2]);
+    let mut cases = Vec::new();
     for (i, d) in [8usize, 40, 64, 96, 128, 192, 256].into_iter().enumerate() {
         for (j, (ql, kl)) in batches.iter().enumerate() {
-            let heads = [(4, 4), (8, 1), (8, 2)][(i + j) % 3];
+            let (h, hk) = [(4, 4), (8, 1), (8, 2)][(i + j) % 3];
             let mask = masks[(i + j) % masks.len()];
             for (k, dtype) in [DType::F16, DType::BF16].into_iter().enumerate() {
                 let hf = (i + j + k) % 2 == 0;
-                let r = match dtype {
-                    DType::F16 => run_varlen::<f16>(&attn, &stream, &mut rng, ql, kl, (heads.0, heads.1, d), mask, hf),
-                    _ => run_varlen::<bf16>(&attn, &stream, &mut rng, ql, kl, (heads.0, heads.1, d), mask, hf),
-                };
-                count += 1;
-                let tol = tolerance(dtype);
-                match r {
-                    Ok(o) if o.nan == 0 && o.rel < tol && o.lse_err < 2e-3 && o.ran == BackendKind::Flash => worst[k] = worst[k].max(o.rel),
-                    Ok(o) => failures.push(format!("{dtype} d={d} {ql:?}/{kl:?} {mask:?}: rel {:.2e} lse {:.2e} nan {} ran {}", o.rel, o.lse_err, o.nan, o.ran)),
-                    Err(e) => failures.push(format!("{dtype} d={d} {ql:?}/{kl:?} {mask:?}: {e}")),
-                }
+                cases.push(Case::packed(dtype, ql, kl, (h, hk, d), mask, hf).expect(BackendKind::Flash));
             }
         }
     }
-    eprintln!("[varlen] {count} cases, worst rel error f16 {:.2e} bf16 {:.2e}, {} failures", worst[0], worst[1], failures.len());
-    assert!(failures.is_empty(), "[varlen] failures:\n{}", failures.join("\n"));
+    cases
 }
 
 /// Malformed prefix sums in device memory are never read on the host: the kernels clamp them,
 /// so the call completes without a fault (memcheck runs this), the context stays healthy, and
 /// a forced backend without varlen support says so.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn malformed_device_seqlens_never_fault() {
     let (_, stream) = gpu();
     let attn = Selector::from_env().unwrap().backend(BackendKind::Flash).select().unwrap();
@@ -548,11 +503,11 @@ fn malformed_device_seqlens_never_fault() {
         assert_eq!(ran.unwrap(), BackendKind::Flash, "{bad:?}");
         stream.synchronize().unwrap_or_else(|e| panic!("{bad:?} faulted: {e:?}"));
     }
-    let mut rng = Rng::fresh();
-    let o = run_varlen::<f16>(&attn, &stream, &mut rng, &[5, 70], &[9, 3], (2, 2, 64), RefMask::default(), false).unwrap();
-    assert!(o.nan == 0 && o.rel < tolerance(DType::F16), "after malformed calls: rel {:.2e}", o.rel);
+    let case = Case::packed(DType::F16, &[5, 70], &[9, 3], (2, 2, 64), RefMask::default(), false);
+    let place = Place::Device(stream);
+    check_all(&attn, &place, "after malformed calls", [case.clone().expect(BackendKind::Flash)]);
     let naive = Selector::from_env().unwrap().backend(BackendKind::Naive).select().unwrap();
-    let err = run_varlen::<f16>(&naive, &stream, &mut rng, &[5, 70], &[9, 3], (2, 2, 64), RefMask::default(), false).unwrap_err();
+    let err = run(&naive, &place, &mut Rng::fresh(), &case).unwrap_err();
     assert!(err.to_string().contains("cu_seqlens"), "{err}");
 }
 
@@ -560,7 +515,7 @@ fn malformed_device_seqlens_never_fault() {
 /// the driver, so the code a T4 runs is what runs here; selection is a T4's (no flash), and the
 /// whole matrix still matches the reference.
 #[test]
-#[ignore = "needs a CUDA GPU: run on the device with --include-ignored"]
+#[cfg_attr(not(all(feature = "gpu-tests", feature = "nvrtc-tests")), ignore = "needs a CUDA GPU and libnvrtc: cargo test --features gpu-tests,nvrtc-tests")]
 fn emulated_turing_runs_its_own_code_and_matches_reference() {
     let (_, stream) = gpu();
     let dir = std::env::temp_dir().join(format!("attn-emu-{}", std::process::id()));
@@ -588,4 +543,43 @@ fn emulated_turing_runs_its_own_code_and_matches_reference() {
         }
     });
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Without a GPU: the case lists whole, and cheap cases of each right on the CPU backend.
+#[test]
+fn case_lists_are_whole_and_run_on_the_cpu_backend() {
+    let lists = vec![
+        ("ranked", matrix_cases(ranked), 60),
+        ("flash", flash_sweep_cases(), 360),
+        ("window flash", window_cases(BackendKind::Flash), 80),
+        ("window naive", window_cases(BackendKind::Naive), 80),
+        ("varlen", flash_varlen_cases(), 56),
+        ("flash small", flash_small_cases(), 16),
+        ("chunked", chunked_cases(), 2),
+    ];
+    check_lists_on_the_cpu(lists, 6, 1 << 21);
+}
+
+/// The verdict fails what it must: another backend than the expected one, a non-finite output
+/// element (the NaN poison left unwritten), an error at the bound; and the table's rows.
+#[test]
+fn the_verdict_refuses_a_wrong_backend_nan_and_errors_at_the_bound() {
+    let case = Case::dense(DType::F16, s(1, 8, 8, 2, 2, 64), causal_mask(true), false).expect(BackendKind::Flash);
+    let good = Outcome { rel: 1e-3, lse_err: 5e-4, nan: 0, ran: BackendKind::Flash };
+    assert!(good.verdict(&case).is_ok());
+    for bad in [
+        Outcome { ran: BackendKind::Naive, ..good },
+        Outcome { nan: 1, ..good },
+        Outcome { rel: tolerance(DType::F16), ..good },
+        Outcome { lse_err: 1e-3, ..good },
+        Outcome { rel: f64::INFINITY, ..good },
+    ] {
+        assert!(bad.verdict(&case).is_err(), "{bad:?} passed");
+    }
+    let window = RefMask { left: Some(3), ..RefMask::default() };
+    assert_eq!(Tol::of(BackendKind::Flash, DType::BF16, &causal_mask(true), false), Tol { rel: 1e-2, lse: 1e-3 });
+    assert_eq!(Tol::of(BackendKind::Flash, DType::F16, &window, false).lse, 2e-3);
+    assert_eq!(Tol::of(BackendKind::Flash, DType::F16, &RefMask::default(), true).lse, 2e-3);
+    assert_eq!(Tol::of(BackendKind::Naive, DType::F32, &window, false), Tol { rel: 1e-4, lse: 2e-3 });
+    assert_eq!(Tol::of(BackendKind::MemEfficient, DType::F16, &window, true).lse, 1e-3);
 }

@@ -7,9 +7,8 @@
 //! fault; a CUDA graph of append + attention replayed with new slots, lengths and rows. Packed
 //! rows (`KvCacheMut::with_varlen_queries`) likewise, with device prefix sums: every store, a
 //! graph replayed with new prefix sums, malformed sums that must write only inside the cache
-//! (guard bytes around it). They
-//! need a CUDA device, so they are `#[ignore]`d without one (CI) and run on the GPU machine
-//! with `--include-ignored`; run there without a device they fail (never pass by skipping).
+//! (guard bytes around it). They need a CUDA device, so they are ignored unless the `gpu-tests`
+//! feature is on; with it on and no device they fail (never pass by skipping).
 //! `append_bandwidth` is a report (1000 appends of 128 tokens x 8 kv heads x d128 bf16, timed
 //! with CUDA events): run it by name with `--ignored --nocapture`.
 
@@ -179,7 +178,7 @@ fn append_sweep<T: Element + DeviceRepr>(dims: &[usize]) -> usize {
 /// head_dim 128 and 64 move as 16-byte vectors (Padded rows stay 16-byte aligned); 36 of a
 /// 16-bit type (72-byte rows) takes the element copy, 36 of f32 (144 bytes) vectors.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn device_appends_write_exactly_the_new_rows() {
     append_sweep::<bf16>(&[128, 36]);
     append_sweep::<f16>(&[64, 36]);
@@ -188,7 +187,7 @@ fn device_appends_write_exactly_the_new_rows() {
 
 /// The element copy also runs for 16-byte rows whose base is not 16-byte aligned.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn unaligned_new_rows_take_the_element_copy() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -254,7 +253,7 @@ fn fused_sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
 }
 
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn fused_append_and_attention_on_the_device_match_the_reference() {
     fused_sweep::<bf16>(DType::BF16, &[128, 64]);
     fused_sweep::<f16>(DType::F16, &[128]);
@@ -295,7 +294,7 @@ fn packed_sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize 
 
 /// head_dim 36 of a 16-bit type takes the element copy, the others 16-byte vectors.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn packed_rows_on_the_device_append_and_fuse_like_the_two_calls_and_the_reference() {
     packed_sweep::<bf16>(DType::BF16, &[128, 36]);
     packed_sweep::<f16>(DType::F16, &[64]);
@@ -307,7 +306,7 @@ fn packed_rows_on_the_device_append_and_fuse_like_the_two_calls_and_the_referenc
 /// included), lengths, rows and queries, all in device memory: every replay writes exactly
 /// the packed rows and matches the reference.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn packed_fused_graph_replays_with_new_prefix_sums_lengths_and_rows() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (attn, default_stream) = gpu();
@@ -379,7 +378,7 @@ fn packed_fused_graph_replays_with_new_prefix_sums_lengths_and_rows() {
 /// cache. The bytes around the cache stay as they were, every row that changed holds one of
 /// the new rows of its head, and nothing faults, for the append and for the fused call.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn malformed_device_prefix_sums_write_only_inside_the_cache() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -444,7 +443,7 @@ fn malformed_device_prefix_sums_write_only_inside_the_cache() {
 /// What only device prefix sums leave to the fused call's own check: q must have one packed
 /// row per new K/V row (host sums are checked against both). Nothing is written.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn packed_q_rows_must_match_the_new_rows_on_the_device() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -488,7 +487,7 @@ fn apply<T: Element>(c: &AppendCase<T>, dest: impl Fn(usize, usize) -> Option<(u
 /// Device slots and lengths are never checked on the host: ones outside the cache leave their
 /// rows unwritten, everything else is written, and nothing faults.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn out_of_range_device_slots_and_lengths_are_skipped() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -532,7 +531,7 @@ fn out_of_range_device_slots_and_lengths_are_skipped() {
 /// What validation rejects on the device: new rows or a V cache sharing bytes with the K cache,
 /// q sharing bytes with the cache in the fused call. Nothing is written.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn overlapping_device_buffers_are_rejected() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -571,7 +570,7 @@ fn overlapping_device_buffers_are_rejected() {
 /// with new slot mappings, lengths (a padding sequence included) and new rows: every replay
 /// writes exactly the new rows and matches the reference.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn fused_graph_replays_with_new_slots_lengths_and_rows() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (attn, default_stream) = gpu();
@@ -642,7 +641,7 @@ fn fused_graph_replays_with_new_slots_lengths_and_rows() {
 /// Small cases for compute-sanitizer (memcheck, racecheck): 1-row pages, padding tokens,
 /// contiguous with lengths at capacity, vector and element copies.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn append_small_cases_for_sanitizers() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();

@@ -1,93 +1,35 @@
 //! GPU tests of the decode backend: KV-cache calls (contiguous and paged, page sizes 1 to 256,
 //! vLLM and FlashInfer layouts, GQA, 1 to 16 query rows, masks, soft-cap, lse, padding slots of
 //! length 0, split and unsplit grids), dense decode-shaped `forward` calls, and a CUDA graph
-//! replayed with new lengths and block tables. They need a CUDA device, so they are
-//! `#[ignore]`d without one (CI) and run on the GPU machine with `--include-ignored`; run there
-//! without a device they fail (never pass by skipping).
+//! replayed with new lengths and block tables. They need a CUDA device, so they are ignored
+//! unless the `gpu-tests` feature is on; with it on and no device they fail (never pass by
+//! skipping).
 
 mod common;
 
 use std::sync::Arc;
 
-use attention::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr};
+use attention::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use attention::{
     Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Tensor, TensorMut,
 };
 use common::gpu::{gpu, lse_error, random, tolerance};
-use common::kv::{KvCase, Store};
+use common::gpu::Place;
+use common::kv::{cache_over, run_kv, upload, KvCase, Store, SWEPT_STORES};
 use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
 
-/// Device copies of a case's buffers.
-struct Dev<T> {
-    q: CudaSlice<T>,
-    kv: CudaSlice<T>,
-    v_sep: Option<CudaSlice<T>>,
-    table: CudaSlice<i32>,
-    lens: CudaSlice<i32>,
-}
-
-fn upload<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> Dev<T> {
-    let table = if c.table.is_empty() { vec![0] } else { c.table.clone() };
-    Dev {
-        q: s.clone_htod(&c.q).unwrap(),
-        kv: s.clone_htod(&c.k).unwrap(),
-        v_sep: (c.v_offset == 0).then(|| s.clone_htod(&c.v).unwrap()),
-        table: s.clone_htod(&table).unwrap(),
-        lens: s.clone_htod(&c.lens).unwrap(),
-    }
-}
-
-/// The case's K and V views of its device buffers (vLLM's layout: one buffer holding both).
-fn kv_views<'a, T: DeviceRepr>(c: &KvCase<T>, d: &'a Dev<T>) -> (CudaView<'a, T>, CudaView<'a, T>) {
-    let n = c.lk.numel();
-    let v = match &d.v_sep {
-        Some(v) => v.slice(0..n),
-        None => d.kv.slice(c.v_offset..c.v_offset + n),
-    };
-    (d.kv.slice(0..n), v)
-}
-
-/// The case's cache (contiguous or paged, as its store says) over those views.
-fn cache_of<'a, T: Element + DeviceRepr>(c: &KvCase<T>, d: &'a Dev<T>, k: &'a CudaView<'a, T>, v: &'a CudaView<'a, T>) -> KvCache<'a, T> {
-    let (k, v) = (Tensor::cuda(k, c.lk), Tensor::cuda(v, c.lk));
-    let lens = CacheLens::cuda(&d.lens);
-    match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
-    }
-}
-
 /// Runs a case through `forward_kvcache` on the device; (backend, rel. error, lse error).
 fn run<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &KvCase<T>) -> (BackendKind, f64, f64) {
-    let d = upload(s, c);
-    let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); c.lq.numel()]).unwrap();
-    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; c.batch * c.heads * c.q_len]).unwrap();
-    let (kview, vview) = kv_views(c, &d);
-    let cache = cache_of(c, &d, &kview, &vview);
-    let ran = attn
-        .forward_kvcache(&Tensor::cuda(&d.q, c.lq), &cache, &mut TensorMut::cuda(&mut out, c.lq), Some(&mut LseMut::cuda(&mut lse)), &c.options())
-        .unwrap();
-    let got: Vec<f64> = s.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f32() as f64).collect();
-    let l = s.clone_dtoh(&lse).unwrap();
-    (ran, rel_err(&got, &c.ref_out), lse_error(l.iter().map(|&x| x as f64), c.ref_lse.iter().copied()))
+    run_kv(attn, &Place::Device(s.clone()), c).unwrap()
 }
 
 fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
     let seed = rng.get_seed();
-    let stores = [
-        Store::Contiguous,
-        Store::ContiguousHeadsFirst,
-        Store::PagedVllm { page_size: 1 },
-        Store::PagedVllm { page_size: 16 },
-        Store::PagedHnd { page_size: 32 },
-        Store::PagedVllm { page_size: 64 },
-        Store::PagedHnd { page_size: 256 },
-    ];
     let masks = [
         RefMask::default(),
         RefMask { causal: true, ..RefMask::default() },
@@ -95,7 +37,7 @@ fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
         RefMask { softcap: Some(20.0), causal: true, ..RefMask::default() },
     ];
     let mut n = 0;
-    for (i, &store) in stores.iter().enumerate() {
+    for (i, &store) in SWEPT_STORES.iter().enumerate() {
         for &d in dims {
             for (batch, h, hk) in [(1, 32, 8), (3, 8, 8), (5, 16, 2), (2, 8, 1)] {
                 for q_len in [1, 2, 5, 16] {
@@ -120,23 +62,23 @@ fn sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize {
 }
 
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kv_cache_bf16_matches_reference() {
     sweep::<bf16>(DType::BF16, &[128, 64, 256]);
 }
 
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kv_cache_f16_and_f32_match_reference() {
     sweep::<f16>(DType::F16, &[128, 40]);
     sweep::<f32>(DType::F32, &[128, 36]);
 }
 
-/// The kernels' bench-only variants (cache hints on the K/V loads, the combine launched early)
-/// compute what the defaults do: the sweep with every variant switched on. (Tests running
+/// The kernels' bench-only variants (plain K/V loads, L2 prefetch ahead, two- or four-warp
+/// blocks) compute what the defaults do: the sweep with each switched on. (Tests running
 /// meanwhile in this process see the variants too, which they must also pass with.)
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kernel_variants_match_the_reference() {
     let mut n = 0;
     // Plain loads with a 3-step prefetch; two-warp blocks with a 1-step one; four-warp blocks.
@@ -151,7 +93,7 @@ fn kernel_variants_match_the_reference() {
 /// Dense decode-shaped `forward` calls (q_len ≤ 16) run on the decode kernels: GQA, MQA,
 /// heads-first (PyTorch's) layout, causal.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn dense_decode_shapes_run_on_the_decode_backend() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -193,7 +135,7 @@ fn dense_decode_shapes_run_on_the_decode_backend() {
 /// A paged decode captured once in a CUDA graph and replayed with new lengths (padding slots of
 /// length 0 included) and new block tables: every replay matches the reference.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn paged_decode_graph_replays_with_new_lengths_and_tables() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let (attn, default_stream) = gpu();
@@ -243,7 +185,7 @@ fn paged_decode_graph_replays_with_new_lengths_and_tables() {
 /// allocates nothing, so the graph holds kernels only; a workspace too small for the plan's
 /// splits still gives the right rows (fewer splits); one on another stream is a typed error.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() {
     use attention::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use attention::{Problem, Workspace};
@@ -312,7 +254,7 @@ fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() 
 /// A few small cases for compute-sanitizer (memcheck, racecheck): paged with 1- and 16-key
 /// pages, contiguous, split and unsplit grids, 1 and 5 query rows, a padding slot.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn kv_cache_small_cases_for_sanitizers() {
     let (attn, s) = gpu();
     let mut rng = Rng::fresh();
@@ -333,7 +275,7 @@ fn kv_cache_small_cases_for_sanitizers() {
 /// and paged caches, split and unsplit grids, f16/bf16 (tensor cores) and f32 (CUDA cores),
 /// with lse `[heads, total_q]`; rows outside every sequence stay as they were (poison kept).
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn packed_queries_of_different_lengths_match_the_reference() {
     fn case<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, rng: &mut Rng, store: Store, rows: &[usize], max_len: usize, mask: RefMask) {
         let c = KvCase::<T>::new(rng, store, rows.len(), 40, 8, 2, 128, max_len, mask);
@@ -347,8 +289,10 @@ fn packed_queries_of_different_lengths_match_the_reference() {
         let (qd, cud) = (s.clone_htod(&qx).unwrap(), s.clone_htod(&cu).unwrap());
         let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); lq1.numel()]).unwrap();
         let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; 8 * (total + 1)]).unwrap();
-        let (kview, vview) = kv_views(&c, &d);
-        let cache = cache_of(&c, &d, &kview, &vview).with_varlen_queries(attention::SeqLens::cuda(&cud), 40);
+        let (kview, vview) = d.views(&c);
+        let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
+        let table = BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride);
+        let cache = cache_over(&c, k, v, table, CacheLens::cuda(&d.lens)).with_varlen_queries(attention::SeqLens::cuda(&cud), 40);
         let ran = attn
             .forward_kvcache(&Tensor::cuda(&qd, lq1), &cache, &mut TensorMut::cuda(&mut out, lq1), Some(&mut LseMut::cuda(&mut lse)), &c.options())
             .unwrap();

@@ -3,11 +3,12 @@
 //! of the other device refused with typed errors; an ordinal past the visible devices refused
 //! at `select()`.
 //!
-//! Every test needs GPUs, so all are `#[ignore]`d (CI has none) and run on the device machine
-//! with `--include-ignored`. The `two_gpus_*` tests need two GPUs: on a machine with fewer they
-//! FAIL with "needs 2 GPUs, found N" — they never pass by skipping. The one test that needs a
-//! single GPU (`device_past_the_visible_count_is_an_error_and_two_handles_share_device_0`)
-//! runs on any machine with a GPU.
+//! Every test needs GPUs, so all are ignored unless a feature says the machine has them. The
+//! `two_gpus_*` tests need two GPUs (feature `multi-gpu-tests`, and `nvrtc-tests` for the JIT
+//! one): with it on and fewer GPUs they FAIL with "needs 2 GPUs, found N" — they never pass by
+//! skipping. The one test that needs a single GPU
+//! (`device_past_the_visible_count_is_an_error_and_two_handles_share_device_0`) runs with
+//! `gpu-tests` on any machine with a GPU.
 //!
 //! Results are checked against the f64 reference of tests/common (random shapes; the seed is
 //! printed with every failure).
@@ -22,8 +23,8 @@ use attention::{
     Attention, BackendKind, BlockTable, CacheLens, Element, Error, JitMode, KvCache, Layout, LseMut, Options, Reason,
     Selector, Settings, Tensor, TensorMut,
 };
-use common::gpu::{lse_error, random, run_masked, s as shape, tolerance, Outcome};
-use common::kv::{KvCase, Store};
+use common::gpu::{random, run, s as shape, tolerance, Case, Outcome, Place};
+use common::kv::{cache_over, run_kv, upload, KvCase, KvDev, Store};
 use common::reference::{attention_f64, rel_err, RefInput, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
@@ -70,26 +71,6 @@ fn gpu(ordinal: usize) -> (Attention, Arc<CudaContext>) {
     (attn, CudaContext::new(ordinal).unwrap())
 }
 
-/// Device copies of a KV-cache case's buffers (as tests/gpu_decode.rs).
-struct KvDev<T> {
-    q: CudaSlice<T>,
-    kv: CudaSlice<T>,
-    v_sep: Option<CudaSlice<T>>,
-    table: CudaSlice<i32>,
-    lens: CudaSlice<i32>,
-}
-
-fn upload_kv<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> KvDev<T> {
-    let table = if c.table.is_empty() { vec![0] } else { c.table.clone() };
-    KvDev {
-        q: s.clone_htod(&c.q).unwrap(),
-        kv: s.clone_htod(&c.k).unwrap(),
-        v_sep: (c.v_offset == 0).then(|| s.clone_htod(&c.v).unwrap()),
-        table: s.clone_htod(&table).unwrap(),
-        lens: s.clone_htod(&c.lens).unwrap(),
-    }
-}
-
 /// The K and V tensors of a case's device buffers (stores with separate K and V buffers).
 fn kv_views<'a, T: Element + DeviceRepr>(c: &KvCase<T>, d: &'a KvDev<T>) -> (Tensor<'a, T>, Tensor<'a, T>) {
     let v = d.v_sep.as_ref().expect("a store with separate K and V buffers (not vLLM's)");
@@ -104,40 +85,7 @@ fn kv_cache<'a, T: Element + DeviceRepr>(
     lens: &'a KvDev<T>,
 ) -> KvCache<'a, T> {
     let (k, v) = kv_views(c, kv);
-    let lens = CacheLens::cuda(&lens.lens);
-    match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&table.table, c.pages_per_seq, c.table_stride), lens),
-    }
-}
-
-/// Runs a case through `forward_kvcache` on `s`: (backend, rel. error, lse error).
-fn run_kv<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, c: &KvCase<T>) -> Result<(BackendKind, f64, f64), Error> {
-    let d = upload_kv(s, c);
-    let mut out: CudaSlice<T> = s.clone_htod(&vec![T::from_f32(f32::NAN); c.lq.numel()]).unwrap();
-    let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; c.batch * c.heads * c.q_len]).unwrap();
-    let n = c.lk.numel();
-    let kview = d.kv.slice(0..n);
-    let vview = match &d.v_sep {
-        Some(v) => v.slice(0..n),
-        None => d.kv.slice(c.v_offset..c.v_offset + n),
-    };
-    let (k, v) = (Tensor::cuda(&kview, c.lk), Tensor::cuda(&vview, c.lk));
-    let lens = CacheLens::cuda(&d.lens);
-    let cache = match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
-        _ => KvCache::paged(k, v, BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride), lens),
-    };
-    let ran = attn.forward_kvcache(
-        &Tensor::cuda(&d.q, c.lq),
-        &cache,
-        &mut TensorMut::cuda(&mut out, c.lq),
-        Some(&mut LseMut::cuda(&mut lse)),
-        &c.options(),
-    )?;
-    let got: Vec<f64> = s.clone_dtoh(&out).unwrap().iter().map(|x| x.to_f32() as f64).collect();
-    let l = s.clone_dtoh(&lse).unwrap();
-    Ok((ran, rel_err(&got, &c.ref_out), lse_error(l.iter().map(|&x| x as f64), c.ref_lse.iter().copied())))
+    cache_over(c, k, v, BlockTable::cuda(&table.table, c.pages_per_seq, c.table_stride), CacheLens::cuda(&lens.lens))
 }
 
 /// What one worker did.
@@ -169,13 +117,10 @@ fn checked_dense<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>,
     let sk = sq + rng.below(if decode { 2000 } else { 256 }) as usize;
     let mask = RefMask { causal, ..RefMask::default() };
     let heads_first = rng.below(2) == 0;
-    let o = run_masked::<T>(attn, s, rng, shape(b, sq, sk, h, hk, d), mask, heads_first, 0)
-        .unwrap_or_else(|e| panic!("{what}: {} b={b} {sq}x{sk} h={h}/{hk} d={d} causal={causal}: {e}", T::DTYPE));
-    assert!(
-        o.nan == 0 && o.rel < tolerance(T::DTYPE) && o.lse_err < 1e-3 && o.ran.is_gpu(),
-        "{what}: {} b={b} {sq}x{sk} h={h}/{hk} d={d} causal={causal} heads_first={heads_first}: {o:?}",
-        T::DTYPE
-    );
+    let case = Case::dense(T::DTYPE, shape(b, sq, sk, h, hk, d), mask, heads_first);
+    let o = run(attn, &Place::Device(s.clone()), rng, &case).unwrap_or_else(|e| panic!("{what}: {case}: {e}"));
+    assert!(o.ran.is_gpu(), "{what}: {case}: ran {}", o.ran);
+    o.verdict(&case).unwrap_or_else(|why| panic!("{what}: {case}: {why}"));
     o
 }
 
@@ -197,7 +142,7 @@ fn checked_kv<T: Element + DeviceRepr>(attn: &Attention, s: &Arc<CudaStream>, rn
     let mask = RefMask { causal: rng.below(2) == 0, ..RefMask::default() };
     let c = KvCase::<T>::new(rng, store, batch, q_len, h, hk, d, max_len, mask);
     let (ran, err, lse) =
-        run_kv(attn, s, &c).unwrap_or_else(|e| panic!("{what}: {} {store:?} b={batch} q_len={q_len} h={h}/{hk} d={d}: {e}", T::DTYPE));
+        run_kv(attn, &Place::Device(s.clone()), &c).unwrap_or_else(|e| panic!("{what}: {} {store:?} b={batch} q_len={q_len} h={h}/{hk} d={d}: {e}", T::DTYPE));
     assert!(
         err < tolerance(T::DTYPE) && lse < 2e-3 && ran.is_gpu(),
         "{what}: {} {store:?} b={batch} q_len={q_len} h={h}/{hk} d={d} lens={:?} {mask:?}: ran {ran}, rel {err:.2e}, lse {lse:.2e}",
@@ -251,7 +196,7 @@ fn worker_seed(seed: u64, device: usize, thread: usize) -> u64 {
 /// naming the ordinal, the count and `CUDA_VISIBLE_DEVICES`; and two handles for device 0,
 /// selected on two threads at once, each run checked calls on their own streams at once.
 #[test]
-#[ignore = "needs a CUDA device"]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn device_past_the_visible_count_is_an_error_and_two_handles_share_device_0() {
     let n = visible_devices();
     assert!(n >= 1, "needs a CUDA device, found none ({})", visible_env());
@@ -313,7 +258,7 @@ fn device_past_the_visible_count_is_an_error_and_two_handles_share_device_0() {
 /// kernel modules (every GPU backend's image loads on each), and each runs a checked call on
 /// tensors of its own device.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_one_handle_per_device_with_its_own_caps_and_modules() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -339,7 +284,7 @@ fn two_gpus_one_handle_per_device_with_its_own_caps_and_modules() {
 /// directory: each device compiles (or reads from the shared cache) and loads its own module,
 /// the cache ends with whole entries and no temporary files, and both run checked calls.
 #[test]
-#[ignore = "needs 2 GPUs and libnvrtc"]
+#[cfg_attr(not(all(feature = "multi-gpu-tests", feature = "nvrtc-tests")), ignore = "needs 2 CUDA GPUs and libnvrtc: cargo test --features multi-gpu-tests,nvrtc-tests")]
 fn two_gpus_jit_modules_per_device_share_one_cache_safely() {
     require_two_gpus();
     let dir = std::env::temp_dir().join(format!("attn-multi-gpu-jit-{}", std::process::id()));
@@ -387,7 +332,7 @@ fn two_gpus_jit_modules_per_device_share_one_cache_safely() {
 /// Eight threads on each device at once, each on its own stream, random prefill, dense-decode
 /// and KV-cache shapes in bf16 and f16: every result checked against the f64 reference.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_eight_threads_each_forward_and_kvcache_all_checked() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -459,7 +404,7 @@ fn spot_check(out: &[bf16], q: &[bf16], k: &[bf16], v: &[bf16], l: Layout, rows:
 /// output of every thread is compared with the first, which is spot-checked against the f64
 /// reference.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_both_busy_throughput_at_least_1_8x_one() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -563,7 +508,7 @@ fn untouched<T: Element + DeviceRepr>(s: &Arc<CudaStream>, buf: &CudaSlice<T>) -
 /// `Reason::OtherDevice` for every GPU backend; raw pointers of the other device (which carry
 /// no ordinal) are caught by the range check, naming the argument.
 #[test]
-#[ignore = "needs 2 GPUs"]
+#[cfg_attr(not(feature = "multi-gpu-tests"), ignore = "needs 2 CUDA GPUs: cargo test --features multi-gpu-tests")]
 fn two_gpus_tensors_and_raw_pointers_of_the_other_device_are_typed_errors() {
     require_two_gpus();
     let handles = [gpu(0), gpu(1)];
@@ -634,7 +579,7 @@ fn two_gpus_tensors_and_raw_pointers_of_the_other_device_are_typed_errors() {
 
     // KV cache: cache, lengths or block table of the other device.
     let c = KvCase::<bf16>::new(&mut rng, Store::PagedHnd { page_size: 16 }, 3, 1, 8, 2, 64, 100, RefMask::default());
-    let kv = [upload_kv(&streams[0], &c), upload_kv(&streams[1], &c)];
+    let kv = [upload(&streams[0], &c), upload(&streams[1], &c)];
     for mine in 0..2 {
         let other = 1 - mine;
         let attn = &handles[mine].0;

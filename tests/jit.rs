@@ -1,7 +1,8 @@
 //! NVRTC compiles every kernel module, with no GPU present, and the on-disk cache survives
 //! truncation and concurrent writers. Needs libnvrtc on the library path (the
 //! `nvidia-cuda-nvrtc` wheel works); `.ci/run` provides it and runs these with
-//! `--include-ignored`. Run there without libnvrtc they fail: they never pass by skipping.
+//! `--features nvrtc-tests`. With that feature on and no libnvrtc they fail: they never pass by
+//! skipping.
 
 use std::path::PathBuf;
 
@@ -22,7 +23,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 #[test]
-#[ignore = "needs libnvrtc on the library path: .ci/run runs it with --include-ignored"]
+#[cfg_attr(not(feature = "nvrtc-tests"), ignore = "needs libnvrtc on the library path: cargo test --features nvrtc-tests")]
 fn every_module_compiles_for_turing_ampere_hopper() {
     require_nvrtc();
     let modules = kernel_modules();
@@ -43,7 +44,7 @@ fn every_module_compiles_for_turing_ampere_hopper() {
 }
 
 #[test]
-#[ignore = "needs libnvrtc on the library path: .ci/run runs it with --include-ignored"]
+#[cfg_attr(not(feature = "nvrtc-tests"), ignore = "needs libnvrtc on the library path: cargo test --features nvrtc-tests")]
 fn cache_hits_and_survives_a_truncated_entry() {
     require_nvrtc();
     let dir = temp_dir("trunc");
@@ -70,7 +71,7 @@ fn cache_hits_and_survives_a_truncated_entry() {
 }
 
 #[test]
-#[ignore = "needs libnvrtc on the library path: .ci/run runs it with --include-ignored"]
+#[cfg_attr(not(feature = "nvrtc-tests"), ignore = "needs libnvrtc on the library path: cargo test --features nvrtc-tests")]
 fn concurrent_compiles_of_one_entry_all_succeed() {
     require_nvrtc();
     let dir = temp_dir("race");
@@ -91,7 +92,7 @@ fn concurrent_compiles_of_one_entry_all_succeed() {
 }
 
 #[test]
-#[ignore = "needs libnvrtc on the library path: .ci/run runs it with --include-ignored"]
+#[cfg_attr(not(feature = "nvrtc-tests"), ignore = "needs libnvrtc on the library path: cargo test --features nvrtc-tests")]
 fn unwritable_cache_still_compiles() {
     require_nvrtc();
     // A file where the cache directory should be: the cache cannot be created.

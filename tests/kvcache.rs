@@ -6,7 +6,8 @@ mod common;
 
 use attention::{BackendKind, BlockTable, CacheLens, Error, KvCache, Layout, LseMut, SeqLens, Selector, Settings, Tensor, TensorMut};
 use common::gpu::tolerance;
-use common::kv::{KvCase, Store};
+use common::gpu::Place;
+use common::kv::{cache_over, run_kv, KvCase, Store, SWEPT_STORES};
 use common::reference::{rel_err, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
@@ -15,40 +16,16 @@ fn cpu() -> attention::Attention {
     Selector::from_settings(Settings::default()).select().unwrap()
 }
 
-/// Runs a case on host memory; returns (rel. error of out, max |lse - ref|).
-fn run<T: attention::Element>(attn: &attention::Attention, c: &KvCase<T>) -> Result<(f64, f64), Error> {
-    let mut out = vec![T::from_f32(f32::NAN); c.lq.numel()];
-    let mut lse = vec![f32::NAN; c.batch * c.heads * c.q_len];
-    let (kbuf, vbuf) = (&c.k[..], &c.v[c.v_offset..]);
-    let lens = CacheLens::host(&c.lens);
-    let cache = match c.store {
-        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(Tensor::host(kbuf, c.lk), Tensor::host(vbuf, c.lk), lens),
-        _ => KvCache::paged(
-            Tensor::host(kbuf, c.lk),
-            Tensor::host(vbuf, c.lk),
-            BlockTable::host(&c.table, c.pages_per_seq, c.table_stride),
-            lens,
-        ),
-    };
-    let ran = attn.forward_kvcache(&Tensor::host(&c.q, c.lq), &cache, &mut TensorMut::host(&mut out, c.lq), Some(&mut LseMut::host(&mut lse)), &c.options())?;
+/// Runs a case on host memory, on the CPU backend; returns (rel. error of out, max |lse - ref|).
+fn run<T: attention::Element + attention::cudarc::driver::DeviceRepr>(attn: &attention::Attention, c: &KvCase<T>) -> Result<(f64, f64), Error> {
+    let (ran, err, lse) = run_kv(attn, &Place::Host, c)?;
     assert_eq!(ran, BackendKind::Cpu);
-    let got: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
-    let lse_err = common::gpu::lse_error(lse.iter().map(|&x| x as f64), c.ref_lse.iter().copied());
-    Ok((rel_err(&got, &c.ref_out), lse_err))
+    Ok((err, lse))
 }
 
-fn sweep<T: attention::Element>(dtype: attention::DType) {
+fn sweep<T: attention::Element + attention::cudarc::driver::DeviceRepr>(dtype: attention::DType) {
     let attn = cpu();
     let mut rng = Rng::fresh();
-    let stores = [
-        Store::Contiguous,
-        Store::ContiguousHeadsFirst,
-        Store::PagedVllm { page_size: 1 },
-        Store::PagedVllm { page_size: 16 },
-        Store::PagedHnd { page_size: 32 },
-        Store::PagedVllm { page_size: 64 },
-        Store::PagedHnd { page_size: 256 },
-    ];
     let masks = [
         RefMask::default(),
         RefMask { causal: true, ..RefMask::default() },
@@ -56,7 +33,7 @@ fn sweep<T: attention::Element>(dtype: attention::DType) {
         RefMask { softcap: Some(5.0), ..RefMask::default() },
     ];
     let mut n = 0;
-    for (i, &store) in stores.iter().enumerate() {
+    for (i, &store) in SWEPT_STORES.iter().enumerate() {
         for (h, hk) in [(8, 2), (4, 4), (6, 1)] {
             for q_len in [1, 3, 16] {
                 let mask = masks[(i + q_len) % masks.len()];
@@ -89,13 +66,9 @@ fn packed_queries_of_different_lengths_match_the_reference() {
             let (cu, q, lq, want, want_lse) = c.packed(&rows);
             let mut out = vec![f32::NAN; lq.numel()];
             let mut lse = vec![f32::NAN; want_lse.len()];
-            let (kbuf, vbuf) = (&c.k[..], &c.v[c.v_offset..]);
-            let lens = CacheLens::host(&c.lens);
-            let cache = match store {
-                Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(Tensor::host(kbuf, c.lk), Tensor::host(vbuf, c.lk), lens),
-                _ => KvCache::paged(Tensor::host(kbuf, c.lk), Tensor::host(vbuf, c.lk), BlockTable::host(&c.table, c.pages_per_seq, c.table_stride), lens),
-            }
-            .with_varlen_queries(SeqLens::host(&cu), 40);
+            let (k, v) = (Tensor::host(&c.k, c.lk), Tensor::host(&c.v[c.v_offset..], c.lk));
+            let table = BlockTable::host(&c.table, c.pages_per_seq, c.table_stride);
+            let cache = cache_over(&c, k, v, table, CacheLens::host(&c.lens)).with_varlen_queries(SeqLens::host(&cu), 40);
             attn.forward_kvcache(&Tensor::host(&q, lq), &cache, &mut TensorMut::host(&mut out, lq), Some(&mut LseMut::host(&mut lse)), &c.options()).unwrap();
             let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
             let err = rel_err(&got, &want);

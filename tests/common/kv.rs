@@ -1,11 +1,16 @@
-//! KV-cache test cases shared by the CPU (tests/kvcache.rs) and GPU (tests/gpu_decode.rs)
-//! suites: a cache in one of the layouts engines use, filled with fresh random values, each
-//! sequence's keys scattered over pages in random order, and the f64 reference computed on a
-//! dense copy of each sequence.
+//! KV-cache test cases shared by the CPU (tests/kvcache.rs) and GPU (tests/gpu_decode.rs,
+//! tests/gpu_multi.rs) suites: a cache in one of the layouts engines use, filled with fresh
+//! random values, each sequence's keys scattered over pages in random order, and the f64
+//! reference computed on a dense copy of each sequence; and the one runner of a case
+//! ([`run_kv`]), in host or device memory.
 
-use attention::{Element, Layout};
+use std::sync::Arc;
 
-use super::reference::{attention_f64_masked, RefInput, RefMask};
+use attention::cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr};
+use attention::{Attention, BackendKind, BlockTable, CacheLens, Element, Error, KvCache, Layout, LseMut, Tensor, TensorMut};
+
+use super::gpu::{lse_error, Place};
+use super::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
 use super::rng::Rng;
 
 /// How the cache is stored.
@@ -21,6 +26,18 @@ pub enum Store {
     /// FlashInfer HND: pages `[num_pages, kv_heads, page_size, d]`.
     PagedHnd { page_size: usize },
 }
+
+/// The stores the KV-cache sweeps run (CPU and GPU alike): both contiguous orders, vLLM and
+/// HND pages from 1 to 256 rows.
+pub const SWEPT_STORES: [Store; 7] = [
+    Store::Contiguous,
+    Store::ContiguousHeadsFirst,
+    Store::PagedVllm { page_size: 1 },
+    Store::PagedVllm { page_size: 16 },
+    Store::PagedHnd { page_size: 32 },
+    Store::PagedVllm { page_size: 64 },
+    Store::PagedHnd { page_size: 256 },
+];
 
 /// One KV-cache problem and its data.
 pub struct KvCase<T> {
@@ -195,10 +212,78 @@ impl<T: Element> KvCase<T> {
 
     /// The options matching the mask.
     pub fn options(&self) -> attention::Options {
-        let mut o = attention::Options::default().causal(self.mask.causal).window(self.mask.left, self.mask.right);
-        if let Some(c) = self.mask.softcap {
-            o = o.softcap(c as f32);
-        }
-        o
+        super::gpu::options(&self.mask)
     }
+}
+
+/// The case's cache over K and V views, its block table (used only by paged stores) and lengths.
+pub fn cache_over<'a, T: Element>(c: &KvCase<T>, k: Tensor<'a, T>, v: Tensor<'a, T>, table: BlockTable<'a>, lens: CacheLens<'a>) -> KvCache<'a, T> {
+    match c.store {
+        Store::Contiguous | Store::ContiguousHeadsFirst => KvCache::contiguous(k, v, lens),
+        Store::PagedVllm { .. } | Store::PagedHnd { .. } => KvCache::paged(k, v, table, lens),
+    }
+}
+
+/// Device copies of a case's buffers.
+pub struct KvDev<T> {
+    pub q: CudaSlice<T>,
+    /// K, or for vLLM's layout K and V in one buffer.
+    pub kv: CudaSlice<T>,
+    /// V where it has a buffer of its own.
+    pub v_sep: Option<CudaSlice<T>>,
+    pub table: CudaSlice<i32>,
+    pub lens: CudaSlice<i32>,
+}
+
+/// Copies a case's buffers to `s` (an empty block table as one entry: no empty device slice).
+pub fn upload<T: Element + DeviceRepr>(s: &Arc<CudaStream>, c: &KvCase<T>) -> KvDev<T> {
+    let table = if c.table.is_empty() { vec![0] } else { c.table.clone() };
+    KvDev {
+        q: s.clone_htod(&c.q).unwrap(),
+        kv: s.clone_htod(&c.k).unwrap(),
+        v_sep: (c.v_offset == 0).then(|| s.clone_htod(&c.v).unwrap()),
+        table: s.clone_htod(&table).unwrap(),
+        lens: s.clone_htod(&c.lens).unwrap(),
+    }
+}
+
+impl<T: DeviceRepr> KvDev<T> {
+    /// The case's K and V views of these buffers (vLLM's layout: two views of one buffer).
+    pub fn views(&self, c: &KvCase<T>) -> (CudaView<'_, T>, CudaView<'_, T>) {
+        let n = c.lk.numel();
+        let v = match &self.v_sep {
+            Some(v) => v.slice(0..n),
+            None => self.kv.slice(c.v_offset..c.v_offset + n),
+        };
+        (self.kv.slice(0..n), v)
+    }
+}
+
+/// Runs a case through `forward_kvcache` (with lse) in `place`'s memory, out and lse poisoned
+/// with NaN first: (backend, rel. error of out, max |lse − ref|) against the case's reference.
+pub fn run_kv<T: Element + DeviceRepr>(attn: &Attention, place: &Place, c: &KvCase<T>) -> Result<(BackendKind, f64, f64), Error> {
+    let mut out = vec![T::from_f32(f32::NAN); c.lq.numel()];
+    let mut lse = vec![f32::NAN; c.batch * c.heads * c.q_len];
+    let table = |t| BlockTable::host(t, c.pages_per_seq, c.table_stride);
+    let ran = match place {
+        Place::Host => {
+            let (k, v) = (Tensor::host(&c.k, c.lk), Tensor::host(&c.v[c.v_offset..], c.lk));
+            let cache = cache_over(c, k, v, table(&c.table), CacheLens::host(&c.lens));
+            let (q, mut o, mut l) = (Tensor::host(&c.q, c.lq), TensorMut::host(&mut out, c.lq), LseMut::host(&mut lse));
+            attn.forward_kvcache(&q, &cache, &mut o, Some(&mut l), &c.options())?
+        }
+        Place::Device(s) => {
+            let d = upload(s, c);
+            let (mut dout, mut dlse) = (s.clone_htod(&out).unwrap(), s.clone_htod(&lse).unwrap());
+            let (k, v) = d.views(c);
+            let paged = BlockTable::cuda(&d.table, c.pages_per_seq, c.table_stride);
+            let cache = cache_over(c, Tensor::cuda(&k, c.lk), Tensor::cuda(&v, c.lk), paged, CacheLens::cuda(&d.lens));
+            let (q, mut o, mut l) = (Tensor::cuda(&d.q, c.lq), TensorMut::cuda(&mut dout, c.lq), LseMut::cuda(&mut dlse));
+            let ran = attn.forward_kvcache(&q, &cache, &mut o, Some(&mut l), &c.options())?;
+            (out, lse) = (s.clone_dtoh(&dout).unwrap(), s.clone_dtoh(&dlse).unwrap());
+            ran
+        }
+    };
+    let got: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
+    Ok((ran, rel_err(&got, &c.ref_out), lse_error(lse.iter().map(|&x| x as f64), c.ref_lse.iter().copied())))
 }
