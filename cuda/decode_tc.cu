@@ -229,8 +229,9 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         DtcFrags<HD, U> f;
         DecPage pg[U], next[U];
         dtc_pages(p, b, kend, tiled, first, pg);
-        // Bench switch: prefetch `ahead` warp steps ahead into L2 (the first `ahead` now).
-        const int ahead = (p.bench_flags >> DEC_BENCH_PREFETCH_SHIFT) & DEC_BENCH_PREFETCH_MASK;
+        // Bench switch: prefetch `ahead` warp steps ahead into L2 (the first `ahead` now). Not at
+        // d256, whose registers are full (ptxas spills with it).
+        const int ahead = HD <= 128 ? (p.bench_flags >> DEC_BENCH_PREFETCH_SHIFT) & DEC_BENCH_PREFETCH_MASK : 0;
         for (int s = 1; s < ahead; ++s) dtc_prefetch<T, HD, U>(p, b, kbase, vbase, kend, first + s * STEP);
         for (int key0 = first; key0 < kend; key0 += STEP) {
             if (ahead) dtc_prefetch<T, HD, U>(p, b, kbase, vbase, kend, key0 + ahead * STEP);
