@@ -84,7 +84,8 @@ __device__ __forceinline__ unsigned long long dec_evict_first_policy() {
 // leaves it evict-first under `policy` (dec_evict_first_policy()), so a cache larger than L2 does
 // not displace what other kernels keep there. Measured on the H200 (decode bench, bf16 GQA 32/8
 // d128): +7% at 1x8k to +15% at 128x32k against plain loads, the same at 1x1k. With
-// DEC_BENCH_PLAIN_LOADS in `flags`: a plain non-coherent load, for that comparison.
+// DEC_BENCH_PLAIN_LOADS in `flags`: a plain non-coherent load, for that comparison (and at d256,
+// whose registers have no room for the rest).
 __device__ __forceinline__ void dec_load16_kv(const void* p, unsigned (&r)[4], int flags, bool completes_line,
                                               unsigned long long policy) {
     if (flags & DEC_BENCH_PLAIN_LOADS) {

@@ -42,7 +42,10 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
                                          const DecPage (&pg)[U], DtcFrags<HD, U>& f) {
     constexpr int KC = HD / 32, VL = HD / 64;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const unsigned long long policy = dec_evict_first_policy();
+    // d256's registers are full: streamed loads (their policy and addressing) made ptxas spill
+    // there on sm_80 to sm_120, so it keeps plain loads.
+    const int flags = HD <= 128 ? p.bench_flags : DEC_BENCH_PLAIN_LOADS;
+    const unsigned long long policy = HD <= 128 ? dec_evict_first_policy() : 0ull;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -53,7 +56,7 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
             for (int c = 0; c < KC; ++c) {
                 f.kf[u][rr][c][0] = f.kf[u][rr][c][1] = f.kf[u][rr][c][2] = f.kf[u][rr][c][3] = 0u;
                 // A K row's 128-byte line is two loads (c even, then c odd) of 64 bytes per row.
-                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16_kv(kp + 32 * c + 8 * t, f.kf[u][rr][c], p.bench_flags, c & 1, policy);
+                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16_kv(kp + 32 * c + 8 * t, f.kf[u][rr][c], flags, c & 1, policy);
             }
         }
 #pragma unroll
@@ -64,7 +67,7 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
             for (int x = 0; x < VL; ++x) {
                 f.vf[u][kk][x][0] = f.vf[u][kk][x][1] = f.vf[u][kk][x][2] = f.vf[u][kk][x][3] = 0u;
                 // The 8 lanes of a t read a V row's whole 128-byte line.
-                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16_kv(vp + 64 * x + 8 * g, f.vf[u][kk][x], p.bench_flags, true, policy);
+                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16_kv(vp + 64 * x + 8 * g, f.vf[u][kk][x], flags, true, policy);
             }
         }
     }
