@@ -296,7 +296,7 @@ fn packed_sweep<T: Element + DeviceRepr>(dtype: DType, dims: &[usize]) -> usize 
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn packed_rows_on_the_device_append_and_fuse_like_the_two_calls_and_the_reference() {
-    packed_sweep::<bf16>(DType::BF16, &[128, 36]);
+    packed_sweep::<bf16>(DType::BF16, &[128, 40]); // d36 is no 16-bit GPU decode size (a multiple of 8 is)
     packed_sweep::<f16>(DType::F16, &[64]);
     packed_sweep::<f32>(DType::F32, &[128, 36]);
 }
