@@ -15,7 +15,8 @@
 //! group) compute their scores as dot products straight from each bf16/f16/f32 key row instead,
 //! as it is read, and (when all their rows see the same keys) take up to eight kv heads at
 //! once, so a key's rows of all of them are read together (one contiguous run in `[seq,
-//! kv_heads, d]` caches and vLLM's pages). The instruction set (AVX-512 micro-kernel +
+//! kv_heads, d]` caches and vLLM's pages); with AVX-512F and query heads in fours per kv head,
+//! four keys' scores at a time. The instruction set (AVX-512 matrix and decode kernels +
 //! AVX2+FMA+F16C, AVX2+FMA+F16C, or the portable baseline, which is NEON on aarch64) is picked
 //! once at run time ([`kernels::Isa`]).
 //! Items run on a rayon pool (see [`Threads`]); everything that can fail (allocations) happens
@@ -50,6 +51,9 @@ const BLOCK_K: usize = 64;
 /// [`kernels::prefetch`]): enough misses in flight to stream from memory, few enough to stay
 /// cached until used (32 bf16 K+V rows of d128: 16 KiB). 16 to 64 measured within noise.
 const PREFETCH_KEYS: usize = 32;
+/// Most keys whose scores a narrow item computes together ([`kernels::score_keys`]: the
+/// AVX-512 kernel's four; the AVX2 kernel takes them one by one).
+const SCORE_KEYS: usize = 4;
 /// Most kv heads one decode work item takes ([`decode_kv_heads`]): a vLLM page row of 8 kv
 /// heads is then read as one run; it also bounds the per-tile table of value rows.
 const MAX_KV_HEADS: usize = 8;
@@ -1155,8 +1159,10 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
     max.fill(f32::NEG_INFINITY);
     sum.fill(0.0);
 
-    // Uniform narrow tiles: where each value row of each kv head lies, for `pv_narrow_rows`.
+    // Uniform narrow tiles: where each value row of each kv head lies, for `pv_narrow_rows`;
+    // narrow tiles: where each key row lies, for `scores_keys`.
     let mut v_rows = [[std::ptr::null::<T>(); BLOCK_K]; MAX_KV_HEADS];
+    let mut k_rows = [[std::ptr::null::<T>(); BLOCK_K]; MAX_KV_HEADS];
     // The K/V rows of the keys read, and of those prefetched ahead, run by run: a page is
     // looked up once, not once per row and kv head.
     let (mut k_cur, mut v_cur) = (RowCursor::new(), RowCursor::new());
@@ -1198,33 +1204,33 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
         // K and V rows of the visible window, widened once for every head of the item, with a
         // prefetch hint some keys ahead (strided rows, as in a `[seq, kv_heads, d]` cache or
         // pages, defeat the hardware prefetchers; contiguous ones measured faster with it too).
+        // Narrow items score their keys in groups (four on AVX-512, else one by one), and each
+        // head's prefetches go out just before its scores: a burst of every head's prefetches
+        // of four keys stalls the core on full miss buffers with no arithmetic left to overlap.
+        let group_keys = if narrow { kernels::score_keys::<WIDE>(part).min(SCORE_KEYS) } else { 1 };
+        let mut ahead = [(RowRun::EMPTY, RowRun::EMPTY); SCORE_KEYS];
         let mut v_finite = true;
         for j in jlo..jhi {
             let key = k_base + k0 + j;
+            let slot = (j - jlo) % group_keys;
             // Ahead within the sequence, not only the item: a key chunk's successor is the
             // next item's (often this thread's), and its first rows should not start cold.
-            if k0 + j + PREFETCH_KEYS < sk {
-                let ahead = key + PREFETCH_KEYS;
-                let k = k_ahead.at(ahead, || pb.kv.k_run(batch, ahead, kv0, kv_heads));
-                let v = v_ahead.at(ahead, || pb.kv.v_run(batch, ahead, kv0, kv_heads));
-                for p in 0..kv_heads {
-                    kernels::prefetch(k.row(p, d));
-                    kernels::prefetch(v.row(p, d));
-                }
-            }
+            ahead[slot] = if k0 + j + PREFETCH_KEYS < sk {
+                let next = key + PREFETCH_KEYS;
+                let k = k_ahead.at(next, || pb.kv.k_run(batch, next, kv0, kv_heads));
+                (k, v_ahead.at(next, || pb.kv.v_run(batch, next, kv0, kv_heads)))
+            } else {
+                (RowRun::EMPTY, RowRun::EMPTY)
+            };
             let k_run = k_cur.at(key, || pb.kv.k_run(batch, key, kv0, kv_heads));
             let v_run = v_cur.at(key, || pb.kv.v_run(batch, key, kv0, kv_heads));
             for p in 0..kv_heads {
                 let (kr, vr) = (k_run.row(p, d), v_run.row(p, d));
                 // SAFETY: rows `j < bk` of the `[bk, d]` / `[bk, dp]` tiles hold `d` values, as
-                // do `kr` and `vr`; narrow: `qt` holds `rows` rows of `d`, of which kv head
-                // `p`'s are the `part` from `p · part`, row `j` of `st` (`[bk, rp]`) has
-                // `rp >= rows` columns; not narrow or not uniform: `p == 0` (asserted above).
+                // do `kr` and `vr`; not narrow or not uniform: `p == 0` (asserted above).
                 unsafe {
-                    if narrow && d > 0 {
-                        // Scores straight from the key row, widened in registers.
-                        let (q, out) = (qt.as_ptr().add(p * part * d), st.as_mut_ptr().add(j * rp + p * part));
-                        kernels::scores_narrow_rows::<S, T>(part, d, kr.as_ptr(), q, out);
+                    if narrow {
+                        k_rows[p][j] = kr.as_ptr();
                     } else {
                         kernels::widen::<S, T>(kt.as_mut_ptr().add(j * d), kr.as_ptr(), d);
                     }
@@ -1232,6 +1238,28 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
                         v_rows[p][j] = vr.as_ptr();
                     } else {
                         v_finite &= kernels::widen_finite::<S, T>(vt.as_mut_ptr().add(j * dp), vr.as_ptr(), d);
+                    }
+                }
+            }
+            if slot + 1 < group_keys && j + 1 < jhi {
+                continue;
+            }
+            // The group `g0 ..= j` is complete: per head, its prefetches, then (narrow) the
+            // scores straight from the key rows, widened in registers.
+            let g0 = j - slot;
+            for (p, k) in k_rows[..kv_heads].iter().enumerate() {
+                for (ka, va) in ahead[..=slot].iter().filter(|(ka, _)| ka.keys > 0) {
+                    kernels::prefetch(ka.row(p, d));
+                    kernels::prefetch(va.row(p, d));
+                }
+                if narrow && d > 0 {
+                    // SAFETY: `k[g0 ..= j]` are kv head `p`'s key rows of `d` elements (set
+                    // above); `qt` holds `rows` rows of `d`, of which kv head `p`'s are the
+                    // `part` from `p · part`; rows `g0 ..= j < bk` of `st` (`[bk, rp]`) have
+                    // `rp >= rows` columns.
+                    unsafe {
+                        let (q, out) = (qt.as_ptr().add(p * part * d), st.as_mut_ptr().add(g0 * rp + p * part));
+                        kernels::scores_keys::<S, T, WIDE>(part, d, &k[g0..=j], q, out, rp);
                     }
                 }
             }
@@ -1305,7 +1333,7 @@ unsafe fn run_item_on<S: Simd, T: Element, R: KvRows<T>, const WIDE: bool>(pb: &
                 unsafe {
                     let (c, s) = (p * part, st.as_ptr().add(jlo * rp + p * part));
                     let (a, o) = (alpha.as_ptr().add(c), acc.as_mut_ptr().add(c * dp));
-                    kernels::pv_narrow_rows::<S, T>(part, &v[jlo..jhi], s, rp, a, o, dp, d);
+                    kernels::pv_narrow_rows::<S, T, WIDE>(part, &v[jlo..jhi], s, rp, a, o, dp, d);
                 }
             }
             continue;
@@ -1950,6 +1978,54 @@ mod tests {
             nan_in_a_key_or_value_row_reaches_only_the_rows_that_see_it();
             infinite_logits_give_nan_rows();
             });
+        }
+    }
+
+    /// Decode items (one query row, every key seen) on a CPU with AVX-512F take the AVX-512
+    /// score and P·V kernels exactly when each kv head has a multiple of four query heads, and
+    /// match the reference at head_dims with and without tail chunks, 1 to 17 keys, GQA 1, 2,
+    /// 4 and 8, all three element types and the layouts of `Mem`; the NaN rules hold there.
+    #[test]
+    fn decode_takes_the_avx512_kernels_and_matches_the_reference() {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() == Isa::Avx512 {
+            let calls = kernels::decode512_calls;
+            for (h, hk) in [(8, 8), (8, 4), (8, 2), (16, 2)] {
+                for d in [8, 16, 72, 128, 256] {
+                    for sk in [1, 2, 3, 5, 8, 13, 17] {
+                        let mem = [Mem::Contig, Mem::HeadsFirst, Mem::Padded, Mem::PaddedHeadsFirst][(d + sk) % 4];
+                        // One thread: the items run on this one, where the calls are counted.
+                        let c = case(2, 1, sk, h, hk, d).mem(mem).threads(1);
+                        let before = calls();
+                        check::<f32>(c, TOL_F32);
+                        check::<f16>(c, TOL_F16);
+                        check::<bf16>(c, TOL_BF16);
+                        let taken = calls() > before;
+                        assert_eq!(taken, (h / hk) % 4 == 0, "{c:?}: AVX-512 decode kernels taken: {taken}");
+                    }
+                }
+            }
+            // NaN in a query row, a key row or a value element of GQA group 1 of 2 (query
+            // heads 4..8): it reaches that head, or that group (the value: that element).
+            let c = case(1, 1, 13, 8, 2, 72).threads(1);
+            for (what, at) in [("q", 5usize), ("k", 1), ("v", 1)] {
+                let mut x = inputs::<f32>(&c, &mut Rng::fresh());
+                match what {
+                    "q" => x.q[x.ql.offset(0, 0, at) + 3] = f32::NAN,
+                    "k" => x.k[x.kl.offset(0, 6, at) + 3] = f32::NAN,
+                    _ => x.v[x.vl.offset(0, 6, at) + 3] = f32::NAN,
+                }
+                let (out, lse) = run(&c, &x, 1);
+                for hd in 0..c.h {
+                    let hit = if what == "q" { hd == at } else { hd / 4 == at };
+                    let row = &out[x.ol.offset(0, 0, hd)..][..c.d];
+                    for (e, o) in row.iter().enumerate() {
+                        let nan = hit && (what != "v" || e == 3);
+                        assert_eq!(o.is_nan(), nan, "NaN in {what}: head {hd} element {e} = {o}");
+                    }
+                    assert_eq!(lse[hd].is_nan(), hit && what != "v", "NaN in {what}: lse of head {hd}");
+                }
+            }
         }
     }
 

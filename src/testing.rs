@@ -74,7 +74,21 @@ pub fn set_decode_skip_combine(skip: bool) {
 /// Benchmarks only: variants of the decode kernels, process-wide; every one computes the same
 /// outputs. Bits (`DEC_BENCH_*` in cuda/decode.cuh): 1, the tensor-core kernels' K/V loads
 /// without cache hints; 2-4 (the value / 2), how many warp steps ahead they prefetch K/V into
-/// L2 (head_dim up to 128); 8, four-warp blocks always; 16, two-warp blocks always (where built). 0: the defaults.
+/// L2 (head_dim up to 128); 8, four-warp blocks always; 16, two-warp blocks always (where
+/// built). 0: the defaults.
 pub fn set_decode_bench_flags(flags: usize) {
     crate::gpu::decode::set_bench_flags(flags);
+}
+
+/// Benchmarks and tests: every later CPU-backend call in the process runs its kernels on the
+/// instruction set `name` (`"avx512"`, `"avx2"` or `"portable"`) instead of the best one this
+/// CPU has, or again on the best one (`None`); to compare them in one process. Returns false,
+/// changing nothing, for an unknown name or a set this CPU lacks.
+pub fn set_cpu_isa(name: Option<&str>) -> bool {
+    crate::cpu::Isa::force(name)
+}
+
+/// The instruction set CPU-backend calls run on now (as [`set_cpu_isa`] names it).
+pub fn cpu_isa() -> &'static str {
+    crate::cpu::Isa::detect().short_name()
 }

@@ -143,6 +143,42 @@ fn odd_head_dims_match_the_reference() {
     println!("{n} odd-head_dim KV-cache cases match the reference");
 }
 
+/// One decode case of two sequences (one of `len` keys) against the reference.
+#[allow(clippy::too_many_arguments)]
+fn decode_case<T: attention::Element>(attn: &attention::Attention, rng: &mut Rng, store: Store, (h, hk): (usize, usize), d: usize, len: usize, tol: f64, lse_tol: f64) {
+    let c = KvCase::<T>::new(rng, store, 2, 1, h, hk, d, len, RefMask::default());
+    let (err, lse) = run(attn, &c).unwrap();
+    assert!(err < tol && lse < lse_tol, "{} {store:?} h={h}/{hk} d={d} lens {:?}: rel {err:.2e}, lse {lse:.2e} (seed {:#x})", T::DTYPE, c.lens, rng.get_seed());
+}
+
+/// Decode (one query row) at the shapes of the CPU's decode kernels: GQA 1, 4 and 8 (four
+/// query heads per kv head take the AVX-512 kernels where the CPU has AVX-512F, which is
+/// then what the default dispatch picks), head_dims with and without a tail of 16 elements,
+/// 1 to 17 keys, contiguous caches and pages of 1, 16 and 64 keys, every element type.
+#[test]
+fn decode_at_odd_sizes_matches_the_reference() {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        assert_eq!(attention::testing::cpu_isa(), "avx512");
+    }
+    let attn = cpu();
+    let mut rng = Rng::fresh();
+    let stores = [Store::Contiguous, Store::ContiguousHeadsFirst, Store::PagedVllm { page_size: 1 }, Store::PagedVllm { page_size: 16 }, Store::PagedHnd { page_size: 64 }];
+    let mut n = 0;
+    for (i, &store) in stores.iter().enumerate() {
+        for (h, hk) in [(4, 4), (8, 2), (16, 2)] {
+            for (j, d) in [8, 16, 72, 128, 256].into_iter().enumerate() {
+                let len = 1 + (3 * i + 5 * j + h) % 17;
+                decode_case::<f32>(&attn, &mut rng, store, (h, hk), d, len, 1e-5, 1e-4);
+                decode_case::<bf16>(&attn, &mut rng, store, (h, hk), d, len, tolerance(attention::DType::BF16), 1e-3);
+                decode_case::<f16>(&attn, &mut rng, store, (h, hk), d, len, tolerance(attention::DType::F16), 1e-3);
+                n += 3;
+            }
+        }
+    }
+    println!("{n} decode cases match the reference");
+}
+
 #[test]
 fn kv_cache_on_the_cpu_matches_the_reference_f32() {
     sweep::<f32>(attention::DType::F32);

@@ -10,17 +10,45 @@
 //! the compiler vectorises for the baseline (SSE2 on x86-64, NEON on aarch64, where NEON is
 //! always present); [`Avx2`] uses AVX2 + FMA + F16C intrinsics, chosen at run time.
 //!
-//! Where AVX-512F is present, the matrix micro-kernel (nearly all the FLOPs) runs as an
-//! AVX-512 assembly kernel ([`micro_avx512`]) and the rest stays on AVX2: AVX-512 intrinsics
-//! and `target_feature(enable = "avx512f")` are stable only from Rust 1.89, above this crate's
-//! `rust-version`, while `asm!` is not.
+//! Where AVX-512F is present, the matrix micro-kernel (nearly all the FLOPs of prefill) runs
+//! as an AVX-512 assembly kernel ([`micro_avx512`]), as do a decode item's scores and P·V
+//! step when its kv heads have query heads in fours ([`scores_keys`], [`pv_narrow_rows`], in
+//! `decode512`), and the rest stays on AVX2: AVX-512 intrinsics and `target_feature(enable =
+//! "avx512f")` are stable only from Rust 1.89, above this crate's `rust-version`, while `asm!`
+//! is not.
 
 use crate::dtype::{DType, Element};
+
+/// `vpxord` of zmm0-15 with themselves: the sixteen accumulators of the AVX-512 kernels
+/// zeroed (a string for `asm!`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! zero_zmm0_15 {
+    () => {
+        concat!(
+            "vpxord zmm0, zmm0, zmm0\n", "vpxord zmm1, zmm1, zmm1\n", "vpxord zmm2, zmm2, zmm2\n",
+            "vpxord zmm3, zmm3, zmm3\n", "vpxord zmm4, zmm4, zmm4\n", "vpxord zmm5, zmm5, zmm5\n",
+            "vpxord zmm6, zmm6, zmm6\n", "vpxord zmm7, zmm7, zmm7\n", "vpxord zmm8, zmm8, zmm8\n",
+            "vpxord zmm9, zmm9, zmm9\n", "vpxord zmm10, zmm10, zmm10\n", "vpxord zmm11, zmm11, zmm11\n",
+            "vpxord zmm12, zmm12, zmm12\n", "vpxord zmm13, zmm13, zmm13\n", "vpxord zmm14, zmm14, zmm14\n",
+            "vpxord zmm15, zmm15, zmm15",
+        )
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod decode512;
+
+/// Tests only: how many times this thread has called the AVX-512 decode kernels.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn decode512_calls() -> usize {
+    decode512::tests::CALLS.with(|c| c.get())
+}
 
 /// The instruction set the kernels run with, detected once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// [`Isa::Avx2`] plus AVX-512F for the matrix micro-kernel (x86-64, detected at run time).
+    /// [`Isa::Avx2`] plus AVX-512F for the matrix micro-kernel and the decode kernels (x86-64,
+    /// detected at run time).
     #[cfg(target_arch = "x86_64")]
     Avx512,
     /// AVX2 + FMA + F16C (x86-64, detected at run time).
@@ -39,11 +67,55 @@ impl Isa {
             return isa;
         }
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
+        let best = *ISA.get_or_init(|| {
             let isa = Isa::best();
             log::debug!("attention: the CPU backend runs its {} kernels", isa.name());
             isa
-        })
+        });
+        match FORCED_ALL.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => best,
+            n => Isa::ALL[n as usize - 1],
+        }
+    }
+
+    /// Every set, best first: index + 1 is [`FORCED_ALL`]'s code for it.
+    const ALL: &'static [Isa] = &[
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2,
+        Isa::Portable,
+    ];
+
+    /// Benchmarks and tests ([`crate::testing::set_cpu_isa`]): every later call in the process
+    /// runs on the set named `name` (`"avx512"`, `"avx2"`, `"portable"`), or again on the
+    /// detected one (`None`). False, changing nothing, for an unknown name or a set this CPU
+    /// lacks.
+    pub(crate) fn force(name: Option<&str>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(name) = name else {
+            FORCED_ALL.store(0, Relaxed);
+            return true;
+        };
+        let best = Isa::ALL.iter().position(|&i| i == Isa::best());
+        match Isa::ALL.iter().position(|i| i.short_name() == name) {
+            Some(n) if best.is_some_and(|b| n >= b) => {
+                FORCED_ALL.store(n as u8 + 1, Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The name [`Isa::force`] takes.
+    pub(crate) fn short_name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
     }
 
     /// What [`Isa::detect`] returns, found afresh.
@@ -60,7 +132,7 @@ impl Isa {
     pub(crate) fn name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => "avx512f (matrix kernels) + avx2+fma+f16c",
+            Isa::Avx512 => "avx512f (matrix and decode kernels) + avx2+fma+f16c",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => "avx2+fma+f16c",
             #[cfg(target_arch = "aarch64")]
@@ -70,6 +142,10 @@ impl Isa {
         }
     }
 }
+
+/// The set every call of the process runs on instead of the detected one ([`Isa::force`]):
+/// 0 for none, else its index in [`Isa::ALL`] plus one.
+static FORCED_ALL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 #[cfg(test)]
 thread_local! {
@@ -649,6 +725,39 @@ pub(crate) unsafe fn scores_narrow_rows<S: Simd, T: Element>(rows: usize, d: usi
     }
 }
 
+/// How many keys [`scores_keys`] takes at once for `rows` query rows: four where the AVX-512
+/// kernel serves them (so its callers should hand it keys in fours), else one.
+#[inline(always)]
+pub(crate) fn score_keys<const WIDE: bool>(rows: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if WIDE && rows % decode512::ROWS == 0 {
+        return decode512::KEYS;
+    }
+    let _ = rows;
+    1
+}
+
+/// `s[j·ps + r] = k_j · q_r` for the key rows `k` of a narrow item's tile (`d` elements of `T`
+/// each) and its `rows` (1 to 8) queries (f32 rows of `q`, `d` apart): on the AVX-512 kernel,
+/// four keys × four queries at a time, when `WIDE` and the rows come in fours (GQA groups of
+/// 4 or 8); else key by key ([`scores_narrow_rows`]).
+///
+/// # Safety
+/// Every `k[j]` valid for `d` elements, `q` for `rows·d` values, `s` for `k.len()` rows of
+/// `ps >= rows` values; `S`'s instruction set enabled, and AVX-512F if `WIDE`.
+#[inline(always)]
+pub(crate) unsafe fn scores_keys<S: Simd, T: Element, const WIDE: bool>(rows: usize, d: usize, k: &[*const T], q: *const f32, s: *mut f32, ps: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if score_keys::<WIDE>(rows) > 1 {
+        // SAFETY: the caller's contract, which is the kernel's.
+        return unsafe { decode512::scores::<T>(rows, d, k, q, s, ps) };
+    }
+    for (j, &row) in k.iter().enumerate() {
+        // SAFETY: row `j < k.len()` of `s`; the rest is the caller's contract.
+        unsafe { scores_narrow_rows::<S, T>(rows, d, row, q, s.add(j * ps)) };
+    }
+}
+
 /// `acc_i = alpha_i · acc_i + Σ_j p[j·ps + i] · v_j` for the `rows` (1 to 8) accumulator rows
 /// of a narrow item (`d` values each, `ldc` apart) and the value rows `v` (`d` elements of `T`
 /// each, read where they lie and widened in registers): the rescale and P·V step of a decode
@@ -657,14 +766,16 @@ pub(crate) unsafe fn scores_narrow_rows<S: Simd, T: Element>(rows: usize, d: usi
 ///
 /// Only for tiles where every row sees every key of `v`: a weight of 0 then only ever meets a
 /// value row the row sees anyway, so no masked key's NaN or infinity can leak in (the caller
-/// takes the masked path otherwise).
+/// takes the masked path otherwise). On the AVX-512 kernel when `WIDE` and the rows come in
+/// fours (the same bits: the same FMAs in the same order).
 ///
 /// # Safety
 /// Every `v[j]` valid for `d` elements, `p` for `v.len()` rows of `ps >= rows` values, `alpha`
-/// for `rows`, `acc` for `rows` rows of `d` values `ldc` apart; `S`'s instruction set enabled.
+/// for `rows`, `acc` for `rows` rows of `d` values `ldc` apart; `S`'s instruction set enabled,
+/// and AVX-512F if `WIDE`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn pv_narrow_rows<S: Simd, T: Element>(
+pub(crate) unsafe fn pv_narrow_rows<S: Simd, T: Element, const WIDE: bool>(
     rows: usize,
     v: &[*const T],
     p: *const f32,
@@ -677,6 +788,11 @@ pub(crate) unsafe fn pv_narrow_rows<S: Simd, T: Element>(
     // Panels as wide as the registers allow: `rows · NV` accumulators, `NV` value vectors and a
     // broadcast within AVX2's sixteen, with room to spare (at sixteen exactly, the compiler
     // spills an accumulator, and every key then waits on a store and a reload).
+    #[cfg(target_arch = "x86_64")]
+    if WIDE && rows % decode512::ROWS == 0 {
+        // SAFETY: the caller's contract, which is the kernel's.
+        return unsafe { decode512::pv::<T>(rows, v, p, ps, alpha, acc, ldc, d) };
+    }
     // SAFETY: the caller's contract, for the matching `N`.
     unsafe {
         match rows {
@@ -877,22 +993,7 @@ pub(crate) unsafe fn micro_avx512(
             "add {t}, {ldc}",
             "jmp 3f",
             "2:",
-            "vpxord zmm0, zmm0, zmm0",
-            "vpxord zmm1, zmm1, zmm1",
-            "vpxord zmm2, zmm2, zmm2",
-            "vpxord zmm3, zmm3, zmm3",
-            "vpxord zmm4, zmm4, zmm4",
-            "vpxord zmm5, zmm5, zmm5",
-            "vpxord zmm6, zmm6, zmm6",
-            "vpxord zmm7, zmm7, zmm7",
-            "vpxord zmm8, zmm8, zmm8",
-            "vpxord zmm9, zmm9, zmm9",
-            "vpxord zmm10, zmm10, zmm10",
-            "vpxord zmm11, zmm11, zmm11",
-            "vpxord zmm12, zmm12, zmm12",
-            "vpxord zmm13, zmm13, zmm13",
-            "vpxord zmm14, zmm14, zmm14",
-            "vpxord zmm15, zmm15, zmm15",
+            zero_zmm0_15!(),
             "3:",
             "test {kc}, {kc}",
             "jz 5f",
