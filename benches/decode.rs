@@ -224,10 +224,9 @@ fn main() {
         attention::testing::set_decode_skip_combine(false);
         println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
     }
-    // Kernel variants (attention::testing::set_decode_bench_flags): 0, the defaults; 1, K/V
-    // loads without cache hints; 2, 4, 6, K/V prefetched into L2 1, 2, 3 warp steps ahead; 8,
-    // four-warp blocks always; 16, two-warp blocks always. Dense TB/s, GPU time.
-    const VARIANTS: [usize; 7] = [0, 1, 2, 4, 6, 8, 16];
+    // Plan variants (attention::testing::set_decode_bench_flags): 0, the plan's own; 1,
+    // four-warp blocks always; 2, two-warp blocks always. Dense TB/s, GPU time.
+    const VARIANTS: [usize; 3] = [0, 1, 2];
     println!("kernel variants (dense TB/s, GPU time; flags as in attention::testing::set_decode_bench_flags)");
     print!("{:>5} {:>7}", "batch", "seqlen");
     for f in VARIANTS {

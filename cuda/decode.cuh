@@ -51,16 +51,8 @@ struct DecodeParams {
     // (clamped to 0..total_q and to q_len rows), at the last positions of its cache.
     const int* cu_seqlens_q;
     int total_q;
-    int bench_flags;  // DEC_BENCH_*: 0 but in benchmarks that compare the variants
+    int pad_;
 };
-// Bench switches (attention::testing), bits of DecodeParams::bench_flags; every combination
-// computes the same outputs. The host keeps bits 3 and up (its own choices).
-// The tensor-core kernels' K/V loads without cache hints (plain ld.global.nc).
-#define DEC_BENCH_PLAIN_LOADS 1
-// Bits 1-2: how many warp steps ahead the tensor-core kernels prefetch K/V into L2 (0: none).
-#define DEC_BENCH_PREFETCH_SHIFT 1
-#define DEC_BENCH_PREFETCH_MASK 3
-
 // (NVRTC has no offsetof: the Rust side checks the offsets; here only the size.)
 static_assert(sizeof(DecodeParams) == 256, "DecodeParams must match the Rust #[repr(C)] struct");
 
@@ -69,39 +61,6 @@ __device__ __forceinline__ void dec_load16(const void* p, unsigned (&r)[4]) {
     asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "l"(p));
-}
-
-// An L2 cache policy that marks the lines a load brings in evict-first (sm_80+).
-__device__ __forceinline__ unsigned long long dec_evict_first_policy() {
-    unsigned long long policy;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    return policy;
-}
-
-// 16 bytes of K or V, streamed: K/V are read once per call, so the loads skip L1, fetch the
-// whole 128-byte line into L2 (a K row's line is read by two loads of 64 bytes per row, the
-// first of which brings in the rest), and the load that completes a line (`completes_line`)
-// leaves it evict-first under `policy` (dec_evict_first_policy()), so a cache larger than L2 does
-// not displace what other kernels keep there. Measured on the H200 (decode bench, bf16 GQA 32/8
-// d128): +7% at 1x8k to +15% at 128x32k against plain loads, the same at 1x1k. With
-// DEC_BENCH_PLAIN_LOADS in `flags`: a plain non-coherent load, for that comparison (and at d256,
-// whose registers have no room for the rest).
-__device__ __forceinline__ void dec_load16_kv(const void* p, unsigned (&r)[4], int flags, bool completes_line,
-                                              unsigned long long policy) {
-    if (flags & DEC_BENCH_PLAIN_LOADS) {
-        dec_load16(p, r);
-    } else if (completes_line) {
-        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p), "l"(policy));
-    } else {
-        asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
-    }
-}
-
-// Asks L2 for the 128-byte line at `p` ahead of its loads (no registers, nothing waits on it).
-__device__ __forceinline__ void dec_prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // Where key j of sequence b lives, in elements from the tensor's base (head offset excluded).

@@ -42,10 +42,6 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
                                          const DecPage (&pg)[U], DtcFrags<HD, U>& f) {
     constexpr int KC = HD / 32, VL = HD / 64;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    // d256's registers are full: streamed loads (their policy and addressing) made ptxas spill
-    // there on sm_80 to sm_120, so it keeps plain loads.
-    const int flags = HD <= 128 ? p.bench_flags : DEC_BENCH_PLAIN_LOADS;
-    const unsigned long long policy = HD <= 128 ? dec_evict_first_policy() : 0ull;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -55,8 +51,7 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
 #pragma unroll
             for (int c = 0; c < KC; ++c) {
                 f.kf[u][rr][c][0] = f.kf[u][rr][c][1] = f.kf[u][rr][c][2] = f.kf[u][rr][c][3] = 0u;
-                // A K row's 128-byte line is two loads (c even, then c odd) of 64 bytes per row.
-                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16_kv(kp + 32 * c + 8 * t, f.kf[u][rr][c], flags, c & 1, policy);
+                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16(kp + 32 * c + 8 * t, f.kf[u][rr][c]);
             }
         }
 #pragma unroll
@@ -66,29 +61,9 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
 #pragma unroll
             for (int x = 0; x < VL; ++x) {
                 f.vf[u][kk][x][0] = f.vf[u][kk][x][1] = f.vf[u][kk][x][2] = f.vf[u][kk][x][3] = 0u;
-                // The 8 lanes of a t read a V row's whole 128-byte line.
-                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16_kv(vp + 64 * x + 8 * g, f.vf[u][kk][x], flags, true, policy);
+                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16(vp + 64 * x + 8 * g, f.vf[u][kk][x]);
             }
         }
-    }
-}
-
-// Prefetches into L2 the K/V lines of the warp step at key0 (keys past the share: none): 16U
-// keys of HD / 32 lines each (K and V rows), 4 per lane whatever the head_dim.
-template <class T, int HD, int U>
-__device__ __forceinline__ void dtc_prefetch(const DecodeParams& p, int b, const T* kbase, const T* vbase, int kend, int key0) {
-    constexpr int ROW_LINES = HD * (int)sizeof(T) / 128;  // 128-byte lines per K or V row
-    static_assert(16 * U * 2 * ROW_LINES == 128, "a warp step is 128 lines");
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int line = 32 * i + lane;
-        const int key = line / (2 * ROW_LINES), rem = line % (2 * ROW_LINES);
-        const int j = key0 + key, col = (rem % ROW_LINES) * (128 / (int)sizeof(T));
-        if (j >= kend || col >= p.head_dim) continue;  // a line past the row's last column may be past the tensor
-        const bool is_v = rem >= ROW_LINES;
-        const T* base = is_v ? vbase + dec_row(p, p.v_stride, b, j) : kbase + dec_row(p, p.k_stride, b, j);
-        dec_prefetch_l2(base + col);
     }
 }
 
@@ -232,12 +207,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         DtcFrags<HD, U> f;
         DecPage pg[U], next[U];
         dtc_pages(p, b, kend, tiled, first, pg);
-        // Bench switch: prefetch `ahead` warp steps ahead into L2 (the first `ahead` now). Not at
-        // d256, whose registers are full (ptxas spills with it).
-        const int ahead = HD <= 128 ? (p.bench_flags >> DEC_BENCH_PREFETCH_SHIFT) & DEC_BENCH_PREFETCH_MASK : 0;
-        for (int s = 1; s < ahead; ++s) dtc_prefetch<T, HD, U>(p, b, kbase, vbase, kend, first + s * STEP);
         for (int key0 = first; key0 < kend; key0 += STEP) {
-            if (ahead) dtc_prefetch<T, HD, U>(p, b, kbase, vbase, kend, key0 + ahead * STEP);
             dtc_pages(p, b, kend, tiled, key0 + STEP, next);
             dtc_load<T, HD, U>(p, b, kbase, vbase, kend, tiled, key0, pg, f);
             dtc_step<BF16, HD, U>(p, key0, f, qf, jlo, jhi, m, l, o);

@@ -71,11 +71,9 @@ pub fn set_decode_skip_combine(skip: bool) {
     crate::gpu::decode::set_skip_combine(skip);
 }
 
-/// Benchmarks only: variants of the decode kernels, process-wide; every one computes the same
-/// outputs. Bits (`DEC_BENCH_*` in cuda/decode.cuh): 1, the tensor-core kernels' K/V loads
-/// without cache hints; 2-4 (the value / 2), how many warp steps ahead they prefetch K/V into
-/// L2 (head_dim up to 128); 8, four-warp blocks always; 16, two-warp blocks always (where
-/// built). 0: the defaults.
+/// Benchmarks only: variants of the decode plan, process-wide; every one computes the same
+/// outputs. Bits: 1, the tensor-core kernels on four-warp blocks always; 2, on two-warp blocks
+/// always (where built: head_dim up to 128). 0: the plan's own choice.
 pub fn set_decode_bench_flags(flags: usize) {
     crate::gpu::decode::set_bench_flags(flags);
 }

@@ -145,7 +145,7 @@ fn odd_head_dims_match_the_reference() {
 
 /// One decode case of two sequences (one of `len` keys) against the reference.
 #[allow(clippy::too_many_arguments)]
-fn decode_case<T: attention::Element>(attn: &attention::Attention, rng: &mut Rng, store: Store, (h, hk): (usize, usize), d: usize, len: usize, tol: f64, lse_tol: f64) {
+fn decode_case<T: attention::Element + attention::cudarc::driver::DeviceRepr>(attn: &attention::Attention, rng: &mut Rng, store: Store, (h, hk): (usize, usize), d: usize, len: usize, tol: f64, lse_tol: f64) {
     let c = KvCase::<T>::new(rng, store, 2, 1, h, hk, d, len, RefMask::default());
     let (err, lse) = run(attn, &c).unwrap();
     assert!(err < tol && lse < lse_tol, "{} {store:?} h={h}/{hk} d={d} lens {:?}: rel {err:.2e}, lse {lse:.2e} (seed {:#x})", T::DTYPE, c.lens, rng.get_seed());

@@ -43,11 +43,10 @@ fn max_head_dim(dtype: DType) -> usize {
 /// Warps per block of the main kernels, unless a plan takes the tensor-core family's two-warp
 /// kernels.
 const WARPS: usize = registry::DECODE_WARPS as usize;
-/// Bench-only bits of [`BENCH_FLAGS`] the host keeps (the kernels' own are `DEC_BENCH_*` in
-/// cuda/decode.cuh): the tensor-core family always on four-warp blocks, or always on two-warp
-/// blocks where built.
-const BENCH_FOUR_WARPS: usize = 8;
-const BENCH_TWO_WARPS: usize = 16;
+/// Bench-only bits of [`BENCH_FLAGS`]: the tensor-core family always on four-warp blocks, or
+/// always on two-warp blocks where built.
+const BENCH_FOUR_WARPS: usize = 1;
+const BENCH_TWO_WARPS: usize = 2;
 /// Threads per block of the combine.
 const COMBINE_THREADS: usize = registry::DECODE_COMBINE_THREADS as usize;
 /// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
@@ -68,8 +67,7 @@ static WAVES_OVERRIDE: AtomicUsize = AtomicUsize::new(0);
 static SPLITS_CAP: AtomicUsize = AtomicUsize::new(0);
 /// Launches split grids without their combine (wrong outputs), to time the main kernel alone.
 static SKIP_COMBINE: AtomicBool = AtomicBool::new(false);
-/// `DEC_BENCH_*` bits of cuda/decode.cuh for the kernels' variants (see
-/// `attention::testing::set_decode_bench_flags`).
+/// The plan's variants for benchmarks (see `attention::testing::set_decode_bench_flags`).
 static BENCH_FLAGS: AtomicUsize = AtomicUsize::new(0);
 
 pub(crate) fn set_waves(waves: usize) {
@@ -153,7 +151,7 @@ struct DecodeParams {
     rows_per_block: i32,
     cu_seqlens_q: u64,
     total_q: i32,
-    bench_flags: i32,
+    pad: i32,
 }
 const _: () = {
     assert!(std::mem::size_of::<DecodeParams>() == 256);
@@ -481,7 +479,7 @@ impl Backend for DecodeBackend {
             rows_per_block: plan.rows as i32,
             cu_seqlens_q: call.kv.as_ref().and_then(|kv| kv.query_starts).map(Addr::device_or_null).unwrap_or(0),
             total_q: call.q.layout.seqlen() as i32,
-            bench_flags: BENCH_FLAGS.load(Ordering::Relaxed) as i32,
+            pad: 0,
         };
         let stream = call.stream;
         let bytes = plan.workspace_bytes(p);
