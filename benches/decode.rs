@@ -146,7 +146,7 @@ fn main() {
     };
     // Seconds per dense decode call (GQA 32/8, d128), once per setting `before` makes: the
     // inputs are made once.
-    let measure_dense_each = |b: usize, sk: usize, settings: &[usize], before: &dyn Fn(usize)| -> Vec<Timing> {
+    let measure_dense_each = |b: usize, sk: usize, settings: &[bool], before: &dyn Fn(bool)| -> Vec<Timing> {
         let (lq, lk) = (Layout::heads_first(b, 1, 32, 128), Layout::heads_first(b, sk, 8, 128));
         let (q, k, v) = (fill(lq.numel(), 1), fill(lk.numel(), 2), fill(lk.numel(), 3));
         let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
@@ -161,7 +161,7 @@ fn main() {
             })
             .collect()
     };
-    let measure_dense = |b: usize, sk: usize| -> Timing { measure_dense_each(b, sk, &[0], &|_| {})[0] };
+    let measure_dense = |b: usize, sk: usize| -> Timing { measure_dense_each(b, sk, &[false], &|_| {})[0] };
     let tbs = |b: usize, sk: usize, hk: usize, d: usize, secs: f64| (2 * b * hk * sk * d * 2) as f64 / secs / 1e12;
     let (h, hk, d) = (32, 8, 128);
     println!("decode (TB/s of K+V read), GQA {h}/{hk}, d={d}, bf16 on {}", attn.device_summary());
@@ -224,22 +224,14 @@ fn main() {
         attention::testing::set_decode_skip_combine(false);
         println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
     }
-    // Plan variants (attention::testing::set_decode_bench_flags): 0, the plan's own; 1,
-    // four-warp blocks always; 2, two-warp blocks always. Dense TB/s, GPU time.
-    const VARIANTS: [usize; 3] = [0, 1, 2];
-    println!("kernel variants (dense TB/s, GPU time; flags as in attention::testing::set_decode_bench_flags)");
-    print!("{:>5} {:>7}", "batch", "seqlen");
-    for f in VARIANTS {
-        print!(" {:>8}", format!("flags {f}"));
-    }
-    println!();
+    // Four-warp blocks (the plan's) against two-warp ones (attention::testing::
+    // set_decode_two_warp_blocks), same inputs, every shape.
+    println!("warps per block (dense TB/s, GPU time)");
+    println!("{:>5} {:>7} {:>8} {:>8}", "batch", "seqlen", "4", "2");
     for (b, sk) in SHAPES {
-        print!("{b:>5} {sk:>7}");
-        for t in measure_dense_each(b, sk, &VARIANTS, &attention::testing::set_decode_bench_flags) {
-            print!(" {:>8.2}", tbs(b, sk, hk, d, t.gpu));
-        }
-        attention::testing::set_decode_bench_flags(0);
-        println!();
+        let t = measure_dense_each(b, sk, &[false, true], &attention::testing::set_decode_two_warp_blocks);
+        attention::testing::set_decode_two_warp_blocks(false);
+        println!("{b:>5} {sk:>7} {:>8.2} {:>8.2}", tbs(b, sk, hk, d, t[0].gpu), tbs(b, sk, hk, d, t[1].gpu));
     }
     // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
     // 4 query rows (speculative decoding: paged only).

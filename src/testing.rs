@@ -71,11 +71,10 @@ pub fn set_decode_skip_combine(skip: bool) {
     crate::gpu::decode::set_skip_combine(skip);
 }
 
-/// Benchmarks only: variants of the decode plan, process-wide; every one computes the same
-/// outputs. Bits: 1, the tensor-core kernels on four-warp blocks always; 2, on two-warp blocks
-/// always (where built: head_dim up to 128). 0: the plan's own choice.
-pub fn set_decode_bench_flags(flags: usize) {
-    crate::gpu::decode::set_bench_flags(flags);
+/// Benchmarks only: the tensor-core decode kernels run on two-warp blocks (where built: head_dim
+/// up to 128) instead of four-warp ones, process-wide; the outputs are the same.
+pub fn set_decode_two_warp_blocks(two: bool) {
+    crate::gpu::decode::set_two_warp_blocks(two);
 }
 
 /// Benchmarks and tests: every later CPU-backend call in the process runs its kernels on the

@@ -74,19 +74,15 @@ fn kv_cache_f16_and_f32_match_reference() {
     sweep::<f32>(DType::F32, &[128, 36]);
 }
 
-/// The plan's bench-only variants (two- or four-warp blocks always) compute what the defaults
-/// do: the sweep with each switched on. (Tests running
-/// meanwhile in this process see the variants too, which they must also pass with.)
+/// The two-warp kernels (a bench switch) compute what the four-warp ones do: the sweep with
+/// them switched on. (Tests running meanwhile in this process see them too, which they must
+/// also pass with.)
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
-fn kernel_variants_match_the_reference() {
-    let mut n = 0;
-    // Four-warp blocks always; two-warp blocks always.
-    for flags in [1, 2] {
-        attention::testing::set_decode_bench_flags(flags);
-        n += sweep::<bf16>(DType::BF16, &[128, 64, 256]);
-    }
-    attention::testing::set_decode_bench_flags(0);
+fn two_warp_kernels_match_the_reference() {
+    attention::testing::set_decode_two_warp_blocks(true);
+    let n = sweep::<bf16>(DType::BF16, &[128, 64, 256]);
+    attention::testing::set_decode_two_warp_blocks(false);
     assert!(n > 0);
 }
 

@@ -43,10 +43,6 @@ fn max_head_dim(dtype: DType) -> usize {
 /// Warps per block of the main kernels, unless a plan takes the tensor-core family's two-warp
 /// kernels.
 const WARPS: usize = registry::DECODE_WARPS as usize;
-/// Bench-only bits of [`BENCH_FLAGS`]: the tensor-core family always on four-warp blocks, or
-/// always on two-warp blocks where built.
-const BENCH_FOUR_WARPS: usize = 1;
-const BENCH_TWO_WARPS: usize = 2;
 /// Threads per block of the combine.
 const COMBINE_THREADS: usize = registry::DECODE_COMBINE_THREADS as usize;
 /// Fewest keys a split takes (`min_chunk`): below it a split costs more than it saves.
@@ -67,8 +63,8 @@ static WAVES_OVERRIDE: AtomicUsize = AtomicUsize::new(0);
 static SPLITS_CAP: AtomicUsize = AtomicUsize::new(0);
 /// Launches split grids without their combine (wrong outputs), to time the main kernel alone.
 static SKIP_COMBINE: AtomicBool = AtomicBool::new(false);
-/// The plan's variants for benchmarks (see `attention::testing::set_decode_bench_flags`).
-static BENCH_FLAGS: AtomicUsize = AtomicUsize::new(0);
+/// Runs the tensor-core family on its two-warp kernels where built (d64, d128).
+static TWO_WARP_BLOCKS: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn set_waves(waves: usize) {
     WAVES_OVERRIDE.store(waves, Ordering::Relaxed);
@@ -82,8 +78,8 @@ pub(crate) fn set_skip_combine(skip: bool) {
     SKIP_COMBINE.store(skip, Ordering::Relaxed);
 }
 
-pub(crate) fn set_bench_flags(flags: usize) {
-    BENCH_FLAGS.store(flags, Ordering::Relaxed);
+pub(crate) fn set_two_warp_blocks(two: bool) {
+    TWO_WARP_BLOCKS.store(two, Ordering::Relaxed);
 }
 
 /// A switch's count, or `default` where it is 0.
@@ -218,10 +214,8 @@ impl Plan {
         // others' streaming). Measured +1-3% at batch 64 and 128 and 5-14% slower at batch 1,
         // but only in builds whose loop also read bench switches and ran 5-7% slow; it needs a
         // measurement against the plain kernel before it becomes the plan's.
-        let flags = BENCH_FLAGS.load(Ordering::Relaxed);
         let two = family == Family::TensorCore
-            && flags & BENCH_FOUR_WARPS == 0
-            && flags & BENCH_TWO_WARPS != 0
+            && TWO_WARP_BLOCKS.load(Ordering::Relaxed)
             && Self::kernel_of(family, p.dtype, p.head_dim, rows, 2).is_some();
         let warps = if two { 2 } else { WARPS };
         // The smallest bucket at or above head_dim (validation keeps it within the largest).
@@ -294,9 +288,9 @@ struct Resolved {
     programmatic: bool,
 }
 
-/// What chooses the kernels: dtype, the head_dim bucket, whether packed rows fit 4, and the
-/// tensor-core family's warps per block.
-type KernelKey = (DType, usize, bool, usize);
+/// What chooses the kernels: dtype, the head_dim bucket, whether packed rows fit 4, and whether
+/// the tensor-core family runs two-warp blocks (the bench switch).
+type KernelKey = (DType, usize, bool, bool);
 
 /// The decode backend on one device.
 pub(crate) struct DecodeBackend {
@@ -335,18 +329,19 @@ impl DecodeBackend {
     /// The kernels that run `p` on the device: a read of the cache after the first call.
     fn resolve(&self, caps: &DeviceCaps, p: &Problem) -> Result<Resolved, RunError> {
         let probe = Plan::of(p, caps.sm_count as usize, Family::Simt, DEFAULT_RESIDENT_PER_SM);
-        let family = self.family(caps, p);
-        let warps = Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).warps;
-        let key = (p.dtype, probe.head_dim, probe.rows == 4, warps);
+        let key = (p.dtype, probe.head_dim, probe.rows == 4, TWO_WARP_BLOCKS.load(Ordering::Relaxed));
         if let Some(r) = self.resolved.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(r.clone());
         }
+        let family = self.family(caps, p);
         let (dev, module) = self.kernels(family).loaded()?;
-        // The kernel's name does not depend on the split count: name it, then ask its occupancy.
-        let main = module.launchable(Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM).function(p.dtype))?.clone();
+        // The kernel's name and warps do not depend on the split count: name it, then ask its
+        // occupancy.
+        let plan = Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
+        let main = module.launchable(plan.function(p.dtype))?.clone();
         let combine = registry::lookup(registry::Family::DecodeCombine, elem(p.dtype), 0).map_or("(no combine)", |k| k.name);
         let combine = module.launchable(combine)?.clone();
-        let per_sm = resident_blocks(&main, warps * 32, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
+        let per_sm = resident_blocks(&main, plan.warps * 32, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
         let programmatic = module.source.compiled_for(dev.caps.cc) >= ComputeCapability::new(9, 0);
         let r = Resolved { family, main, combine, per_sm, programmatic };
         self.resolved.write().unwrap_or_else(|e| e.into_inner()).insert(key, r.clone());
