@@ -77,15 +77,7 @@ pub fn set_decode_two_warp_blocks(two: bool) {
     crate::gpu::decode::set_two_warp_blocks(two);
 }
 
-/// Benchmarks and tests: every later CPU-backend call in the process runs its kernels on the
-/// instruction set `name` (`"avx512"`, `"avx2"` or `"portable"`) instead of the best one this
-/// CPU has, or again on the best one (`None`); to compare them in one process. Returns false,
-/// changing nothing, for an unknown name or a set this CPU lacks.
-pub fn set_cpu_isa(name: Option<&str>) -> bool {
-    crate::cpu::Isa::force(name)
-}
-
-/// The instruction set CPU-backend calls run on now (as [`set_cpu_isa`] names it).
+/// The instruction set CPU-backend calls run on (`"avx512"`, `"avx2"` or `"portable"`).
 pub fn cpu_isa() -> &'static str {
     crate::cpu::Isa::detect().short_name()
 }

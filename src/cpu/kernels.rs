@@ -67,47 +67,15 @@ impl Isa {
             return isa;
         }
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        let best = *ISA.get_or_init(|| {
+        *ISA.get_or_init(|| {
             let isa = Isa::best();
             log::debug!("attention: the CPU backend runs its {} kernels", isa.name());
             isa
-        });
-        match FORCED_ALL.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => best,
-            n => Isa::ALL[n as usize - 1],
-        }
+        })
     }
 
-    /// Every set, best first: index + 1 is [`FORCED_ALL`]'s code for it.
-    const ALL: &'static [Isa] = &[
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512,
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2,
-        Isa::Portable,
-    ];
-
-    /// Benchmarks and tests ([`crate::testing::set_cpu_isa`]): every later call in the process
-    /// runs on the set named `name` (`"avx512"`, `"avx2"`, `"portable"`), or again on the
-    /// detected one (`None`). False, changing nothing, for an unknown name or a set this CPU
-    /// lacks.
-    pub(crate) fn force(name: Option<&str>) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Some(name) = name else {
-            FORCED_ALL.store(0, Relaxed);
-            return true;
-        };
-        let best = Isa::ALL.iter().position(|&i| i == Isa::best());
-        match Isa::ALL.iter().position(|i| i.short_name() == name) {
-            Some(n) if best.is_some_and(|b| n >= b) => {
-                FORCED_ALL.store(n as u8 + 1, Relaxed);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The name [`Isa::force`] takes.
+    /// A short name (`"avx512"`, `"avx2"`, `"portable"`), as `attention::testing::cpu_isa`
+    /// reports it.
     pub(crate) fn short_name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -142,10 +110,6 @@ impl Isa {
         }
     }
 }
-
-/// The set every call of the process runs on instead of the detected one ([`Isa::force`]):
-/// 0 for none, else its index in [`Isa::ALL`] plus one.
-static FORCED_ALL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 #[cfg(test)]
 thread_local! {
