@@ -83,8 +83,6 @@ struct Module {
     /// File stem, the module's name at run time (`naive`).
     stem: String,
     path: PathBuf,
-    /// The registry's.
-    min_arch: ArchSpec,
     /// The module's entry in the registry.
     registry: registry::Module,
 }
@@ -167,7 +165,6 @@ fn run(jobserver: Option<jobserver::Client>) -> Result<(), String> {
             modules.push(Module {
                 stem: stem.to_string(),
                 path: path.clone(),
-                min_arch: entry.min_arch(),
                 registry: entry,
             });
         }
@@ -654,7 +651,7 @@ fn compile_module(
     let archs: Vec<ArchSpec> = archs
         .iter()
         .copied()
-        .filter(|s| s.provides(&module.min_arch))
+        .filter(|s| s.provides(&module.registry.min_arch()))
         .collect();
     if archs.is_empty() {
         return Ok(Compiled {
@@ -773,7 +770,7 @@ fn ptxas_report(
             let _ = writeln!(
                 s,
                 "{:<10} (skipped: no arch in the list is at or above its min-arch {})",
-                c.stem, m.min_arch
+                c.stem, m.registry.min_arch()
             );
             continue;
         }
@@ -810,7 +807,7 @@ fn ptxas_report(
                 "{:<10} (built for {} only: min-arch {})",
                 c.stem,
                 arch::format_arch_list(&c.archs),
-                m.min_arch
+                m.registry.min_arch()
             );
         }
     }
