@@ -93,22 +93,6 @@ __device__ __forceinline__ long long dec_page_row(const long long (&stride)[3], 
     return (long long)pg.page * stride[0] + (long long)(pg.slot + i) * stride[1];
 }
 
-// Programmatic dependent launch (sm_90+; no-ops in code for older archs, which the host then
-// launches plainly): the combine is launched while the main kernel still runs, and waits here
-// until every main block has finished and its partials are visible.
-__device__ __forceinline__ void dec_wait_for_producer() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-// A main block past its key loop lets the dependent combine's launch begin. (Letting it begin
-// as each block starts measured the same on the H200.)
-__device__ __forceinline__ void dec_allow_consumer() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // Which rows a block owns: grid (splits, kv_heads x row_groups, batch); packed row
 // `qi * kv_group + g` is query head `hk * kv_group + g` at query position qi.
 // A sequence's query rows: q0 .. q0 + qn of q's row dimension (q0 = 0 unless packed).
@@ -207,6 +191,22 @@ __device__ __forceinline__ void dec_row_keys(const DecodeParams& p, const DecSpa
 // unscaled.
 __device__ __forceinline__ float dec_logit(const DecodeParams& p, float raw) {
     return p.softcap > 0.f ? p.softcap * attn_tanh(raw * p.scale / p.softcap) * DEC_LOG2E : raw * (p.scale * DEC_LOG2E);
+}
+
+// Programmatic dependent launch (sm_90+; no-ops in code for older archs, which the host then
+// launches plainly): the combine is launched while the main kernel still runs, and waits here
+// until every main block has finished and its partials are visible.
+__device__ __forceinline__ void dec_wait_for_producer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// A main block past its key loop lets the dependent combine's launch begin. (Letting it begin
+// as each block starts measured the same on the H200.)
+__device__ __forceinline__ void dec_allow_consumer() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // The block epilogue: every warp has left its rows' running max m (base 2), sum l and
