@@ -561,15 +561,17 @@ fn case_lists_are_whole_and_run_on_the_cpu_backend() {
 }
 
 /// The verdict fails what it must: another backend than the expected one, a non-finite output
-/// element (the NaN poison left unwritten), an error at the bound; and the table's rows.
+/// element (the NaN poison left unwritten), a finite one where NaN inputs must give NaN, an
+/// error at the bound; and the table's rows.
 #[test]
 fn the_verdict_refuses_a_wrong_backend_nan_and_errors_at_the_bound() {
     let case = Case::dense(DType::F16, s(1, 8, 8, 2, 2, 64), causal_mask(true), false).expect(BackendKind::Flash);
-    let good = Outcome { rel: 1e-3, lse_err: 5e-4, nan: 0, ran: BackendKind::Flash };
+    let good = Outcome { rel: 1e-3, lse_err: 5e-4, nan: 0, ran: BackendKind::Flash, want_nan: 65, missed_nan: 0 };
     assert!(good.verdict(&case).is_ok());
     for bad in [
         Outcome { ran: BackendKind::Naive, ..good },
         Outcome { nan: 1, ..good },
+        Outcome { missed_nan: 1, ..good },
         Outcome { rel: tolerance(DType::F16), ..good },
         Outcome { lse_err: 1e-3, ..good },
         Outcome { rel: f64::INFINITY, ..good },

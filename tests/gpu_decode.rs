@@ -13,10 +13,10 @@ use attention::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use attention::{
     Attention, BackendKind, BlockTable, CacheLens, DType, Element, KvCache, Layout, LseMut, Options, Tensor, TensorMut,
 };
-use common::gpu::{gpu, lse_error, random, tolerance};
+use common::gpu::{check_all, gpu, lse_error, s as shape, tolerance, Case};
 use common::gpu::Place;
 use common::kv::{cache_over, run_kv, upload, KvCase, Store, SWEPT_STORES};
-use common::reference::{attention_f64_masked, rel_err, RefInput, RefMask};
+use common::reference::{rel_err, RefMask};
 use common::rng::Rng;
 use half::{bf16, f16};
 
@@ -87,44 +87,18 @@ fn two_warp_kernels_match_the_reference() {
 }
 
 /// Dense decode-shaped `forward` calls (q_len ≤ 16) run on the decode kernels: GQA, MQA,
-/// heads-first (PyTorch's) layout, causal.
+/// heads-first (PyTorch's) layout, causal. Through the shared case runner, as `forward` calls
+/// (no lse asked for).
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn dense_decode_shapes_run_on_the_decode_backend() {
     let (attn, s) = gpu();
-    let mut rng = Rng::fresh();
-    for (b, sq, sk, h, hk, d, causal) in
-        [(1, 1, 8192, 32, 8, 128, false), (16, 1, 1000, 32, 8, 128, true), (4, 4, 3000, 8, 1, 64, true), (2, 16, 300, 16, 16, 256, true)]
-    {
-        let (lq, lk) = (Layout::heads_first(b, sq, h, d), Layout::heads_first(b, sk, hk, d));
-        let (q, k, v) = (random::<bf16>(&mut rng, lq.numel()), random::<bf16>(&mut rng, lk.numel()), random::<bf16>(&mut rng, lk.numel()));
-        let (dq, dk, dv) = (s.clone_htod(&q).unwrap(), s.clone_htod(&k).unwrap(), s.clone_htod(&v).unwrap());
-        let mut out: CudaSlice<bf16> = s.clone_htod(&vec![bf16::NAN; lq.numel()]).unwrap();
-        let ran = attn
-            .forward(&Tensor::cuda(&dq, lq), &Tensor::cuda(&dk, lk), &Tensor::cuda(&dv, lk), &mut TensorMut::cuda(&mut out, lq), &Options::default().causal(causal))
-            .unwrap();
-        assert_eq!(ran, BackendKind::Decode);
-        let (want, _) = attention_f64_masked(
-            RefInput { data: &q, shape: lq.shape(), strides: lq.strides() },
-            RefInput { data: &k, shape: lk.shape(), strides: lk.strides() },
-            RefInput { data: &v, shape: lk.shape(), strides: lk.strides() },
-            |x: bf16| x.to_f64(),
-            1.0 / (d as f64).sqrt(),
-            RefMask { causal, ..RefMask::default() },
-        );
-        let out = s.clone_dtoh(&out).unwrap();
-        let mut got = Vec::with_capacity(want.len());
-        for bi in 0..b {
-            for i in 0..sq {
-                for hh in 0..h {
-                    let o = lq.offset(bi, i, hh);
-                    got.extend(out[o..o + d].iter().map(|x| x.to_f64()));
-                }
-            }
-        }
-        let err = rel_err(&got, &want);
-        assert!(err < tolerance(DType::BF16), "b={b} sq={sq} sk={sk} h={h}/{hk} d={d}: rel {err:.2e}");
-    }
+    let cases = [(1, 1, 8192, 32, 8, 128, false), (16, 1, 1000, 32, 8, 128, true), (4, 4, 3000, 8, 1, 64, true), (2, 16, 300, 16, 16, 256, true)]
+        .map(|(b, sq, sk, h, hk, d, causal)| {
+            let mask = RefMask { causal, ..RefMask::default() };
+            Case::dense(DType::BF16, shape(b, sq, sk, h, hk, d), mask, true).without_lse().expect(BackendKind::Decode)
+        });
+    check_all(&attn, &Place::Device(s), "dense decode", cases);
     println!("dense decode shapes: decode backend, all within tolerance");
 }
 

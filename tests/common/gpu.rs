@@ -2,11 +2,13 @@
 //! ([`Case`]: dtype, sequences, heads, head_dim, mask, layout, offset, expected backend), one
 //! runner ([`run`], [`check_all`]) with the dtype dispatch written once, and one tolerance table
 //! ([`Tol::of`]). The runner works on device memory and on host memory alike, so `cargo test`
-//! runs it on the CPU backend and a bug in it shows there, not first on the device.
+//! runs it on the CPU backend and a bug in it shows there, not first on the device. A case can
+//! also ask for what the hardening suite checks: `forward` without lse, NaN inputs, K/V
+//! broadcast over the batch (zero stride), and device memory on three streams ([`Streams`]).
 
 use std::sync::Arc;
 
-use attention::cudarc::driver::{CudaStream, DeviceRepr};
+use attention::cudarc::driver::{CudaStream, DeviceRepr, ValidAsZeroBits};
 use attention::{Attention, BackendKind, DType, Element, Error, Layout, LseMut, Options, SeqLens, Tensor, TensorMut, VarLen};
 use half::{bf16, f16};
 
@@ -159,19 +161,43 @@ pub struct Case {
     /// The backend that must run it; `None`: any (the tolerance is then the one of the backend
     /// that ran).
     pub expect: Option<BackendKind>,
+    /// Whether the call asks for the lse (`forward_with_lse`) or not (`forward`).
+    pub lse: bool,
+    /// K and V stored once for the whole batch, batch stride 0 (read-only inputs may alias).
+    pub broadcast_kv: bool,
+    /// Input elements set to NaN after the random fill (see [`Case::nan`]).
+    pub nan: Vec<NanAt>,
+}
+
+/// Which input a [`NanAt`] poisons.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Input {
+    Q,
+    K,
+    V,
+}
+
+/// Input elements set to NaN: row `row` of batch entry 0 of `input`, one head or every head,
+/// one element of the head's vector or all of it.
+#[derive(Clone, Copy, Debug)]
+pub struct NanAt {
+    pub input: Input,
+    pub row: usize,
+    pub head: Option<usize>,
+    pub dim: Option<usize>,
 }
 
 impl Case {
     /// A dense case of shape `sh`, aligned, any backend.
     pub fn dense(dtype: DType, sh: Shape, mask: RefMask, heads_first: bool) -> Case {
         let seqs = Seqs::Dense { b: sh.b, sq: sh.sq, sk: sh.sk };
-        Case { dtype, seqs, h: sh.h, hk: sh.hk, d: sh.d, mask, heads_first, offset: 0, expect: None }
+        Case { dtype, seqs, h: sh.h, hk: sh.hk, d: sh.d, mask, heads_first, offset: 0, expect: None, lse: true, broadcast_kv: false, nan: Vec::new() }
     }
 
     /// A packed batch of per-sequence lengths, aligned, any backend.
     pub fn packed(dtype: DType, q: &[usize], k: &[usize], (h, hk, d): (usize, usize, usize), mask: RefMask, heads_first: bool) -> Case {
         let seqs = Seqs::Packed { q: q.to_vec(), k: k.to_vec() };
-        Case { dtype, seqs, h, hk, d, mask, heads_first, offset: 0, expect: None }
+        Case { dtype, seqs, h, hk, d, mask, heads_first, offset: 0, expect: None, lse: true, broadcast_kv: false, nan: Vec::new() }
     }
 
     /// The same case, which `kind` must run.
@@ -182,6 +208,25 @@ impl Case {
     /// The same case with every base `offset` elements into its buffer.
     pub fn offset(self, offset: usize) -> Case {
         Case { offset, ..self }
+    }
+
+    /// The same case through `forward` (`forward_varlen`): no lse asked for, none compared.
+    pub fn without_lse(self) -> Case {
+        Case { lse: false, ..self }
+    }
+
+    /// The same case with K and V broadcast over the batch (batch stride 0).
+    pub fn broadcast_kv(self) -> Case {
+        Case { broadcast_kv: true, ..self }
+    }
+
+    /// The same case with more input elements set to NaN. The f64 reference propagates them,
+    /// and the verdict then wants NaN exactly where the reference has it (out and lse), the
+    /// rest compared as usual; the outputs are poisoned with a finite value instead (7.0), so
+    /// an unwritten row fails either way.
+    pub fn nan(mut self, input: Input, row: usize, head: Option<usize>, dim: Option<usize>) -> Case {
+        self.nan.push(NanAt { input, row, head, dim });
+        self
     }
 
     /// Multiply-adds of the reference's Q·Kᵀ (the case's cost on the host).
@@ -208,6 +253,15 @@ impl std::fmt::Display for Case {
         if self.offset != 0 {
             write!(f, " offset={}", self.offset)?;
         }
+        if !self.lse {
+            write!(f, " no-lse")?;
+        }
+        if self.broadcast_kv {
+            write!(f, " broadcast-kv")?;
+        }
+        for n in &self.nan {
+            write!(f, " nan({:?} row {} head {:?} dim {:?})", n.input, n.row, n.head, n.dim)?;
+        }
         Ok(())
     }
 }
@@ -220,6 +274,11 @@ pub struct Outcome {
     /// Output elements that are not finite (NaN poison left unwritten, or overflow).
     pub nan: usize,
     pub ran: BackendKind,
+    /// Output elements and lse entries whose reference is NaN (cases with NaN inputs only):
+    /// each must be NaN, and is left out of `rel` and `lse_err`.
+    pub want_nan: usize,
+    /// Those of `want_nan` that are not NaN.
+    pub missed_nan: usize,
 }
 
 impl Outcome {
@@ -228,12 +287,12 @@ impl Outcome {
     pub fn verdict(&self, case: &Case) -> Result<(), String> {
         let tol = Tol::of(self.ran, case.dtype, &case.mask, matches!(case.seqs, Seqs::Packed { .. }));
         let backend_ok = case.expect.is_none_or(|k| k == self.ran);
-        if backend_ok && self.nan == 0 && self.rel < tol.rel && self.lse_err < tol.lse {
+        if backend_ok && self.nan == 0 && self.missed_nan == 0 && self.rel < tol.rel && self.lse_err < tol.lse {
             return Ok(());
         }
         Err(format!(
-            "rel {:.2e} lse {:.2e} nan {} ran {} (bounds: rel {:.0e}, lse {:.0e})",
-            self.rel, self.lse_err, self.nan, self.ran, tol.rel, tol.lse
+            "rel {:.2e} lse {:.2e} nan {} missed nan {}/{} ran {} (bounds: rel {:.0e}, lse {:.0e})",
+            self.rel, self.lse_err, self.nan, self.missed_nan, self.want_nan, self.ran, tol.rel, tol.lse
         ))
     }
 }
@@ -244,6 +303,24 @@ impl Outcome {
 pub enum Place {
     Host,
     Device(Arc<CudaStream>),
+    Streams(Streams),
+}
+
+/// Work a [`Streams`] place queues (on the stream of the buffers it writes).
+pub type Queue = Arc<dyn Fn() + Send + Sync>;
+
+/// Device memory over three streams, as a pipeline has it: the inputs written on `inputs` over
+/// stale zeros, behind slow work queued there; the call on `call` (out's and lse's stream),
+/// behind slow work queued there; the results read on `read`. cudarc's event tracking must
+/// order them: an input read before its write, or a result read before the kernels, gives
+/// values that fail the comparison.
+#[derive(Clone)]
+pub struct Streams {
+    pub inputs: Arc<CudaStream>,
+    pub call: Arc<CudaStream>,
+    pub read: Arc<CudaStream>,
+    /// Queued on `inputs` before the inputs are written, and on `call` before the call.
+    pub slow: [Queue; 2],
 }
 
 /// Runs one case through `attn` in `place`'s memory: fresh random inputs, outputs poisoned
@@ -266,7 +343,7 @@ fn prefix(lens: &[usize]) -> Vec<i32> {
         .collect()
 }
 
-fn run_typed<T: Element + DeviceRepr>(attn: &Attention, place: &Place, rng: &mut Rng, case: &Case) -> Result<Outcome, Error> {
+fn run_typed<T: Element + DeviceRepr + ValidAsZeroBits>(attn: &Attention, place: &Place, rng: &mut Rng, case: &Case) -> Result<Outcome, Error> {
     let (h, hk, d) = (case.h, case.hk, case.d);
     // Batch entries, rows checked per entry, and the stored sequence lengths. A packed batch is
     // one entry of all rows (a layout keeps at least one row, even when no sequence has any).
@@ -278,10 +355,33 @@ fn run_typed<T: Element + DeviceRepr>(attn: &Attention, place: &Place, rng: &mut
             (1, tq, tq.max(1), tk.max(1), Some((cq, ck)))
         }
     };
-    let lay = |s, h| if case.heads_first { Layout::heads_first(b, s, h, d) } else { Layout::contiguous(b, s, h, d) };
-    let (lq, lk) = (lay(sq, h), lay(sk, hk));
-    let (q, k, v) = (random::<T>(rng, lq.numel()), random::<T>(rng, lk.numel()), random::<T>(rng, lk.numel()));
-    let (ran, out, lse) = execute(attn, place, case, [&q, &k, &v], (lq, lk), cu.as_ref())?;
+    let lay = |b, s, h| if case.heads_first { Layout::heads_first(b, s, h, d) } else { Layout::contiguous(b, s, h, d) };
+    let lq = lay(b, sq, h);
+    // Broadcast K/V: one batch entry's storage, read by every entry through a zero stride.
+    let lk = if case.broadcast_kv {
+        let [_, s, h] = lay(1, sk, hk).strides();
+        Layout::strided([b, sk, hk, d], [0, s, h])
+    } else {
+        lay(b, sk, hk)
+    };
+    let kv = lk.span().unwrap();
+    let (mut q, mut k, mut v) = (random::<T>(rng, lq.numel()), random::<T>(rng, kv), random::<T>(rng, kv));
+    for n in &case.nan {
+        let (x, l) = match n.input {
+            Input::Q => (&mut q, lq),
+            Input::K => (&mut k, lk),
+            Input::V => (&mut v, lk),
+        };
+        for hi in n.head.map_or(0..l.heads(), |hi| hi..hi + 1) {
+            let row = &mut x[l.offset(0, n.row, hi)..][..d];
+            for c in n.dim.map_or(0..d, |c| c..c + 1) {
+                row[c] = T::from_f32(f32::NAN);
+            }
+        }
+    }
+    // A NaN poison would pass for an expected NaN: with NaN inputs it is finite.
+    let poison = if case.nan.is_empty() { f32::NAN } else { 7.0 };
+    let (ran, out, lse) = execute(attn, place, case, [&q, &k, &v], (lq, lk), cu.as_ref(), poison)?;
     let to64 = |x: T| x.to_f32() as f64;
     let input = |data, l: Layout| RefInput { data, shape: l.shape(), strides: l.strides() };
     let scale = 1.0 / (d as f64).sqrt();
@@ -306,72 +406,120 @@ fn run_typed<T: Element + DeviceRepr>(attn: &Attention, place: &Place, rng: &mut
                 want.extend_from_slice(&ref_out[((bi * sq + i) * h + hi) * d..][..d]);
             }
         }
-        for hi in 0..h {
-            let row = (bi * h + hi) * sq;
-            got_lse.extend(lse[row..row + rows].iter().map(|&x| x as f64));
-            want_lse.extend_from_slice(&ref_lse[row..row + rows]);
+        if case.lse {
+            for hi in 0..h {
+                let row = (bi * h + hi) * sq;
+                got_lse.extend(lse[row..row + rows].iter().map(|&x| x as f64));
+                want_lse.extend_from_slice(&ref_lse[row..row + rows]);
+            }
+        }
+    }
+    let (mut want_nan, mut missed_nan) = (0, 0);
+    if !case.nan.is_empty() {
+        for (got, want) in [(&mut got, &mut want), (&mut got_lse, &mut want_lse)] {
+            let (n, missed) = split_nan(got, want);
+            (want_nan, missed_nan) = (want_nan + n, missed_nan + missed);
         }
     }
     let nan = got.iter().filter(|x| !x.is_finite()).count();
-    Ok(Outcome { rel: rel_err(&got, &want), lse_err: lse_error(got_lse.into_iter(), want_lse.into_iter()), nan, ran })
+    let lse_err = lse_error(got_lse.into_iter(), want_lse.into_iter());
+    Ok(Outcome { rel: rel_err(&got, &want), lse_err, nan, ran, want_nan, missed_nan })
+}
+
+/// Takes the pairs whose reference is NaN out of `got` and `want`; returns how many there were
+/// and how many of them are not NaN in `got`.
+fn split_nan(got: &mut Vec<f64>, want: &mut Vec<f64>) -> (usize, usize) {
+    let (mut n, mut missed) = (0, 0);
+    let pairs = std::mem::take(got).into_iter().zip(std::mem::take(want));
+    (*got, *want) = pairs
+        .filter(|&(g, w)| {
+            if w.is_nan() {
+                n += 1;
+                missed += usize::from(!g.is_nan());
+            }
+            !w.is_nan()
+        })
+        .unzip();
+    (n, missed)
 }
 
 /// The call itself, in `place`'s memory: inputs copied there (each base `case.offset`
-/// elements into its buffer), out and lse poisoned with NaN; returns both as copied back.
-fn execute<T: Element + DeviceRepr>(
+/// elements into its buffer), out and lse (when asked for) filled with `poison`; returns both
+/// as copied back (lse empty when not asked for).
+fn execute<T: Element + DeviceRepr + ValidAsZeroBits>(
     attn: &Attention,
     place: &Place,
     case: &Case,
     [q, k, v]: [&[T]; 3],
     (lq, lk): (Layout, Layout),
     cu: Option<&(Vec<i32>, Vec<i32>)>,
+    poison: f32,
 ) -> Result<(BackendKind, Vec<T>, Vec<f32>), Error> {
     let off = case.offset;
     let padded = |x: &[T]| [vec![T::from_f32(0.0); off], x.to_vec()].concat();
     let (q, k, v) = (padded(q), padded(k), padded(v));
-    let mut out = vec![T::from_f32(f32::NAN); off + lq.numel()];
-    let mut lse = vec![f32::NAN; lq.batch() * lq.heads() * lq.seqlen()];
-    match place {
+    let mut out = vec![T::from_f32(poison); off + lq.numel()];
+    let mut lse = vec![poison; if case.lse { lq.batch() * lq.heads() * lq.seqlen() } else { 0 }];
+    let ([a, b, c], slow) = match place {
         Place::Host => {
             let seqlens = cu.map(|(a, b)| (SeqLens::host(a), SeqLens::host(b)));
             let (tq, tk, tv) = (Tensor::host(&q[off..], lq), Tensor::host(&k[off..], lk), Tensor::host(&v[off..], lk));
-            let ran = call(attn, case, [tq, tk, tv], TensorMut::host(&mut out[off..], lq), LseMut::host(&mut lse), seqlens)?;
-            Ok((ran, out, lse))
+            let lse_mut = case.lse.then(|| LseMut::host(&mut lse));
+            let ran = call(attn, case, [tq, tk, tv], TensorMut::host(&mut out[off..], lq), lse_mut, seqlens)?;
+            return Ok((ran, out, lse));
         }
-        Place::Device(s) => {
-            let up = |x: &[T]| s.clone_htod(x).unwrap();
-            let (dq, dk, dv, mut dout, mut dlse) = (up(&q), up(&k), up(&v), up(&out), s.clone_htod(&lse).unwrap());
-            let dcu = cu.map(|(a, b)| (s.clone_htod(a).unwrap(), s.clone_htod(b).unwrap()));
-            let ran = {
-                let (vq, vk, vv) = (dq.slice(off..), dk.slice(off..), dv.slice(off..));
-                let mut vo = dout.slice_mut(off..);
-                let seqlens = dcu.as_ref().map(|(a, b)| (SeqLens::cuda(a), SeqLens::cuda(b)));
-                let (tq, tk, tv) = (Tensor::cuda(&vq, lq), Tensor::cuda(&vk, lk), Tensor::cuda(&vv, lk));
-                call(attn, case, [tq, tk, tv], TensorMut::cuda(&mut vo, lq), LseMut::cuda(&mut dlse), seqlens)?
-            };
-            Ok((ran, s.clone_dtoh(&dout).unwrap(), s.clone_dtoh(&dlse).unwrap()))
-        }
+        Place::Device(s) => ([s, s, s], None),
+        Place::Streams(st) => ([&st.inputs, &st.call, &st.read], Some(&st.slow)),
+    };
+    // Inputs over stale zeros on `a`, results poisoned on `b` (the call's stream), read on `c`.
+    let zeros = |x: &[T]| a.alloc_zeros::<T>(x.len()).unwrap();
+    let (mut dq, mut dk, mut dv) = (zeros(&q), zeros(&k), zeros(&v));
+    let (mut dout, mut dlse) = (b.clone_htod(&out).unwrap(), case.lse.then(|| b.clone_htod(&lse).unwrap()));
+    if let Some([before_inputs, _]) = slow {
+        b.synchronize().unwrap();
+        before_inputs();
     }
+    for (x, dx) in [(&q, &mut dq), (&k, &mut dk), (&v, &mut dv)] {
+        a.memcpy_htod(x, dx).unwrap();
+    }
+    let dcu = cu.map(|(x, y)| (a.clone_htod(x).unwrap(), a.clone_htod(y).unwrap()));
+    if let Some([_, before_call]) = slow {
+        before_call();
+    }
+    let ran = {
+        let (vq, vk, vv) = (dq.slice(off..), dk.slice(off..), dv.slice(off..));
+        let mut vo = dout.slice_mut(off..);
+        let seqlens = dcu.as_ref().map(|(a, b)| (SeqLens::cuda(a), SeqLens::cuda(b)));
+        let (tq, tk, tv) = (Tensor::cuda(&vq, lq), Tensor::cuda(&vk, lk), Tensor::cuda(&vv, lk));
+        call(attn, case, [tq, tk, tv], TensorMut::cuda(&mut vo, lq), dlse.as_mut().map(LseMut::cuda), seqlens)?
+    };
+    let lse = dlse.map_or_else(Vec::new, |l| c.clone_dtoh(&l).unwrap());
+    Ok((ran, c.clone_dtoh(&dout).unwrap(), lse))
 }
 
 /// The one API call of the runner: `forward_with_lse`, or `forward_varlen_with_lse` for a
-/// packed case.
+/// packed case; `forward` and `forward_varlen` when the case asks for no lse.
 fn call<T: Element>(
     attn: &Attention,
     case: &Case,
     [q, k, v]: [Tensor<T>; 3],
     mut out: TensorMut<T>,
-    mut lse: LseMut,
+    lse: Option<LseMut>,
     seqlens: Option<(SeqLens, SeqLens)>,
 ) -> Result<BackendKind, Error> {
     let opts = options(&case.mask);
-    match (&case.seqs, seqlens) {
+    let varlen = match (&case.seqs, seqlens) {
         (Seqs::Packed { q: ql, k: kl }, Some((cq, ck))) => {
             let max = |l: &[usize]| l.iter().copied().max().unwrap_or(1).max(1);
-            let varlen = VarLen::new(cq, ck, max(ql), max(kl));
-            attn.forward_varlen_with_lse(&q, &k, &v, &mut out, &mut lse, &varlen, &opts)
+            Some(VarLen::new(cq, ck, max(ql), max(kl)))
         }
-        _ => attn.forward_with_lse(&q, &k, &v, &mut out, &mut lse, &opts),
+        _ => None,
+    };
+    match (varlen, lse) {
+        (Some(varlen), Some(mut lse)) => attn.forward_varlen_with_lse(&q, &k, &v, &mut out, &mut lse, &varlen, &opts),
+        (Some(varlen), None) => attn.forward_varlen(&q, &k, &v, &mut out, &varlen, &opts),
+        (None, Some(mut lse)) => attn.forward_with_lse(&q, &k, &v, &mut out, &mut lse, &opts),
+        (None, None) => attn.forward(&q, &k, &v, &mut out, &opts),
     }
 }
 

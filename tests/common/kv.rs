@@ -283,6 +283,7 @@ pub fn run_kv<T: Element + DeviceRepr>(attn: &Attention, place: &Place, c: &KvCa
             (out, lse) = (s.clone_dtoh(&dout).unwrap(), s.clone_dtoh(&dlse).unwrap());
             ran
         }
+        Place::Streams(_) => panic!("run_kv runs on one stream (Place::Device); three streams are the dense runner's"),
     };
     let got: Vec<f64> = out.iter().map(|x| x.to_f32() as f64).collect();
     Ok((ran, rel_err(&got, &c.ref_out), lse_error(lse.iter().map(|&x| x as f64), c.ref_lse.iter().copied())))
