@@ -14,19 +14,13 @@
 // Each warp owns MT m16 tiles (16·MT query rows), so every K/V fragment read from shared memory
 // feeds MT tensor-core ops: shared-memory bandwidth, not the tensor cores, bounded the one-tile
 // version (72 ldmatrix per 128 mma). Blocks have WARPS warps and BM = WARPS·16·MT rows.
-// Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
-// chunks >= head_dim are zero-filled.
+// Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile (attn_swz);
+// rows >= seqlen and chunks >= head_dim are zero-filled.
 template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void flash_load_tile(unsigned tile_addr, const unsigned short* base, long long row_stride,
                                                 int row0, int seqlen, int head_dim) {
-    constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
-        const int r = i / CH, c = i % CH;
-        const int row = row0 + r;
-        const bool ok = row < seqlen && c * 8 < head_dim;
-        const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
-        attn_cp_async_16(tile_addr + 2 * attn_swz<D>(r, c), src, ok);
-    }
+    attn_load_tile<D, ROWS, THREADS, 0>(tile_addr, base, row_stride, row0, seqlen, head_dim,
+                                        [](int r, int c) { return attn_swz<D>(r, c); });
 }
 
 template <int D, int BN, int WARPS, int MT, bool BF16>
@@ -43,29 +37,17 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int m0 = attn_heaviest_first_tile() * BM;
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    const AttnSeq seq = attn_seq(p, b, h);
-    const int sq = seq.seqlen_q, sk = seq.seqlen_k;
-    // A packed batch sizes the grid by its longest sequence: shorter ones have spare tiles.
-    if (m0 >= sq) return;
-    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
-    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
+    AttnTileJob job;
+    if (!attn_tile_job<BM, BN>(p, job)) return;
+    const int sq = job.sq, sk = job.sk, m0 = job.m0, nb_begin = job.kt.nb_begin, nb_end = job.kt.nb_end;
+    const unsigned short *q = job.ops.q, *k = job.ops.k, *v = job.ops.v;
 
-    const AttnOperands16 ops = attn_operands16(p, seq);
-    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
-    unsigned short* o = ops.o;
-
-    // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
-    // tile's 16 rows, which start at warp_row0 + 16·t.
+    // This thread's rows in m-tile t: lane/4 and lane/4 + 8 of rows warp_row0 + 16·t.
     const int warp_row0 = warp * 16 * MT;
     const int row_in_tile = warp_row0 + (lane >> 2);
     float acc[MT][D / 8][4], row_max[MT][2], row_sum[MT][2];
     attn_softmax_init(acc, row_max, row_sum);
     const AttnLogits lg = attn_logits(p);
-    const bool capped = lg.capped;
-    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     if (nb_begin < nb_end) {
         flash_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -84,69 +66,22 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
         if (nb + 1 < nb_end) flash_load_tile<D, BN, THREADS>(sK_next, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
         attn_cp_async_commit();  // possibly empty: keeps the group count uniform
 
-        // S = Q·K(nb)ᵀ for this warp's 16·MT rows; each K fragment serves MT m-tiles.
         float s[MT][BN / 8][4];
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
-        // Partly unrolled: a full unroll lets the compiler hoist every Q fragment at once, which
-        // costs 64 registers at d=128 and pushes sm_100/sm_120 into spills.
-#pragma unroll 2
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[MT][4];
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-                attn_ldmatrix_x4(a[t], sQ + 2 * attn_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-            for (int nt = 0; nt < BN / 16; ++nt) {
-                unsigned bk[4];
-                const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
-                attn_ldmatrix_x4(bk, sK + 2 * attn_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-                for (int t = 0; t < MT; ++t) {
-                    attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
-                    attn_mma_16816<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
-                }
-            }
-        }
+        attn_mma_scores<D, BN, MT, D / 16, BF16>(s, sQ, sK, warp_row0, lane, 0);
 
-        attn_variant_tile(p, s, capped, nb * BN, sk, m0, kt, row_in_tile, lane);
-        attn_online_softmax(s, row_max, row_sum, acc, scale_log2);
+        attn_variant_tile(p, s, lg.capped, nb * BN, sk, m0, job.kt, row_in_tile, lane);
+        attn_online_softmax(s, row_max, row_sum, acc, lg.scale_log2);
 
         attn_cp_async_wait<1>();
         __syncthreads();  // V(nb) landed (K(nb+1) may still be in flight)
-        // O += P·V(nb): two adjacent n8 tiles of S are one k16 A fragment of P; each V fragment
-        // serves MT m-tiles.
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            unsigned a[MT][4];
-#pragma unroll
-            for (int t = 0; t < MT; ++t) {
-                a[t][0] = attn_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
-                a[t][1] = attn_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
-                a[t][2] = attn_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
-                a[t][3] = attn_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int dt = 0; dt < D / 16; ++dt) {
-                unsigned bv[4];
-                const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                attn_ldmatrix_x4_trans(bv, sV + 2 * attn_swz<D>(key, dt * 2 + (lane >> 4)));
-#pragma unroll
-                for (int t = 0; t < MT; ++t) {
-                    attn_mma_16816<BF16>(acc[t][2 * dt], a[t], bv[0], bv[1]);
-                    attn_mma_16816<BF16>(acc[t][2 * dt + 1], a[t], bv[2], bv[3]);
-                }
-            }
-        }
+        attn_mma_pv<D, BN, MT, D / 16, BF16>(acc, s, sV, lane, 0);
     }
     attn_cp_async_wait<0>();
 
     // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
 #pragma unroll
     for (int t = 0; t < MT; ++t)
-        attn_store_rows<D, BF16>(p, seq, o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, logit_scale);
+        attn_store_rows<D, BF16>(p, job.seq, job.ops.o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, lg.scale);
 }
 
 // The entry points: one instantiation of flash_fwd per (element type, head_dim) specialisation,

@@ -22,20 +22,13 @@ __device__ __forceinline__ int hop_swz(int row, int chunk) {
     return (chunk >> 3) * ROWS * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-// Loads rows [row0, row0+ROWS) of a [seq, D] slice into a swizzled tile; rows >= seqlen and
-// chunks >= head_dim are zero-filled.
+// Loads rows [row0, row0+ROWS) of a [seq, D] slice into a tile in wgmma's 128-byte swizzle
+// (hop_swz); rows >= seqlen and chunks >= head_dim are zero-filled.
 template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void hop_load_tile(unsigned tile_addr, const unsigned short* base, long long row_stride,
                                               int row0, int seqlen, int head_dim) {
-    constexpr int CH = D / 8;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) {
-        const int r = i / CH, c = i % CH;
-        const int row = row0 + r;
-        const bool ok = row < seqlen && c * 8 < head_dim;
-        const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
-        attn_cp_async_16(tile_addr + 2 * hop_swz<ROWS>(r, c), src, ok);
-    }
+    attn_load_tile<D, ROWS, THREADS, 4>(tile_addr, base, row_stride, row0, seqlen, head_dim,
+                                        [](int r, int c) { return hop_swz<ROWS>(r, c); });
 }
 
 // A wgmma shared-memory matrix descriptor: 128-byte swizzle, leading/stride byte offsets.

@@ -193,18 +193,23 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
             float s[BN / 2];
             unsigned pa[BN / 16][4];  // P(n-1): the A operand of the pending P·V
             float rescale[2];
-            // The first tile: S alone (nothing to rescale yet), then Q is free if it was the last.
+            // S of key tile nb has landed: its K slot goes back to the producer (and Q after
+            // the last tile), then the mask and the online softmax.
+            const auto scores_landed = [&](int nb, int k_slot) {
+                attn_wgmma_fence_operands(s);
+                ws_mbar_arrive(k_empty(k_slot));
+                ++kc;
+                if (nb + 1 == nb_end) ws_mbar_arrive(q_empty);
+                hop_cap_and_mask<BN>(p, s, nb * BN, m0, kt.m_last, row0, lane, sk, kt.diag);
+                hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
+            };
+            // The first tile: S alone (nothing to rescale yet).
             {
                 const int slot = kc % STAGES;
                 ws_mbar_wait(k_full(slot), (kc / STAGES) & 1);
                 hop_issue_s<D, BN, BM, BF16>(s, q_rows, sK + slot * KV_BYTES);
                 attn_wgmma_wait<0>();
-                attn_wgmma_fence_operands(s);
-                ws_mbar_arrive(k_empty(slot));
-                ++kc;
-                if (nb_begin + 1 == nb_end) ws_mbar_arrive(q_empty);
-                hop_cap_and_mask<BN>(p, s, nb_begin * BN, m0, kt.m_last, row0, lane, sk, kt.diag);
-                hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
+                scores_landed(nb_begin, slot);
                 hop_pack_p<BN, BF16>(s, pa);
             }
             for (int nb = nb_begin + 1; nb < nb_end; ++nb) {
@@ -216,12 +221,7 @@ __device__ __forceinline__ void flash_hopper_ws_fwd(const AttnParams& p, const A
                 hop_issue_pv<D, BN, BF16>(acc, pa, sV + v_slot * KV_BYTES);
                 turn_pass();
                 attn_wgmma_wait<1>();  // S(nb); P·V(nb-1) still runs
-                attn_wgmma_fence_operands(s);
-                ws_mbar_arrive(k_empty(k_slot));
-                ++kc;
-                if (nb + 1 == nb_end) ws_mbar_arrive(q_empty);
-                hop_cap_and_mask<BN>(p, s, nb * BN, m0, kt.m_last, row0, lane, sk, kt.diag);
-                hop_softmax<BN>(s, row_max, row_sum, rescale, scale_log2);
+                scores_landed(nb, k_slot);
                 attn_wgmma_wait<0>();
                 attn_wgmma_fence_operands(acc);
                 ws_mbar_arrive(v_empty(v_slot));

@@ -119,30 +119,17 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     const int warp = threadIdx.x >> 5;
     const int wm = warp % WM;
     const int wd = warp / WM;
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    const AttnSeq seq = attn_seq(p, b, h);
-    const int sq = seq.seqlen_q, sk = seq.seqlen_k;
-    const int m0 = attn_heaviest_first_tile() * BM;
-    // Varlen: the grid is sized for the longest sequence; this one may be shorter. Uniform
-    // across the block, before any barrier.
-    if (m0 >= sq) return;
-    const AttnKeyTiles kt = attn_key_tiles(p, m0, BM, BN, sq, sk);
-    const int nb_begin = kt.nb_begin, nb_end = kt.nb_end;
-
-    const AttnOperands16 ops = attn_operands16(p, seq);
-    const unsigned short *q = ops.q, *k = ops.k, *v = ops.v;
-    unsigned short* o = ops.o;
-
-    // This thread's rows (mma C-fragment layout): in m-tile t, lane/4 and lane/4 + 8 of the
-    // tile's 16 rows, which start at warp_row0 + 16·t.
+    // This thread's rows in m-tile t: lane/4 and lane/4 + 8 of rows warp_row0 + 16·t; its
+    // columns: the warp's DW of head_dim.
     const int warp_row0 = wm * 16 * MT;
     const int row_in_tile = warp_row0 + (lane >> 2);
+    AttnTileJob job;
+    if (!attn_tile_job<BM, BN>(p, job)) return;
+    const int sq = job.sq, sk = job.sk, m0 = job.m0, nb_begin = job.kt.nb_begin, nb_end = job.kt.nb_end;
+    const unsigned short *q = job.ops.q, *k = job.ops.k, *v = job.ops.v;
     float acc[MT][DW / 8][4], row_max[MT][2], row_sum[MT][2];
     attn_softmax_init(acc, row_max, row_sum);
     const AttnLogits lg = attn_logits(p);
-    const bool capped = lg.capped;
-    const float logit_scale = lg.scale, scale_log2 = lg.scale_log2;
 
     if (nb_begin < nb_end) {
         me_load_tile<D, BM, THREADS, ALIGNED>(me_smem, sbase, OFF_Q, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -169,33 +156,9 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
             me_commit<ASYNC>();  // possibly empty: keeps the group count uniform
         }
 
-        // S = Q·K(nb)ᵀ for this warp's 16·MT rows over its D slice; each K fragment serves MT
-        // m-tiles.
+        // S = Q·K(nb)ᵀ over this warp's D slice (summed across the WD slices below).
         float s[MT][BN / 8][4];
-#pragma unroll
-        for (int t = 0; t < MT; ++t)
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
-        // Partly unrolled: hoisting every Q fragment at once costs too many registers at d=128.
-#pragma unroll 2
-        for (int k2 = 0; k2 < DW / 16; ++k2) {
-            const int kk = wd * (DW / 16) + k2;
-            unsigned a[MT][4];
-#pragma unroll
-            for (int t = 0; t < MT; ++t)
-                attn_ldmatrix_x4(a[t], sQ + 2 * attn_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
-#pragma unroll
-            for (int nt = 0; nt < BN / 16; ++nt) {
-                unsigned bk[4];
-                const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
-                attn_ldmatrix_x4(bk, sK + 2 * attn_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
-#pragma unroll
-                for (int t = 0; t < MT; ++t) {
-                    attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
-                    attn_mma_16816<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
-                }
-            }
-        }
+        attn_mma_scores<D, BN, MT, DW / 16, BF16>(s, sQ, sK, warp_row0, lane, wd * (DW / 16));
         if (WD > 1) {
             // Sum the WD partial scores. Layout [wd][wm][t][i][e][lane]: each lane reads back its
             // own fragment positions, so no layout change and no bank conflicts.
@@ -221,8 +184,8 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                     }
         }
 
-        attn_variant_tile(p, s, capped, nb * BN, sk, m0, kt, row_in_tile, lane);
-        attn_online_softmax(s, row_max, row_sum, acc, scale_log2);
+        attn_variant_tile(p, s, lg.capped, nb * BN, sk, m0, job.kt, row_in_tile, lane);
+        attn_online_softmax(s, row_max, row_sum, acc, lg.scale_log2);
 
         if (KBUF == 2) {
             me_wait<ASYNC, 1>();
@@ -237,31 +200,8 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                                                   p.head_dim);
             me_commit<ASYNC>();
         }
-        // O += P·V(nb): two adjacent n8 tiles of S are one k16 A fragment of P; each V fragment
-        // serves MT m-tiles.
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            unsigned a[MT][4];
-#pragma unroll
-            for (int t = 0; t < MT; ++t) {
-                a[t][0] = attn_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
-                a[t][1] = attn_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
-                a[t][2] = attn_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
-                a[t][3] = attn_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int d2 = 0; d2 < DW / 16; ++d2) {
-                const int dt = wd * (DW / 16) + d2;
-                unsigned bv[4];
-                const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                attn_ldmatrix_x4_trans(bv, sV + 2 * attn_swz<D>(key, dt * 2 + (lane >> 4)));
-#pragma unroll
-                for (int t = 0; t < MT; ++t) {
-                    attn_mma_16816<BF16>(acc[t][2 * d2], a[t], bv[0], bv[1]);
-                    attn_mma_16816<BF16>(acc[t][2 * d2 + 1], a[t], bv[2], bv[3]);
-                }
-            }
-        }
+        // O += P·V(nb) for this warp's DW columns.
+        attn_mma_pv<D, BN, MT, DW / 16, BF16>(acc, s, sV, lane, wd * (DW / 16));
     }
     me_wait<ASYNC, 0>();
 
@@ -269,7 +209,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     // zeros, lse -inf (written by the first column group).
 #pragma unroll
     for (int t = 0; t < MT; ++t)
-        attn_store_rows<DW, BF16, ALIGNED>(p, seq, o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, logit_scale,
+        attn_store_rows<DW, BF16, ALIGNED>(p, job.seq, job.ops.o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, lg.scale,
                                            wd * DW, wd == 0);
 }
 

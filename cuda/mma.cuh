@@ -88,6 +88,113 @@ __device__ __forceinline__ int attn_swz(int row, int chunk) {
     return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// Loads rows [row0, row0+ROWS) of a [seq, D] slice of 16-bit values into a shared tile with
+// cp.async, chunk (r, c) at element `swz(r, c)` of the tile (each kernel's swizzle); rows >=
+// seqlen and chunks >= head_dim are zero-filled. UNROLL: the copy loop's unroll factor, 0 for
+// the compiler's own choice (what the mma.sync kernel was tuned with).
+template <int D, int ROWS, int THREADS, int UNROLL, class Swizzle>
+__device__ __forceinline__ void attn_load_tile(unsigned tile_addr, const unsigned short* base, long long row_stride, int row0,
+                                               int seqlen, int head_dim, Swizzle swz) {
+    constexpr int CH = D / 8;
+    const auto copy = [&](int i) {
+        const int r = i / CH, c = i % CH;
+        const int row = row0 + r;
+        const bool ok = row < seqlen && c * 8 < head_dim;
+        const unsigned short* src = ok ? base + (long long)row * row_stride + c * 8 : base;
+        attn_cp_async_16(tile_addr + 2 * swz(r, c), src, ok);
+    };
+    if constexpr (UNROLL > 0) {
+#pragma unroll UNROLL
+        for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) copy(i);
+    } else {
+        for (int i = threadIdx.x; i < ROWS * CH; i += THREADS) copy(i);
+    }
+}
+
+// A query tile's work in the mma.sync kernels (flash, mem_efficient): the sequence of (batch
+// blockIdx.z, head blockIdx.y), the tile's first row m0 (heaviest tiles first), the key tiles it
+// sees and its operands.
+struct AttnTileJob {
+    AttnSeq seq;
+    int sq, sk, m0;
+    AttnKeyTiles kt;
+    AttnOperands16 ops;
+};
+// false: the sequence has no rows at m0 (a packed batch sizes the grid by its longest
+// sequence). Uniform across the block, so the block returns before any barrier.
+template <int BM, int BN>
+__device__ __forceinline__ bool attn_tile_job(const AttnParams& p, AttnTileJob& j) {
+    j.m0 = attn_heaviest_first_tile() * BM;
+    j.seq = attn_seq(p, blockIdx.z, blockIdx.y);
+    j.sq = j.seq.seqlen_q;
+    j.sk = j.seq.seqlen_k;
+    if (j.m0 >= j.sq) return false;
+    j.kt = attn_key_tiles(p, j.m0, BM, BN, j.sq, j.sk);
+    j.ops = attn_operands16(p, j.seq);
+    return true;
+}
+
+// S = Q·K(tile)ᵀ over k-steps [k0, k0 + KSTEPS) of head_dim (16 columns each) for one warp's
+// 16·MT rows from warp_row0 (mma C-fragment layout: in m-tile t, rows lane/4 and lane/4 + 8 of
+// its 16); Q and K in attn_swz tiles; each K fragment serves MT m-tiles. Partly unrolled: a full
+// unroll lets the compiler hoist every Q fragment at once, which costs 64 registers at d=128 and
+// pushes sm_100/sm_120 into spills.
+template <int D, int BN, int MT, int KSTEPS, bool BF16>
+__device__ __forceinline__ void attn_mma_scores(float (&s)[MT][BN / 8][4], unsigned sQ, unsigned sK, int warp_row0, int lane, int k0) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
+#pragma unroll 2
+    for (int k2 = 0; k2 < KSTEPS; ++k2) {
+        const int kk = k0 + k2;
+        unsigned a[MT][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t)
+            attn_ldmatrix_x4(a[t], sQ + 2 * attn_swz<D>(warp_row0 + t * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+        for (int nt = 0; nt < BN / 16; ++nt) {
+            unsigned bk[4];
+            const int key = nt * 16 + ((lane >> 4) << 3) + (lane & 7);
+            attn_ldmatrix_x4(bk, sK + 2 * attn_swz<D>(key, kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                attn_mma_16816<BF16>(s[t][2 * nt], a[t], bk[0], bk[1]);
+                attn_mma_16816<BF16>(s[t][2 * nt + 1], a[t], bk[2], bk[3]);
+            }
+        }
+    }
+}
+
+// O += P·V(tile) for head_dim columns [16 d0, 16 (d0 + DSTEPS)) (acc's DSTEPS·2 n8 tiles):
+// two adjacent n8 tiles of S are one k16 A fragment of P; each V fragment serves MT m-tiles.
+template <int D, int BN, int MT, int DSTEPS, bool BF16>
+__device__ __forceinline__ void attn_mma_pv(float (&acc)[MT][2 * DSTEPS][4], const float (&s)[MT][BN / 8][4], unsigned sV, int lane, int d0) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        unsigned a[MT][4];
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+            a[t][0] = attn_pack2<BF16>(s[t][2 * kk][0], s[t][2 * kk][1]);
+            a[t][1] = attn_pack2<BF16>(s[t][2 * kk][2], s[t][2 * kk][3]);
+            a[t][2] = attn_pack2<BF16>(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+            a[t][3] = attn_pack2<BF16>(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int d2 = 0; d2 < DSTEPS; ++d2) {
+            const int dt = d0 + d2;
+            unsigned bv[4];
+            const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+            attn_ldmatrix_x4_trans(bv, sV + 2 * attn_swz<D>(key, dt * 2 + (lane >> 4)));
+#pragma unroll
+            for (int t = 0; t < MT; ++t) {
+                attn_mma_16816<BF16>(acc[t][2 * d2], a[t], bv[0], bv[1]);
+                attn_mma_16816<BF16>(acc[t][2 * d2 + 1], a[t], bv[2], bv[3]);
+            }
+        }
+    }
+}
+
 // The epilogue of the tensor-core kernels, for the accumulator layout mma.sync m16n8 and wgmma
 // share: per 8-column chunk i, this thread holds columns col0 + 8i + 2(lane%4) + {0, 1} of two
 // rows, row0 ([i][0..1]) and row0 + 8 ([i][2..3]). Normalises by the full row sums (a quad's),

@@ -32,6 +32,27 @@ __device__ __forceinline__ NaiveHead naive_head(const NaiveParams& p) {
     return n;
 }
 
+// A scores or P·V block's tile: pair blockIdx.z of the chunk (`nh`), chunk rows r0.. by
+// blockIdx.y and columns c0.. by blockIdx.x (keys for the scores, head_dim for P·V); this
+// thread's row r = r0 + threadIdx.y (`row` in the whole sequence) and column c = c0 + threadIdx.x.
+struct NaiveTile {
+    NaiveHead nh;
+    int r0, c0, r, c;
+    long long row;
+};
+// false: the whole block is out of range (uniform across it, so it returns before any barrier).
+__device__ __forceinline__ bool naive_tile(const NaiveParams& p, int columns, NaiveTile& t) {
+    if ((int)blockIdx.z >= p.bh_count) return false;
+    t.nh = naive_head(p);
+    t.r0 = blockIdx.y * NAIVE_TILE;
+    t.c0 = blockIdx.x * NAIVE_TILE;
+    if (t.r0 >= p.row_count || t.c0 >= columns) return false;
+    t.r = t.r0 + threadIdx.y;
+    t.c = t.c0 + threadIdx.x;
+    t.row = (long long)p.row_start + t.r;
+    return true;
+}
+
 // The last key (inclusive) any row of the 16-row tile starting at chunk row r0 may see under the
 // causal mask or the right window; seqlen_k - 1 when neither applies. Uniform across a block, so
 // whole tiles past it are skipped without divergence.
@@ -54,22 +75,12 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
     __shared__ float qs[NAIVE_TILE][NAIVE_TILE + 1];  // [row][d]
     __shared__ float ks[NAIVE_TILE][NAIVE_TILE + 1];  // [key][d]
 
-    const int tx = threadIdx.x;
-    const int ty = threadIdx.y;
-    if ((int)blockIdx.z >= p.bh_count) return;
-    const NaiveHead nh = naive_head(p);
-    const int zb = nh.zb, h = nh.h, hk = nh.hk;
-    const long long b = nh.b;
-
-    const int r0 = blockIdx.y * NAIVE_TILE;  // first chunk-relative row of this tile
-    const int j0 = blockIdx.x * NAIVE_TILE;  // first key of this tile
-    if (r0 >= p.row_count || j0 >= p.seqlen_k) return;  // whole block out of range
-
-    const int r = r0 + ty;
-    const int j = j0 + tx;
-    const long long row = (long long)p.row_start + r;
+    NaiveTile t;  // columns: keys
+    if (!naive_tile(p, p.seqlen_k, t)) return;
+    const int tx = threadIdx.x, ty = threadIdx.y, r0 = t.r0, j0 = t.c0, r = t.r, j = t.c;
+    const long long row = t.row;
     const bool out_ok = r < p.row_count && row < p.seqlen_q && j < p.seqlen_k;
-    const long long s_idx = ((long long)zb * p.row_count + r) * (long long)p.seqlen_k + j;
+    const long long s_idx = ((long long)t.nh.zb * p.row_count + r) * (long long)p.seqlen_k + j;
 
     const float neg_inf = attn_neg_inf();
     if ((long long)j0 > naive_tile_last_key(p, r0)) {
@@ -84,9 +95,9 @@ __device__ __forceinline__ void naive_scores(const NaiveParams& p, const typenam
     const bool q_ok = (r0 + ty) < p.row_count && load_row < p.seqlen_q;
     const bool k_ok = (j0 + ty) < p.seqlen_k;
     const typename D::storage* q_ptr =
-        q + (long long)b * p.q_stride[0] + load_row * p.q_stride[1] + (long long)h * p.q_stride[2];
+        q + t.nh.b * p.q_stride[0] + load_row * p.q_stride[1] + (long long)t.nh.h * p.q_stride[2];
     const typename D::storage* k_ptr =
-        k + (long long)b * p.k_stride[0] + (long long)(j0 + ty) * p.k_stride[1] + (long long)hk * p.k_stride[2];
+        k + t.nh.b * p.k_stride[0] + (long long)(j0 + ty) * p.k_stride[1] + (long long)t.nh.hk * p.k_stride[2];
 
     float acc = 0.0f;
     for (int d0 = 0; d0 < p.head_dim; d0 += NAIVE_TILE) {
@@ -161,29 +172,19 @@ __device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __re
     __shared__ float ps[NAIVE_TILE][NAIVE_TILE + 1];  // [row][key]
     __shared__ float vs[NAIVE_TILE][NAIVE_TILE + 1];  // [key][d]
 
-    const int tx = threadIdx.x;
-    const int ty = threadIdx.y;
-    if ((int)blockIdx.z >= p.bh_count) return;
-    const NaiveHead nh = naive_head(p);
-    const int zb = nh.zb, h = nh.h, hk = nh.hk;
-    const long long b = nh.b;
-
-    const int r0 = blockIdx.y * NAIVE_TILE;
-    const int d0 = blockIdx.x * NAIVE_TILE;
-    if (r0 >= p.row_count || d0 >= p.head_dim) return;  // whole block out of range
-
-    const int r = r0 + ty;
-    const int d = d0 + tx;
-    const long long row = (long long)p.row_start + r;
-    const bool row_ok = r < p.row_count && row < p.seqlen_q;
+    NaiveTile t;  // columns: head_dim
+    if (!naive_tile(p, p.head_dim, t)) return;
+    const bool row_ok = t.r < p.row_count && t.row < p.seqlen_q;
+    const int tx = threadIdx.x, ty = threadIdx.y, r0 = t.r0, r = t.r, d = t.c;
+    const long long row = t.row;
     const bool d_ok = d < p.head_dim;
 
     // Keys past the last one any row of this tile can see have p == 0: skip them.
     long long j_end = naive_tile_last_key(p, r0) + 1;
     if (j_end > p.seqlen_k) j_end = p.seqlen_k;
 
-    const float* s_row = s + ((long long)zb * p.row_count + r) * (long long)p.seqlen_k;
-    const typename D::storage* v_base = v + (long long)b * p.v_stride[0] + (long long)hk * p.v_stride[2] + d;
+    const float* s_row = s + ((long long)t.nh.zb * p.row_count + r) * (long long)p.seqlen_k;
+    const typename D::storage* v_base = v + t.nh.b * p.v_stride[0] + (long long)t.nh.hk * p.v_stride[2] + d;
 
     float acc = 0.0f;
     for (long long j0 = 0; j0 < j_end; j0 += NAIVE_TILE) {
@@ -203,7 +204,7 @@ __device__ __forceinline__ void naive_pv(const NaiveParams& p, const float* __re
 
     if (row_ok && d_ok) {
         const long long o_idx =
-            (long long)b * p.o_stride[0] + row * p.o_stride[1] + (long long)h * p.o_stride[2] + d;
+            t.nh.b * p.o_stride[0] + row * p.o_stride[1] + (long long)t.nh.h * p.o_stride[2] + d;
         o[o_idx] = D::from_f32(acc);
     }
 }
