@@ -994,12 +994,21 @@ fn read_view<'b, T>(m: &'b OutMem<'_, T>, o: &Operand) -> InMem<'b, T> {
     }
 }
 
+/// What the fused append-and-attend needs of the handle that runs it, so that this module does
+/// not depend on the selector above it (the handle implements it).
+pub(crate) trait Dispatcher {
+    /// The backend a validated call would run on, or the error it would get, without running it.
+    fn backend_for(&self, call: &Call<'_>) -> Result<BackendKind, Error>;
+    /// Runs a validated call on the best backend that takes it.
+    fn dispatch_call(&self, call: Call<'_>) -> Result<BackendKind, Error>;
+}
+
 /// [`crate::Attention::forward_kvcache_append`]: every check of both parts (and the choice of
 /// the attention's backend) before anything is written, then the append and the attention on
 /// the output's stream.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_append<T: Element>(
-    attn: &crate::select::Attention,
+    attn: &impl Dispatcher,
     kernels: &AppendKernels,
     q: &Tensor<'_, T>,
     k_new: &Tensor<'_, T>,

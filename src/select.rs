@@ -892,8 +892,10 @@ impl Attention {
         crate::gpu::append::AppendKernels::new(self.inner.device.clone(), s.jit, s.cache_dir.clone())
     }
 
-    /// The backend a validated call would run on, or the error it would get, without running it.
-    pub(crate) fn backend_for(&self, call: &crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
+}
+
+impl crate::kvcache::Dispatcher for Attention {
+    fn backend_for(&self, call: &crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
         let mut problem = call.problem.clone();
         if let MemoryKind::Device { ordinal: usize::MAX } = problem.memory {
             problem.memory = MemoryKind::Device { ordinal: self.inner.caps.as_ref().map(|c| c.ordinal).unwrap_or(0) };
@@ -901,8 +903,7 @@ impl Attention {
         self.choose(&problem)
     }
 
-    /// Runs a validated call (see `dispatch`).
-    pub(crate) fn dispatch_call(&self, call: crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
+    fn dispatch_call(&self, call: crate::tensor::Call<'_>) -> Result<BackendKind, Error> {
         self.dispatch(call)
     }
 }
