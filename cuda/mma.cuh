@@ -146,8 +146,7 @@ __device__ __forceinline__ void attn_mma_scores(float (&s)[MT][BN / 8][4], unsig
 #pragma unroll
         for (int i = 0; i < BN / 8; ++i) s[t][i][0] = s[t][i][1] = s[t][i][2] = s[t][i][3] = 0.f;
 #pragma unroll 2
-    for (int k2 = 0; k2 < KSTEPS; ++k2) {
-        const int kk = k0 + k2;
+    for (int kk = k0; kk < k0 + KSTEPS; ++kk) {
         unsigned a[MT][4];
 #pragma unroll
         for (int t = 0; t < MT; ++t)
