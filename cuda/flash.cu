@@ -37,17 +37,10 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    AttnTileJob job;
-    if (!attn_tile_job<BM, BN>(p, job)) return;
-    const int sq = job.sq, sk = job.sk, m0 = job.m0, nb_begin = job.kt.nb_begin, nb_end = job.kt.nb_end;
-    const unsigned short *q = job.ops.q, *k = job.ops.k, *v = job.ops.v;
-
-    // This thread's rows in m-tile t: lane/4 and lane/4 + 8 of rows warp_row0 + 16·t.
-    const int warp_row0 = warp * 16 * MT;
-    const int row_in_tile = warp_row0 + (lane >> 2);
-    float acc[MT][D / 8][4], row_max[MT][2], row_sum[MT][2];
-    attn_softmax_init(acc, row_max, row_sum);
-    const AttnLogits lg = attn_logits(p);
+    const int m0 = attn_heaviest_first_tile() * BM;
+    ATTN_TILE_SEQ(p)
+    ATTN_TILE_KEYS(p, BM, BN)
+    ATTN_TILE_ROWS(p, warp, MT, D)
 
     if (nb_begin < nb_end) {
         flash_load_tile<D, BM, THREADS>(sQ, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -66,22 +59,23 @@ __device__ __forceinline__ void flash_fwd(const AttnParams& p) {
         if (nb + 1 < nb_end) flash_load_tile<D, BN, THREADS>(sK_next, k, p.k_stride[1], (nb + 1) * BN, sk, p.head_dim);
         attn_cp_async_commit();  // possibly empty: keeps the group count uniform
 
+        // S = Q·K(nb)ᵀ for this warp's 16·MT rows.
         float s[MT][BN / 8][4];
-        attn_mma_scores<D, BN, MT, D / 16, BF16>(s, sQ, sK, warp_row0, lane, 0);
+        ATTN_MMA_SCORES(s, sQ, sK, warp_row0, lane, D, BN, MT, D / 16, 0, BF16)
 
-        attn_variant_tile(p, s, lg.capped, nb * BN, sk, m0, job.kt, row_in_tile, lane);
+        attn_variant_tile(p, s, lg.capped, nb * BN, sk, m0, kt, row_in_tile, lane);
         attn_online_softmax(s, row_max, row_sum, acc, lg.scale_log2);
 
         attn_cp_async_wait<1>();
         __syncthreads();  // V(nb) landed (K(nb+1) may still be in flight)
-        attn_mma_pv<D, BN, MT, D / 16, BF16>(acc, s, sV, lane, 0);
+        ATTN_MMA_PV(acc, s, sV, lane, D, BN, MT, D / 16, 0, BF16)
     }
     attn_cp_async_wait<0>();
 
     // Finish: full row sums, normalise, store; rows that saw no key are zeros, lse -inf.
 #pragma unroll
     for (int t = 0; t < MT; ++t)
-        attn_store_rows<D, BF16>(p, job.seq, job.ops.o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, lg.scale);
+        attn_store_rows<D, BF16>(p, seq, o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, lg.scale);
 }
 
 // The entry points: one instantiation of flash_fwd per (element type, head_dim) specialisation,

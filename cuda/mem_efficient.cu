@@ -119,17 +119,10 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     const int warp = threadIdx.x >> 5;
     const int wm = warp % WM;
     const int wd = warp / WM;
-    // This thread's rows in m-tile t: lane/4 and lane/4 + 8 of rows warp_row0 + 16·t; its
-    // columns: the warp's DW of head_dim.
-    const int warp_row0 = wm * 16 * MT;
-    const int row_in_tile = warp_row0 + (lane >> 2);
-    AttnTileJob job;
-    if (!attn_tile_job<BM, BN>(p, job)) return;
-    const int sq = job.sq, sk = job.sk, m0 = job.m0, nb_begin = job.kt.nb_begin, nb_end = job.kt.nb_end;
-    const unsigned short *q = job.ops.q, *k = job.ops.k, *v = job.ops.v;
-    float acc[MT][DW / 8][4], row_max[MT][2], row_sum[MT][2];
-    attn_softmax_init(acc, row_max, row_sum);
-    const AttnLogits lg = attn_logits(p);
+    ATTN_TILE_SEQ(p)
+    const int m0 = attn_heaviest_first_tile() * BM;
+    ATTN_TILE_KEYS(p, BM, BN)
+    ATTN_TILE_ROWS(p, wm, MT, DW)  // the warp's DW columns of head_dim
 
     if (nb_begin < nb_end) {
         me_load_tile<D, BM, THREADS, ALIGNED>(me_smem, sbase, OFF_Q, q, p.q_stride[1], m0, sq, p.head_dim);
@@ -156,9 +149,10 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
             me_commit<ASYNC>();  // possibly empty: keeps the group count uniform
         }
 
-        // S = Q·K(nb)ᵀ over this warp's D slice (summed across the WD slices below).
+        // S = Q·K(nb)ᵀ for this warp's 16·MT rows over its D slice; each K fragment serves MT
+        // m-tiles.
         float s[MT][BN / 8][4];
-        attn_mma_scores<D, BN, MT, DW / 16, BF16>(s, sQ, sK, warp_row0, lane, wd * (DW / 16));
+        ATTN_MMA_SCORES(s, sQ, sK, warp_row0, lane, D, BN, MT, DW / 16, wd * (DW / 16), BF16)
         if (WD > 1) {
             // Sum the WD partial scores. Layout [wd][wm][t][i][e][lane]: each lane reads back its
             // own fragment positions, so no layout change and no bank conflicts.
@@ -184,7 +178,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                     }
         }
 
-        attn_variant_tile(p, s, lg.capped, nb * BN, sk, m0, job.kt, row_in_tile, lane);
+        attn_variant_tile(p, s, lg.capped, nb * BN, sk, m0, kt, row_in_tile, lane);
         attn_online_softmax(s, row_max, row_sum, acc, lg.scale_log2);
 
         if (KBUF == 2) {
@@ -200,8 +194,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
                                                   p.head_dim);
             me_commit<ASYNC>();
         }
-        // O += P·V(nb) for this warp's DW columns.
-        attn_mma_pv<D, BN, MT, DW / 16, BF16>(acc, s, sV, lane, wd * (DW / 16));
+        ATTN_MMA_PV(acc, s, sV, lane, D, BN, MT, DW / 16, wd * (DW / 16), BF16)
     }
     me_wait<ASYNC, 0>();
 
@@ -209,7 +202,7 @@ __device__ __forceinline__ void me_fwd_tc(const AttnParams& p) {
     // zeros, lse -inf (written by the first column group).
 #pragma unroll
     for (int t = 0; t < MT; ++t)
-        attn_store_rows<DW, BF16, ALIGNED>(p, job.seq, job.ops.o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, lg.scale,
+        attn_store_rows<DW, BF16, ALIGNED>(p, seq, o, acc[t], row_max[t], row_sum[t], m0 + row_in_tile + t * 16, lane, sq, lg.scale,
                                            wd * DW, wd == 0);
 }
 
