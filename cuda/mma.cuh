@@ -113,7 +113,7 @@ __device__ __forceinline__ void attn_load_tile(unsigned tile_addr, const unsigne
 
 // The prologue and the two products of the mma.sync kernels (flash, mem_efficient), written once
 // as statement macros rather than functions: as __forceinline__ functions they compiled to the same
-// instructions in another schedule, and mem_efficient ran 5-9% slower on the H200 (measured
+// instructions in another schedule, and mem_efficient ran 3-9% slower on the H200 (measured
 // beside the inline code in one device call); the macros expand to exactly the code each kernel
 // had, and nvdisasm shows the same SASS.
 //

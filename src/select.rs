@@ -891,7 +891,6 @@ impl Attention {
         let s = &self.inner.settings;
         crate::gpu::append::AppendKernels::new(self.inner.device.clone(), s.jit, s.cache_dir.clone())
     }
-
 }
 
 impl crate::kvcache::Dispatcher for Attention {

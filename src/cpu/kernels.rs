@@ -689,15 +689,27 @@ pub(crate) unsafe fn scores_narrow_rows<S: Simd, T: Element>(rows: usize, d: usi
     }
 }
 
+/// Whether the AVX-512 decode kernels serve a narrow item of `rows` query rows: `WIDE` (AVX-512F
+/// present) and the rows in fours. [`scores_keys`] and [`pv_narrow_rows`] both take them then.
+#[inline(always)]
+fn decode512_serves<const WIDE: bool>(rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return WIDE && rows % decode512::ROWS == 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = rows;
+        false
+    }
+}
+
 /// How many keys [`scores_keys`] takes at once for `rows` query rows: four where the AVX-512
 /// kernel serves them (so its callers should hand it keys in fours), else one.
 #[inline(always)]
 pub(crate) fn score_keys<const WIDE: bool>(rows: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if WIDE && rows % decode512::ROWS == 0 {
+    if decode512_serves::<WIDE>(rows) {
         return decode512::KEYS;
     }
-    let _ = rows;
     1
 }
 
@@ -712,7 +724,7 @@ pub(crate) fn score_keys<const WIDE: bool>(rows: usize) -> usize {
 #[inline(always)]
 pub(crate) unsafe fn scores_keys<S: Simd, T: Element, const WIDE: bool>(rows: usize, d: usize, k: &[*const T], q: *const f32, s: *mut f32, ps: usize) {
     #[cfg(target_arch = "x86_64")]
-    if score_keys::<WIDE>(rows) > 1 {
+    if decode512_serves::<WIDE>(rows) {
         // SAFETY: the caller's contract, which is the kernel's.
         return unsafe { decode512::scores::<T>(rows, d, k, q, s, ps) };
     }
@@ -753,7 +765,7 @@ pub(crate) unsafe fn pv_narrow_rows<S: Simd, T: Element, const WIDE: bool>(
     // broadcast within AVX2's sixteen, with room to spare (at sixteen exactly, the compiler
     // spills an accumulator, and every key then waits on a store and a reload).
     #[cfg(target_arch = "x86_64")]
-    if WIDE && rows % decode512::ROWS == 0 {
+    if decode512_serves::<WIDE>(rows) {
         // SAFETY: the caller's contract, which is the kernel's.
         return unsafe { decode512::pv::<T>(rows, v, p, ps, alpha, acc, ldc, d) };
     }
