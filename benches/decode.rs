@@ -51,7 +51,33 @@ fn main() {
     // median. `wall`: back-to-back calls timed on the host, which includes our submit cost
     // where it exceeds the GPU's time (small shapes without a CUDA graph).
     let flush: std::cell::RefCell<CudaSlice<u8>> = std::cell::RefCell::new(s.alloc_zeros(256 << 20).unwrap());
+    // Two helper kernels (NVRTC): an empty one (the launch floor, on both clocks) and a grid-wide
+    // read of the flush buffer (an L2 flush that leaves clean lines).
+    let helpers = attention::cudarc::nvrtc::compile_ptx(HELPERS).map(|ptx| ctx.load_module(ptx).unwrap());
+    let (noop, reader) = match &helpers {
+        Ok(m) => (Some(m.load_function("noop").unwrap()), Some(m.load_function("read_all").unwrap())),
+        Err(e) => {
+            println!("helper kernels not compiled (NVRTC: {e:?}): no launch floor, no read flush");
+            (None, None)
+        }
+    };
+    let flush_ptr = {
+        use attention::cudarc::driver::DevicePtr;
+        let buf = flush.borrow();
+        let (ptr, _sync) = buf.device_ptr(&s);
+        ptr
+    };
+    let read_flush = |f: &attention::cudarc::driver::CudaFunction| {
+        let (mut p, mut n, mut sink) = (flush_ptr, (256u64 << 20) / 16, flush_ptr);
+        let mut args = [&mut p as *mut _ as *mut std::ffi::c_void, &mut n as *mut _ as *mut std::ffi::c_void, &mut sink as *mut _ as *mut std::ffi::c_void];
+        // SAFETY: read_all(const uint4*, unsigned long long, unsigned*) over the live flush buffer.
+        unsafe { attention::cudarc::driver::result::launch_kernel(f.cu_function(), (1056, 1, 1), (256, 1, 1), 0, s.cu_stream(), &mut args) }.unwrap();
+    };
     let event = || ctx.new_event(Some(attention::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    // How L2 is emptied before each timed call: a 256 MB memset (PyTorch's method, which leaves
+    // L2 full of dirty lines that the call's reads then write back) or, where asked, a 256 MB
+    // read (clean lines: the call pays only its own traffic).
+    let flush_by_reading = std::cell::Cell::new(false);
     let time = |f: &mut dyn FnMut()| -> Timing {
         for _ in 0..3 {
             f();
@@ -72,7 +98,10 @@ fn main() {
         let reps = ((0.1 / wall) as usize).clamp(10, 200);
         let marks: Vec<_> = (0..reps).map(|_| (event(), event())).collect();
         for (start, end) in &marks {
-            s.memset_zeros(&mut *flush.borrow_mut()).unwrap();
+            match (&reader, flush_by_reading.get()) {
+                (Some(f), true) => read_flush(f),
+                _ => s.memset_zeros(&mut *flush.borrow_mut()).unwrap(),
+            }
             start.record(&s).unwrap();
             f();
             end.record(&s).unwrap();
@@ -146,7 +175,7 @@ fn main() {
     };
     // Seconds per dense decode call (GQA 32/8, d128), once per setting `before` makes: the
     // inputs are made once.
-    let measure_dense_each = |b: usize, sk: usize, settings: &[bool], before: &dyn Fn(bool)| -> Vec<Timing> {
+    let measure_dense_each = |b: usize, sk: usize, settings: &[usize], before: &mut dyn FnMut(usize)| -> Vec<Timing> {
         let (lq, lk) = (Layout::heads_first(b, 1, 32, 128), Layout::heads_first(b, sk, 8, 128));
         let (q, k, v) = (fill(lq.numel(), 1), fill(lk.numel(), 2), fill(lk.numel(), 3));
         let mut out: CudaSlice<bf16> = s.alloc_zeros(lq.numel()).unwrap();
@@ -161,7 +190,7 @@ fn main() {
             })
             .collect()
     };
-    let measure_dense = |b: usize, sk: usize| -> Timing { measure_dense_each(b, sk, &[false], &|_| {})[0] };
+    let measure_dense = |b: usize, sk: usize| -> Timing { measure_dense_each(b, sk, &[0], &mut |_| {})[0] };
     let tbs = |b: usize, sk: usize, hk: usize, d: usize, secs: f64| (2 * b * hk * sk * d * 2) as f64 / secs / 1e12;
     let (h, hk, d) = (32, 8, 128);
     println!("decode (TB/s of K+V read), GQA {h}/{hk}, d={d}, bf16 on {}", attn.device_summary());
@@ -189,49 +218,86 @@ fn main() {
     if !only.is_empty() {
         return;
     }
-    // How many waves of blocks a split grid should aim for (the default is 1): dense, the
-    // split shapes, each wave count in turn.
-    println!("split grids by waves (dense TB/s, GPU time)");
-    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "3", "4");
-    for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 8192), (16, 32768)] {
-        let mut row = [0.0; 4];
-        for (i, waves) in (1..=4).enumerate() {
-            attention::testing::set_decode_waves(waves);
-            row[i] = tbs(b, sk, hk, d, measure_dense(b, sk).gpu);
+    // K/V loads: plain against streamed (evict-first in L2, not allocated in L1), same inputs,
+    // every shape, dense, GPU time (the plan streams calls that read at most 192 MiB).
+    {
+        use attention::testing::{set_decode_loads, DecodeLoads};
+        println!("K/V loads (dense TB/s, GPU time): plain / streamed");
+        println!("{:>5} {:>7} {:>8} {:>8}", "batch", "seqlen", "plain", "streamed");
+        for (b, sk) in SHAPES {
+            let t = measure_dense_each(b, sk, &[0, 1], &mut |i| set_decode_loads([DecodeLoads::Plain, DecodeLoads::Streamed][i]));
+            set_decode_loads(DecodeLoads::Plan);
+            println!("{b:>5} {sk:>7} {:>8.2} {:>8.2}", tbs(b, sk, hk, d, t[0].gpu), tbs(b, sk, hk, d, t[1].gpu));
         }
-        attention::testing::set_decode_waves(0);
-        println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", row[0], row[1], row[2], row[3]);
     }
-    // What the split-KV combine costs: small shapes with the split count capped (1: one
-    // block per KV head, no workspace and no combine).
-    println!("split count (dense TB/s, GPU time; `auto` is the plan's own)");
-    println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "4", "8", "16", "auto");
-    for (b, sk) in [(1, 1024), (1, 4096), (1, 8192), (16, 1024), (16, 8192)] {
-        let mut row = [0.0; 6];
-        for (i, cap) in [1, 2, 4, 8, 16, 0].into_iter().enumerate() {
-            attention::testing::set_decode_max_splits(cap);
-            row[i] = tbs(b, sk, hk, d, measure_dense(b, sk).gpu);
+    // How split grids merge: the combine kernel (partials through global memory), the plan's
+    // rule (one thread block cluster where the splits fit one, sm_90+), and every split grid
+    // capped to one cluster. Same inputs, dense, GPU time.
+    {
+        use attention::testing::{set_decode_merge, DecodeMerge};
+        println!("split merge (dense TB/s, GPU time): combine kernel / plan / capped to one cluster");
+        println!("{:>5} {:>7} {:>8} {:>8} {:>8}  plan; capped plan", "batch", "seqlen", "combine", "plan", "cluster");
+        for (b, sk) in [(1, 1024), (1, 4096), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (16, 32768)] {
+            let modes = [DecodeMerge::Combine, DecodeMerge::Plan, DecodeMerge::ClusterCapped];
+            let mut plans = Vec::new();
+            let t = measure_dense_each(b, sk, &[0, 1, 2], &mut |i| {
+                set_decode_merge(modes[i]);
+                if i > 0 {
+                    plans.push(attn.explain(&Problem::new(DType::BF16, b, 1, sk, h, hk, d)).plan.unwrap_or_default());
+                }
+            });
+            set_decode_merge(DecodeMerge::Plan);
+            let row: Vec<f64> = t.iter().map(|t| tbs(b, sk, hk, d, t.gpu)).collect();
+            println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2}  {}; {}", row[0], row[1], row[2], plans[0], plans[1]);
         }
-        attention::testing::set_decode_max_splits(0);
-        println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", row[0], row[1], row[2], row[3], row[4], row[5]);
     }
-    // The combine's share: the same split grids without it (bench-only switch; wrong outputs).
-    println!("main kernel alone (dense µs, GPU time): with combine / without");
-    for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192)] {
-        let with = measure_dense(b, sk).gpu;
-        attention::testing::set_decode_skip_combine(true);
-        let without = measure_dense(b, sk).gpu;
-        attention::testing::set_decode_skip_combine(false);
-        println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
+    // What the timing method itself costs a short call: the GPU time of an empty kernel, and
+    // the dense shapes timed after an L2 flush by reading (clean lines) beside the memset flush
+    // (PyTorch's: the call's reads also write back the memset's dirty lines).
+    if let Some(f) = &noop {
+        // SAFETY: the empty kernel takes no parameters.
+        let empty = time(&mut || unsafe { attention::cudarc::driver::result::launch_kernel(f.cu_function(), (1, 1, 1), (32, 1, 1), 0, s.cu_stream(), &mut []) }.unwrap());
+        println!("empty kernel: {:.1} µs GPU time (events, memset flush), {:.1} µs wall", empty.gpu * 1e6, empty.wall * 1e6);
     }
-    // Four-warp blocks (the plan's) against two-warp ones (attention::testing::
-    // set_decode_two_warp_blocks), same inputs, every shape.
-    println!("warps per block (dense TB/s, GPU time)");
-    println!("{:>5} {:>7} {:>8} {:>8}", "batch", "seqlen", "4", "2");
-    for (b, sk) in SHAPES {
-        let t = measure_dense_each(b, sk, &[false, true], &attention::testing::set_decode_two_warp_blocks);
-        attention::testing::set_decode_two_warp_blocks(false);
-        println!("{b:>5} {sk:>7} {:>8.2} {:>8.2}", tbs(b, sk, hk, d, t[0].gpu), tbs(b, sk, hk, d, t[1].gpu));
+    if reader.is_some() {
+        println!("L2 flush before each timed call (dense µs and TB/s, GPU time): memset (PyTorch's method) / read");
+        println!("{:>5} {:>7} {:>9} {:>9} {:>8} {:>8}", "batch", "seqlen", "memset µs", "read µs", "memset", "read");
+        for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (128, 32768)] {
+            let t = measure_dense_each(b, sk, &[0, 1], &mut |i| flush_by_reading.set(i == 1));
+            flush_by_reading.set(false);
+            println!(
+                "{b:>5} {sk:>7} {:>9.1} {:>9.1} {:>8.2} {:>8.2}",
+                t[0].gpu * 1e6,
+                t[1].gpu * 1e6,
+                tbs(b, sk, hk, d, t[0].gpu),
+                tbs(b, sk, hk, d, t[1].gpu)
+            );
+        }
+    }
+    // What the split-KV combine costs (`--grid-tables`): small shapes with the split count capped
+    // (1: one block per KV head, no workspace and no combine), then without the combine.
+    let grid_tables = std::env::args().any(|a| a == "--grid-tables");
+    if grid_tables {
+        println!("split count (dense TB/s, GPU time; `auto` is the plan's own)");
+        println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "4", "8", "16", "auto");
+        for (b, sk) in [(1, 1024), (1, 4096), (1, 8192), (16, 1024), (16, 8192)] {
+            let mut row = [0.0; 6];
+            for (i, cap) in [1, 2, 4, 8, 16, 0].into_iter().enumerate() {
+                attention::testing::set_decode_max_splits(cap);
+                row[i] = tbs(b, sk, hk, d, measure_dense(b, sk).gpu);
+            }
+            attention::testing::set_decode_max_splits(0);
+            println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", row[0], row[1], row[2], row[3], row[4], row[5]);
+        }
+        // The combine's share: the same split grids without it (bench-only switch; wrong outputs).
+        println!("main kernel alone (dense µs, GPU time): with combine / without");
+        for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (16, 1024), (16, 8192)] {
+            let with = measure_dense(b, sk).gpu;
+            attention::testing::set_decode_skip_combine(true);
+            let without = measure_dense(b, sk).gpu;
+            attention::testing::set_decode_skip_combine(false);
+            println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
+        }
     }
     // The issue's other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and
     // 4 query rows (speculative decoding: paged only).
@@ -323,10 +389,8 @@ fn main() {
     };
     // The floor: what the driver alone takes to submit one launch (an empty kernel, raw
     // cuLaunchKernel), so the table shows our own share of the submit time beside it.
-    match attention::cudarc::nvrtc::compile_ptx("extern \"C\" __global__ void noop() {}") {
-        Ok(ptx) => {
-            let module = ctx.load_module(ptx).unwrap();
-            let f = module.load_function("noop").unwrap();
+    match &noop {
+        Some(f) => {
             let raw = || unsafe { attention::cudarc::driver::result::launch_kernel(f.cu_function(), (1, 1, 1), (32, 1, 1), 0, s.cu_stream(), &mut []) }.unwrap();
             (0..100).for_each(|_| raw());
             s.synchronize().unwrap();
@@ -337,10 +401,24 @@ fn main() {
             s.synchronize().unwrap();
             println!("host time to submit an empty kernel (cuLaunchKernel alone): {:.2} µs", secs * 1e6);
         }
-        Err(e) => println!("launch floor not measured (NVRTC: {e:?})"),
+        None => println!("launch floor not measured"),
     }
     submit("cudarc event tracking on");
     // SAFETY: every slice of this bench lives on the one stream `s`; nothing else uses them.
     unsafe { ctx.disable_event_tracking() };
     submit("event tracking off");
 }
+
+/// The bench's helper kernels: an empty one, and a grid-stride read of a buffer whose result is
+/// kept only if it matches an unlikely value (so the loads stay) and never written in practice.
+const HELPERS: &str = r#"
+extern "C" __global__ void noop() {}
+extern "C" __global__ void read_all(const uint4* p, unsigned long long n, unsigned* sink) {
+    unsigned acc = 0;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        const uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+"#;

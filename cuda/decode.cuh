@@ -13,6 +13,8 @@
 // log2(e) and ln(2): scores run in base 2 (ex2.approx) and the lse is reported in base e.
 #define DEC_LOG2E 1.4426950408889634f
 #define DEC_LN2 0.6931471805599453f
+// Most blocks of one split cluster (cluster_merge): the non-portable cluster size of sm_90.
+#define DEC_MAX_CLUSTER 16
 
 // Must match `DecodeParams` (#[repr(C)]) in src/gpu/decode.rs exactly.
 struct DecodeParams {
@@ -51,16 +53,28 @@ struct DecodeParams {
     // (clamped to 0..total_q and to q_len rows), at the last positions of its cache.
     const int* cu_seqlens_q;
     int total_q;
-    int pad_;
+    // 1: the `splits` blocks of a (sequence, KV head, row group) are one thread block cluster
+    // (sm_90+) and merge through distributed shared memory (no workspace, no combine).
+    int cluster_merge;
 };
 // (NVRTC has no offsetof: the Rust side checks the offsets; here only the size.)
 static_assert(sizeof(DecodeParams) == 256, "DecodeParams must match the Rust #[repr(C)] struct");
 
-// 16 bytes from global memory through the non-coherent (read-only) path.
+// 16 bytes from global memory through the non-coherent (read-only) path. Streamed (EF): the
+// line is not allocated in L1 and is the first evicted from L2 (K/V read once per call).
+template <bool EF = false>
 __device__ __forceinline__ void dec_load16(const void* p, unsigned (&r)[4]) {
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "l"(p));
+    if (EF) {
+        // A policy value, not an instruction per load: the compiler keeps one (no side effects).
+        unsigned long long policy;
+        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "l"(p), "l"(policy));
+    } else
+        asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "l"(p));
 }
 
 // Where key j of sequence b lives, in elements from the tensor's base (head offset excluded).
@@ -209,44 +223,141 @@ __device__ __forceinline__ void dec_allow_consumer() {
 #endif
 }
 
+// One output element of packed row r, column c, from its merged (max m in base 2, sum l,
+// unnormalised accumulator a): the output and lse, or this split's partial for the combine.
+// A row that saw no key gives zeros and -inf (l == 0); NaN stays NaN.
+template <class D>
+__device__ __forceinline__ void dec_write(const DecodeParams& p, const DecBlock& blk, bool partial, int r, int c, float mm, float ll, float aa) {
+    typedef typename D::storage T;
+    const int pr = blk.row0 + r, qi = pr / p.kv_group, h = blk.hk * p.kv_group + pr % p.kv_group;
+    const float out = ll == 0.f ? 0.f : aa / ll;
+    const float lse = ll == 0.f ? attn_neg_inf() : (mm + __log2f(ll)) * DEC_LN2;
+    if (!partial) {
+        T* op = (T*)p.o + dec_qrow(p, p.o_stride, blk.b, blk.seq, qi) + (long long)h * p.o_stride[2];
+        op[c] = D::from_f32(out);
+        if (c == 0 && p.lse != nullptr) p.lse[dec_lse_index(p, blk.b, blk.seq, h, qi)] = lse;
+    } else {
+        // Partials by (b, h, qi) with qi below the q_len bound: the combine's order.
+        const long long bhq = ((long long)blk.b * p.heads + h) * p.q_len + qi;
+        const long long slot = (long long)blockIdx.x * p.batch * p.heads * p.q_len + bhq;
+        p.part_o[slot * p.head_dim + c] = out;
+        if (c == 0) p.part_lse[slot] = lse;
+    }
+}
+
+// The merge of `n` (max, sum, accumulator) triples of one row and column: the weights are
+// exp2(m_s - max), a triple that saw no key (m = -inf, l = 0) weighs nothing.
+struct DecMerged {
+    float mm, ll, aa;
+};
+
+template <int N, class Get>
+__device__ __forceinline__ DecMerged dec_merge(int n, Get get) {
+    float m[N];
+    float mm = attn_neg_inf();
+#pragma unroll
+    for (int w = 0; w < N; ++w) {
+        m[w] = w < n ? get.m(w) : attn_neg_inf();
+        mm = attn_max(mm, m[w]);
+    }
+    const float base = mm == attn_neg_inf() ? 0.f : mm;
+    DecMerged r = {mm, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < N; ++w) {
+        if (w < n) {
+            const float e = attn_exp2(m[w] - base);
+            r.ll += get.l(w) * e;
+            r.aa += get.a(w) * e;
+        }
+    }
+    return r;
+}
+
+// The warps' triples of row r, column c in the block's shared memory.
+template <int HD, int ROWS, int WARPS>
+struct DecWarpTriples {
+    const float (&acc)[WARPS][ROWS][HD];
+    const float (&ml)[WARPS][ROWS][2];
+    int r, c;
+    __device__ float m(int w) const { return ml[w][r][0]; }
+    __device__ float l(int w) const { return ml[w][r][1]; }
+    __device__ float a(int w) const { return acc[w][r][c]; }
+};
+
 // The block epilogue: every warp has left its rows' running max m (base 2), sum l and
 // unnormalised accumulators in shared memory; one thread per (row, column) merges the warps,
 // normalises and stores the output and lse, or this split's partial for the combine.
 template <class D, int HD, int ROWS, int WARPS>
 __device__ __forceinline__ void dec_store(const DecodeParams& p, const float (&s_acc)[WARPS][ROWS][HD],
                                           const float (&s_ml)[WARPS][ROWS][2], const DecBlock& blk) {
-    typedef typename D::storage T;
-    const int b = blk.b, hk = blk.hk, row0 = blk.row0, nrows = blk.nrows;
     dec_allow_consumer();
-    for (int idx = threadIdx.x; idx < nrows * p.head_dim; idx += WARPS * 32) {
+    for (int idx = threadIdx.x; idx < blk.nrows * p.head_dim; idx += WARPS * 32) {
         const int r = idx / p.head_dim, c = idx % p.head_dim;
-        float mm = attn_neg_inf();
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) mm = attn_max(mm, s_ml[w][r][0]);
-        const float base = mm == attn_neg_inf() ? 0.f : mm;
-        float ll = 0.f, aa = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            const float e = attn_exp2(s_ml[w][r][0] - base);
-            ll += s_ml[w][r][1] * e;
-            aa += s_acc[w][r][c] * e;
-        }
-        const int pr = row0 + r, qi = pr / p.kv_group, h = hk * p.kv_group + pr % p.kv_group;
-        // A row that saw no key: zeros and -inf (ll == 0); NaN stays NaN.
-        const float out = ll == 0.f ? 0.f : aa / ll;
-        const float lse = ll == 0.f ? attn_neg_inf() : (mm + __log2f(ll)) * DEC_LN2;
-        if (p.splits == 1) {
-            T* op = (T*)p.o + dec_qrow(p, p.o_stride, b, blk.seq, qi) + (long long)h * p.o_stride[2];
-            op[c] = D::from_f32(out);
-            if (c == 0 && p.lse != nullptr) p.lse[dec_lse_index(p, b, blk.seq, h, qi)] = lse;
-        } else {
-            // Partials by (b, h, qi) with qi below the q_len bound: the combine's order.
-            const long long bhq = ((long long)b * p.heads + h) * p.q_len + qi;
-            const long long slot = (long long)blockIdx.x * p.batch * p.heads * p.q_len + bhq;
-            p.part_o[slot * p.head_dim + c] = out;
-            if (c == 0) p.part_lse[slot] = lse;
-        }
+        const DecMerged t = dec_merge<WARPS>(WARPS, DecWarpTriples<HD, ROWS, WARPS>{s_acc, s_ml, r, c});
+        dec_write<D>(p, blk, p.splits > 1, r, c, t.mm, t.ll, t.aa);
     }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Every thread of the cluster arrives, then waits: the release/acquire pair orders each block's
+// shared-memory writes before the other blocks' reads of them.
+__device__ __forceinline__ void dec_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// A float of block `rank`'s shared memory at the address `local` has in this block's.
+__device__ __forceinline__ float dec_cluster_load(const float* local, unsigned rank) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(local), remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+
+// The split blocks' triples of row r, column c, each in its own block's shared memory (warp
+// 0's slot, where dec_cluster_store leaves the block's merge).
+template <int HD, int ROWS, int WARPS>
+struct DecClusterTriples {
+    const float (&acc)[WARPS][ROWS][HD];
+    const float (&ml)[WARPS][ROWS][2];
+    int r, c;
+    __device__ float m(int s) const { return dec_cluster_load(&ml[0][r][0], s); }
+    __device__ float l(int s) const { return dec_cluster_load(&ml[0][r][1], s); }
+    __device__ float a(int s) const { return dec_cluster_load(&acc[0][r][c], s); }
+};
+#endif
+
+// The epilogue of a split grid launched as clusters of its `splits` blocks (sm_90+; the host
+// never sets cluster_merge elsewhere): each block merges its warps into warp 0's slots, the
+// cluster synchronises, and the blocks share out the rows' columns, each merging every split's
+// triple straight from the other blocks' shared memory and storing the output. A second
+// cluster barrier keeps every block's shared memory alive until the others have read it.
+template <class D, int HD, int ROWS, int WARPS, int MAX_SPLITS>
+__device__ __forceinline__ void dec_cluster_store(const DecodeParams& p, float (&s_acc)[WARPS][ROWS][HD], float (&s_ml)[WARPS][ROWS][2],
+                                                  const DecBlock& blk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const int cols = blk.nrows * p.head_dim;
+    // Warps into warp 0's accumulators: thread (r, c) alone reads and writes column c of row r.
+    for (int idx = threadIdx.x; idx < cols; idx += WARPS * 32) {
+        const int r = idx / p.head_dim, c = idx % p.head_dim;
+        s_acc[0][r][c] = dec_merge<WARPS>(WARPS, DecWarpTriples<HD, ROWS, WARPS>{s_acc, s_ml, r, c}).aa;
+    }
+    __syncthreads();  // every thread has read the warps' (max, sum) pairs
+    if (threadIdx.x < blk.nrows) {
+        const int r = threadIdx.x;
+        const DecMerged t = dec_merge<WARPS>(WARPS, DecWarpTriples<HD, ROWS, WARPS>{s_acc, s_ml, r, 0});
+        s_ml[0][r][0] = t.mm;
+        s_ml[0][r][1] = t.ll;
+    }
+    dec_cluster_sync();
+    const int splits = p.splits, rank = blockIdx.x;  // the cluster spans the grid's x: rank = blockIdx.x
+    for (int idx = rank * WARPS * 32 + threadIdx.x; idx < cols; idx += splits * WARPS * 32) {
+        const int r = idx / p.head_dim, c = idx % p.head_dim;
+        const DecMerged t = dec_merge<MAX_SPLITS>(splits, DecClusterTriples<HD, ROWS, WARPS>{s_acc, s_ml, r, c});
+        dec_write<D>(p, blk, false, r, c, t.mm, t.ll, t.aa);
+    }
+    dec_cluster_sync();
+#endif
 }
 
 // Merges the splits of one (batch, head, query row): out = sum_s w_s o_s / sum_s w_s with

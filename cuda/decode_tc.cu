@@ -37,7 +37,7 @@ struct DtcFrags {
 
 // Issues every load of the warp step at key0 (keys past the share load as zeros and are
 // masked). `pg`: the step's tiles' pages (paged caches whose pages hold whole tiles).
-template <class T, int HD, int U>
+template <class T, int HD, int U, bool EF>
 __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* kbase, const T* vbase, int kend, bool tiled, int key0,
                                          const DecPage (&pg)[U], DtcFrags<HD, U>& f) {
     constexpr int KC = HD / 32, VL = HD / 64;
@@ -51,7 +51,7 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
 #pragma unroll
             for (int c = 0; c < KC; ++c) {
                 f.kf[u][rr][c][0] = f.kf[u][rr][c][1] = f.kf[u][rr][c][2] = f.kf[u][rr][c][3] = 0u;
-                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16(kp + 32 * c + 8 * t, f.kf[u][rr][c]);
+                if (j < kend && 32 * c + 8 * t < p.head_dim) dec_load16<EF>(kp + 32 * c + 8 * t, f.kf[u][rr][c]);
             }
         }
 #pragma unroll
@@ -61,7 +61,7 @@ __device__ __forceinline__ void dtc_load(const DecodeParams& p, int b, const T* 
 #pragma unroll
             for (int x = 0; x < VL; ++x) {
                 f.vf[u][kk][x][0] = f.vf[u][kk][x][1] = f.vf[u][kk][x][2] = f.vf[u][kk][x][3] = 0u;
-                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16(vp + 64 * x + 8 * g, f.vf[u][kk][x]);
+                if (j < kend && 64 * x + 8 * g < p.head_dim) dec_load16<EF>(vp + 64 * x + 8 * g, f.vf[u][kk][x]);
             }
         }
     }
@@ -153,7 +153,9 @@ __device__ __forceinline__ void dtc_step(const DecodeParams& p, int key0, const 
 // buffer that keeps the next step's loads in flight while a step computes (same registers, half
 // the tiles per step) ran no faster at any decode shape, so the bytes in flight per SM are not
 // what limits it.
-template <class D, bool BF16, int HD, int U, int WARPS>
+// EF: streamed K/V loads. CLUSTER: the kernel holds the cluster merge (the host sets
+// cluster_merge only for such kernels; without it d256 stays within its registers).
+template <class D, bool BF16, int HD, int U, int WARPS, bool EF, bool CLUSTER>
 __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     typedef typename D::storage T;
     constexpr int KC = HD / 32;  // K (and Q) loads per row per lane: 8 columns of each 32
@@ -209,7 +211,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         dtc_pages(p, b, kend, tiled, first, pg);
         for (int key0 = first; key0 < kend; key0 += STEP) {
             dtc_pages(p, b, kend, tiled, key0 + STEP, next);
-            dtc_load<T, HD, U>(p, b, kbase, vbase, kend, tiled, key0, pg, f);
+            dtc_load<T, HD, U, EF>(p, b, kbase, vbase, kend, tiled, key0, pg, f);
             dtc_step<BF16, HD, U>(p, key0, f, qf, jlo, jhi, m, l, o);
 #pragma unroll
             for (int u = 0; u < U; ++u) pg[u] = next[u];
@@ -236,7 +238,10 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
         }
     }
     __syncthreads();
-    dec_store<D, HD, DTC_ROWS, WARPS>(p, s_acc, s_ml, blk);
+    if (CLUSTER && p.cluster_merge)
+        dec_cluster_store<D, HD, DTC_ROWS, WARPS, DEC_MAX_CLUSTER>(p, s_acc, s_ml, blk);
+    else
+        dec_store<D, HD, DTC_ROWS, WARPS>(p, s_acc, s_ml, blk);
 }
 
 // The entry points (tiles per warp step per head_dim: 16 KiB of K/V in flight per warp at d64

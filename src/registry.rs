@@ -222,6 +222,13 @@ pub const DECODE_WARPS: u32 = 4;
 pub const DECODE_COMBINE_THREADS: u32 = 128;
 /// Packed query rows per tensor-core decode block (`DTC_ROWS`): the n of mma m16n8k16.
 pub const DECODE_TC_ROWS: u32 = 8;
+/// Most split blocks of one thread block cluster that merges through distributed shared memory
+/// (`DEC_MAX_CLUSTER`): sm_90's non-portable cluster size.
+pub const DECODE_MAX_CLUSTER: u32 = 16;
+/// The largest head_dim whose tensor-core decode kernels hold the cluster merge (`CLUSTER`):
+/// the d256 kernels use 255 registers, and with the merge's code ptxas spills them on sm_100
+/// and sm_120.
+pub const DECODE_CLUSTER_MAX_HEAD_DIM: u32 = 128;
 
 /// A kernel's template shape: the arguments its family's template takes besides head_dim and
 /// element type, from which the launch shape and shared memory follow.
@@ -250,9 +257,15 @@ pub enum Shape {
     NaiveRows { warps: u32 },
     /// `dec_kernel<D, HD, ROWS>`: [`DECODE_WARPS`] warps over `rows` packed query rows.
     DecodeSimt { rows: u32 },
-    /// `dtc_kernel<D, BF16, HD, U, WARPS>`: `warps` warps over [`DECODE_TC_ROWS`] packed rows,
-    /// each warp step `tiles` tiles of 16 keys (`U`).
-    DecodeTc { tiles: u32, warps: u32 },
+    /// `dtc_kernel<D, BF16, HD, U, WARPS, EF, CLUSTER>`: `warps` warps over [`DECODE_TC_ROWS`]
+    /// packed rows, each warp step `tiles` tiles of 16 keys (`U`); `streamed`: K/V loads marked
+    /// evict-first in L2 and not allocated in L1 (`EF`, entry suffix `_ef`); `CLUSTER` from
+    /// [`Kernel::merges_in_cluster`].
+    DecodeTc {
+        tiles: u32,
+        warps: u32,
+        streamed: bool,
+    },
     /// `dec_combine<D>`: [`DECODE_COMBINE_THREADS`] threads per (sequence, head, query row).
     DecodeCombine,
     /// `append_kernel<E, C>`: a grid-stride copy, `threads` per block, at least one block per
@@ -368,14 +381,25 @@ const fn dec_simt(name: &'static str, dtype: Elem, d: u32, rows: u32) -> Kernel 
         body_min_arch: None,
     }
 }
-const fn dec_tc(name: &'static str, dtype: Elem, d: u32, tiles: u32, warps: u32) -> Kernel {
+const fn dec_tc(
+    name: &'static str,
+    dtype: Elem,
+    d: u32,
+    tiles: u32,
+    warps: u32,
+    streamed: bool,
+) -> Kernel {
     Kernel {
         name,
         module: Module::DecodeTc,
         family: Family::DecodeTc,
         dtype,
         head_dim: d,
-        shape: Shape::DecodeTc { tiles, warps },
+        shape: Shape::DecodeTc {
+            tiles,
+            warps,
+            streamed,
+        },
         body_min_arch: None,
     }
 }
@@ -479,17 +503,26 @@ pub const KERNELS: &[Kernel] = &[
     // of K/V in flight per warp at d64 and d128; d256 has registers for one), warps. Two-warp
     // blocks (suffix `_w2`) fit twice as many per SM: grids of many short blocks overlap one
     // block's start and drain with others' streaming (none at d256: ptxas spills there).
-    dec_tc("attn_decode_tc_f16_d64", F16, 64, 4, 4),
-    dec_tc("attn_decode_tc_f16_d128", F16, 128, 2, 4),
-    dec_tc("attn_decode_tc_f16_d256", F16, 256, 1, 4),
-    dec_tc("attn_decode_tc_f16_d64_w2", F16, 64, 4, 2),
-    dec_tc("attn_decode_tc_f16_d128_w2", F16, 128, 2, 2),
+    // Streamed loads (suffix `_ef`): K/V marked evict-first in L2 and not kept in L1, so a
+    // short call's reads do not evict other data (measured on the H200 with the L2 full of dirty
+    // lines: +3-9% below about 150 MB of K/V, 4-7% slower above).
+    dec_tc("attn_decode_tc_f16_d64", F16, 64, 4, 4, false),
+    dec_tc("attn_decode_tc_f16_d128", F16, 128, 2, 4, false),
+    dec_tc("attn_decode_tc_f16_d256", F16, 256, 1, 4, false),
+    dec_tc("attn_decode_tc_f16_d64_w2", F16, 64, 4, 2, false),
+    dec_tc("attn_decode_tc_f16_d128_w2", F16, 128, 2, 2, false),
+    dec_tc("attn_decode_tc_f16_d64_ef", F16, 64, 4, 4, true),
+    dec_tc("attn_decode_tc_f16_d128_ef", F16, 128, 2, 4, true),
+    dec_tc("attn_decode_tc_f16_d256_ef", F16, 256, 1, 4, true),
     dec_combine("attn_decode_combine_f16", Module::DecodeTc, F16),
-    dec_tc("attn_decode_tc_bf16_d64", BF16, 64, 4, 4),
-    dec_tc("attn_decode_tc_bf16_d128", BF16, 128, 2, 4),
-    dec_tc("attn_decode_tc_bf16_d256", BF16, 256, 1, 4),
-    dec_tc("attn_decode_tc_bf16_d64_w2", BF16, 64, 4, 2),
-    dec_tc("attn_decode_tc_bf16_d128_w2", BF16, 128, 2, 2),
+    dec_tc("attn_decode_tc_bf16_d64", BF16, 64, 4, 4, false),
+    dec_tc("attn_decode_tc_bf16_d128", BF16, 128, 2, 4, false),
+    dec_tc("attn_decode_tc_bf16_d256", BF16, 256, 1, 4, false),
+    dec_tc("attn_decode_tc_bf16_d64_w2", BF16, 64, 4, 2, false),
+    dec_tc("attn_decode_tc_bf16_d128_w2", BF16, 128, 2, 2, false),
+    dec_tc("attn_decode_tc_bf16_d64_ef", BF16, 64, 4, 4, true),
+    dec_tc("attn_decode_tc_bf16_d128_ef", BF16, 128, 2, 4, true),
+    dec_tc("attn_decode_tc_bf16_d256_ef", BF16, 256, 1, 4, true),
     dec_combine("attn_decode_combine_bf16", Module::DecodeTc, BF16),
     // append (sm_75+): element copies (any head_dim, any alignment of the element size), then
     // 16-byte vector copies.
@@ -620,6 +653,12 @@ impl Kernel {
         self.dynamic_smem() + self.static_smem()
     }
 
+    /// Whether a split grid of this kernel may merge its splits inside a thread block cluster
+    /// (tensor-core decode up to [`DECODE_CLUSTER_MAX_HEAD_DIM`]; sm_90+ at run time).
+    pub const fn merges_in_cluster(&self) -> bool {
+        matches!(self.shape, Shape::DecodeTc { .. }) && self.head_dim <= DECODE_CLUSTER_MAX_HEAD_DIM
+    }
+
     /// The parameter block the kernel takes.
     pub const fn params(&self) -> ParamBlock {
         self.family.params()
@@ -649,10 +688,18 @@ impl Kernel {
             Family::NaiveSoftmax => "attn_naive_softmax".to_string(),
             Family::NaivePv => format!("attn_naive_pv_{t}"),
             Family::DecodeSimt => format!("attn_decode_{t}_d{d}_r{}", self.block_m()),
-            Family::DecodeTc => match self.warps() {
-                DECODE_WARPS => format!("attn_decode_tc_{t}_d{d}"),
-                w => format!("attn_decode_tc_{t}_d{d}_w{w}"),
-            },
+            Family::DecodeTc => {
+                let warps = match self.warps() {
+                    DECODE_WARPS => String::new(),
+                    w => format!("_w{w}"),
+                };
+                let streamed = if matches!(self.shape, Shape::DecodeTc { streamed: true, .. }) {
+                    "_ef"
+                } else {
+                    ""
+                };
+                format!("attn_decode_tc_{t}_d{d}{warps}{streamed}")
+            }
             Family::DecodeCombine => format!("attn_decode_combine_{t}"),
             Family::Append => format!("attn_append_{t}"),
             Family::AppendVec16 => format!("attn_append_{t}_v16"),
@@ -695,7 +742,9 @@ impl Kernel {
             (_, Family::NaiveScores) => format!("naive_scores<{t}>(p, q, k, s);"),
             (_, Family::NaivePv) => format!("naive_pv<{t}>(p, s, v, o);"),
             (Shape::DecodeSimt { rows }, _) => format!("dec_kernel<{t}, {d}, {rows}>(p);"),
-            (Shape::DecodeTc { tiles, warps }, _) => format!("dtc_kernel<{t}, {b}, {d}, {tiles}, {warps}>(p);"),
+            (Shape::DecodeTc { tiles, warps, streamed }, _) => {
+                format!("dtc_kernel<{t}, {b}, {d}, {tiles}, {warps}, {streamed}, {}>(p);", self.merges_in_cluster())
+            }
             (Shape::DecodeCombine, _) => format!("dec_combine<{t}>(p);"),
             (Shape::AppendCopy { .. }, family) => {
                 // A pure copy: the storage's bits, as one element or one 16-byte vector.
@@ -802,7 +851,10 @@ fn cuda_asserts(module: Module) -> Vec<String> {
             Shape::NaiveTile { tile } => vec![assert("NAIVE_TILE", tile)],
             Shape::NaiveRows { warps } => vec![assert("NAIVE_SOFTMAX_WARPS", warps)],
             Shape::DecodeSimt { .. } => vec![assert("DEC_WARPS", DECODE_WARPS)],
-            Shape::DecodeTc { .. } => vec![assert("DTC_ROWS", DECODE_TC_ROWS)],
+            Shape::DecodeTc { .. } => vec![
+                assert("DTC_ROWS", DECODE_TC_ROWS),
+                assert("DEC_MAX_CLUSTER", DECODE_MAX_CLUSTER),
+            ],
             Shape::DecodeCombine => vec![assert("DEC_COMBINE_THREADS", DECODE_COMBINE_THREADS)],
             Shape::AppendCopy { threads } => vec![assert("APPEND_THREADS", threads)],
             _ => continue,
@@ -941,7 +993,7 @@ mod tests {
         assert_eq!(name(Family::DecodeTc, BF16, 72), Some("attn_decode_tc_bf16_d128"));
         assert_eq!(name(Family::DecodeTc, F32, 64), None);
         assert_eq!(max_head_dim(Module::DecodeTc), 256);
-        assert_eq!((count(Module::Decode), count(Module::DecodeTc)), (19, 12));
+        assert_eq!((count(Module::Decode), count(Module::DecodeTc)), (19, 18));
     }
 
     #[test]
@@ -1014,8 +1066,11 @@ mod tests {
     fn decode_entries() {
         let tc = entries_header(Module::DecodeTc);
         assert!(tc.contains("static_assert(DTC_ROWS == 8,"));
-        assert!(tc.contains("__launch_bounds__(128) attn_decode_tc_bf16_d64(DecodeParams p) {\n    dtc_kernel<AttnBF16, true, 64, 4, 4>(p);"));
-        assert!(tc.contains("__launch_bounds__(64) attn_decode_tc_f16_d128_w2(DecodeParams p) {\n    dtc_kernel<AttnF16, false, 128, 2, 2>(p);"));
+        assert!(tc.contains("static_assert(DEC_MAX_CLUSTER == 16,"));
+        assert!(tc.contains("__launch_bounds__(128) attn_decode_tc_bf16_d64(DecodeParams p) {\n    dtc_kernel<AttnBF16, true, 64, 4, 4, false, true>(p);"));
+        assert!(tc.contains("__launch_bounds__(64) attn_decode_tc_f16_d128_w2(DecodeParams p) {\n    dtc_kernel<AttnF16, false, 128, 2, 2, false, true>(p);"));
+        assert!(tc.contains("__launch_bounds__(128) attn_decode_tc_bf16_d128_ef(DecodeParams p) {\n    dtc_kernel<AttnBF16, true, 128, 2, 4, true, true>(p);"));
+        assert!(tc.contains("attn_decode_tc_f16_d256(DecodeParams p) {\n    dtc_kernel<AttnF16, false, 256, 1, 4, false, false>(p);"));
         assert_eq!(kernel("attn_decode_tc_f16_d128_w2").unwrap().static_smem(), 8320);
         assert!(tc.contains("__launch_bounds__(128) attn_decode_combine_f16(DecodeParams p) {\n    dec_combine<AttnF16>(p);"));
         let simt = entries_header(Module::Decode);

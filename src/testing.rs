@@ -71,6 +71,39 @@ pub fn set_decode_skip_combine(skip: bool) {
     crate::gpu::decode::set_skip_combine(skip);
 }
 
+/// Benchmarks only: how split decode grids merge their splits, process-wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeMerge {
+    /// The plan's rule: in one thread block cluster where the split count fits one (sm_90+),
+    /// else by the combine kernel.
+    Plan = 0,
+    /// Always by the combine kernel (partials through a workspace in global memory).
+    Combine = 1,
+    /// Always in one cluster (sm_90+): split counts above the largest cluster are capped to it.
+    ClusterCapped = 2,
+}
+
+/// Benchmarks only: sets how split decode grids merge (see [`DecodeMerge`]).
+pub fn set_decode_merge(merge: DecodeMerge) {
+    crate::gpu::decode::set_merge(merge);
+}
+
+/// Benchmarks only: which K/V loads the tensor-core decode kernels make, process-wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeLoads {
+    /// The plan's rule: streamed for calls that read little K/V, plain otherwise.
+    Plan = 0,
+    /// Plain loads (cached in L1 and L2 as usual).
+    Plain = 1,
+    /// Streamed loads: evict-first in L2, not allocated in L1 (the `_ef` kernels).
+    Streamed = 2,
+}
+
+/// Benchmarks only: sets which K/V loads the decode kernels make (see [`DecodeLoads`]).
+pub fn set_decode_loads(loads: DecodeLoads) {
+    crate::gpu::decode::set_loads(loads);
+}
+
 /// Benchmarks only: the tensor-core decode kernels run on two-warp blocks (where built: head_dim
 /// up to 128) instead of four-warp ones, process-wide; the outputs are the same.
 pub fn set_decode_two_warp_blocks(two: bool) {

@@ -86,6 +86,48 @@ fn two_warp_kernels_match_the_reference() {
     assert!(n > 0);
 }
 
+/// The plan's alternatives to what the sweeps' small problems take: split grids merged by the
+/// combine kernel (on sm_90 the plan merges up to 16 splits inside a thread block cluster) and
+/// plain K/V loads (the plan streams them below a few hundred MB): the sweep with both forced.
+/// (Tests running meanwhile see them too, which they must also pass with.) On sm_90 `explain`
+/// names the plan's cluster merge and streamed kernel for a short batch-1 call.
+#[test]
+#[cfg_attr(
+    not(feature = "gpu-tests"),
+    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
+)]
+fn combine_merge_and_plain_loads_match_the_reference() {
+    use attention::testing::{set_decode_loads, set_decode_merge, DecodeLoads, DecodeMerge};
+    let (attn, _) = gpu();
+    let plan = attn
+        .explain(&attention::Problem::new(
+            DType::BF16,
+            1,
+            1,
+            1024,
+            32,
+            8,
+            128,
+        ))
+        .plan
+        .unwrap_or_default();
+    let cc = attn.device_caps().map(|c| c.cc.major).unwrap_or(0);
+    println!("batch 1 over 1024 keys on sm_{cc}x: {plan}");
+    if cc == 9 {
+        assert!(
+            plan.contains("merged in one cluster"),
+            "sm_90 merges 16 splits in a cluster: {plan}"
+        );
+    }
+    assert!(plan.contains("_ef "), "4 MB of K/V stream: {plan}");
+    set_decode_merge(DecodeMerge::Combine);
+    set_decode_loads(DecodeLoads::Plain);
+    let n = sweep::<bf16>(DType::BF16, &[128, 64]);
+    set_decode_merge(DecodeMerge::Plan);
+    set_decode_loads(DecodeLoads::Plan);
+    assert!(n > 0);
+}
+
 /// Dense decode-shaped `forward` calls (q_len ≤ 16) run on the decode kernels: GQA, MQA,
 /// heads-first (PyTorch's) layout, causal. Through the shared case runner, as `forward` calls
 /// (no lse asked for).
@@ -164,9 +206,11 @@ fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() 
     unsafe { default_stream.context().disable_event_tracking() };
     let s = default_stream.context().new_stream().unwrap();
     let mut rng = Rng::fresh();
-    let mut c = KvCase::<bf16>::new(&mut rng, Store::PagedVllm { page_size: 16 }, 2, 1, 32, 8, 128, 5000, RefMask::default());
-    let bytes = attn.kvcache_workspace_bytes(&Problem::new(DType::BF16, c.batch, c.q_len, c.pages_per_seq * 16, c.heads, 8, 128));
-    assert!(bytes > 0, "batch 2 over 5000 keys splits: it needs a workspace");
+    // 2 sequences x 4 KV heads: more splits than one cluster holds (16), so the combine runs and
+    // needs a workspace (also on sm_90, where smaller split grids merge in a cluster).
+    let mut c = KvCase::<bf16>::new(&mut rng, Store::PagedVllm { page_size: 16 }, 2, 1, 32, 4, 128, 5000, RefMask::default());
+    let bytes = attn.kvcache_workspace_bytes(&Problem::new(DType::BF16, c.batch, c.q_len, c.pages_per_seq * 16, c.heads, 4, 128));
+    assert!(bytes > 0, "batch 2 x 4 KV heads over 5000 keys splits: it needs a workspace");
     let d = upload(&s, &c);
     let (mut lens_dev, mut table_dev) = (d.lens, d.table);
     let mut out: CudaSlice<bf16> = s.alloc_zeros(c.lq.numel()).unwrap();

@@ -19,7 +19,7 @@ use cudarc::driver::{result, CudaFunction};
 use cudarc::driver::sys::CUresult;
 
 use super::device::{cuda_error, device_addr, driver_error_text, is_sticky, GpuDevice, Kernels};
-use super::params::{launch, launch_dependent, resident_blocks, strides, window_arg};
+use super::params::{active_clusters, launch, launch_clustered, launch_dependent, resident_blocks, strides, window_arg};
 use crate::backend::{Backend, BackendKind, Capabilities, Reason, RunError, MAX_GRID_YZ};
 use crate::caps::{ComputeCapability, DeviceCaps};
 use crate::dtype::DType;
@@ -65,6 +65,10 @@ static SPLITS_CAP: AtomicUsize = AtomicUsize::new(0);
 static SKIP_COMBINE: AtomicBool = AtomicBool::new(false);
 /// Runs the tensor-core family on its two-warp kernels where built (d64, d128).
 static TWO_WARP_BLOCKS: AtomicBool = AtomicBool::new(false);
+/// How split grids merge (`crate::testing::DecodeMerge` as its index): 0 the plan's rule.
+static MERGE: AtomicUsize = AtomicUsize::new(0);
+/// Streamed K/V loads (`crate::testing::DecodeLoads` as its index): 0 the plan's rule.
+static LOADS: AtomicUsize = AtomicUsize::new(0);
 
 pub(crate) fn set_waves(waves: usize) {
     WAVES_OVERRIDE.store(waves, Ordering::Relaxed);
@@ -82,6 +86,32 @@ pub(crate) fn set_two_warp_blocks(two: bool) {
     TWO_WARP_BLOCKS.store(two, Ordering::Relaxed);
 }
 
+pub(crate) fn set_merge(merge: crate::testing::DecodeMerge) {
+    MERGE.store(merge as usize, Ordering::Relaxed);
+}
+
+pub(crate) fn set_loads(loads: crate::testing::DecodeLoads) {
+    LOADS.store(loads as usize, Ordering::Relaxed);
+}
+
+/// Most K/V bytes a call reads for which the tensor-core kernels stream them (evict-first in L2,
+/// not kept in L1): a short call then leaves the L2's other lines (dirty ones included) where
+/// they are; a long one that streams far more than L2 holds measured slower with the hint.
+const STREAM_MAX_BYTES: usize = 192 << 20;
+
+/// Whether `p` runs on the streamed (`_ef`) kernels, by [`STREAM_MAX_BYTES`] or the bench switch.
+fn wants_streamed(p: &Problem) -> bool {
+    use crate::testing::DecodeLoads;
+    match LOADS.load(Ordering::Relaxed) {
+        l if l == DecodeLoads::Plain as usize => false,
+        l if l == DecodeLoads::Streamed as usize => true,
+        _ => {
+            let bytes = 2 * p.batch * p.kv_heads * p.seqlen_k * p.head_dim * p.dtype.size_bytes();
+            bytes <= STREAM_MAX_BYTES
+        }
+    }
+}
+
 /// A switch's count, or `default` where it is 0.
 fn count_or(switch: &AtomicUsize, default: usize) -> usize {
     match switch.load(Ordering::Relaxed) {
@@ -96,6 +126,27 @@ fn waves() -> usize {
 
 fn splits_cap() -> usize {
     count_or(&SPLITS_CAP, MAX_SPLITS).min(MAX_SPLITS)
+}
+
+/// Most split blocks of one thread block cluster (sm_90's non-portable cluster size).
+const MAX_CLUSTER: usize = registry::DECODE_MAX_CLUSTER as usize;
+/// Most keys per split for which a split grid larger than one cluster is cut down to one
+/// cluster instead of merging by the combine. Measured on the H200 (bf16 GQA 32/8 d128, batch
+/// 1, the decode bench's merge table): 16 splits in a cluster against 33 and the combine, +12%
+/// at 4k keys (256 per split), equal at 8k (512), 15% slower at 32k.
+const CLUSTER_CAP_KEYS: usize = 512;
+
+/// How many clusters of each size (index: blocks per cluster, up to [`MAX_CLUSTER`]) the device
+/// runs at once for one kernel; all 0 where clusters are not available.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ClusterRoom([usize; MAX_CLUSTER + 1]);
+
+impl ClusterRoom {
+    /// Whether `clusters` clusters of `size` blocks all run at once: a grid that needed a
+    /// second wave of clusters measured far slower than the combine (1.1 against 1.9 TB/s).
+    fn holds(&self, size: usize, clusters: usize) -> bool {
+        size >= 2 && size <= MAX_CLUSTER && clusters <= self.0[size]
+    }
 }
 
 /// Blocks of a decode kernel one SM holds, where the driver has not said (a simulated device,
@@ -147,7 +198,7 @@ struct DecodeParams {
     rows_per_block: i32,
     cu_seqlens_q: u64,
     total_q: i32,
-    pad: i32,
+    cluster_merge: i32,
 }
 const _: () = {
     assert!(std::mem::size_of::<DecodeParams>() == 256);
@@ -192,6 +243,11 @@ pub(crate) struct Plan {
     splits: usize,
     /// Warps per block.
     warps: usize,
+    /// Whether K/V loads stream (the `_ef` kernels: evict-first in L2, not kept in L1).
+    streamed: bool,
+    /// Whether the splits of a sequence are one thread block cluster that merges through
+    /// distributed shared memory (sm_90+: no workspace, no combine kernel).
+    cluster: bool,
 }
 
 impl Plan {
@@ -216,35 +272,107 @@ impl Plan {
         // measurement against the plain kernel before it becomes the plan's.
         let two = family == Family::TensorCore
             && TWO_WARP_BLOCKS.load(Ordering::Relaxed)
-            && Self::kernel_of(family, p.dtype, p.head_dim, rows, 2).is_some();
+            && Self::kernel_of(family, p.dtype, p.head_dim, rows, 2, false).is_some();
         let warps = if two { 2 } else { WARPS };
         // The smallest bucket at or above head_dim (validation keeps it within the largest).
-        let head_dim = Self::kernel_of(family, p.dtype, p.head_dim, rows, warps)
+        let head_dim = Self::kernel_of(family, p.dtype, p.head_dim, rows, warps, false)
             .map(|k| k.head_dim as usize)
             .unwrap_or(max_head_dim(p.dtype));
+        let streamed = wants_streamed(p)
+            && Self::kernel_of(family, p.dtype, head_dim, rows, warps, true).is_some();
         let wanted = (sm_count * per_sm.max(1) * waves()) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, splits_cap());
-        Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most), warps }
+        Plan {
+            family,
+            head_dim,
+            rows,
+            row_groups,
+            splits: wanted.clamp(1, most),
+            warps,
+            streamed,
+            cluster: false,
+        }
     }
 
-    /// The registry's kernel of `family` for `dtype` with `rows` packed rows and `warps` warps
-    /// per block whose head_dim bucket is the smallest at or above `head_dim`.
-    fn kernel_of(family: Family, dtype: DType, head_dim: usize, rows: usize, warps: usize) -> Option<&'static Kernel> {
+    /// The plan with its splits merged inside one thread block cluster (sm_90+), where the
+    /// device runs every cluster of the grid at once (`room`): the second launch, its workspace
+    /// and the round trips through L2 that the combine costs a short call are gone. A split
+    /// count above the largest cluster is capped to it where each split then takes at most
+    /// [`CLUSTER_CAP_KEYS`] keys. (Bench switch: always the combine, or always capped.)
+    fn merged_in_cluster(mut self, p: &Problem, room: &ClusterRoom) -> Plan {
+        use crate::testing::DecodeMerge;
+        let capable = Self::kernel_of(self.family, p.dtype, self.head_dim, self.rows, self.warps, self.streamed)
+            .is_some_and(|k| k.merges_in_cluster());
+        if !capable || self.splits < 2 {
+            return self;
+        }
+        let groups = p.batch * p.kv_heads * self.row_groups; // clusters in the grid
+        let fits = |splits: usize| room.holds(splits, groups);
+        let capped = self.splits.min(MAX_CLUSTER);
+        let (splits, cluster) = match MERGE.load(Ordering::Relaxed) {
+            m if m == DecodeMerge::Combine as usize => (self.splits, false),
+            m if m == DecodeMerge::ClusterCapped as usize => (capped, fits(capped)),
+            _ if self.splits <= MAX_CLUSTER => (self.splits, fits(self.splits)),
+            _ => (
+                capped,
+                fits(capped) && p.seqlen_k.div_ceil(capped) <= CLUSTER_CAP_KEYS,
+            ),
+        };
+        if cluster {
+            self.splits = splits;
+            self.cluster = true;
+        }
+        self
+    }
+
+    /// The registry's kernel of `family` for `dtype` with `rows` packed rows, `warps` warps per
+    /// block and streamed loads or not whose head_dim bucket is the smallest at or above
+    /// `head_dim`.
+    fn kernel_of(
+        family: Family,
+        dtype: DType,
+        head_dim: usize,
+        rows: usize,
+        warps: usize,
+        streamed: bool,
+    ) -> Option<&'static Kernel> {
         let (e, f) = (elem(dtype), family.registry());
         let fits = |k: &&Kernel| {
-            k.family == f && k.dtype == e && k.head_dim as usize >= head_dim && k.block_m() as usize == rows && k.warps() as usize == warps
+            k.family == f
+                && k.dtype == e
+                && k.head_dim as usize >= head_dim
+                && k.block_m() as usize == rows
+                && k.warps() as usize == warps
+                && matches!(k.shape, registry::Shape::DecodeTc { streamed: true, .. }) == streamed
         };
         registry::KERNELS.iter().filter(fits).min_by_key(|k| k.head_dim)
     }
 
     /// The main kernel's entry name.
     fn function(&self, dtype: DType) -> &'static str {
-        Self::kernel_of(self.family, dtype, self.head_dim, self.rows, self.warps).map_or("(no decode kernel)", |k| k.name)
+        self.kernel(dtype, self.streamed)
+    }
+
+    /// The entry name of the plan's kernel with streamed loads or not.
+    fn kernel(&self, dtype: DType, streamed: bool) -> &'static str {
+        Self::kernel_of(
+            self.family,
+            dtype,
+            self.head_dim,
+            self.rows,
+            self.warps,
+            streamed,
+        )
+        .map_or("(no decode kernel)", |k| k.name)
     }
 
     /// What `explain` shows: the kernel, its grid and the split count.
     fn describe(&self, p: &Problem) -> String {
-        let combine = if self.splits > 1 { " + combine" } else { "" };
+        let combine = match (self.splits > 1, self.cluster) {
+            (false, _) => "",
+            (true, false) => " + combine",
+            (true, true) => " merged in one cluster",
+        };
         format!(
             "kernel {} grid {}x{}x{}, {} split{} of each sequence's keys{combine}",
             self.function(p.dtype),
@@ -258,7 +386,7 @@ impl Plan {
 
     /// Workspace bytes: a normalised f32 partial output and an lse per split and row.
     fn workspace_bytes(&self, p: &Problem) -> usize {
-        if self.splits == 1 {
+        if self.splits == 1 || self.cluster {
             return 0;
         }
         self.splits * self.split_bytes(p)
@@ -282,10 +410,15 @@ struct Resolved {
     family: Family,
     main: CudaFunction,
     combine: CudaFunction,
+    /// `main`'s twin with streamed K/V loads, where built.
+    streamed: Option<CudaFunction>,
     /// Blocks of `main` an SM holds (the driver's occupancy).
     per_sm: usize,
     /// Whether the combine may be a programmatic dependent launch (code for sm_90+).
     programmatic: bool,
+    /// Clusters of n blocks of `main` the device runs at once, by n (code for sm_90+; all 0:
+    /// no clusters).
+    clusters: ClusterRoom,
 }
 
 /// What chooses the kernels: dtype, the head_dim bucket, whether packed rows fit 4, and whether
@@ -338,13 +471,39 @@ impl DecodeBackend {
         // The kernel's name and warps do not depend on the split count: name it, then ask its
         // occupancy.
         let plan = Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
-        let main = module.launchable(plan.function(p.dtype))?.clone();
-        let combine = registry::lookup(registry::Family::DecodeCombine, elem(p.dtype), 0).map_or("(no combine)", |k| k.name);
+        let main = module.launchable(plan.kernel(p.dtype, false))?.clone();
+        let streamed =
+            match Plan::kernel_of(family, p.dtype, plan.head_dim, plan.rows, plan.warps, true) {
+                Some(k) => Some(module.launchable(k.name)?.clone()),
+                None => None,
+            };
+        let combine = registry::lookup(registry::Family::DecodeCombine, elem(p.dtype), 0)
+            .map_or("(no combine)", |k| k.name);
         let combine = module.launchable(combine)?.clone();
         let per_sm = resident_blocks(&main, plan.warps * 32, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
         let programmatic = module.source.compiled_for(dev.caps.cc) >= ComputeCapability::new(9, 0);
-        let r = Resolved { family, main, combine, per_sm, programmatic };
-        self.resolved.write().unwrap_or_else(|e| e.into_inner()).insert(key, r.clone());
+        // Asked of both kernels a plan may launch in clusters (which also lets each take sizes
+        // above the portable 8): the room of the one with fewer.
+        let mut clusters = ClusterRoom::default();
+        if programmatic && family == Family::TensorCore {
+            for n in 2..=MAX_CLUSTER {
+                let twin = streamed.as_ref().map_or(usize::MAX, |f| active_clusters(f, plan.warps * 32, n as u32));
+                clusters.0[n] = active_clusters(&main, plan.warps * 32, n as u32).min(twin);
+            }
+        }
+        let r = Resolved {
+            family,
+            main,
+            combine,
+            streamed,
+            per_sm,
+            programmatic,
+            clusters,
+        };
+        self.resolved
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, r.clone());
         Ok(r)
     }
 
@@ -353,8 +512,14 @@ impl DecodeBackend {
     fn plan(&self, caps: &DeviceCaps, problem: &Problem) -> Plan {
         let sm_count = caps.sm_count as usize;
         match self.simt.device().map(|_| self.resolve(caps, problem)) {
-            Some(Ok(r)) => Plan::of(problem, sm_count, r.family, r.per_sm),
-            _ => Plan::of(problem, sm_count, self.family(caps, problem), DEFAULT_RESIDENT_PER_SM),
+            Some(Ok(r)) => Plan::of(problem, sm_count, r.family, r.per_sm)
+                .merged_in_cluster(problem, &r.clusters),
+            _ => Plan::of(
+                problem,
+                sm_count,
+                self.family(caps, problem),
+                DEFAULT_RESIDENT_PER_SM,
+            ),
         }
     }
 
@@ -431,10 +596,12 @@ impl Backend for DecodeBackend {
         let r = self.resolve(&dev.caps, &call.problem)?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let mut plan = Plan::of(p, dev.caps.sm_count as usize, r.family, r.per_sm);
-        // A caller's workspace bounds the split count (none at all below two splits' worth).
+        let mut plan = Plan::of(p, dev.caps.sm_count as usize, r.family, r.per_sm)
+            .merged_in_cluster(p, &r.clusters);
+        // A caller's workspace bounds the split count of a grid that needs one (none at all
+        // below two splits' worth).
         let given = call.kv.as_ref().and_then(|kv| kv.workspace);
-        if let Some((_, bytes)) = given {
+        if let (Some((_, bytes)), false) = (given, plan.cluster) {
             plan.splits = plan.splits.min(bytes / plan.split_bytes(p).max(1)).max(1);
         }
         let (lens, table, table_stride, page_size, num_pages, max_len) = match &call.kv {
@@ -475,7 +642,7 @@ impl Backend for DecodeBackend {
             rows_per_block: plan.rows as i32,
             cu_seqlens_q: call.kv.as_ref().and_then(|kv| kv.query_starts).map(Addr::device_or_null).unwrap_or(0),
             total_q: call.q.layout.seqlen() as i32,
-            pad: 0,
+            cluster_merge: plan.cluster as i32,
         };
         let stream = call.stream;
         let bytes = plan.workspace_bytes(p);
@@ -508,8 +675,29 @@ impl Backend for DecodeBackend {
         }
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];
-        let mut outcome = launch(&r.main, call, grid, plan.warps * 32, 0, &mut args);
-        if outcome.is_ok() && plan.splits > 1 && !SKIP_COMBINE.load(Ordering::Relaxed) {
+        // The plan streams only where the twin exists; the main kernel otherwise.
+        let main = if plan.streamed {
+            r.streamed.as_ref().unwrap_or(&r.main)
+        } else {
+            &r.main
+        };
+        let mut outcome = if plan.cluster {
+            launch_clustered(
+                main,
+                call,
+                grid,
+                plan.warps * 32,
+                &mut args,
+                plan.splits as u32,
+            )
+        } else {
+            launch(main, call, grid, plan.warps * 32, 0, &mut args)
+        };
+        if outcome.is_ok()
+            && plan.splits > 1
+            && !plan.cluster
+            && !SKIP_COMBINE.load(Ordering::Relaxed)
+        {
             let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
             // Code for sm_90 on: the combine is set up while the main kernel's last blocks run
             // (its griddepcontrol.wait exists only in code compiled for sm_90+).
@@ -551,6 +739,53 @@ mod tests {
         // Speculative decoding: 4 heads x 5 rows = 20 packed rows, 3 groups of 8.
         let plan = Plan::of(&Problem::new(DType::F16, 2, 5, 4096, 32, 8, 64), 132, Family::Simt, 4);
         assert_eq!((plan.rows, plan.row_groups, plan.head_dim), (8, 3, 64));
+    }
+
+    #[test]
+    fn merges_in_a_cluster_only_where_every_cluster_runs_at_once() {
+        // What an H200 answers for these kernels: about 208 blocks in clusters of any size.
+        let mut room = ClusterRoom::default();
+        for n in 2..=MAX_CLUSTER {
+            room.0[n] = 208 / n;
+        }
+        let plan_in = |room: &ClusterRoom, b, sk, h, hk| {
+            let p = Problem::new(DType::BF16, b, 1, sk, h, hk, 128);
+            Plan::of(&p, 132, Family::TensorCore, 2).merged_in_cluster(&p, room)
+        };
+        let plan = |b, sk, h, hk| plan_in(&room, b, sk, h, hk);
+        // Batch 1 over 1k keys: 16 splits of 64 keys, 8 clusters: merged in them, no workspace.
+        let p = plan(1, 1024, 32, 8);
+        assert!(p.cluster && p.splits == 16);
+        assert_eq!(
+            p.workspace_bytes(&Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 128)),
+            0
+        );
+        // 4k keys: 33 splits cut to one cluster of 16 (256 keys each); 32k: 33 and the combine.
+        assert_eq!(
+            (plan(1, 4096, 32, 8).cluster, plan(1, 4096, 32, 8).splits),
+            (true, 16)
+        );
+        assert_eq!(
+            (plan(1, 32768, 32, 8).cluster, plan(1, 32768, 32, 8).splits),
+            (false, 33)
+        );
+        // Batch 16: two splits per sequence, 128 clusters of 2 (room for 104): the combine.
+        assert!(!plan(16, 8192, 32, 8).cluster);
+        let mut roomier = room;
+        roomier.0[2] = 132;
+        assert!(plan_in(&roomier, 16, 8192, 32, 8).cluster);
+        // MHA at batch 1: 8 splits x 32 heads, 32 clusters of 8 where 26 fit: the combine.
+        assert!(!plan(1, 32768, 32, 32).cluster);
+        // head_dim 256: its kernels hold no cluster merge (registers): the combine.
+        let p256 = Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 256);
+        assert!(!Plan::of(&p256, 132, Family::TensorCore, 2).merged_in_cluster(&p256, &room).cluster);
+        // No clusters on the device (before sm_90): always the combine.
+        let p = Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 128);
+        assert!(
+            !Plan::of(&p, 132, Family::TensorCore, 2)
+                .merged_in_cluster(&p, &ClusterRoom::default())
+                .cluster
+        );
     }
 
     #[test]

@@ -181,7 +181,60 @@ pub(crate) fn launch_dependent(
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attr.value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
+    launch_with(func, call, grid, threads, args, attr)
+}
+
+/// As [`launch`], with the grid's blocks grouped into thread block clusters of `cluster` blocks
+/// along x (sm_90+), whose blocks read each other's shared memory. Sizes above the portable 8
+/// need the function's non-portable attribute, which [`active_clusters`] sets.
+pub(crate) fn launch_clustered(
+    func: &CudaFunction,
+    call: &Call<'_>,
+    grid: (u32, u32, u32),
+    threads: usize,
+    args: &mut [*mut c_void],
+    cluster: u32,
+) -> Result<(), RunError> {
+    launch_with(func, call, grid, threads, args, cluster_attribute(cluster))
+}
+
+/// `cuLaunchKernelEx` of `func` on the call's stream with one launch attribute.
+fn launch_with(
+    func: &CudaFunction,
+    call: &Call<'_>,
+    grid: (u32, u32, u32),
+    threads: usize,
+    args: &mut [*mut c_void],
+    mut attr: sys::CUlaunchAttribute,
+) -> Result<(), RunError> {
+    let config = launch_config(grid, threads, call.stream, &mut attr);
+    // SAFETY: as for `launch`: one pointer per declared parameter, each to a live value of its
+    // type; `config` and `attr` outlive the call.
+    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
+        .map_err(|e| launch_failure(e.0, false))
+}
+
+/// The launch attribute that groups a grid's blocks into clusters of `cluster` along x.
+fn cluster_attribute(cluster: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: a zeroed attribute is a valid value of the C union; the fields set below are the
+    // ones the driver reads for this attribute id.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = cluster;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    attr
+}
+
+/// A launch of `threads`-thread blocks (no dynamic shared memory) on `stream` with `attr`.
+fn launch_config(
+    grid: (u32, u32, u32),
+    threads: usize,
+    stream: sys::CUstream,
+    attr: &mut sys::CUlaunchAttribute,
+) -> sys::CUlaunchConfig {
+    sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
         gridDimZ: grid.2,
@@ -189,15 +242,35 @@ pub(crate) fn launch_dependent(
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: 0,
-        hStream: call.stream,
-        attrs: &mut attr,
+        hStream: stream,
+        attrs: attr,
         numAttrs: 1,
-    };
-    // SAFETY: as for `launch`: one pointer per declared parameter, each to a live value of its
-    // type; `config` and `attr` outlive the call.
-    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+    }
+}
+
+/// How many clusters of `size` blocks (along x) of `func` with `threads` threads per block the
+/// device runs at once, from the driver's cluster occupancy (a cluster must fit in one GPC, so
+/// clusters hold fewer blocks at once than plain grids can). Sizes above the portable 8 are
+/// asked for with the function's non-portable attribute set. 0 where the driver runs none
+/// (older arches and drivers).
+pub(crate) fn active_clusters(func: &CudaFunction, threads: usize, size: u32) -> usize {
+    if size > 8 {
+        // Refused by drivers or arches without the attribute: then the query below says 0.
+        let _ = func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        );
+    }
+    let mut attr = cluster_attribute(size);
+    let config = launch_config((size, 1, 1), threads, std::ptr::null_mut(), &mut attr);
+    let mut clusters: std::ffi::c_int = 0;
+    // SAFETY: `config` and `attr` are live for the call; the driver writes one int.
+    match unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }
         .result()
-        .map_err(|e| launch_failure(e.0, false))
+    {
+        Ok(()) => clusters.max(0) as usize,
+        Err(_) => 0,
+    }
 }
 
 /// How many blocks of `func` (with `threads` threads and `smem` bytes of dynamic shared memory)
