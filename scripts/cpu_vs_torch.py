@@ -16,7 +16,10 @@ above the machine's core count skipped; --threads overrides), prefill bf16 at ev
 torch timed once per shape and thread count (its decode gets the heads-first cache whatever ours
 reads). On a machine without cargo (the GPU host):
 
-    ATTN_BENCH_EXE=/path/to/attention-<hash> python3 scripts/cpu_vs_torch.py --quick
+    ATTN_BENCH_EXE=/path/to/attention-<hash> python3 scripts/cpu_vs_torch.py --quick --budget 280
+
+(--budget: stop starting rows after that many seconds and print the table so far; each row's
+JSON line also gives both sides' wall time, which shows where a slow machine spends it.)
 
 Prints a markdown table; --json FILE also writes the raw numbers. Where there is no cargo, set
 ATTN_BENCH_EXE to a built `attention` bench binary (`cargo bench --bench attention --no-run`
@@ -146,6 +149,9 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="threads 1,2,16 (up to the core count), bf16 prefill at all shapes, f16/f32 at seq1024, decode 4k/16k/32k")
     ap.add_argument("--json")
+    ap.add_argument("--budget", type=float,
+                    help="seconds: stop starting new rows after this long and print the table of those done "
+                         "(for a device call with a time limit)")
     a = ap.parse_args()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = [int(t) for t in (a.threads or ("1,2,16" if a.quick else "1,2")).split(",")]
@@ -166,19 +172,32 @@ def main():
     shapes = [s for s in shapes if a.filter in s["id"]]
     rows = []
     start = time.perf_counter()
+    spent = lambda: a.budget is not None and time.perf_counter() - start > a.budget
     for n in threads:
+        if spent():
+            break
         torch.set_num_threads(n)
         bw = None
         if any(s["kind"] == "decode" for s in shapes):
             bw = (256 << 20) / ours(exe, "read_bandwidth/256MiB", n, secs)
         torch_done = {}  # torch decode reads the same heads-first cache for all three of ours
         for s in shapes:
+            if spent():
+                print(f"budget of {a.budget:.0f} s spent: {len(rows)} rows done", file=sys.stderr, flush=True)
+                break
+            # Each side's wall time per row (process start, inputs, warm-up and measuring) beside
+            # its result, so a slow machine shows where the time goes.
+            t0 = time.perf_counter()
             t_ours = ours(exe, s["id"], n, secs)
+            ours_wall = time.perf_counter() - t0
             tkey = (s["kind"], s["dtype"], s["d"], s.get("causal"), s.get("seq"), s.get("cache"))
+            t0 = time.perf_counter()
             if tkey not in torch_done:
                 torch_done[tkey] = torch_time(s, secs)
+            torch_wall = time.perf_counter() - t0
             t_torch = torch_done[tkey]
-            row = dict(threads=n, id=s["id"], ours_s=t_ours, torch_s=t_torch, ratio=t_torch / t_ours)
+            row = dict(threads=n, id=s["id"], ours_s=t_ours, torch_s=t_torch, ratio=t_torch / t_ours,
+                       ours_wall_s=round(ours_wall, 1), torch_wall_s=round(torch_wall, 1))
             if s["kind"] == "prefill":
                 row.update(ours_gflops=flops(s) / t_ours / 1e9, torch_gflops=flops(s) / t_torch / 1e9)
             else:
