@@ -274,10 +274,21 @@ fn main() {
             );
         }
     }
-    // What the split-KV combine costs (`--grid-tables`): small shapes with the split count capped
-    // (1: one block per KV head, no workspace and no combine), then without the combine.
+    // The grid tables (`--grid-tables`; settled questions, kept to measure them again): waves per
+    // split grid, split counts, the combine's share, four- against two-warp blocks.
     let grid_tables = std::env::args().any(|a| a == "--grid-tables");
     if grid_tables {
+        // How many waves of blocks a split grid should aim for (the default is 1): dense, the
+        // split shapes, each wave count in turn.
+        println!("split grids by waves (dense TB/s, GPU time)");
+        println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "3", "4");
+        for (b, sk) in [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 8192), (16, 32768)] {
+            let t = measure_dense_each(b, sk, &[1, 2, 3, 4], &mut |waves| attention::testing::set_decode_waves(waves));
+            attention::testing::set_decode_waves(0);
+            println!("{b:>5} {sk:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", tbs(b, sk, hk, d, t[0].gpu), tbs(b, sk, hk, d, t[1].gpu), tbs(b, sk, hk, d, t[2].gpu), tbs(b, sk, hk, d, t[3].gpu));
+        }
+        // What the split-KV combine costs: small shapes with the split count capped (1: one
+        // block per KV head, no workspace and no combine).
         println!("split count (dense TB/s, GPU time; `auto` is the plan's own)");
         println!("{:>5} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "batch", "seqlen", "1", "2", "4", "8", "16", "auto");
         for (b, sk) in [(1, 1024), (1, 4096), (1, 8192), (16, 1024), (16, 8192)] {
@@ -297,6 +308,14 @@ fn main() {
             let without = measure_dense(b, sk).gpu;
             attention::testing::set_decode_skip_combine(false);
             println!("{b:>5} {sk:>7} {:>8.1} {:>8.1}", with * 1e6, without * 1e6);
+        }
+        // Four-warp blocks (the plan's) against two-warp ones, same inputs, every shape.
+        println!("warps per block (dense TB/s, GPU time)");
+        println!("{:>5} {:>7} {:>8} {:>8}", "batch", "seqlen", "4", "2");
+        for (b, sk) in SHAPES {
+            let t = measure_dense_each(b, sk, &[0, 1], &mut |two| attention::testing::set_decode_two_warp_blocks(two == 1));
+            attention::testing::set_decode_two_warp_blocks(false);
+            println!("{b:>5} {sk:>7} {:>8.2} {:>8.2}", tbs(b, sk, hk, d, t[0].gpu), tbs(b, sk, hk, d, t[1].gpu));
         }
     }
     // The other shapes: more query heads per KV head, MHA, head_dim 64 and 256, and

@@ -332,7 +332,7 @@ struct DecClusterTriples {
 // cluster synchronises, and the blocks share out the rows' columns, each merging every split's
 // triple straight from the other blocks' shared memory and storing the output. A second
 // cluster barrier keeps every block's shared memory alive until the others have read it.
-template <class D, int HD, int ROWS, int WARPS, int MAX_SPLITS>
+template <class D, int HD, int ROWS, int WARPS>
 __device__ __forceinline__ void dec_cluster_store(const DecodeParams& p, float (&s_acc)[WARPS][ROWS][HD], float (&s_ml)[WARPS][ROWS][2],
                                                   const DecBlock& blk) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -353,7 +353,7 @@ __device__ __forceinline__ void dec_cluster_store(const DecodeParams& p, float (
     const int splits = p.splits, rank = blockIdx.x;  // the cluster spans the grid's x: rank = blockIdx.x
     for (int idx = rank * WARPS * 32 + threadIdx.x; idx < cols; idx += splits * WARPS * 32) {
         const int r = idx / p.head_dim, c = idx % p.head_dim;
-        const DecMerged t = dec_merge<MAX_SPLITS>(splits, DecClusterTriples<HD, ROWS, WARPS>{s_acc, s_ml, r, c});
+        const DecMerged t = dec_merge<DEC_MAX_CLUSTER>(splits, DecClusterTriples<HD, ROWS, WARPS>{s_acc, s_ml, r, c});
         dec_write<D>(p, blk, false, r, c, t.mm, t.ll, t.aa);
     }
     dec_cluster_sync();

@@ -239,7 +239,7 @@ __device__ __forceinline__ void dtc_kernel(const DecodeParams& p) {
     }
     __syncthreads();
     if (CLUSTER && p.cluster_merge)
-        dec_cluster_store<D, HD, DTC_ROWS, WARPS, DEC_MAX_CLUSTER>(p, s_acc, s_ml, blk);
+        dec_cluster_store<D, HD, DTC_ROWS, WARPS>(p, s_acc, s_ml, blk);
     else
         dec_store<D, HD, DTC_ROWS, WARPS>(p, s_acc, s_ml, blk);
 }

@@ -261,11 +261,7 @@ pub enum Shape {
     /// packed rows, each warp step `tiles` tiles of 16 keys (`U`); `streamed`: K/V loads marked
     /// evict-first in L2 and not allocated in L1 (`EF`, entry suffix `_ef`); `CLUSTER` from
     /// [`Kernel::merges_in_cluster`].
-    DecodeTc {
-        tiles: u32,
-        warps: u32,
-        streamed: bool,
-    },
+    DecodeTc { tiles: u32, warps: u32, streamed: bool },
     /// `dec_combine<D>`: [`DECODE_COMBINE_THREADS`] threads per (sequence, head, query row).
     DecodeCombine,
     /// `append_kernel<E, C>`: a grid-stride copy, `threads` per block, at least one block per
@@ -381,25 +377,14 @@ const fn dec_simt(name: &'static str, dtype: Elem, d: u32, rows: u32) -> Kernel 
         body_min_arch: None,
     }
 }
-const fn dec_tc(
-    name: &'static str,
-    dtype: Elem,
-    d: u32,
-    tiles: u32,
-    warps: u32,
-    streamed: bool,
-) -> Kernel {
+const fn dec_tc(name: &'static str, dtype: Elem, d: u32, tiles: u32, warps: u32, streamed: bool) -> Kernel {
     Kernel {
         name,
         module: Module::DecodeTc,
         family: Family::DecodeTc,
         dtype,
         head_dim: d,
-        shape: Shape::DecodeTc {
-            tiles,
-            warps,
-            streamed,
-        },
+        shape: Shape::DecodeTc { tiles, warps, streamed },
         body_min_arch: None,
     }
 }
@@ -653,6 +638,12 @@ impl Kernel {
         self.dynamic_smem() + self.static_smem()
     }
 
+    /// Whether the kernel's K/V loads stream (evict-first in L2, not kept in L1: the `_ef`
+    /// tensor-core decode kernels).
+    pub const fn streams_loads(&self) -> bool {
+        matches!(self.shape, Shape::DecodeTc { streamed: true, .. })
+    }
+
     /// Whether a split grid of this kernel may merge its splits inside a thread block cluster
     /// (tensor-core decode up to [`DECODE_CLUSTER_MAX_HEAD_DIM`]; sm_90+ at run time).
     pub const fn merges_in_cluster(&self) -> bool {
@@ -693,11 +684,7 @@ impl Kernel {
                     DECODE_WARPS => String::new(),
                     w => format!("_w{w}"),
                 };
-                let streamed = if matches!(self.shape, Shape::DecodeTc { streamed: true, .. }) {
-                    "_ef"
-                } else {
-                    ""
-                };
+                let streamed = if self.streams_loads() { "_ef" } else { "" };
                 format!("attn_decode_tc_{t}_d{d}{warps}{streamed}")
             }
             Family::DecodeCombine => format!("attn_decode_combine_{t}"),
@@ -851,10 +838,7 @@ fn cuda_asserts(module: Module) -> Vec<String> {
             Shape::NaiveTile { tile } => vec![assert("NAIVE_TILE", tile)],
             Shape::NaiveRows { warps } => vec![assert("NAIVE_SOFTMAX_WARPS", warps)],
             Shape::DecodeSimt { .. } => vec![assert("DEC_WARPS", DECODE_WARPS)],
-            Shape::DecodeTc { .. } => vec![
-                assert("DTC_ROWS", DECODE_TC_ROWS),
-                assert("DEC_MAX_CLUSTER", DECODE_MAX_CLUSTER),
-            ],
+            Shape::DecodeTc { .. } => vec![assert("DTC_ROWS", DECODE_TC_ROWS), assert("DEC_MAX_CLUSTER", DECODE_MAX_CLUSTER)],
             Shape::DecodeCombine => vec![assert("DEC_COMBINE_THREADS", DECODE_COMBINE_THREADS)],
             Shape::AppendCopy { threads } => vec![assert("APPEND_THREADS", threads)],
             _ => continue,

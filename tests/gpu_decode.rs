@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use attention::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use attention::{
@@ -74,12 +74,17 @@ fn kv_cache_f16_and_f32_match_reference() {
     sweep::<f32>(DType::F32, &[128, 36]);
 }
 
+/// Held by a test while it sets the two-warp switch, and by one that checks which kernel the
+/// plan names (the two-warp kernels have no streamed twin): the switches are process-wide.
+static PLAN_SWITCHES: Mutex<()> = Mutex::new(());
+
 /// The two-warp kernels (a bench switch) compute what the four-warp ones do: the sweep with
 /// them switched on. (Tests running meanwhile in this process see them too, which they must
 /// also pass with.)
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn two_warp_kernels_match_the_reference() {
+    let _switches = PLAN_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
     attention::testing::set_decode_two_warp_blocks(true);
     let n = sweep::<bf16>(DType::BF16, &[128, 64, 256]);
     attention::testing::set_decode_two_warp_blocks(false);
@@ -92,32 +97,18 @@ fn two_warp_kernels_match_the_reference() {
 /// (Tests running meanwhile see them too, which they must also pass with.) On sm_90 `explain`
 /// names the plan's cluster merge and streamed kernel for a short batch-1 call.
 #[test]
-#[cfg_attr(
-    not(feature = "gpu-tests"),
-    ignore = "needs a CUDA GPU: cargo test --features gpu-tests"
-)]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs a CUDA GPU: cargo test --features gpu-tests")]
 fn combine_merge_and_plain_loads_match_the_reference() {
     use attention::testing::{set_decode_loads, set_decode_merge, DecodeLoads, DecodeMerge};
     let (attn, _) = gpu();
-    let plan = attn
-        .explain(&attention::Problem::new(
-            DType::BF16,
-            1,
-            1,
-            1024,
-            32,
-            8,
-            128,
-        ))
-        .plan
-        .unwrap_or_default();
+    let plan = {
+        let _switches = PLAN_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        attn.explain(&attention::Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 128)).plan.unwrap_or_default()
+    };
     let cc = attn.device_caps().map(|c| c.cc.major).unwrap_or(0);
     println!("batch 1 over 1024 keys on sm_{cc}x: {plan}");
     if cc == 9 {
-        assert!(
-            plan.contains("merged in one cluster"),
-            "sm_90 merges 16 splits in a cluster: {plan}"
-        );
+        assert!(plan.contains("merged in one cluster"), "sm_90 merges 16 splits in a cluster: {plan}");
     }
     assert!(plan.contains("_ef "), "4 MB of K/V stream: {plan}");
     set_decode_merge(DecodeMerge::Combine);
@@ -206,11 +197,12 @@ fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() 
     unsafe { default_stream.context().disable_event_tracking() };
     let s = default_stream.context().new_stream().unwrap();
     let mut rng = Rng::fresh();
-    // 2 sequences x 4 KV heads: more splits than one cluster holds (16), so the combine runs and
-    // needs a workspace (also on sm_90, where smaller split grids merge in a cluster).
-    let mut c = KvCase::<bf16>::new(&mut rng, Store::PagedVllm { page_size: 16 }, 2, 1, 32, 4, 128, 5000, RefMask::default());
+    // 2 sequences x 4 KV heads over 9000 keys: more splits than one cluster holds (16), and cut
+    // to 16 each would take over 512 keys, so even on sm_90 (where shorter split grids merge in
+    // a cluster) the combine runs and needs a workspace, whatever switch other tests set.
+    let mut c = KvCase::<bf16>::new(&mut rng, Store::PagedVllm { page_size: 16 }, 2, 1, 32, 4, 128, 9000, RefMask::default());
     let bytes = attn.kvcache_workspace_bytes(&Problem::new(DType::BF16, c.batch, c.q_len, c.pages_per_seq * 16, c.heads, 4, 128));
-    assert!(bytes > 0, "batch 2 x 4 KV heads over 5000 keys splits: it needs a workspace");
+    assert!(bytes > 0, "batch 2 x 4 KV heads over 9000 keys splits: it needs a workspace");
     let d = upload(&s, &c);
     let (mut lens_dev, mut table_dev) = (d.lens, d.table);
     let mut out: CudaSlice<bf16> = s.alloc_zeros(c.lq.numel()).unwrap();
@@ -249,7 +241,7 @@ fn decode_with_a_caller_workspace_replays_in_a_graph_and_tolerates_small_ones() 
     assert_eq!(captured.unwrap(), BackendKind::Decode);
     let graph = graph.expect("the capture recorded the call");
     for step in 0..4 {
-        c.lens = (0..c.batch).map(|i| if i == step % c.batch { 0 } else { 1 + rng.below(5000) as i32 }).collect();
+        c.lens = (0..c.batch).map(|i| if i == step % c.batch { 0 } else { 1 + rng.below(9000) as i32 }).collect();
         let mut rows: Vec<Vec<i32>> = (0..c.batch).map(|b| c.table[b * c.table_stride..b * c.table_stride + c.pages_per_seq].to_vec()).collect();
         rows.rotate_left(1);
         for (b, r) in rows.iter().enumerate() {

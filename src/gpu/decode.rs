@@ -106,7 +106,8 @@ fn wants_streamed(p: &Problem) -> bool {
         l if l == DecodeLoads::Plain as usize => false,
         l if l == DecodeLoads::Streamed as usize => true,
         _ => {
-            let bytes = 2 * p.batch * p.kv_heads * p.seqlen_k * p.head_dim * p.dtype.size_bytes();
+            // Saturating: a KV cache's capacity is checked against its pages, not this product.
+            let bytes = [p.batch, p.kv_heads, p.seqlen_k, p.head_dim, p.dtype.size_bytes()].iter().fold(2usize, |b, &x| b.saturating_mul(x));
             bytes <= STREAM_MAX_BYTES
         }
     }
@@ -142,6 +143,14 @@ const CLUSTER_CAP_KEYS: usize = 512;
 struct ClusterRoom([usize; MAX_CLUSTER + 1]);
 
 impl ClusterRoom {
+    /// The room for clusters of both kernels, size by size.
+    fn min(mut self, other: ClusterRoom) -> ClusterRoom {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a = (*a).min(b);
+        }
+        self
+    }
+
     /// Whether `clusters` clusters of `size` blocks all run at once: a grid that needed a
     /// second wave of clusters measured far slower than the combine (1.1 against 1.9 TB/s).
     fn holds(&self, size: usize, clusters: usize) -> bool {
@@ -278,20 +287,10 @@ impl Plan {
         let head_dim = Self::kernel_of(family, p.dtype, p.head_dim, rows, warps, false)
             .map(|k| k.head_dim as usize)
             .unwrap_or(max_head_dim(p.dtype));
-        let streamed = wants_streamed(p)
-            && Self::kernel_of(family, p.dtype, head_dim, rows, warps, true).is_some();
+        let streamed = wants_streamed(p) && Self::kernel_of(family, p.dtype, head_dim, rows, warps, true).is_some();
         let wanted = (sm_count * per_sm.max(1) * waves()) / blocks.max(1);
         let most = p.seqlen_k.div_ceil(MIN_CHUNK).clamp(1, splits_cap());
-        Plan {
-            family,
-            head_dim,
-            rows,
-            row_groups,
-            splits: wanted.clamp(1, most),
-            warps,
-            streamed,
-            cluster: false,
-        }
+        Plan { family, head_dim, rows, row_groups, splits: wanted.clamp(1, most), warps, streamed, cluster: false }
     }
 
     /// The plan with its splits merged inside one thread block cluster (sm_90+), where the
@@ -313,10 +312,7 @@ impl Plan {
             m if m == DecodeMerge::Combine as usize => (self.splits, false),
             m if m == DecodeMerge::ClusterCapped as usize => (capped, fits(capped)),
             _ if self.splits <= MAX_CLUSTER => (self.splits, fits(self.splits)),
-            _ => (
-                capped,
-                fits(capped) && p.seqlen_k.div_ceil(capped) <= CLUSTER_CAP_KEYS,
-            ),
+            _ => (capped, fits(capped) && p.seqlen_k.div_ceil(capped) <= CLUSTER_CAP_KEYS),
         };
         if cluster {
             self.splits = splits;
@@ -328,14 +324,7 @@ impl Plan {
     /// The registry's kernel of `family` for `dtype` with `rows` packed rows, `warps` warps per
     /// block and streamed loads or not whose head_dim bucket is the smallest at or above
     /// `head_dim`.
-    fn kernel_of(
-        family: Family,
-        dtype: DType,
-        head_dim: usize,
-        rows: usize,
-        warps: usize,
-        streamed: bool,
-    ) -> Option<&'static Kernel> {
+    fn kernel_of(family: Family, dtype: DType, head_dim: usize, rows: usize, warps: usize, streamed: bool) -> Option<&'static Kernel> {
         let (e, f) = (elem(dtype), family.registry());
         let fits = |k: &&Kernel| {
             k.family == f
@@ -343,7 +332,7 @@ impl Plan {
                 && k.head_dim as usize >= head_dim
                 && k.block_m() as usize == rows
                 && k.warps() as usize == warps
-                && matches!(k.shape, registry::Shape::DecodeTc { streamed: true, .. }) == streamed
+                && k.streams_loads() == streamed
         };
         registry::KERNELS.iter().filter(fits).min_by_key(|k| k.head_dim)
     }
@@ -355,15 +344,7 @@ impl Plan {
 
     /// The entry name of the plan's kernel with streamed loads or not.
     fn kernel(&self, dtype: DType, streamed: bool) -> &'static str {
-        Self::kernel_of(
-            self.family,
-            dtype,
-            self.head_dim,
-            self.rows,
-            self.warps,
-            streamed,
-        )
-        .map_or("(no decode kernel)", |k| k.name)
+        Self::kernel_of(self.family, dtype, self.head_dim, self.rows, self.warps, streamed).map_or("(no decode kernel)", |k| k.name)
     }
 
     /// What `explain` shows: the kernel, its grid and the split count.
@@ -421,6 +402,14 @@ struct Resolved {
     clusters: ClusterRoom,
 }
 
+impl Resolved {
+    /// The plan for `p` on these kernels: split count by their occupancy, merged in a cluster
+    /// where the device has room for the grid's clusters.
+    fn plan(&self, p: &Problem, sm_count: usize) -> Plan {
+        Plan::of(p, sm_count, self.family, self.per_sm).merged_in_cluster(p, &self.clusters)
+    }
+}
+
 /// What chooses the kernels: dtype, the head_dim bucket, whether packed rows fit 4, and whether
 /// the tensor-core family runs two-warp blocks (the bench switch).
 type KernelKey = (DType, usize, bool, bool);
@@ -472,38 +461,28 @@ impl DecodeBackend {
         // occupancy.
         let plan = Plan::of(p, caps.sm_count as usize, family, DEFAULT_RESIDENT_PER_SM);
         let main = module.launchable(plan.kernel(p.dtype, false))?.clone();
-        let streamed =
-            match Plan::kernel_of(family, p.dtype, plan.head_dim, plan.rows, plan.warps, true) {
-                Some(k) => Some(module.launchable(k.name)?.clone()),
-                None => None,
-            };
-        let combine = registry::lookup(registry::Family::DecodeCombine, elem(p.dtype), 0)
-            .map_or("(no combine)", |k| k.name);
+        let streamed = match Plan::kernel_of(family, p.dtype, plan.head_dim, plan.rows, plan.warps, true) {
+            Some(k) => Some(module.launchable(k.name)?.clone()),
+            None => None,
+        };
+        let combine = registry::lookup(registry::Family::DecodeCombine, elem(p.dtype), 0).map_or("(no combine)", |k| k.name);
         let combine = module.launchable(combine)?.clone();
         let per_sm = resident_blocks(&main, plan.warps * 32, 0).unwrap_or(DEFAULT_RESIDENT_PER_SM);
         let programmatic = module.source.compiled_for(dev.caps.cc) >= ComputeCapability::new(9, 0);
         // Asked of both kernels a plan may launch in clusters (which also lets each take sizes
-        // above the portable 8): the room of the one with fewer.
+        // above the portable 8), where they hold the merge: the room of the one with fewer.
         let mut clusters = ClusterRoom::default();
-        if programmatic && family == Family::TensorCore {
-            for n in 2..=MAX_CLUSTER {
-                let twin = streamed.as_ref().map_or(usize::MAX, |f| active_clusters(f, plan.warps * 32, n as u32));
-                clusters.0[n] = active_clusters(&main, plan.warps * 32, n as u32).min(twin);
+        let merges = Plan::kernel_of(family, p.dtype, plan.head_dim, plan.rows, plan.warps, false).is_some_and(|k| k.merges_in_cluster());
+        if programmatic && merges {
+            clusters = ClusterRoom([usize::MAX; MAX_CLUSTER + 1]);
+            for f in std::iter::once(&main).chain(&streamed) {
+                let mut room = ClusterRoom::default();
+                active_clusters(f, plan.warps * 32, &mut room.0);
+                clusters = clusters.min(room);
             }
         }
-        let r = Resolved {
-            family,
-            main,
-            combine,
-            streamed,
-            per_sm,
-            programmatic,
-            clusters,
-        };
-        self.resolved
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, r.clone());
+        let r = Resolved { family, main, combine, streamed, per_sm, programmatic, clusters };
+        self.resolved.write().unwrap_or_else(|e| e.into_inner()).insert(key, r.clone());
         Ok(r)
     }
 
@@ -512,14 +491,8 @@ impl DecodeBackend {
     fn plan(&self, caps: &DeviceCaps, problem: &Problem) -> Plan {
         let sm_count = caps.sm_count as usize;
         match self.simt.device().map(|_| self.resolve(caps, problem)) {
-            Some(Ok(r)) => Plan::of(problem, sm_count, r.family, r.per_sm)
-                .merged_in_cluster(problem, &r.clusters),
-            _ => Plan::of(
-                problem,
-                sm_count,
-                self.family(caps, problem),
-                DEFAULT_RESIDENT_PER_SM,
-            ),
+            Some(Ok(r)) => r.plan(problem, sm_count),
+            _ => Plan::of(problem, sm_count, self.family(caps, problem), DEFAULT_RESIDENT_PER_SM),
         }
     }
 
@@ -596,8 +569,7 @@ impl Backend for DecodeBackend {
         let r = self.resolve(&dev.caps, &call.problem)?;
         dev.prepare(call)?;
         let p = &call.problem;
-        let mut plan = Plan::of(p, dev.caps.sm_count as usize, r.family, r.per_sm)
-            .merged_in_cluster(p, &r.clusters);
+        let mut plan = r.plan(p, dev.caps.sm_count as usize);
         // A caller's workspace bounds the split count of a grid that needs one (none at all
         // below two splits' worth).
         let given = call.kv.as_ref().and_then(|kv| kv.workspace);
@@ -676,28 +648,13 @@ impl Backend for DecodeBackend {
         let grid = (plan.splits as u32, (p.kv_heads * plan.row_groups) as u32, p.batch as u32);
         let mut args = [&mut params as *mut DecodeParams as *mut c_void];
         // The plan streams only where the twin exists; the main kernel otherwise.
-        let main = if plan.streamed {
-            r.streamed.as_ref().unwrap_or(&r.main)
-        } else {
-            &r.main
-        };
+        let main = if plan.streamed { r.streamed.as_ref().unwrap_or(&r.main) } else { &r.main };
         let mut outcome = if plan.cluster {
-            launch_clustered(
-                main,
-                call,
-                grid,
-                plan.warps * 32,
-                &mut args,
-                plan.splits as u32,
-            )
+            launch_clustered(main, call, grid, plan.warps * 32, &mut args, plan.splits as u32)
         } else {
             launch(main, call, grid, plan.warps * 32, 0, &mut args)
         };
-        if outcome.is_ok()
-            && plan.splits > 1
-            && !plan.cluster
-            && !SKIP_COMBINE.load(Ordering::Relaxed)
-        {
+        if outcome.is_ok() && plan.splits > 1 && !plan.cluster && !SKIP_COMBINE.load(Ordering::Relaxed) {
             let grid = ((p.batch * p.heads * p.seqlen_q) as u32, 1, 1);
             // Code for sm_90 on: the combine is set up while the main kernel's last blocks run
             // (its griddepcontrol.wait exists only in code compiled for sm_90+).
@@ -756,19 +713,10 @@ mod tests {
         // Batch 1 over 1k keys: 16 splits of 64 keys, 8 clusters: merged in them, no workspace.
         let p = plan(1, 1024, 32, 8);
         assert!(p.cluster && p.splits == 16);
-        assert_eq!(
-            p.workspace_bytes(&Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 128)),
-            0
-        );
+        assert_eq!(p.workspace_bytes(&Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 128)), 0);
         // 4k keys: 33 splits cut to one cluster of 16 (256 keys each); 32k: 33 and the combine.
-        assert_eq!(
-            (plan(1, 4096, 32, 8).cluster, plan(1, 4096, 32, 8).splits),
-            (true, 16)
-        );
-        assert_eq!(
-            (plan(1, 32768, 32, 8).cluster, plan(1, 32768, 32, 8).splits),
-            (false, 33)
-        );
+        assert_eq!((plan(1, 4096, 32, 8).cluster, plan(1, 4096, 32, 8).splits), (true, 16));
+        assert_eq!((plan(1, 32768, 32, 8).cluster, plan(1, 32768, 32, 8).splits), (false, 33));
         // Batch 16: two splits per sequence, 128 clusters of 2 (room for 104): the combine.
         assert!(!plan(16, 8192, 32, 8).cluster);
         let mut roomier = room;
@@ -781,11 +729,7 @@ mod tests {
         assert!(!Plan::of(&p256, 132, Family::TensorCore, 2).merged_in_cluster(&p256, &room).cluster);
         // No clusters on the device (before sm_90): always the combine.
         let p = Problem::new(DType::BF16, 1, 1, 1024, 32, 8, 128);
-        assert!(
-            !Plan::of(&p, 132, Family::TensorCore, 2)
-                .merged_in_cluster(&p, &ClusterRoom::default())
-                .cluster
-        );
+        assert!(!Plan::of(&p, 132, Family::TensorCore, 2).merged_in_cluster(&p, &ClusterRoom::default()).cluster);
     }
 
     #[test]

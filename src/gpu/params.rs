@@ -228,12 +228,7 @@ fn cluster_attribute(cluster: u32) -> sys::CUlaunchAttribute {
 }
 
 /// A launch of `threads`-thread blocks (no dynamic shared memory) on `stream` with `attr`.
-fn launch_config(
-    grid: (u32, u32, u32),
-    threads: usize,
-    stream: sys::CUstream,
-    attr: &mut sys::CUlaunchAttribute,
-) -> sys::CUlaunchConfig {
+fn launch_config(grid: (u32, u32, u32), threads: usize, stream: sys::CUstream, attr: &mut sys::CUlaunchAttribute) -> sys::CUlaunchConfig {
     sys::CUlaunchConfig {
         gridDimX: grid.0,
         gridDimY: grid.1,
@@ -248,28 +243,23 @@ fn launch_config(
     }
 }
 
-/// How many clusters of `size` blocks (along x) of `func` with `threads` threads per block the
-/// device runs at once, from the driver's cluster occupancy (a cluster must fit in one GPC, so
-/// clusters hold fewer blocks at once than plain grids can). Sizes above the portable 8 are
-/// asked for with the function's non-portable attribute set. 0 where the driver runs none
-/// (older arches and drivers).
-pub(crate) fn active_clusters(func: &CudaFunction, threads: usize, size: u32) -> usize {
-    if size > 8 {
-        // Refused by drivers or arches without the attribute: then the query below says 0.
-        let _ = func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-            1,
-        );
+/// For every cluster size n from 2 to `counts.len() - 1` blocks (along x), `counts[n]`: how many
+/// such clusters of `func` with `threads` threads per block the device runs at once, from the
+/// driver's cluster occupancy (a cluster must fit in one GPC, so clusters hold fewer blocks at
+/// once than plain grids can). Sizes above the portable 8 are asked for with the function's
+/// non-portable attribute set. 0 where the driver runs none (older arches and drivers).
+pub(crate) fn active_clusters(func: &CudaFunction, threads: usize, counts: &mut [usize]) {
+    if counts.len() > 9 {
+        // Refused by drivers or arches without the attribute: then those sizes' queries say 0.
+        let _ = func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1);
     }
-    let mut attr = cluster_attribute(size);
-    let config = launch_config((size, 1, 1), threads, std::ptr::null_mut(), &mut attr);
-    let mut clusters: std::ffi::c_int = 0;
-    // SAFETY: `config` and `attr` are live for the call; the driver writes one int.
-    match unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }
-        .result()
-    {
-        Ok(()) => clusters.max(0) as usize,
-        Err(_) => 0,
+    for (size, count) in counts.iter_mut().enumerate().skip(2) {
+        let mut attr = cluster_attribute(size as u32);
+        let config = launch_config((size as u32, 1, 1), threads, std::ptr::null_mut(), &mut attr);
+        let mut clusters: std::ffi::c_int = 0;
+        // SAFETY: `config` and `attr` are live for the call; the driver writes one int.
+        let ok = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }.result().is_ok();
+        *count = if ok { clusters.max(0) as usize } else { 0 };
     }
 }
 
